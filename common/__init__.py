@@ -1,0 +1,1 @@
+"""Code shared by router, shard and launcher: config records and the generated protocol."""

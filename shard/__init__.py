@@ -1,0 +1,1 @@
+"""The shard: loads a model, owns the paged KV cache, runs Prefill and Decode over gRPC."""

@@ -1,0 +1,71 @@
+"""The attention interface: model code calls it and never knows which backend runs.
+
+A forward mixes requests in two states: prefilling (several new tokens, maybe after a
+cached prefix) and decoding (one new token). `AttentionInputs` describes the batch with
+plain tensors built once per forward; each backend turns it into its own metadata once,
+then `store_kv` and `attend` run per layer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionInputs:
+    """One forward's layout. T = new tokens in the forward, B = requests in it.
+
+    Tokens of request i occupy rows `query_starts[i] : query_starts[i] + query_lens[i]`.
+    """
+
+    query_starts: list[int]  # [B]
+    query_lens: list[int]  # [B] new tokens per request
+    cache_lens: list[int]  # [B] tokens already in the cache before this forward
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
+    block_size: int
+
+    @property
+    def context_lens(self) -> list[int]:
+        """[B] tokens each request attends to: cached prefix + new tokens."""
+        return [c + q for c, q in zip(self.cache_lens, self.query_lens, strict=True)]
+
+
+class AttentionBackend(ABC):
+    """Computes causal attention over the paged cache for every new token of a batch."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def prepare(self, inputs: AttentionInputs) -> Any:
+        """Builds backend metadata once per forward (gather indices, masks, ...)."""
+
+    def store_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        inputs: AttentionInputs,
+    ) -> None:
+        """Writes new K/V [T, kv_heads, D] into their slots of one layer's pools."""
+        num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, v)
+
+    @abstractmethod
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        metadata: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D]."""

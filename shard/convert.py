@@ -1,0 +1,138 @@
+"""The shard's only contact with generated protobuf types: wire messages <-> plain records."""
+
+from __future__ import annotations
+
+from common.pb import pb
+from shard.batch import CachedBatchInfo, Generation, RequestSpec, StepResult, TokenInfo
+from shard.engine import EngineInfo, WarmupResult
+from shard.errors import InvalidRequest
+from shard.sampling import SamplingParams
+
+
+def _inputs_text(request: pb.Request) -> str:
+    chunks = request.input_chunks.chunks
+    if not chunks:
+        return request.inputs
+    texts = []
+    for chunk in chunks:
+        if chunk.WhichOneof("chunk") != "text":
+            raise InvalidRequest(f"request {request.id}: image inputs are not supported")
+        texts.append(chunk.text)
+    return "".join(texts)
+
+
+def _reject_unsupported(request: pb.Request) -> None:
+    params = request.parameters
+    if params.watermark:
+        raise InvalidRequest(f"request {request.id}: watermark is not supported")
+    if params.grammar or params.grammar_type != pb.GRAMMAR_TYPE_NONE:
+        raise InvalidRequest(f"request {request.id}: grammar-constrained decoding is not supported")
+    if request.HasField("adapter_id") and request.adapter_id:
+        raise InvalidRequest(f"request {request.id}: LoRA adapters (adapter_id) are not supported")
+
+
+def request_from_pb(request: pb.Request) -> RequestSpec:
+    _reject_unsupported(request)
+    p = request.parameters
+    stop = request.stopping_parameters
+    return RequestSpec(
+        id=request.id,
+        inputs=_inputs_text(request),
+        sampling=SamplingParams(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            typical_p=p.typical_p,
+            do_sample=p.do_sample,
+            seed=p.seed,
+            repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+        ),
+        max_new_tokens=stop.max_new_tokens,
+        stop_sequences=list(stop.stop_sequences),
+        ignore_eos=stop.ignore_eos_token,
+        truncate=request.truncate,
+        prefill_logprobs=request.prefill_logprobs,
+        top_n_tokens=request.top_n_tokens,
+        blocks=list(request.blocks),
+        slots=list(request.slots),
+        cache_len=request.cache_len,
+        add_special_tokens=request.add_special_tokens,
+        chunk_len=request.chunk_len if request.HasField("chunk_len") else None,
+    )
+
+
+def requests_from_pb(batch: pb.Batch) -> list[RequestSpec]:
+    return [request_from_pb(r) for r in batch.requests]
+
+
+def cached_batch_to_pb(info: CachedBatchInfo) -> pb.CachedBatch:
+    return pb.CachedBatch(
+        id=info.id,
+        request_ids=info.request_ids,
+        size=len(info.request_ids),
+        max_tokens=info.max_tokens,
+        current_tokens=info.current_tokens,
+    )
+
+
+def _tokens_to_pb(tokens: TokenInfo) -> pb.Tokens:
+    return pb.Tokens(
+        ids=tokens.ids, logprobs=tokens.logprobs, texts=tokens.texts, is_special=tokens.is_special
+    )
+
+
+def generation_to_pb(generation: Generation) -> pb.Generation:
+    message = pb.Generation(
+        request_id=generation.request_id,
+        tokens=_tokens_to_pb(generation.tokens),
+        top_tokens=[_tokens_to_pb(t) for t in generation.top_tokens],
+    )
+    if generation.prefill_tokens is not None:
+        message.prefill_tokens.CopyFrom(_tokens_to_pb(generation.prefill_tokens))
+    finished = generation.finished
+    if finished is not None:
+        message.generated_text.CopyFrom(
+            pb.GeneratedText(
+                text=finished.text,
+                generated_tokens=finished.generated_tokens,
+                finish_reason=int(finished.finish_reason),
+                seed=finished.seed,
+            )
+        )
+    return message
+
+
+def step_to_pb(result: StepResult, response_type):
+    """StepResult -> PrefillResponse or DecodeResponse (they share every field)."""
+    response = response_type(
+        generations=[generation_to_pb(g) for g in result.generations],
+        forward_ns=result.forward_ns,
+        decode_ns=result.decode_ns,
+        total_ns=result.total_ns,
+        concat_ns=result.concat_ns,
+    )
+    if result.batch is not None:
+        response.batch.CopyFrom(cached_batch_to_pb(result.batch))
+    return response
+
+
+def info_to_pb(info: EngineInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        requires_padding=False,
+        dtype=info.dtype,
+        device_type=info.device_type,
+        speculate=0,
+        support_chunking=info.support_chunking,
+        use_prefix_caching=info.use_prefix_caching,
+        attention_impl=info.attention_impl,
+        block_size=info.block_size,
+    )
+
+
+def warmup_to_pb(result: WarmupResult) -> pb.WarmupResponse:
+    return pb.WarmupResponse(
+        max_supported_total_tokens=result.max_supported_total_tokens,
+        max_input_tokens=result.max_input_tokens,
+        max_total_tokens=result.max_total_tokens,
+    )

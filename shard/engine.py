@@ -1,0 +1,351 @@
+"""The shard's engine: the batch protocol over the model, with no gRPC in sight.
+
+Every public method is called from one worker thread at a time (see server.py), so the
+engine needs no locks. Batches live in `self.batches` between calls; a request's blocks are
+the router's unless it sent none (then the shard numbers them and frees them itself).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer
+
+from common.config import ShardConfig
+from shard import memory
+from shard.attention import get_backend
+from shard.batch import Batch, CachedBatchInfo, RequestSpec, RequestState, StepResult
+from shard.detokenize import IncrementalDetokenizer
+from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
+from shard.kv_cache import KVCache
+from shard.loader import WeightStore, check_tokenizer, read_spec
+from shard.models.llama import LlamaModel
+from shard.parallel import Parallel
+from shard.sampling import TokenChooser
+from shard.step import run_step
+from shard.stopping import StoppingCriteria
+
+log = logging.getLogger("shard")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    dtype: str
+    device_type: str
+    block_size: int
+    attention_impl: str
+    support_chunking: bool = True
+    use_prefix_caching: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupResult:
+    max_supported_total_tokens: int
+    max_input_tokens: int
+    max_total_tokens: int
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise InvalidRequest(f"unsupported dtype {name!r}; supported: {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class ShardEngine:
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.parallel = Parallel(config.rank, config.world_size)
+        self.spec = read_spec(config.model_dir)
+        self.tokenizer = Tokenizer.from_file(str(check_tokenizer(config.model_dir)))
+        self.special_ids = {
+            i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+        self.backend = get_backend(config.attention)
+        self.model = LlamaModel(
+            self.spec, WeightStore(config.model_dir), self.dtype, self.device, self.parallel
+        )
+        self.block_size = config.block_size
+        self.kv: KVCache | None = None
+        self.batches: dict[int, Batch] = {}
+        self.free_blocks: list[int] = []  # shard-numbered blocks not in use
+        self.max_input_tokens = config.max_input_tokens or self.spec.max_position_embeddings - 1
+        self.max_total_tokens = self.spec.max_position_embeddings
+
+    # ---- Info / Health ----
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            block_size=self.block_size,
+            attention_impl=self.backend.name,
+        )
+
+    def health(self) -> None:
+        """Runs one tiny op on the device; raises if the device is broken."""
+        (torch.ones(1, device=self.device) + 1).item()
+
+    # ---- Warmup ----
+    def warmup(
+        self,
+        specs: list[RequestSpec],
+        max_input_tokens: int | None,
+        max_prefill_tokens: int,
+        max_total_tokens: int | None,
+    ) -> WarmupResult:
+        """Runs a maximum-size prefill, then sizes the KV pool; drops every cached batch."""
+        max_pos = self.spec.max_position_embeddings
+        total = max_total_tokens or max_pos
+        inputs = max_input_tokens or min(self.max_input_tokens, total - 1)
+        if total > max_pos:
+            raise InvalidRequest(
+                f"max_total_tokens {total} exceeds the model's context of {max_pos} tokens"
+            )
+        if inputs >= total:
+            raise InvalidRequest(
+                f"max_input_tokens {inputs} must be below max_total_tokens {total}"
+            )
+        self.clear(None)
+        self.kv = None
+        self._warmup_prefill(specs, max_prefill_tokens)
+        num_blocks = memory.num_kv_blocks(self.config, self.spec, self.parallel, self.dtype)
+        capacity = (num_blocks - 1) * self.block_size
+        if capacity < total:
+            raise OutOfBlocks(
+                f"the KV cache holds {capacity} tokens but one request may need {total}; "
+                "raise --kv-cache-memory (or --cuda-memory-fraction on GPU) or lower "
+                "--max-total-tokens"
+            )
+        self._allocate_kv(num_blocks)
+        self.max_input_tokens, self.max_total_tokens = inputs, total
+        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size, capacity)
+        return WarmupResult(capacity, inputs, total)
+
+    def _warmup_prefill(self, specs: list[RequestSpec], max_prefill_tokens: int) -> None:
+        if not specs and max_prefill_tokens > 0:
+            specs = [
+                RequestSpec(
+                    id=0,
+                    inputs="",
+                    input_ids=[0] * max_prefill_tokens,
+                    sampling=memory.GREEDY,
+                    max_new_tokens=1,
+                )
+            ]
+        if not specs:
+            return
+        for spec in specs:
+            spec.blocks, spec.slots, spec.cache_len, spec.chunk_len = [], [], 0, None
+        needed = sum(self._prompt_blocks(s) for s in specs) + 1
+        self._allocate_kv(needed)
+        self.prefill(batch_id=0, specs=specs, cached_batch_id=None)
+        self.clear(None)
+
+    def _prompt_blocks(self, spec: RequestSpec) -> int:
+        prompt_len = len(spec.input_ids) if spec.input_ids else len(self._tokenize(spec))
+        return -(-(prompt_len + spec.max_new_tokens) // self.block_size)
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        self.kv = None  # free the old pool before allocating the new one
+        self.kv = KVCache(
+            self.spec.num_layers,
+            num_blocks,
+            self.block_size,
+            self.model.num_kv_heads,
+            self.spec.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.free_blocks = list(range(num_blocks - 1, 0, -1))
+
+    # ---- Prefill / Decode ----
+    def prefill(
+        self, batch_id: int, specs: list[RequestSpec], cached_batch_id: int | None
+    ) -> StepResult:
+        """Admits `specs` as a new batch (merged into the cached batch when given), runs one
+        forward and returns the generations; the resulting batch stays cached."""
+        start = time.perf_counter_ns()
+        if self.kv is None:
+            raise NotReady("the KV cache is not allocated: call Warmup first")
+        if batch_id in self.batches and batch_id != cached_batch_id:
+            raise InvalidRequest(f"batch {batch_id} already exists")
+        if not specs:
+            raise InvalidRequest("Prefill needs at least one request")
+        cached = self._get_batch(cached_batch_id) if cached_batch_id is not None else None
+        requests = self._admit_all(specs, cached)
+        concat_ns = None
+        if cached is not None:
+            concat_start = time.perf_counter_ns()
+            cached.requests.extend(requests)
+            batch = cached
+            concat_ns = time.perf_counter_ns() - concat_start
+        else:
+            batch = Batch(batch_id, requests)
+        self.batches[batch.id] = batch
+        return self._step(batch, start, concat_ns)
+
+    def decode(self, batch_ids: list[int]) -> StepResult:
+        """One step over the given cached batches, merged into the first."""
+        start = time.perf_counter_ns()
+        if not batch_ids:
+            raise InvalidRequest("Decode needs at least one batch")
+        batches = [self._get_batch(i) for i in batch_ids]
+        concat_ns = None
+        if len(batches) > 1:
+            concat_start = time.perf_counter_ns()
+            for other in batches[1:]:
+                batches[0].requests.extend(other.requests)
+                del self.batches[other.id]
+            concat_ns = time.perf_counter_ns() - concat_start
+        return self._step(batches[0], start, concat_ns)
+
+    def filter(self, batch_id: int, request_ids: list[int]) -> CachedBatchInfo:
+        batch = self._get_batch(batch_id)
+        unknown = set(request_ids) - set(batch.request_ids)
+        if unknown:
+            raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
+        self._release(batch.keep(set(request_ids)))
+        return self._cached_info(batch)
+
+    def clear(self, batch_id: int | None) -> None:
+        ids = list(self.batches) if batch_id is None else [batch_id]
+        for i in ids:
+            batch = self.batches.pop(i, None)
+            if batch is not None:
+                self._release(batch.requests)
+
+    # ---- internals ----
+    def _get_batch(self, batch_id: int) -> Batch:
+        if batch_id not in self.batches:
+            raise BatchNotFound(f"batch {batch_id} not found")
+        return self.batches[batch_id]
+
+    def _release(self, requests: list[RequestState]) -> None:
+        for request in requests:
+            if request.owns_blocks:
+                self.free_blocks.extend(request.blocks)
+            request.blocks = []
+
+    def _cached_info(self, batch: Batch) -> CachedBatchInfo:
+        return CachedBatchInfo(
+            batch.id, batch.request_ids, batch.max_tokens(self.block_size), batch.current_tokens
+        )
+
+    def _tokenize(self, spec: RequestSpec) -> list[int]:
+        if spec.input_ids is not None:
+            return list(spec.input_ids)
+        ids = self.tokenizer.encode(spec.inputs, add_special_tokens=spec.add_special_tokens).ids
+        if spec.truncate and len(ids) > spec.truncate:
+            ids = ids[-spec.truncate :]
+        return ids
+
+    def _admit_all(self, specs: list[RequestSpec], cached: Batch | None) -> list[RequestState]:
+        """Validates every request before admitting any, so a bad one changes nothing."""
+        seen = set(cached.request_ids) if cached else set()
+        for batch in self.batches.values():
+            seen.update(batch.request_ids)
+        prompts = []
+        for spec in specs:
+            if spec.id in seen:
+                raise InvalidRequest(f"request id {spec.id} is already in use")
+            seen.add(spec.id)
+            prompts.append(self._validate(spec))
+        self_numbered = sum(self._blocks_needed(len(p), s) for p, s in zip(prompts, specs) if not s.blocks)
+        if self_numbered > len(self.free_blocks):
+            raise OutOfBlocks(
+                f"requests need {self_numbered} KV blocks but the shard has "
+                f"{len(self.free_blocks)} free"
+            )
+        return [self._admit(spec, prompt) for spec, prompt in zip(specs, prompts, strict=True)]
+
+    def _blocks_needed(self, prompt_len: int, spec: RequestSpec) -> int:
+        # The last generated token is never fed back, so its K/V needs no slot.
+        return -(-(prompt_len + spec.max_new_tokens - 1) // self.block_size)
+
+    def _validate(self, spec: RequestSpec) -> list[int]:
+        spec.sampling.validate()
+        prompt = self._tokenize(spec)
+        rid = spec.id
+        if not prompt:
+            raise InvalidRequest(f"request {rid}: the input is empty")
+        if spec.max_new_tokens < 1:
+            raise InvalidRequest(f"request {rid}: max_new_tokens must be at least 1")
+        if len(prompt) > self.max_input_tokens:
+            raise InvalidRequest(
+                f"request {rid}: {len(prompt)} input tokens exceed max_input_tokens "
+                f"{self.max_input_tokens}"
+            )
+        if len(prompt) + spec.max_new_tokens > self.max_total_tokens:
+            raise InvalidRequest(
+                f"request {rid}: input + max_new_tokens = {len(prompt) + spec.max_new_tokens} "
+                f"exceeds max_total_tokens {self.max_total_tokens}"
+            )
+        if spec.cache_len >= len(prompt):
+            raise InvalidRequest(
+                f"request {rid}: cache_len {spec.cache_len} must be below the prompt length "
+                f"{len(prompt)} (at least one prompt token is computed)"
+            )
+        if spec.chunk_len is not None and spec.chunk_len < 1:
+            raise InvalidRequest(f"request {rid}: chunk_len must be at least 1")
+        if spec.blocks:
+            self._validate_blocks(spec, len(prompt))
+        return prompt
+
+    def _validate_blocks(self, spec: RequestSpec, prompt_len: int) -> None:
+        assert self.kv is not None
+        rid, blocks = spec.id, spec.blocks
+        bad = [b for b in blocks if not 0 < b < self.kv.num_blocks]
+        if bad:
+            raise InvalidRequest(
+                f"request {rid}: block ids {bad[:5]} are outside 1..{self.kv.num_blocks - 1} "
+                "(block 0 is reserved)"
+            )
+        needed = self._blocks_needed(prompt_len, spec)
+        if len(blocks) < needed:
+            raise InvalidRequest(
+                f"request {rid}: {len(blocks)} blocks hold {len(blocks) * self.block_size} "
+                f"tokens but input + max_new_tokens needs {needed} blocks"
+            )
+        if len(set(blocks)) != len(blocks):
+            raise InvalidRequest(f"request {rid}: a block id appears twice")
+        bs = self.block_size
+        if spec.slots and any(s != blocks[p // bs] * bs + p % bs for p, s in enumerate(spec.slots)):
+            raise InvalidRequest(f"request {rid}: slots disagree with blocks")
+
+    def _admit(self, spec: RequestSpec, prompt: list[int]) -> RequestState:
+        blocks, owns = list(spec.blocks), False
+        if not blocks:
+            count = self._blocks_needed(len(prompt), spec)
+            blocks = [self.free_blocks.pop() for _ in range(count)]
+            owns = True
+        stopping = StoppingCriteria(
+            max_new_tokens=spec.max_new_tokens,
+            stop_sequences=[s for s in spec.stop_sequences if s],
+            eos_token_ids=frozenset(self.spec.eos_token_ids),
+            ignore_eos=spec.ignore_eos,
+        )
+        return RequestState(
+            id=spec.id,
+            prompt_len=len(prompt),
+            all_ids=prompt,
+            blocks=blocks,
+            num_computed=spec.cache_len,
+            chunk_len=spec.chunk_len,
+            chooser=TokenChooser(spec.sampling, self.device),
+            stopping=stopping,
+            detokenizer=IncrementalDetokenizer(len(prompt)),
+            top_n_tokens=spec.top_n_tokens,
+            prefill_logprobs=spec.prefill_logprobs,
+            owns_blocks=owns,
+            prompt_logprobs=[float("nan")] * (spec.cache_len + 1) if spec.prefill_logprobs else [],
+        )
+
+    def _step(self, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
+        return run_step(self, batch, start_ns, concat_ns)

@@ -1,0 +1,53 @@
+"""The one place where integers become tensors for a forward."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shard.attention import AttentionInputs
+from shard.batch import RequestState
+
+
+@dataclass(slots=True)
+class ForwardInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attention: AttentionInputs
+    step_lens: list[int]  # [B] new tokens per request
+
+
+def prepare_forward(
+    requests: list[RequestState], block_size: int, device: torch.device
+) -> ForwardInputs:
+    """Lays out the next tokens of `requests` (none finished) one request after another."""
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    starts, step_lens, cache_lens = [], [], []
+    for request in requests:
+        start, count = request.num_computed, request.tokens_this_step
+        starts.append(len(ids))
+        step_lens.append(count)
+        cache_lens.append(start)
+        ids.extend(request.all_ids[start : start + count])
+        positions.extend(range(start, start + count))
+        blocks = request.blocks
+        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, start + count))
+    max_blocks = max(len(r.blocks) for r in requests)
+    table = [r.blocks + [0] * (max_blocks - len(r.blocks)) for r in requests]
+    attention = AttentionInputs(
+        query_starts=starts,
+        query_lens=step_lens,
+        cache_lens=cache_lens,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_tables=torch.tensor(table, dtype=torch.int64, device=device),
+        block_size=block_size,
+    )
+    return ForwardInputs(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        attention=attention,
+        step_lens=step_lens,
+    )

@@ -1,0 +1,1 @@
+"""Model implementations. Model files know nothing about serving."""

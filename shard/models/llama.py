@@ -1,0 +1,202 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral without sliding window, Qwen2 with qkv bias).
+
+Only math: `forward(input_ids, positions, attention inputs, kv cache) -> hidden`, logits only
+for the rows that need them. Weights are loaded already split for tensor parallelism: the
+packed QKV projection by heads, gate/up by rows, o/down by columns (then all-reduced),
+embedding and LM head by vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shard.attention import AttentionBackend, AttentionInputs
+from shard.errors import ModelLoadError
+from shard.kv_cache import KVCache
+from shard.loader import ModelSpec, WeightStore
+from shard.models.rope import Rotary
+from shard.parallel import Parallel
+
+
+@dataclass(slots=True)
+class _Layer:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * D, hidden], this rank's heads
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor  # [hidden, heads * D], this rank's columns
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden], this rank's rows
+    down: torch.Tensor  # [hidden, intermediate], this rank's columns
+
+
+def check_parallel(spec: ModelSpec, world_size: int) -> None:
+    """Raises a clear error when the heads or vocabulary do not split across `world_size`."""
+    if world_size == 1:
+        return
+    bad = []
+    if spec.num_heads % world_size:
+        bad.append(f"{spec.num_heads} attention heads")
+    kv = spec.num_kv_heads
+    if (kv % world_size) and (world_size % kv):
+        bad.append(f"{kv} KV heads")
+    if spec.intermediate_size % world_size:
+        bad.append(f"intermediate size {spec.intermediate_size}")
+    if spec.vocab_size % world_size:
+        bad.append(f"vocabulary {spec.vocab_size}")
+    if bad:
+        fits = [
+            n
+            for n in range(1, 9)
+            if spec.num_heads % n == 0
+            and (kv % n == 0 or n % kv == 0)
+            and spec.intermediate_size % n == 0
+            and spec.vocab_size % n == 0
+        ]
+        raise ModelLoadError(
+            f"cannot shard over {world_size} ranks: {', '.join(bad)} do not divide; "
+            f"shard counts that work: {', '.join(map(str, fits))}"
+        )
+
+
+class LlamaModel:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        store: WeightStore,
+        dtype: torch.dtype,
+        device: torch.device,
+        parallel: Parallel,
+    ) -> None:
+        check_parallel(spec, parallel.world_size)
+        self.spec = spec
+        self.dtype = dtype
+        self.device = device
+        self.parallel = parallel
+        self.num_heads = spec.num_heads // parallel.world_size
+        self.num_kv_heads = max(1, spec.num_kv_heads // parallel.world_size)
+        self.head_dim = spec.head_dim
+        self.scale = spec.head_dim**-0.5
+        self._store, self._dtype = store, dtype
+        self.vocab_start, self.vocab_stop = parallel.split(spec.vocab_size)
+        self.embed = self._rows("model.embed_tokens.weight", spec.vocab_size)
+        head_name = "lm_head.weight"
+        if spec.tie_word_embeddings or head_name not in store:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = self._rows(head_name, spec.vocab_size)
+        self.layers = [self._load_layer(i) for i in range(spec.num_layers)]
+        self.norm = self._full("model.norm.weight")
+        self.rotary = Rotary(
+            spec.head_dim,
+            spec.max_position_embeddings,
+            spec.rope_theta,
+            spec.rope_scaling,
+            dtype,
+            device,
+        )
+        del self._store
+
+    # ---- loading: each rank reads only its own slices ----
+    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype=self._dtype, device=self.device).contiguous()
+
+    def _full(self, name: str) -> torch.Tensor:
+        return self._to(self._store.get(name))
+
+    def _rows(self, name: str, size: int) -> torch.Tensor:
+        start, stop = self.parallel.split(size)
+        return self._to(self._store.get_slice(name, 0, start, stop))
+
+    def _cols(self, name: str, size: int) -> torch.Tensor:
+        start, stop = self.parallel.split(size)
+        return self._to(self._store.get_slice(name, 1, start, stop))
+
+    def _head_rows(self, name: str, num_heads: int, local_heads: int) -> torch.Tensor:
+        """Rows of this rank's heads; KV heads are replicated when fewer than ranks."""
+        d = self.head_dim
+        first = (self.parallel.rank * num_heads // self.parallel.world_size) * d
+        view = self._store.get_slice(name, 0, first, first + local_heads * d)
+        return self._to(view)
+
+    def _load_layer(self, i: int) -> _Layer:
+        p = f"model.layers.{i}."
+        spec = self.spec
+        attn = p + "self_attn."
+        parts = [
+            (attn + "q_proj", spec.num_heads, self.num_heads),
+            (attn + "k_proj", spec.num_kv_heads, self.num_kv_heads),
+            (attn + "v_proj", spec.num_kv_heads, self.num_kv_heads),
+        ]
+        qkv = torch.cat([self._head_rows(n + ".weight", h, lh) for n, h, lh in parts])
+        bias = None
+        if spec.qkv_bias:
+            bias = torch.cat([self._head_rows(n + ".bias", h, lh) for n, h, lh in parts])
+        inter = spec.intermediate_size
+        gate_up = torch.cat(
+            [self._rows(p + "mlp.gate_proj.weight", inter), self._rows(p + "mlp.up_proj.weight", inter)]
+        )
+        return _Layer(
+            input_norm=self._full(p + "input_layernorm.weight"),
+            qkv=qkv,
+            qkv_bias=bias,
+            o_proj=self._cols(attn + "o_proj.weight", spec.num_heads * spec.head_dim),
+            post_norm=self._full(p + "post_attention_layernorm.weight"),
+            gate_up=gate_up,
+            down=self._cols(p + "mlp.down_proj.weight", inter),
+        )
+
+    # ---- math ----
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm computed in float32, as Hugging Face's Llama does."""
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.rms_norm_eps)
+        return weight * normed.to(x.dtype)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.embedding(input_ids, self.embed)
+        local = input_ids - self.vocab_start
+        is_mine = (local >= 0) & (local < self.embed.shape[0])
+        out = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed)
+        out = out * is_mine.unsqueeze(-1)
+        return self.parallel.all_reduce(out)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_inputs: AttentionInputs,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
+        meta = backend.prepare(attn_inputs)
+        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2]
+        hidden = self._embed(input_ids)  # [T, hidden]
+        num_q = self.num_heads * self.head_dim
+        num_kv = self.num_kv_heads * self.head_dim
+        num_tokens = input_ids.shape[0]
+        for index, layer in enumerate(self.layers):
+            x = self._norm(hidden, layer.input_norm)
+            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
+            q, k, v = qkv.split([num_q, num_kv, num_kv], dim=-1)
+            q = Rotary.apply(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
+            k = Rotary.apply(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
+            k_cache, v_cache = kv_cache.layer(index)
+            backend.store_kv(k_cache, v_cache, k, v, attn_inputs)
+            attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
+            out = F.linear(attn.reshape(num_tokens, num_q), layer.o_proj)
+            hidden = hidden + self.parallel.all_reduce(out)
+            x = self._norm(hidden, layer.post_norm)
+            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up, layer.down)
+            hidden = hidden + self.parallel.all_reduce(out)
+        return self._norm(hidden, self.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab] over the whole vocabulary."""
+        local = F.linear(hidden, self.lm_head).float()
+        return self.parallel.all_gather_last_dim(local)

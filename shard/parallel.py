@@ -1,0 +1,33 @@
+"""Tensor-parallel context: which rank this process is and how ranks combine results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, slots=True)
+class Parallel:
+    """Rank `rank` of `world_size`; with world_size 1 every collective is a no-op."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def split(self, size: int) -> tuple[int, int]:
+        """This rank's [start, stop) of a dimension of `size` split evenly across ranks."""
+        per_rank = size // self.world_size
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=-1)

@@ -1,0 +1,173 @@
+"""Choosing the next token: penalties, greedy or seeded sampling, log-probabilities, top-n.
+
+Each sampled request owns a `torch.Generator`, so its tokens depend only on its seed and its
+own logits, never on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from shard.errors import InvalidRequest
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+
+    def validate(self) -> None:
+        """Raises InvalidRequest naming the first bad value.
+
+        As on the wire of TGI, 0 means "off" for top_k (proto3 cannot tell unset from 0).
+        """
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.temperature < 0 or (self.temperature == 0 and self.is_sampling):
+            raise InvalidRequest(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.typical_p <= 1:
+            raise InvalidRequest(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
+            )
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+
+    @property
+    def is_sampling(self) -> bool:
+        """TGI's rule: sample when asked to or when any warper is set (temperature 0 and
+        1 leave greedy decoding alone)."""
+        has_warpers = (
+            self.temperature not in (0.0, 1.0)
+            or self.top_k != 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+        )
+        return self.do_sample or has_warpers
+
+
+@dataclass(slots=True)
+class Choice:
+    token_id: int
+    logprob: float
+    top_ids: list[int] = field(default_factory=list)
+    top_logprobs: list[float] = field(default_factory=list)
+
+
+class TokenChooser:
+    """Per-request chooser: holds the generator and the counts for the frequency penalty."""
+
+    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.is_sampling:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.generated_counts: Counter[int] = Counter()
+
+    def apply_penalties(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """logits [V] -> penalised copy. Repetition: HF's rule over prompt + output;
+        frequency: OpenAI's rule, minus penalty x count over generated tokens."""
+        p = self.params
+        logits = logits.clone()
+        if p.repetition_penalty != 1.0 and history:
+            ids = torch.tensor(sorted(set(history)), device=logits.device)
+            picked = logits[ids]
+            logits[ids] = torch.where(
+                picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty
+            )
+        if p.frequency_penalty != 0.0 and self.generated_counts:
+            ids = torch.tensor(list(self.generated_counts), device=logits.device)
+            counts = torch.tensor(
+                list(self.generated_counts.values()), dtype=logits.dtype, device=logits.device
+            )
+            logits[ids] -= p.frequency_penalty * counts
+        return logits
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> logits with filtered tokens at -inf (temperature, top-k/p, typical)."""
+        p = self.params
+        if p.temperature != 1.0:
+            logits = logits / p.temperature
+        if p.top_k and p.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep >= 1 token
+            remove_by_id = torch.zeros_like(remove).scatter(0, order, remove)
+            logits = logits.masked_fill(remove_by_id, float("-inf"))
+        if p.typical_p < 1.0:
+            logits = _typical(logits, p.typical_p)
+        return logits
+
+    def record(self, token_id: int) -> None:
+        self.generated_counts[token_id] += 1
+
+
+def _typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Keeps tokens whose surprise is closest to the entropy until `mass` is covered."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+    entropy = -(torch.nan_to_num(logp) * probs).sum()
+    shifted = (-logp - entropy).abs()
+    sorted_shift, order = torch.sort(shifted)
+    cumulative = probs[order].cumsum(-1)
+    last = int((cumulative < mass).sum())
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    keep[order[: last + 1]] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    choosers: list[TokenChooser],
+    histories: list[list[int]],
+    top_ns: list[int],
+) -> list[Choice]:
+    """logits [N, V] float32, one row per request -> one Choice per row.
+
+    Log-probabilities are taken from the distribution the token was chosen from (after
+    penalties and, when sampling, the warpers), as TGI reports them.
+    """
+    rows = []
+    for i, chooser in enumerate(choosers):
+        row = logits[i]
+        if chooser.params.has_penalties:
+            row = chooser.apply_penalties(row, histories[i])
+        if chooser.params.is_sampling:
+            row = chooser.warp(row)
+        rows.append(row)
+    final = torch.stack(rows) if rows else logits
+    logprobs = final.log_softmax(-1)
+    greedy_ids = logprobs.argmax(-1).tolist()
+    choices = []
+    for i, chooser in enumerate(choosers):
+        if chooser.generator is not None:
+            token = int(torch.multinomial(logprobs[i].exp(), 1, generator=chooser.generator))
+        else:
+            token = greedy_ids[i]
+        choice = Choice(token, float(logprobs[i, token]))
+        if top_ns[i]:
+            top = torch.topk(logprobs[i], top_ns[i])
+            choice.top_ids, choice.top_logprobs = top.indices.tolist(), top.values.tolist()
+        chooser.record(token)
+        choices.append(choice)
+    return choices

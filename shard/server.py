@@ -1,0 +1,129 @@
+"""The shard's gRPC server: thin handlers over the engine, one interceptor for errors.
+
+The engine runs in a single worker thread: calls are serialised (the engine holds no
+locks) while the event loop stays free to answer Health during a long forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from common.config import ShardConfig
+from common.pb import pb, pb_grpc
+from shard import convert
+from shard.engine import ShardEngine
+from shard.errors import ShardError
+
+log = logging.getLogger("shard")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions from any handler into a gRPC status with a clear message."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        async def guarded(request, context):
+            try:
+                return await inner(request, context)
+            except ShardError as exc:
+                await context.abort(getattr(grpc.StatusCode, exc.status), str(exc))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a status
+                log.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {exc!r}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: ShardEngine, config: ShardConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    async def _run(self, fn, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def Info(self, request, context):
+        return convert.info_to_pb(self.engine.info())
+
+    async def Health(self, request, context):
+        await self._run(self.engine.health)
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        urls = [self.config.url_of(rank) for rank in range(self.config.world_size)]
+        return pb.ServiceDiscoveryResponse(urls=urls)
+
+    async def ClearCache(self, request, context):
+        batch_id = request.id if request.HasField("id") else None
+        await self._run(self.engine.clear, batch_id)
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):
+        info = await self._run(self.engine.filter, request.batch_id, list(request.request_ids))
+        return pb.FilterBatchResponse(batch=convert.cached_batch_to_pb(info))
+
+    async def Warmup(self, request, context):
+        specs = convert.requests_from_pb(request.batch)
+        max_input = request.max_input_tokens if request.HasField("max_input_tokens") else None
+        max_total = request.max_total_tokens if request.HasField("max_total_tokens") else None
+        result = await self._run(
+            self.engine.warmup, specs, max_input, request.max_prefill_tokens, max_total
+        )
+        return convert.warmup_to_pb(result)
+
+    async def Prefill(self, request, context):
+        specs = convert.requests_from_pb(request.batch)
+        cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
+        result = await self._run(self.engine.prefill, request.batch.id, specs, cached_id)
+        return convert.step_to_pb(result, pb.PrefillResponse)
+
+    async def Decode(self, request, context):
+        result = await self._run(self.engine.decode, [b.id for b in request.batches])
+        return convert.step_to_pb(result, pb.DecodeResponse)
+
+
+def _remove_socket(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+async def serve(config: ShardConfig, engine: ShardEngine) -> None:
+    """Serves until SIGTERM or SIGINT, then stops and removes the socket file."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    pb_grpc.add_TextGenerationServiceServicer_to_server(
+        TextGenerationService(engine, config), server
+    )
+    _remove_socket(config.socket_path)  # a stale file from a killed run
+    server.add_insecure_port(config.url)
+    await server.start()
+    os.chmod(config.socket_path, 0o600)
+    log.info("shard %d/%d serving on %s", config.rank, config.world_size, config.url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shard %d stopping", config.rank)
+        await server.stop(grace=2)
+    finally:
+        _remove_socket(config.socket_path)

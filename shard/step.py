@@ -1,0 +1,124 @@
+"""One forward over a batch, then token choice, detokenization and stopping."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from shard.batch import (
+    Batch,
+    CachedBatchInfo,
+    FinishedText,
+    Generation,
+    RequestState,
+    StepResult,
+    TokenInfo,
+)
+from shard.inputs import prepare_forward
+from shard.sampling import Choice, choose_tokens
+
+if TYPE_CHECKING:
+    from shard.engine import ShardEngine
+
+
+def run_step(engine: ShardEngine, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
+    """Computes the next tokens of every unfinished request; emits a token for each request
+    whose computed tokens caught up with its tokens. Drops the batch when all finished."""
+    active = [r for r in batch.requests if not r.is_finished]
+    forward_start = time.perf_counter_ns()
+    emitting: list[RequestState] = []
+    with torch.inference_mode():
+        if active:
+            emitting, logits = _forward(engine, active)
+        forward_ns = time.perf_counter_ns() - forward_start
+        decode_start = time.perf_counter_ns()
+        choices = []
+        if emitting:
+            choices = choose_tokens(
+                logits,
+                [r.chooser for r in emitting],
+                [r.all_ids for r in emitting],
+                [r.top_n_tokens for r in emitting],
+            )
+    generations = []
+    parallel = engine.parallel
+    for request, choice in zip(emitting, choices, strict=True):
+        generation = _advance(engine, request, choice)
+        if request.id % parallel.world_size == parallel.rank:
+            generations.append(generation)
+    decode_ns = time.perf_counter_ns() - decode_start
+    cached: CachedBatchInfo | None = None
+    if all(r.is_finished for r in batch.requests):
+        engine.clear(batch.id)
+    else:
+        cached = engine._cached_info(batch)
+    total_ns = time.perf_counter_ns() - start_ns
+    return StepResult(generations, cached, forward_ns, decode_ns, total_ns, concat_ns)
+
+
+def _forward(engine: ShardEngine, active: list[RequestState]) -> tuple[list[RequestState], torch.Tensor]:
+    """Runs the model; returns the requests that emit and their logits [N, V] (float32).
+    Prompt log-probabilities of requests that asked for them are recorded on the way."""
+    inputs = prepare_forward(active, engine.block_size, engine.device)
+    assert engine.kv is not None
+    hidden = engine.model.forward(
+        inputs.input_ids, inputs.positions, inputs.attention, engine.kv, engine.backend
+    )
+    emitting, rows = [], []
+    for request, start, count in zip(active, inputs.attention.query_starts, inputs.step_lens, strict=True):
+        request.num_computed += count
+        if request.prefill_logprobs and request.num_generated == 0:
+            _record_prompt_logprobs(engine, request, hidden[start : start + count])
+        if request.num_computed == len(request.all_ids):
+            emitting.append(request)
+            rows.append(start + count - 1)
+    logits = engine.model.logits(hidden[rows]) if rows else hidden.new_empty(0)
+    return emitting, logits
+
+
+def _record_prompt_logprobs(engine: ShardEngine, request: RequestState, hidden: torch.Tensor) -> None:
+    """hidden [n, H] of the chunk just computed; position p predicts prompt token p + 1."""
+    end = request.num_computed
+    first = end - hidden.shape[0]
+    targets = request.all_ids[first + 1 : min(end + 1, request.prompt_len)]
+    if not targets:
+        return
+    logprobs = engine.model.logits(hidden[: len(targets)]).log_softmax(-1)
+    picked = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1))
+    request.prompt_logprobs.extend(picked.squeeze(1).tolist())
+
+
+def _token_info(engine: ShardEngine, ids: list[int], logprobs: list[float], texts: list[str] | None = None) -> TokenInfo:
+    if texts is None:
+        texts = [engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return TokenInfo(ids, logprobs, texts, [i in engine.special_ids for i in ids])
+
+
+def _advance(engine: ShardEngine, request: RequestState, choice: Choice) -> Generation:
+    """Appends the chosen token, detokenizes it, checks stopping; returns its Generation."""
+    prefill = None
+    if request.prefill_logprobs and request.num_generated == 0:
+        prompt = request.all_ids[: request.prompt_len]
+        prefill = _token_info(engine, prompt, request.prompt_logprobs[: len(prompt)])
+    request.all_ids.append(choice.token_id)
+    text = request.detokenizer.step(engine.tokenizer, request.all_ids)
+    reason = request.stopping.step(choice.token_id, text)
+    generation = Generation(
+        request_id=request.id,
+        tokens=_token_info(engine, [choice.token_id], [choice.logprob], [text]),
+        prefill_tokens=prefill,
+    )
+    if request.top_n_tokens:
+        generation.top_tokens = [_token_info(engine, choice.top_ids, choice.top_logprobs)]
+    if reason is not None:
+        request.finish_reason = reason
+        params = request.chooser.params
+        generation.finished = FinishedText(
+            text=engine.tokenizer.decode(request.all_ids[request.prompt_len :], skip_special_tokens=True),
+            generated_tokens=request.num_generated,
+            finish_reason=reason,
+            seed=params.seed if params.is_sampling else None,
+        )
+    return generation
