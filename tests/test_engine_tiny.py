@@ -1,0 +1,217 @@
+"""The batch protocol on a tiny random-weight model: fast, exhaustive checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
+from shard.sampling import SamplingParams
+from shard.stopping import FinishReason
+from tests.helpers import Collector, make_engine, run_to_end, spec
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello",
+    "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole.",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+def _alone(engine, text, max_new=8, **options):
+    return run_to_end(engine, 999, [spec(1, text, max_new, **options)]).tokens[1]
+
+
+def test_batch_equals_alone(engine):
+    alone = [_alone(engine, p, ignore_eos=True) for p in PROMPTS]
+    together = run_to_end(engine, 1, [spec(i, p, ignore_eos=True) for i, p in enumerate(PROMPTS)])
+    assert [together.tokens[i] for i in range(len(PROMPTS))] == alone
+    assert not engine.batches
+    assert len(engine.free_blocks) == engine.kv.num_blocks - 1  # every block came back
+
+
+def test_join_mid_flight_and_leave(engine):
+    alone = {i: _alone(engine, p, 10, ignore_eos=True) for i, p in enumerate(PROMPTS)}
+    c = Collector()
+    first = engine.prefill(1, [spec(0, PROMPTS[0], 10, ignore_eos=True)], None)
+    c.add(first)
+    step = engine.decode([first.batch.id])
+    c.add(step)
+    joined = engine.prefill(2, [spec(i, PROMPTS[i], 10, ignore_eos=True) for i in (1, 2, 3)], None)
+    c.add(joined)
+    batch = engine.decode([step.batch.id, joined.batch.id])  # merge old and new
+    c.add(batch)
+    assert sorted(batch.batch.request_ids) == [0, 1, 2, 3]
+    kept = engine.filter(batch.batch.id, [0, 2, 3])  # request 1 leaves early
+    assert kept.request_ids == [0, 2, 3]
+    info = kept
+    while info is not None:
+        result = engine.decode([info.id])
+        c.add(result)
+        info = result.batch
+        if info is not None:
+            keep = [i for i in info.request_ids if i not in c.finished]
+            if len(keep) < len(info.request_ids):
+                info = engine.filter(info.id, keep)
+    for i in (0, 2, 3):
+        assert c.tokens[i] == alone[i]
+    assert c.tokens[1] == alone[1][: len(c.tokens[1])]
+    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+
+
+def test_chunked_prefill_equals_plain(engine):
+    text = PROMPTS[3]
+    plain = _alone(engine, text, 6, ignore_eos=True)
+    c = Collector()
+    n_prompt = len(engine.tokenizer.encode(text, add_special_tokens=False).ids)
+    chunk = -(-n_prompt // 3)
+    result = engine.prefill(1, [spec(1, text, 6, ignore_eos=True, chunk_len=chunk)], None)
+    assert result.generations == []  # no token until the prompt is done
+    assert result.batch.current_tokens == chunk
+    result = engine.decode([1])
+    assert result.generations == []
+    result = engine.decode([1])
+    c.add(result)
+    assert len(c.tokens[1]) == 1
+    while result.batch is not None:
+        result = engine.decode([result.batch.id])
+        c.add(result)
+    assert c.tokens[1] == plain
+
+
+def test_chunk_rides_along_with_decode(engine):
+    """A chunked prompt merged into a decoding batch via Prefill(cached_batch)."""
+    plain = {i: _alone(engine, p, 6, ignore_eos=True) for i, p in enumerate(PROMPTS[:2])}
+    c = Collector()
+    first = engine.prefill(1, [spec(0, PROMPTS[0], 6, ignore_eos=True)], None)
+    c.add(first)
+    merged = engine.prefill(2, [spec(1, PROMPTS[1], 6, ignore_eos=True, chunk_len=1)], 1)
+    c.add(merged)
+    assert merged.batch.id == 1 and merged.batch.request_ids == [0, 1]
+    info = merged.batch
+    while info is not None:
+        result = engine.decode([info.id])
+        c.add(result)
+        info = result.batch
+        if info is not None and any(i in c.finished for i in info.request_ids):
+            info = engine.filter(info.id, [i for i in info.request_ids if i not in c.finished])
+    assert c.tokens == plain
+
+
+def test_prefix_cache_len_equals_plain(engine):
+    """Request 2 reuses the blocks request 1 wrote for a shared prefix (cache_len)."""
+    bs = engine.block_size
+    prefix = PROMPTS[3]
+    full = prefix + " 26 27 28"
+    plain = _alone(engine, full, 5, ignore_eos=True)
+    prefix_ids = engine.tokenizer.encode(prefix, add_special_tokens=False).ids
+    cached_blocks = len(prefix_ids) // bs
+    assert cached_blocks >= 1
+    blocks_a = list(range(1, 8))
+    run_to_end(engine, 1, [spec(1, prefix, 1, blocks=blocks_a)])
+    blocks_b = blocks_a[:cached_blocks] + list(range(20, 26))
+    c = run_to_end(engine, 2, [spec(2, full, 5, ignore_eos=True, blocks=blocks_b, cache_len=cached_blocks * bs)])
+    assert c.tokens[2] == plain
+
+
+def test_seeded_sampling_alone_equals_batch_of_8(engine):
+    params = SamplingParams(do_sample=True, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    alone = _alone(engine, PROMPTS[0], 8, sampling=params, ignore_eos=True)
+    others = [
+        spec(i, PROMPTS[i % 4], 8, ignore_eos=True, sampling=SamplingParams(do_sample=True, seed=i))
+        for i in range(2, 9)
+    ]
+    c = run_to_end(engine, 1, [spec(1, PROMPTS[0], 8, sampling=params, ignore_eos=True), *others])
+    assert c.tokens[1] == alone
+    assert c.finished[1].seed == 1234
+
+
+def test_logprobs_top_n_and_prefill_logprobs(engine):
+    c = run_to_end(engine, 1, [spec(1, PROMPTS[0], 3, top_n_tokens=3, prefill_logprobs=True)])
+    first = c.generations[1][0]
+    prompt_ids = engine.tokenizer.encode(PROMPTS[0], add_special_tokens=False).ids
+    assert first.prefill_tokens.ids == prompt_ids
+    assert len(first.prefill_tokens.logprobs) == len(prompt_ids)
+    assert all(lp <= 0 for lp in first.prefill_tokens.logprobs[1:])
+    for g in c.generations[1]:
+        top = g.top_tokens[0]
+        assert len(top.ids) == 3 and top.logprobs == sorted(top.logprobs, reverse=True)
+        assert g.tokens.ids[0] == top.ids[0]  # greedy picks the most likely
+        assert g.tokens.logprobs[0] == pytest.approx(top.logprobs[0])
+    assert c.generations[1][1].prefill_tokens is None
+
+
+def test_stop_sequence_and_length(engine):
+    c = run_to_end(engine, 1, [spec(1, PROMPTS[0], 12, ignore_eos=True)])
+    text = c.finished[1].text
+    assert c.finished[1].finish_reason == FinishReason.LENGTH
+    assert c.finished[1].generated_tokens == 12
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    if stop.strip():
+        c2 = run_to_end(engine, 2, [spec(2, PROMPTS[0], 12, ignore_eos=True, stop_sequences=[stop])])
+        assert c2.finished[2].finish_reason == FinishReason.STOP_SEQUENCE
+        assert stop in c2.finished[2].text
+
+
+def test_only_own_requests_answered(tiny_model_dir):
+    """With world_size 2, rank 1 answers only for odd ids (the batch itself advances fully)."""
+    from shard.parallel import Parallel
+
+    engine = make_engine(tiny_model_dir)
+    engine.parallel = Parallel(rank=1, world_size=2)
+    result = engine.prefill(1, [spec(i, PROMPTS[i], 2) for i in range(4)], None)
+    assert sorted(g.request_id for g in result.generations) == [1, 3]
+    assert result.batch.request_ids == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "make_call, error, message",
+    [
+        (lambda e: e.decode([424242]), BatchNotFound, "batch 424242 not found"),
+        (lambda e: e.filter(424242, []), BatchNotFound, "not found"),
+        (lambda e: e.prefill(1, [spec(1, "")], None), InvalidRequest, "input is empty"),
+        (lambda e: e.prefill(1, [spec(1, "hi", 40, blocks=[1])], None), InvalidRequest, "needs 3 blocks"),
+        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[0, 1])], None), InvalidRequest, "block 0 is reserved"),
+        (lambda e: e.prefill(1, [spec(1, "hi", 0)], None), InvalidRequest, "max_new_tokens"),
+        (lambda e: e.prefill(1, [spec(1, "hi", cache_len=5)], None), InvalidRequest, "cache_len"),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", sampling=SamplingParams(do_sample=True, temperature=0))], None),
+            InvalidRequest,
+            "temperature",
+        ),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", sampling=SamplingParams(top_p=1.5))], None),
+            InvalidRequest,
+            "top_p",
+        ),
+        (lambda e: e.prefill(1, [spec(1, "x " * 2000)], None), InvalidRequest, "max_input_tokens"),
+        (lambda e: e.prefill(1, [spec(1, "hi", 10**6)], None), InvalidRequest, "max_total_tokens"),
+        (lambda e: e.prefill(1, [spec(1, "hi"), spec(1, "yo")], None), InvalidRequest, "already in use"),
+        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[1, 1])], None), InvalidRequest, "appears twice"),
+        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[1], slots=[17])], None), InvalidRequest, "slots disagree"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_engine_keeps_serving(engine, make_call, error, message):
+    with pytest.raises(error, match=message):
+        make_call(engine)
+    engine.clear(None)
+    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+    assert run_to_end(engine, 5, [spec(5, PROMPTS[1], 2)]).finished[5].generated_tokens == 2
+
+
+def test_out_of_blocks_and_not_ready(tiny_model_dir):
+    engine = make_engine(tiny_model_dir, kv_bytes=1 << 20)
+    blocks = engine.kv.num_blocks
+    with pytest.raises(OutOfBlocks, match="free"):
+        engine.prefill(1, [spec(i, "hi", 1000) for i in range(blocks)], None)
+    assert len(engine.free_blocks) == blocks - 1
+    from common.config import ShardConfig
+    from shard.engine import ShardEngine
+
+    cold = ShardEngine(ShardConfig(model_dir=str(tiny_model_dir)))
+    with pytest.raises(NotReady, match="Warmup"):
+        cold.prefill(1, [spec(1, "hi")], None)
