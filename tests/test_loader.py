@@ -1,0 +1,113 @@
+"""Loading: the model families match transformers; bad directories fail in one clear line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from shard.errors import ModelLoadError
+from shard.loader import read_spec
+from tests.conftest import build_tiny_model
+from tests.helpers import make_engine, run_to_end, spec
+
+FAMILIES = [
+    ("llama", {}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
+    ("qwen2", {}),
+    ("mistral", {"sliding_window": None}),
+]
+
+
+@pytest.mark.parametrize("family, overrides", FAMILIES)
+def test_family_matches_transformers(family, overrides, smollm_dir, tmp_path):
+    import transformers
+
+    model_dir = build_tiny_model(tmp_path / family, smollm_dir, family, **overrides)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    engine = make_engine(model_dir)
+    text = "The rain in Spain stays mainly in the plain, said the professor twice."
+    ours = run_to_end(engine, 1, [spec(1, text, 12, ignore_eos=True)])
+    ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
+    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+    assert ours.tokens[1] == out.sequences[0, len(ids):].tolist()
+    expected = [torch.log_softmax(s[0], -1)[t].item() for s, t in zip(out.scores, ours.tokens[1], strict=True)]
+    assert max(abs(a - b) for a, b in zip(ours.logprobs[1], expected, strict=True)) < 1e-4
+
+
+def test_qwen2_has_qkv_bias(smollm_dir, tmp_path):
+    model_dir = build_tiny_model(tmp_path / "q", smollm_dir, "qwen2")
+    assert read_spec(model_dir).qkv_bias
+    assert make_engine(model_dir).model.layers[0].qkv_bias is not None
+
+
+def _write_config(path, **fields):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(fields))
+    return path
+
+
+def test_unsupported_architecture_names_supported(tmp_path):
+    d = _write_config(tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ModelLoadError, match="supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        read_spec(d)
+
+
+def test_sliding_window_is_rejected(tmp_path):
+    d = _write_config(tmp_path / "m", architectures=["MistralForCausalLM"], sliding_window=4096, max_position_embeddings=32768, num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8, vocab_size=10)
+    with pytest.raises(ModelLoadError, match="sliding-window"):
+        read_spec(d)
+
+
+def test_unknown_rope_scaling_is_rejected(tmp_path):
+    d = _write_config(tmp_path / "m", architectures=["LlamaForCausalLM"], rope_scaling={"type": "yarn", "factor": 4}, num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8, vocab_size=10)
+    with pytest.raises(ModelLoadError, match="rope_scaling type 'yarn'"):
+        read_spec(d)
+
+
+@pytest.mark.parametrize(
+    "remove, message",
+    [
+        ("model.safetensors", "no \\*.safetensors weights \\(pickle .bin files are never loaded\\)"),
+        ("tokenizer.json", "has no tokenizer.json"),
+    ],
+)
+def test_missing_files_are_named(tiny_model_dir, tmp_path, remove, message):
+    from common.config import ShardConfig
+    from shard.engine import ShardEngine
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    (copy / remove).unlink()
+    if remove == "model.safetensors":
+        (copy / "pytorch_model.bin").write_bytes(b"pickle!")
+    with pytest.raises(ModelLoadError, match=message):
+        ShardEngine(ShardConfig(model_dir=str(copy)))
+
+
+def test_sharded_safetensors_with_index(smollm_dir, tmp_path):
+    """A model saved in several files with model.safetensors.index.json loads the same."""
+    import transformers
+
+    source = build_tiny_model(tmp_path / "one", smollm_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    sharded = tmp_path / "many"
+    model.save_pretrained(sharded, safe_serialization=True, max_shard_size="2MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    text = "Sharded weights load the same."
+    one = run_to_end(make_engine(source), 1, [spec(1, text, 6, ignore_eos=True)]).tokens[1]
+    many = run_to_end(make_engine(sharded), 1, [spec(1, text, 6, ignore_eos=True)]).tokens[1]
+    assert one == many
+
+
+def test_tensor_parallel_split_error_names_working_counts(smollm_dir):
+    from shard.models.llama import check_parallel
+
+    with pytest.raises(ModelLoadError, match="shard counts that work: 1, 3"):
+        check_parallel(read_spec(smollm_dir), 2)
