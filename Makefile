@@ -23,10 +23,13 @@ test: proto
 test-fast: proto
 	$(BIN)/python -m pytest -ra -q -m 'not slow and not gpu'
 
+# the packages that exist in this checkout
+PACKAGES := $(wildcard router shard launcher common)
+
 lint: proto
-	$(BIN)/ruff check router shard launcher common tests benchmarks
-	$(BIN)/ruff format --check router shard launcher common
-	$(BIN)/mypy router shard launcher
+	$(BIN)/ruff check $(PACKAGES) tests $(wildcard benchmarks/*.py)
+	$(BIN)/ruff format --check $(PACKAGES) tests
+	$(BIN)/mypy $(PACKAGES)
 
 bench: proto
 	$(BIN)/python benchmarks/shard_vs_transformers.py

@@ -26,9 +26,7 @@ def setup_logging(process: str, json_output: bool = False, level: str = "INFO") 
     if json_output:
         handler.setFormatter(_JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {process}: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {process}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -20,26 +20,69 @@ def main() -> None:
 
 @main.command()
 @click.argument("model_dir", type=click.Path())
-@click.option("--uds-path", default="/tmp/pytgi-server", show_default=True,
-              help="Socket path prefix; this rank listens on unix://{uds-path}-{rank}.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-              help="Weights and KV cache dtype [default: float32 on CPU, bfloat16 on CUDA].")
+@click.option(
+    "--uds-path",
+    default="/tmp/pytgi-server",
+    show_default=True,
+    help="Socket path prefix; this rank listens on unix://{uds-path}-{rank}.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Weights and KV cache dtype [default: float32 on CPU, bfloat16 on CUDA].",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--rank", type=int, default=0, envvar="RANK", show_default=True,
-              help="This shard's tensor-parallel rank.")
-@click.option("--world-size", type=int, default=1, envvar="WORLD_SIZE", show_default=True,
-              help="Number of tensor-parallel shards.")
-@click.option("--master-addr", default="127.0.0.1", envvar="MASTER_ADDR", show_default=True,
-              help="torch.distributed rendezvous address.")
-@click.option("--master-port", type=int, default=29500, envvar="MASTER_PORT", show_default=True,
-              help="torch.distributed rendezvous port.")
-@click.option("--max-input-tokens", type=int, default=None,
-              help="Longest prompt accepted [default: the model's context - 1].")
-@click.option("--kv-cache-memory", default=None,
-              help="Bytes for the KV cache on CPU, e.g. 2GiB [default: 25%% of available "
-                   "memory, at most 4GiB].")
-@click.option("--cuda-memory-fraction", type=float, default=0.9, show_default=True,
-              help="Fraction of free GPU memory the KV cache may take (CUDA).")
+@click.option(
+    "--rank",
+    type=int,
+    default=0,
+    envvar="RANK",
+    show_default=True,
+    help="This shard's tensor-parallel rank.",
+)
+@click.option(
+    "--world-size",
+    type=int,
+    default=1,
+    envvar="WORLD_SIZE",
+    show_default=True,
+    help="Number of tensor-parallel shards.",
+)
+@click.option(
+    "--master-addr",
+    default="127.0.0.1",
+    envvar="MASTER_ADDR",
+    show_default=True,
+    help="torch.distributed rendezvous address.",
+)
+@click.option(
+    "--master-port",
+    type=int,
+    default=29500,
+    envvar="MASTER_PORT",
+    show_default=True,
+    help="torch.distributed rendezvous port.",
+)
+@click.option(
+    "--max-input-tokens",
+    type=int,
+    default=None,
+    help="Longest prompt accepted [default: the model's context - 1].",
+)
+@click.option(
+    "--kv-cache-memory",
+    default=None,
+    help="Bytes for the KV cache on CPU, e.g. 2GiB [default: 25%% of available "
+    "memory, at most 4GiB].",
+)
+@click.option(
+    "--cuda-memory-fraction",
+    type=float,
+    default=0.9,
+    show_default=True,
+    help="Fraction of free GPU memory the KV cache may take (CUDA).",
+)
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block.")
 @click.option("--attention", default="reference", show_default=True, help="Attention backend.")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads [default: all].")
@@ -70,7 +113,9 @@ def serve(model_dir: str, json_output: bool, kv_cache_memory: str | None, **opti
 
 
 @main.command("default-model")
-@click.option("--cache-dir", default=None, help="Cache folder [default: $PYTGI_CACHE_DIR or ~/.cache/pytgi].")
+@click.option(
+    "--cache-dir", default=None, help="Cache folder [default: $PYTGI_CACHE_DIR or ~/.cache/pytgi]."
+)
 def default_model(cache_dir: str | None) -> None:
     """Convert the embedded SmolLM2-135M-Instruct once and print its directory."""
     from shard.embedded import default_model_dir

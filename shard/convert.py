@@ -96,7 +96,7 @@ def generation_to_pb(generation: Generation) -> pb.Generation:
             pb.GeneratedText(
                 text=finished.text,
                 generated_tokens=finished.generated_tokens,
-                finish_reason=int(finished.finish_reason),
+                finish_reason=pb.FinishReason.Name(int(finished.finish_reason)),
                 seed=finished.seed,
             )
         )

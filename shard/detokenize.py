@@ -24,7 +24,9 @@ class IncrementalDetokenizer:
 
     def step(self, tokenizer: Tokenizer, all_ids: list[int]) -> str:
         """Text added by the tokens past `read_offset` ("" while a character is incomplete)."""
-        prefix = tokenizer.decode(all_ids[self.prefix_offset : self.read_offset], skip_special_tokens=False)
+        prefix = tokenizer.decode(
+            all_ids[self.prefix_offset : self.read_offset], skip_special_tokens=False
+        )
         full = tokenizer.decode(all_ids[self.prefix_offset :], skip_special_tokens=False)
         if len(full) > len(prefix) and not full.endswith(_REPLACEMENT):
             new_text = full[len(prefix) :]

@@ -114,5 +114,8 @@ def _fix_tokenizer(tokenizer) -> None:
 def _write_generation_config(staging: Path, config) -> None:
     eos = config.eos_token_id
     (staging / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": eos}, indent=2)
+        json.dumps(
+            {"bos_token_id": config.bos_token_id, "eos_token_id": eos, "pad_token_id": eos},
+            indent=2,
+        )
     )

@@ -125,7 +125,9 @@ class ShardEngine:
             )
         self._allocate_kv(num_blocks)
         self.max_input_tokens, self.max_total_tokens = inputs, total
-        log.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size, capacity)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size, capacity
+        )
         return WarmupResult(capacity, inputs, total)
 
     def _warmup_prefill(self, specs: list[RequestSpec], max_prefill_tokens: int) -> None:
@@ -257,7 +259,11 @@ class ShardEngine:
                 raise InvalidRequest(f"request id {spec.id} is already in use")
             seen.add(spec.id)
             prompts.append(self._validate(spec))
-        self_numbered = sum(self._blocks_needed(len(p), s) for p, s in zip(prompts, specs) if not s.blocks)
+        self_numbered = sum(
+            self._blocks_needed(len(p), s)
+            for p, s in zip(prompts, specs, strict=True)
+            if not s.blocks
+        )
         if self_numbered > len(self.free_blocks):
             raise OutOfBlocks(
                 f"requests need {self_numbered} KV blocks but the shard has "

@@ -34,7 +34,10 @@ def prepare_forward(
         ids.extend(request.all_ids[start : start + count])
         positions.extend(range(start, start + count))
         blocks = request.blocks
-        slots.extend(blocks[p // block_size] * block_size + p % block_size for p in range(start, start + count))
+        slots.extend(
+            blocks[p // block_size] * block_size + p % block_size
+            for p in range(start, start + count)
+        )
     max_blocks = max(len(r.blocks) for r in requests)
     table = [r.blocks + [0] * (max_blocks - len(r.blocks)) for r in requests]
     attention = AttentionInputs(

@@ -30,7 +30,15 @@ def available_memory() -> int:
 
 def parse_size(text: str) -> int:
     """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes."""
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "b": 1,
+    }
     lowered = text.strip().lower()
     for unit, factor in units.items():
         if lowered.endswith(unit):

@@ -31,7 +31,13 @@ class SamplingParams:
 
         As on the wire of TGI, 0 means "off" for top_k (proto3 cannot tell unset from 0).
         """
-        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0 or (self.temperature == 0 and self.is_sampling):
@@ -41,9 +47,7 @@ class SamplingParams:
         if not 0 < self.typical_p <= 1:
             raise InvalidRequest(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.repetition_penalty <= 0:
-            raise InvalidRequest(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}"
-            )
+            raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
     @property
     def has_penalties(self) -> bool:

@@ -58,7 +58,9 @@ def run_step(engine: ShardEngine, batch: Batch, start_ns: int, concat_ns: int | 
     return StepResult(generations, cached, forward_ns, decode_ns, total_ns, concat_ns)
 
 
-def _forward(engine: ShardEngine, active: list[RequestState]) -> tuple[list[RequestState], torch.Tensor]:
+def _forward(
+    engine: ShardEngine, active: list[RequestState]
+) -> tuple[list[RequestState], torch.Tensor]:
     """Runs the model; returns the requests that emit and their logits [N, V] (float32).
     Prompt log-probabilities of requests that asked for them are recorded on the way."""
     inputs = prepare_forward(active, engine.block_size, engine.device)
@@ -67,7 +69,9 @@ def _forward(engine: ShardEngine, active: list[RequestState]) -> tuple[list[Requ
         inputs.input_ids, inputs.positions, inputs.attention, engine.kv, engine.backend
     )
     emitting, rows = [], []
-    for request, start, count in zip(active, inputs.attention.query_starts, inputs.step_lens, strict=True):
+    for request, start, count in zip(
+        active, inputs.attention.query_starts, inputs.step_lens, strict=True
+    ):
         request.num_computed += count
         if request.prefill_logprobs and request.num_generated == 0:
             _record_prompt_logprobs(engine, request, hidden[start : start + count])
@@ -78,7 +82,9 @@ def _forward(engine: ShardEngine, active: list[RequestState]) -> tuple[list[Requ
     return emitting, logits
 
 
-def _record_prompt_logprobs(engine: ShardEngine, request: RequestState, hidden: torch.Tensor) -> None:
+def _record_prompt_logprobs(
+    engine: ShardEngine, request: RequestState, hidden: torch.Tensor
+) -> None:
     """hidden [n, H] of the chunk just computed; position p predicts prompt token p + 1."""
     end = request.num_computed
     first = end - hidden.shape[0]
@@ -90,7 +96,9 @@ def _record_prompt_logprobs(engine: ShardEngine, request: RequestState, hidden: 
     request.prompt_logprobs.extend(picked.squeeze(1).tolist())
 
 
-def _token_info(engine: ShardEngine, ids: list[int], logprobs: list[float], texts: list[str] | None = None) -> TokenInfo:
+def _token_info(
+    engine: ShardEngine, ids: list[int], logprobs: list[float], texts: list[str] | None = None
+) -> TokenInfo:
     if texts is None:
         texts = [engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     return TokenInfo(ids, logprobs, texts, [i in engine.special_ids for i in ids])
@@ -116,7 +124,9 @@ def _advance(engine: ShardEngine, request: RequestState, choice: Choice) -> Gene
         request.finish_reason = reason
         params = request.chooser.params
         generation.finished = FinishedText(
-            text=engine.tokenizer.decode(request.all_ids[request.prompt_len :], skip_special_tokens=True),
+            text=engine.tokenizer.decode(
+                request.all_ids[request.prompt_len :], skip_special_tokens=True
+            ),
             generated_tokens=request.num_generated,
             finish_reason=reason,
             seed=params.seed if params.is_sampling else None,

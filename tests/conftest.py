@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +23,9 @@ def smollm_dir() -> Path:
     return default_model_dir()
 
 
-def build_tiny_model(target: Path, tokenizer_dir: Path, architecture: str = "llama", **overrides) -> Path:
+def build_tiny_model(
+    target: Path, tokenizer_dir: Path, architecture: str = "llama", **overrides
+) -> Path:
     """A random-weight model of the given family with the SmolLM2 tokenizer, as safetensors."""
     import torch
     import transformers

@@ -8,7 +8,9 @@ from shard.engine import ShardEngine
 from shard.sampling import SamplingParams
 
 
-def make_engine(model_dir, kv_bytes: int = 64 << 20, max_total: int = 1024, **options) -> ShardEngine:
+def make_engine(
+    model_dir, kv_bytes: int = 64 << 20, max_total: int = 1024, **options
+) -> ShardEngine:
     engine = ShardEngine(ShardConfig(model_dir=str(model_dir), kv_cache_memory=kv_bytes, **options))
     engine.warmup([], None, 256, max_total)
     return engine
@@ -46,7 +48,9 @@ def filter_finished(engine: ShardEngine, batch_info, collector: Collector):
     return batch_info
 
 
-def run_to_end(engine: ShardEngine, batch_id: int, specs, collector: Collector | None = None) -> Collector:
+def run_to_end(
+    engine: ShardEngine, batch_id: int, specs, collector: Collector | None = None
+) -> Collector:
     collector = collector or Collector()
     result = engine.prefill(batch_id, specs, None)
     collector.add(result)

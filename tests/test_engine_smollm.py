@@ -26,7 +26,9 @@ def prompts(smollm_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in QUESTIONS
     ]
 
@@ -51,7 +53,10 @@ def reference(smollm_dir, prompts):
             pad_token_id=2,
         )
         tokens = gen.sequences[0, ids.shape[1] :].tolist()
-        logprobs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(gen.scores, tokens, strict=True)]
+        logprobs = [
+            torch.log_softmax(s[0].float(), -1)[t].item()
+            for s, t in zip(gen.scores, tokens, strict=True)
+        ]
         out.append((tokens, logprobs))
     return out
 

@@ -114,7 +114,11 @@ def test_prefix_cache_len_equals_plain(engine):
     blocks_a = list(range(1, 8))
     run_to_end(engine, 1, [spec(1, prefix, 1, blocks=blocks_a)])
     blocks_b = blocks_a[:cached_blocks] + list(range(20, 26))
-    c = run_to_end(engine, 2, [spec(2, full, 5, ignore_eos=True, blocks=blocks_b, cache_len=cached_blocks * bs)])
+    c = run_to_end(
+        engine,
+        2,
+        [spec(2, full, 5, ignore_eos=True, blocks=blocks_b, cache_len=cached_blocks * bs)],
+    )
     assert c.tokens[2] == plain
 
 
@@ -152,7 +156,9 @@ def test_stop_sequence_and_length(engine):
     assert c.finished[1].generated_tokens == 12
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     if stop.strip():
-        c2 = run_to_end(engine, 2, [spec(2, PROMPTS[0], 12, ignore_eos=True, stop_sequences=[stop])])
+        c2 = run_to_end(
+            engine, 2, [spec(2, PROMPTS[0], 12, ignore_eos=True, stop_sequences=[stop])]
+        )
         assert c2.finished[2].finish_reason == FinishReason.STOP_SEQUENCE
         assert stop in c2.finished[2].text
 
@@ -174,12 +180,22 @@ def test_only_own_requests_answered(tiny_model_dir):
         (lambda e: e.decode([424242]), BatchNotFound, "batch 424242 not found"),
         (lambda e: e.filter(424242, []), BatchNotFound, "not found"),
         (lambda e: e.prefill(1, [spec(1, "")], None), InvalidRequest, "input is empty"),
-        (lambda e: e.prefill(1, [spec(1, "hi", 40, blocks=[1])], None), InvalidRequest, "needs 3 blocks"),
-        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[0, 1])], None), InvalidRequest, "block 0 is reserved"),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", 40, blocks=[1])], None),
+            InvalidRequest,
+            "needs 3 blocks",
+        ),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", blocks=[0, 1])], None),
+            InvalidRequest,
+            "block 0 is reserved",
+        ),
         (lambda e: e.prefill(1, [spec(1, "hi", 0)], None), InvalidRequest, "max_new_tokens"),
         (lambda e: e.prefill(1, [spec(1, "hi", cache_len=5)], None), InvalidRequest, "cache_len"),
         (
-            lambda e: e.prefill(1, [spec(1, "hi", sampling=SamplingParams(do_sample=True, temperature=0))], None),
+            lambda e: e.prefill(
+                1, [spec(1, "hi", sampling=SamplingParams(do_sample=True, temperature=0))], None
+            ),
             InvalidRequest,
             "temperature",
         ),
@@ -190,9 +206,21 @@ def test_only_own_requests_answered(tiny_model_dir):
         ),
         (lambda e: e.prefill(1, [spec(1, "x " * 2000)], None), InvalidRequest, "max_input_tokens"),
         (lambda e: e.prefill(1, [spec(1, "hi", 10**6)], None), InvalidRequest, "max_total_tokens"),
-        (lambda e: e.prefill(1, [spec(1, "hi"), spec(1, "yo")], None), InvalidRequest, "already in use"),
-        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[1, 1])], None), InvalidRequest, "appears twice"),
-        (lambda e: e.prefill(1, [spec(1, "hi", blocks=[1], slots=[17])], None), InvalidRequest, "slots disagree"),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi"), spec(1, "yo")], None),
+            InvalidRequest,
+            "already in use",
+        ),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", blocks=[1, 1])], None),
+            InvalidRequest,
+            "appears twice",
+        ),
+        (
+            lambda e: e.prefill(1, [spec(1, "hi", blocks=[1], slots=[17])], None),
+            InvalidRequest,
+            "slots disagree",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error_and_engine_keeps_serving(engine, make_call, error, message):

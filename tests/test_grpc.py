@@ -19,12 +19,19 @@ from shard.server import ErrorInterceptor, TextGenerationService
 
 
 def _request(request_id: int, text: str, max_new: int = 4, **fields) -> pb.Request:
-    params = fields.pop("parameters", pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0))
+    params = fields.pop(
+        "parameters",
+        pb.NextTokenChooserParameters(
+            temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0
+        ),
+    )
     return pb.Request(
         id=request_id,
         inputs=text,
         parameters=params,
-        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True),
+        stopping_parameters=pb.StoppingCriteriaParameters(
+            max_new_tokens=max_new, ignore_eos_token=True
+        ),
         **fields,
     )
 
@@ -36,9 +43,13 @@ def engine(tiny_model_dir):
 
 @pytest.fixture
 async def stub(engine, tmp_path):
-    config = ShardConfig(model_dir=engine.config.model_dir, uds_path=str(tmp_path / "s"), world_size=1)
+    config = ShardConfig(
+        model_dir=engine.config.model_dir, uds_path=str(tmp_path / "s"), world_size=1
+    )
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(engine, config), server)
+    pb_grpc.add_TextGenerationServiceServicer_to_server(
+        TextGenerationService(engine, config), server
+    )
     server.add_insecure_port(config.url)
     await server.start()
     async with grpc.aio.insecure_channel(config.url) as channel:
@@ -54,12 +65,26 @@ async def test_every_rpc(stub, tmp_path):
     assert (info.dtype, info.device_type, info.block_size) == ("float32", "cpu", 16)
     assert info.support_chunking and info.use_prefix_caching and not info.requires_padding
     assert info.attention_impl == "reference"
-    warm = await stub.Warmup(pb.WarmupRequest(batch=pb.Batch(id=0, requests=[_request(0, "warm up " * 20)]), max_input_tokens=500, max_prefill_tokens=512, max_total_tokens=1000))
+    warm = await stub.Warmup(
+        pb.WarmupRequest(
+            batch=pb.Batch(id=0, requests=[_request(0, "warm up " * 20)]),
+            max_input_tokens=500,
+            max_prefill_tokens=512,
+            max_total_tokens=1000,
+        )
+    )
     assert warm.max_input_tokens == 500 and warm.max_total_tokens == 1000
     assert warm.max_supported_total_tokens > 1000
     await stub.ClearCache(pb.ClearCacheRequest())
 
-    batch = pb.Batch(id=1, requests=[_request(1, "Hello there", top_n_tokens=2, prefill_logprobs=True), _request(2, "Bonjour", 2)], size=2)
+    batch = pb.Batch(
+        id=1,
+        requests=[
+            _request(1, "Hello there", top_n_tokens=2, prefill_logprobs=True),
+            _request(2, "Bonjour", 2),
+        ],
+        size=2,
+    )
     pre = await stub.Prefill(pb.PrefillRequest(batch=batch))
     assert pre.HasField("batch") and list(pre.batch.request_ids) == [1, 2]
     assert pre.forward_ns > 0 and pre.total_ns >= pre.forward_ns and not pre.HasField("concat_ns")
@@ -68,13 +93,17 @@ async def test_every_rpc(stub, tmp_path):
     assert len(gen[1].top_tokens) == 1 and len(gen[1].top_tokens[0].ids) == 2
     assert pre.batch.current_tokens == 2 and pre.batch.max_tokens == 2 * 16
 
-    second = await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=2, requests=[_request(3, "Hola", 6)], size=1)))
+    second = await stub.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=2, requests=[_request(3, "Hola", 6)], size=1))
+    )
     dec = await stub.Decode(pb.DecodeRequest(batches=[pre.batch, second.batch]))
     assert dec.HasField("concat_ns") and sorted(dec.batch.request_ids) == [1, 2, 3]
     finished = [g.request_id for g in dec.generations if g.HasField("generated_text")]
     assert finished == [2]
     assert dec.generations[1].generated_text.finish_reason == pb.FINISH_REASON_LENGTH
-    filtered = await stub.FilterBatch(pb.FilterBatchRequest(batch_id=dec.batch.id, request_ids=[1, 3]))
+    filtered = await stub.FilterBatch(
+        pb.FilterBatchRequest(batch_id=dec.batch.id, request_ids=[1, 3])
+    )
     assert list(filtered.batch.request_ids) == [1, 3]
     await stub.ClearCache(pb.ClearCacheRequest(id=dec.batch.id))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -85,12 +114,63 @@ async def test_every_rpc(stub, tmp_path):
 BAD = [
     (_request(10, ""), grpc.StatusCode.INVALID_ARGUMENT, "input is empty"),
     (_request(11, "hi", 40, blocks=[1]), grpc.StatusCode.INVALID_ARGUMENT, "blocks"),
-    (_request(12, "hi", parameters=pb.NextTokenChooserParameters(do_sample=True, temperature=0.0)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
-    (_request(13, "hi", parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, watermark=True)), grpc.StatusCode.INVALID_ARGUMENT, "watermark"),
-    (_request(14, "hi", parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, grammar="{}", grammar_type=pb.GRAMMAR_TYPE_JSON)), grpc.StatusCode.INVALID_ARGUMENT, "grammar"),
+    (
+        _request(
+            12, "hi", parameters=pb.NextTokenChooserParameters(do_sample=True, temperature=0.0)
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "temperature",
+    ),
+    (
+        _request(
+            13,
+            "hi",
+            parameters=pb.NextTokenChooserParameters(
+                temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, watermark=True
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "watermark",
+    ),
+    (
+        _request(
+            14,
+            "hi",
+            parameters=pb.NextTokenChooserParameters(
+                temperature=1.0,
+                top_p=1.0,
+                typical_p=1.0,
+                repetition_penalty=1.0,
+                grammar="{}",
+                grammar_type=pb.GRAMMAR_TYPE_JSON,
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grammar",
+    ),
     (_request(15, "hi", adapter_id="lora"), grpc.StatusCode.INVALID_ARGUMENT, "adapter"),
-    (_request(16, "", input_chunks=pb.Input(chunks=[pb.InputChunk(image=pb.Image(data=b"x", mimetype="image/png"))])), grpc.StatusCode.INVALID_ARGUMENT, "image"),
-    (_request(17, "hi", parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=0.0, typical_p=1.0, repetition_penalty=1.0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (
+        _request(
+            16,
+            "",
+            input_chunks=pb.Input(
+                chunks=[pb.InputChunk(image=pb.Image(data=b"x", mimetype="image/png"))]
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "image",
+    ),
+    (
+        _request(
+            17,
+            "hi",
+            parameters=pb.NextTokenChooserParameters(
+                temperature=1.0, top_p=0.0, typical_p=1.0, repetition_penalty=1.0
+            ),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "top_p",
+    ),
 ]
 
 
@@ -101,7 +181,9 @@ async def test_bad_input_gets_status_and_shard_keeps_serving(stub, request_pb, c
         await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=7, requests=[request_pb])))
     assert err.value.code() == code
     assert message in err.value.details()
-    ok = await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=8, requests=[_request(20, "still alive", 1)])))
+    ok = await stub.Prefill(
+        pb.PrefillRequest(batch=pb.Batch(id=8, requests=[_request(20, "still alive", 1)]))
+    )
     assert ok.generations[0].generated_text.generated_tokens == 1
 
 
@@ -116,7 +198,9 @@ async def test_prefill_before_warmup_is_failed_precondition(tiny_model_dir, tmp_
     async with grpc.aio.insecure_channel(url) as channel:
         stub = pb_grpc.TextGenerationServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[_request(1, "hi")])))
+            await stub.Prefill(
+                pb.PrefillRequest(batch=pb.Batch(id=1, requests=[_request(1, "hi")]))
+            )
     await server.stop(None)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "Warmup" in err.value.details()
@@ -132,7 +216,17 @@ def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 def test_process_serves_then_sigterm_removes_socket(tiny_model_dir, tmp_path):
     uds = str(tmp_path / "proc")
-    cmd = [sys.executable, "-m", "shard.cli", "serve", str(tiny_model_dir), "--uds-path", uds, "--kv-cache-memory", "32MiB"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "shard.cli",
+        "serve",
+        str(tiny_model_dir),
+        "--uds-path",
+        uds,
+        "--kv-cache-memory",
+        "32MiB",
+    ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
         _wait_for(f"{uds}-0", proc)
@@ -143,7 +237,9 @@ def test_process_serves_then_sigterm_removes_socket(tiny_model_dir, tmp_path):
                 stub = pb_grpc.TextGenerationServiceStub(channel)
                 await stub.Health(pb.HealthRequest())
                 await stub.Warmup(pb.WarmupRequest(max_prefill_tokens=32, max_total_tokens=512))
-                return await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=1, requests=[_request(1, "hi", 1)])))
+                return await stub.Prefill(
+                    pb.PrefillRequest(batch=pb.Batch(id=1, requests=[_request(1, "hi", 1)]))
+                )
 
         assert asyncio.run(talk()).generations[0].HasField("generated_text")
         proc.send_signal(signal.SIGTERM)
@@ -164,8 +260,18 @@ def test_process_serves_then_sigterm_removes_socket(tiny_model_dir, tmp_path):
 def test_process_start_errors_are_one_line(tmp_path, setup, message):
     target = setup(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "shard.cli", "serve", str(target), "--uds-path", str(tmp_path / "x")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "shard.cli",
+            "serve",
+            str(target),
+            "--uds-path",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert message in proc.stderr

@@ -15,7 +15,18 @@ from tests.helpers import make_engine, run_to_end, spec
 
 FAMILIES = [
     ("llama", {}),
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
+    (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        },
+    ),
     ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     ("qwen2", {}),
     ("mistral", {"sliding_window": None}),
@@ -27,14 +38,28 @@ def test_family_matches_transformers(family, overrides, smollm_dir, tmp_path):
     import transformers
 
     model_dir = build_tiny_model(tmp_path / family, smollm_dir, family, **overrides)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32
+    ).eval()
     engine = make_engine(model_dir)
     text = "The rain in Spain stays mainly in the plain, said the professor twice."
     ours = run_to_end(engine, 1, [spec(1, text, 12, ignore_eos=True)])
     ids = engine.tokenizer.encode(text, add_special_tokens=False).ids
-    out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
-    assert ours.tokens[1] == out.sequences[0, len(ids):].tolist()
-    expected = [torch.log_softmax(s[0], -1)[t].item() for s, t in zip(out.scores, ours.tokens[1], strict=True)]
+    out = reference.generate(
+        torch.tensor([ids]),
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=12,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    assert ours.tokens[1] == out.sequences[0, len(ids) :].tolist()
+    expected = [
+        torch.log_softmax(s[0], -1)[t].item()
+        for s, t in zip(out.scores, ours.tokens[1], strict=True)
+    ]
     assert max(abs(a - b) for a, b in zip(ours.logprobs[1], expected, strict=True)) < 1e-4
 
 
@@ -52,18 +77,39 @@ def _write_config(path, **fields):
 
 def test_unsupported_architecture_names_supported(tmp_path):
     d = _write_config(tmp_path / "m", architectures=["GPT2LMHeadModel"], model_type="gpt2")
-    with pytest.raises(ModelLoadError, match="supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ModelLoadError, match="supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"
+    ):
         read_spec(d)
 
 
 def test_sliding_window_is_rejected(tmp_path):
-    d = _write_config(tmp_path / "m", architectures=["MistralForCausalLM"], sliding_window=4096, max_position_embeddings=32768, num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8, vocab_size=10)
+    d = _write_config(
+        tmp_path / "m",
+        architectures=["MistralForCausalLM"],
+        sliding_window=4096,
+        max_position_embeddings=32768,
+        num_attention_heads=4,
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=10,
+    )
     with pytest.raises(ModelLoadError, match="sliding-window"):
         read_spec(d)
 
 
 def test_unknown_rope_scaling_is_rejected(tmp_path):
-    d = _write_config(tmp_path / "m", architectures=["LlamaForCausalLM"], rope_scaling={"type": "yarn", "factor": 4}, num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8, vocab_size=10)
+    d = _write_config(
+        tmp_path / "m",
+        architectures=["LlamaForCausalLM"],
+        rope_scaling={"type": "yarn", "factor": 4},
+        num_attention_heads=4,
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=8,
+        vocab_size=10,
+    )
     with pytest.raises(ModelLoadError, match="rope_scaling type 'yarn'"):
         read_spec(d)
 
@@ -71,7 +117,10 @@ def test_unknown_rope_scaling_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     "remove, message",
     [
-        ("model.safetensors", "no \\*.safetensors weights \\(pickle .bin files are never loaded\\)"),
+        (
+            "model.safetensors",
+            "no \\*.safetensors weights \\(pickle .bin files are never loaded\\)",
+        ),
         ("tokenizer.json", "has no tokenizer.json"),
     ],
 )

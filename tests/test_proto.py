@@ -37,10 +37,20 @@ TABLE = {
     "WarmupRequest": "batch:Batch=1, max_input_tokens:opt uint32=2, max_prefill_tokens:uint32=3, max_total_tokens:opt uint32=4",
     "WarmupResponse": "max_supported_total_tokens:opt uint32=1, max_input_tokens:uint32=2, max_total_tokens:uint32=3",
 }
-EMPTY = ["InfoRequest", "ServiceDiscoveryRequest", "ClearCacheResponse", "HealthRequest", "HealthResponse"]
+EMPTY = [
+    "InfoRequest",
+    "ServiceDiscoveryRequest",
+    "ClearCacheResponse",
+    "HealthRequest",
+    "HealthResponse",
+]
 SCALARS = {
-    "bool": F.TYPE_BOOL, "string": F.TYPE_STRING, "uint32": F.TYPE_UINT32, "uint64": F.TYPE_UINT64,
-    "float": F.TYPE_FLOAT, "bytes": F.TYPE_BYTES,
+    "bool": F.TYPE_BOOL,
+    "string": F.TYPE_STRING,
+    "uint32": F.TYPE_UINT32,
+    "uint64": F.TYPE_UINT64,
+    "float": F.TYPE_FLOAT,
+    "bytes": F.TYPE_BYTES,
 }
 RPCS = {
     "Info": ("InfoRequest", "InfoResponse"),
@@ -93,9 +103,15 @@ def test_every_field_matches_the_table():
 
 
 def test_enums_and_oneof():
-    assert dict(pb.GrammarType.items()) == {"GRAMMAR_TYPE_NONE": 0, "GRAMMAR_TYPE_JSON": 1, "GRAMMAR_TYPE_REGEX": 2}
+    assert dict(pb.GrammarType.items()) == {
+        "GRAMMAR_TYPE_NONE": 0,
+        "GRAMMAR_TYPE_JSON": 1,
+        "GRAMMAR_TYPE_REGEX": 2,
+    }
     assert dict(pb.FinishReason.items()) == {
-        "FINISH_REASON_LENGTH": 0, "FINISH_REASON_EOS_TOKEN": 1, "FINISH_REASON_STOP_SEQUENCE": 2
+        "FINISH_REASON_LENGTH": 0,
+        "FINISH_REASON_EOS_TOKEN": 1,
+        "FINISH_REASON_STOP_SEQUENCE": 2,
     }
     chunk = pb.DESCRIPTOR.message_types_by_name["InputChunk"]
     assert [f.name for f in chunk.oneofs_by_name["chunk"].fields] == ["text", "image"]

@@ -92,7 +92,9 @@ def tokenizer(smollm_dir):
     return Tokenizer.from_file(str(smollm_dir / "tokenizer.json"))
 
 
-@pytest.mark.parametrize("text", ["Hello 😀 world", "你好，世界", "naïve café 🎉🎉", "plain ascii text"])
+@pytest.mark.parametrize(
+    "text", ["Hello 😀 world", "你好，世界", "naïve café 🎉🎉", "plain ascii text"]
+)
 def test_incremental_detokenization_never_breaks_characters(tokenizer, text):
     prompt = tokenizer.encode("Say:", add_special_tokens=False).ids
     output = tokenizer.encode(text, add_special_tokens=False).ids

@@ -136,7 +136,10 @@ class LlamaModel:
             bias = torch.cat([self._head_rows(n + ".bias", h, lh) for n, h, lh in parts])
         inter = spec.intermediate_size
         gate_up = torch.cat(
-            [self._rows(p + "mlp.gate_proj.weight", inter), self._rows(p + "mlp.up_proj.weight", inter)]
+            [
+                self._rows(p + "mlp.gate_proj.weight", inter),
+                self._rows(p + "mlp.up_proj.weight", inter),
+            ]
         )
         return _Layer(
             input_norm=self._full(p + "input_layernorm.weight"),
