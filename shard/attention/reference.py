@@ -19,24 +19,26 @@ from shard.attention.base import AttentionBackend, AttentionInputs
 class _PrefillRow:
     start: int  # first row of this request in q
     length: int  # new tokens
-    context_slots: torch.Tensor | None  # [ctx] slots of prefix + new tokens; None: no prefix
-    mask: torch.Tensor | None  # [length, ctx] bool, True where a key is visible
+    context_blocks: torch.Tensor | None  # [nb] blocks of prefix + new tokens; None: no prefix
+    mask: torch.Tensor | None  # [length, nb * block_size] bool, True where a key is visible
 
 
 @dataclass(slots=True)
 class _Metadata:
     decode_rows: torch.Tensor | None  # [Bd] rows of q that decode; None: no decode rows
     decode_is_all: bool  # every row of q decodes, in order (no gather of q needed)
-    decode_slots: torch.Tensor | None  # [Bd, L] context slots, padded with slot 0
-    decode_mask: torch.Tensor | None  # [Bd, 1, 1, L] bool, True where a key is valid
+    decode_blocks: torch.Tensor | None  # [Bd * nb] block ids, row-major, padded with block 0
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb * block_size] bool, True where valid
     prefill_rows: list[_PrefillRow]
 
 
-def context_slots(block_tables: torch.Tensor, block_size: int, length: int) -> torch.Tensor:
-    """[B, length] slot of every position < length, from block tables [B, max_blocks]."""
-    offsets = torch.arange(block_size, dtype=block_tables.dtype, device=block_tables.device)
-    slots = (block_tables.unsqueeze(-1) * block_size + offsets).flatten(1)
-    return slots[:, :length]
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """cache [N, bs, KVH, D], blocks [num_rows * nb] -> [num_rows, nb * bs, KVH, D].
+
+    Whole blocks are copied (index_select), several times faster than gathering slots.
+    """
+    gathered = cache.index_select(0, blocks)
+    return gathered.view(num_rows, -1, cache.shape[2], cache.shape[3])
 
 
 class ReferenceBackend(AttentionBackend):
@@ -46,12 +48,13 @@ class ReferenceBackend(AttentionBackend):
         decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
         prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
         meta = _Metadata(None, False, None, None, [])
+        bs = inputs.block_size
         if decode_idx:
             ctx = torch.tensor([inputs.context_lens[i] for i in decode_idx])
-            max_ctx = int(ctx.max())
-            tables = inputs.block_tables[decode_idx]
-            meta.decode_slots = context_slots(tables, inputs.block_size, max_ctx)
-            meta.decode_mask = (torch.arange(max_ctx) < ctx.unsqueeze(1))[:, None, None, :]
+            num_blocks = -(-int(ctx.max()) // bs)
+            tables = inputs.block_tables[decode_idx, :num_blocks]
+            meta.decode_blocks = tables.flatten()
+            meta.decode_mask = (torch.arange(num_blocks * bs) < ctx.unsqueeze(1))[:, None, None, :]
             rows = [inputs.query_starts[i] for i in decode_idx]
             meta.decode_is_all = not prefill_idx
             meta.decode_rows = torch.tensor(rows)
@@ -64,46 +67,48 @@ class ReferenceBackend(AttentionBackend):
         start, length, cached = inputs.query_starts[i], inputs.query_lens[i], inputs.cache_lens[i]
         if cached == 0:
             return _PrefillRow(start, length, None, None)
-        ctx = cached + length
-        slots = context_slots(inputs.block_tables[i : i + 1], inputs.block_size, ctx)[0]
-        query_pos = torch.arange(cached, ctx).unsqueeze(1)
-        mask = torch.arange(ctx).unsqueeze(0) <= query_pos
-        return _PrefillRow(start, length, slots, mask)
+        bs = inputs.block_size
+        num_blocks = -(-(cached + length) // bs)
+        blocks = inputs.block_tables[i, :num_blocks]
+        query_pos = torch.arange(cached, cached + length).unsqueeze(1)
+        mask = torch.arange(num_blocks * bs).unsqueeze(0) <= query_pos  # causal, hides padding
+        return _PrefillRow(start, length, blocks, mask)
 
     def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale: float):
-        num_heads, head_dim = q.shape[1], q.shape[2]
-        num_kv_heads = k.shape[1]
+        num_heads, num_kv_heads = q.shape[1], k.shape[1]
         out = torch.empty_like(q)
-        k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-        v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
             q_dec = q if metadata.decode_is_all else q[rows]
-            out_dec = self._decode(q_dec, k_flat, v_flat, metadata, scale)
+            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale)
             if metadata.decode_is_all:
                 return out_dec
             out[rows] = out_dec
         for row in metadata.prefill_rows:
             q_row = q[row.start : row.start + row.length]
-            if row.context_slots is None:
+            if row.context_blocks is None:
                 k_row = k[row.start : row.start + row.length]
                 v_row = v[row.start : row.start + row.length]
             else:
-                k_row, v_row = k_flat[row.context_slots], v_flat[row.context_slots]
+                k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
+                v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
             out[row.start : row.start + row.length] = self._prefill(
                 q_row, k_row, v_row, row.mask, scale, num_heads // num_kv_heads
             )
         return out
 
     @staticmethod
-    def _decode(q, k_flat, v_flat, meta: _Metadata, scale: float) -> torch.Tensor:
+    def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
         num_rows, num_heads, head_dim = q.shape
-        num_kv_heads = k_flat.shape[1]
+        num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
         q_grouped = q.view(num_rows, num_kv_heads, group, head_dim)
-        keys = k_flat[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, L, D]
-        values = v_flat[meta.decode_slots].transpose(1, 2)  # [Bd, KVH, L, D]
+        assert meta.decode_blocks is not None
+        keys = gather_blocks(k_cache, meta.decode_blocks, num_rows).transpose(1, 2)
+        values = gather_blocks(v_cache, meta.decode_blocks, num_rows).transpose(
+            1, 2
+        )  # [Bd, KVH, L, D]
         out = F.scaled_dot_product_attention(
             q_grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
         )
@@ -111,7 +116,7 @@ class ReferenceBackend(AttentionBackend):
 
     @staticmethod
     def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
-        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D], causal (mask given when ctx > n)."""
+        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` when a prefix is cached."""
         q_t = q.transpose(0, 1)  # [H, n, D]
         k_t = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, ctx, D]
         v_t = v.transpose(0, 1).repeat_interleave(group, dim=0)

@@ -17,6 +17,7 @@ from shard.attention import AttentionBackend, AttentionInputs
 from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
 from shard.loader import ModelSpec, WeightStore
+from shard.models.linear import Linear
 from shard.models.rope import Rotary
 from shard.parallel import Parallel
 
@@ -24,12 +25,11 @@ from shard.parallel import Parallel
 @dataclass(slots=True)
 class _Layer:
     input_norm: torch.Tensor  # [hidden]
-    qkv: torch.Tensor  # [(heads + 2 * kv_heads) * D, hidden], this rank's heads
-    qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor  # [hidden, heads * D], this rank's columns
+    qkv: Linear  # [(heads + 2 * kv_heads) * D, hidden] (+ bias), this rank's heads
+    o_proj: Linear  # [hidden, heads * D], this rank's columns
     post_norm: torch.Tensor  # [hidden]
-    gate_up: torch.Tensor  # [2 * intermediate, hidden], this rank's rows
-    down: torch.Tensor  # [hidden, intermediate], this rank's columns
+    gate_up: Linear  # [2 * intermediate, hidden], this rank's rows
+    down: Linear  # [hidden, intermediate], this rank's columns
 
 
 def check_parallel(spec: ModelSpec, world_size: int) -> None:
@@ -69,6 +69,7 @@ class LlamaModel:
         dtype: torch.dtype,
         device: torch.device,
         parallel: Parallel,
+        pack_linear: bool = True,
     ) -> None:
         check_parallel(spec, parallel.world_size)
         self.spec = spec
@@ -79,14 +80,15 @@ class LlamaModel:
         self.num_kv_heads = max(1, spec.num_kv_heads // parallel.world_size)
         self.head_dim = spec.head_dim
         self.scale = spec.head_dim**-0.5
-        self._store, self._dtype = store, dtype
+        self._store, self._dtype, self._pack = store, dtype, pack_linear
         self.vocab_start, self.vocab_stop = parallel.split(spec.vocab_size)
         self.embed = self._rows("model.embed_tokens.weight", spec.vocab_size)
         head_name = "lm_head.weight"
         if spec.tie_word_embeddings or head_name not in store:
-            self.lm_head = self.embed
+            head = self.embed
         else:
-            self.lm_head = self._rows(head_name, spec.vocab_size)
+            head = self._rows(head_name, spec.vocab_size)
+        self.lm_head = Linear(head, pack=pack_linear)
         self.layers = [self._load_layer(i) for i in range(spec.num_layers)]
         self.norm = self._full("model.norm.weight")
         self.rotary = Rotary(
@@ -141,14 +143,14 @@ class LlamaModel:
                 self._rows(p + "mlp.up_proj.weight", inter),
             ]
         )
+        o_proj = self._cols(attn + "o_proj.weight", spec.num_heads * spec.head_dim)
         return _Layer(
             input_norm=self._full(p + "input_layernorm.weight"),
-            qkv=qkv,
-            qkv_bias=bias,
-            o_proj=self._cols(attn + "o_proj.weight", spec.num_heads * spec.head_dim),
+            qkv=Linear(qkv, bias, pack=self._pack),
+            o_proj=Linear(o_proj, pack=self._pack),
             post_norm=self._full(p + "post_attention_layernorm.weight"),
-            gate_up=gate_up,
-            down=self._cols(p + "mlp.down_proj.weight", inter),
+            gate_up=Linear(gate_up, pack=self._pack),
+            down=Linear(self._cols(p + "mlp.down_proj.weight", inter), pack=self._pack),
         )
 
     # ---- math ----
@@ -183,7 +185,7 @@ class LlamaModel:
         num_tokens = input_ids.shape[0]
         for index, layer in enumerate(self.layers):
             x = self._norm(hidden, layer.input_norm)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)  # [T, (H + 2 KVH) D]
+            qkv = layer.qkv(x)  # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([num_q, num_kv, num_kv], dim=-1)
             q = Rotary.apply(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
             k = Rotary.apply(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
@@ -191,15 +193,15 @@ class LlamaModel:
             k_cache, v_cache = kv_cache.layer(index)
             backend.store_kv(k_cache, v_cache, k, v, attn_inputs)
             attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
-            out = F.linear(attn.reshape(num_tokens, num_q), layer.o_proj)
+            out = layer.o_proj(attn.reshape(num_tokens, num_q))
             hidden = hidden + self.parallel.all_reduce(out)
             x = self._norm(hidden, layer.post_norm)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            out = F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            out = layer.down(F.silu(gate) * up)
             hidden = hidden + self.parallel.all_reduce(out)
         return self._norm(hidden, self.norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] over the whole vocabulary."""
-        local = F.linear(hidden, self.lm_head).float()
+        local = self.lm_head(hidden).float()
         return self.parallel.all_gather_last_dim(local)

@@ -1,0 +1,53 @@
+"""Linear layers: weight [out, in] (+ bias [out]), applied as y = x W^T + b.
+
+On CPU the weight is reordered once, at load, into oneDNN's blocked layout
+(`mkldnn._linear_pointwise`): on a 2-core machine that streams the weights about twice
+as fast as the BLAS path of `F.linear` for the 1..64-row inputs of decode. Elsewhere, or
+when oneDNN is missing, the plain weight and `F.linear` are used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Batch-size hint for oneDNN's weight layout; measured fastest over batches 1..57.
+_PACK_HINT = 32
+_PACKABLE = (torch.float32, torch.bfloat16)
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in _PACKABLE
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+class Linear:
+    """A loaded linear layer; `__call__(x [..., in]) -> [..., out]`."""
+
+    __slots__ = ("weight", "bias", "is_packed", "out_features")
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, pack: bool = True
+    ) -> None:
+        self.out_features = weight.shape[0]
+        self.bias = bias
+        self.is_packed = pack and _can_pack(weight)
+        if self.is_packed:
+            try:
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
+            except RuntimeError:
+                self.is_packed = False
+        if not self.is_packed:
+            self.weight = weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_packed:
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        return out.view(*shape[:-1], self.out_features)
