@@ -116,7 +116,7 @@ class ReferenceBackend(AttentionBackend):
 
     @staticmethod
     def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
-        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` when a prefix is cached."""
+        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` over a cached prefix."""
         q_t = q.transpose(0, 1)  # [H, n, D]
         k_t = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, ctx, D]
         v_t = v.transpose(0, 1).repeat_interleave(group, dim=0)
