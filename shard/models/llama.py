@@ -156,8 +156,10 @@ class LlamaModel:
     # ---- math ----
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm computed in float32, as Hugging Face's Llama does."""
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.spec.rms_norm_eps)
-        return weight * normed.to(x.dtype)
+        eps = self.spec.rms_norm_eps
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
@@ -186,9 +188,9 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             x = self._norm(hidden, layer.input_norm)
             qkv = layer.qkv(x)  # [T, (H + 2 KVH) D]
-            q, k, v = qkv.split([num_q, num_kv, num_kv], dim=-1)
-            q = Rotary.apply(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-            k = Rotary.apply(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            qk, v = qkv.split([num_q + num_kv, num_kv], dim=-1)
+            qk = Rotary.apply(qk.view(num_tokens, -1, self.head_dim), cos, sin)  # q and k heads
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.layer(index)
             backend.store_kv(k_cache, v_cache, k, v, attn_inputs)
