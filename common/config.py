@@ -40,3 +40,35 @@ class ShardConfig:
 
     def url_of(self, rank: int) -> str:
         return f"unix://{self.uds_path}-{rank}"
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything the router process needs; flags named as TGI's router names them."""
+
+    master_shard_uds_path: str
+    tokenizer_name: str
+    hostname: str = "127.0.0.1"
+    port: int = 3000
+    model_id: str | None = None  # name shown in /info and /v1/models; default: tokenizer dir
+    max_concurrent_requests: int = 128
+    max_best_of: int = 2
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_input_tokens: int | None = None  # None: the shards' default after Warmup
+    max_total_tokens: int | None = None
+    waiting_served_ratio: float = 1.2
+    max_batch_prefill_tokens: int | None = None  # None: 2048, at least max_input_tokens without chunking
+    max_batch_total_tokens: int | None = None  # None: the KV capacity Warmup reports
+    max_waiting_tokens: int = 20
+    max_batch_size: int | None = None
+    max_client_batch_size: int = 4
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    payload_limit: int = 2_000_000
+    graceful_termination_timeout: float = 30.0
+    json_output: bool = False
+
+    @property
+    def master_url(self) -> str:
+        return f"unix://{self.master_shard_uds_path}-0"

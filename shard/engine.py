@@ -29,6 +29,7 @@ from shard.step import run_step
 from shard.stopping import StoppingCriteria
 
 log = logging.getLogger("shard")
+DEFAULT_MAX_TOTAL_TOKENS = 4096  # as TGI: the default context is capped for memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class ShardEngine:
     ) -> WarmupResult:
         """Runs a maximum-size prefill, then sizes the KV pool; drops every cached batch."""
         max_pos = self.spec.max_position_embeddings
-        total = max_total_tokens or max_pos
+        total = max_total_tokens or min(max_pos, DEFAULT_MAX_TOTAL_TOKENS)
         inputs = max_input_tokens or min(self.max_input_tokens, total - 1)
         if total > max_pos:
             raise InvalidRequest(

@@ -1,0 +1,146 @@
+"""The FastAPI application: routes, error shapes, body/auth guard, health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+
+from router import openai_api, tgi_api
+from router.core import HTTPError, RouterState
+from router.validation import ValidationError
+
+OPEN_PATHS = {"/health", "/metrics", "/info", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+
+
+def error_response(status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
+
+
+class BodyGuard:
+    """Pure ASGI middleware: API key (constant-time compare), JSON content type, and the
+    payload limit (413), enforced before the body reaches a route; the body is read once
+    and replayed, later receives (disconnects) pass through."""
+
+    def __init__(self, app, payload_limit: int, api_key: str | None) -> None:
+        self.app = app
+        self.limit = payload_limit
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rejection = self._reject_headers(scope, headers)
+        if rejection is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            body, rejection = await self._read_body(receive)
+            if rejection is None:
+                receive = _replay(body, receive)
+        if rejection is not None:
+            return await rejection(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _reject_headers(self, scope, headers: dict[str, str]):
+        if self.api_key and scope["path"] not in OPEN_PATHS:
+            given = headers.get("authorization", "")
+            expected = f"Bearer {self.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return error_response(401, "authentication", "missing or wrong API key (Authorization: Bearer)")
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            length = headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.limit:
+                return error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
+            content_type = headers.get("content-type", "application/json")
+            if not content_type.split(";")[0].strip().lower().endswith("json"):
+                return error_response(415, "unsupported_media_type", "Content-Type must be application/json")
+        return None
+
+    async def _read_body(self, receive):
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", error_response(400, "bad_request", "the client closed the request")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return b"", error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return 400, "bad_request", "the request body is not valid JSON"
+    first = errors[0] if errors else {}
+    location = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    return 422, "validation", f"{location or 'body'}: {first.get('msg', 'invalid request')}"
+
+
+def create_app(state: RouterState) -> FastAPI:
+    app = FastAPI(title="pytgi", version="0.1.0", description="TGI- and OpenAI-compatible LLM server")
+    app.state.router = state
+
+    @app.exception_handler(HTTPError)
+    async def _http_error(request: Request, exc: HTTPError):
+        return error_response(exc.status, exc.error_type, exc.message)
+
+    @app.exception_handler(ValidationError)
+    async def _validation(request: Request, exc: ValidationError):
+        state.metrics.on_failure("validation")
+        return error_response(422, "validation", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError):
+        status, error_type, message = _describe_validation(exc)
+        state.metrics.on_failure(error_type)
+        return error_response(status, error_type, message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+    @app.get("/health", summary="200 when every shard answers Health")
+    async def health() -> Response:
+        try:
+            await state.scheduler.client.health()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001
+            return error_response(503, "unhealthy", f"a shard is not healthy: {exc}")
+        return Response(status_code=200)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(tgi_api.api)
+    app.include_router(openai_api.api)
+    app.add_middleware(BodyGuard, payload_limit=state.settings.payload_limit, api_key=state.settings.api_key)
+    if state.settings.cors_allow_origin:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(state.settings.cors_allow_origin),
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    return app
+
+
+__all__ = ["create_app", "error_response"]

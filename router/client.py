@@ -1,0 +1,205 @@
+"""The router's gRPC edge: the only router module touching generated protobuf types.
+
+Every call goes to all shards at once; replies merge as the protocol says: generations
+concatenated (each rank answers for `id % world_size == rank`), the batch taken from any
+rank, the slowest rank's timings, the smallest Warmup capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from common.pb import pb, pb_grpc
+from router.types import (
+    CachedBatch,
+    FinishedOut,
+    GenerationOut,
+    Params,
+    ShardInfo,
+    ShardRequest,
+    StepOut,
+    TokenOut,
+    WarmupOut,
+)
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS_TOKEN: "eos_token",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+
+def _params_pb(params: Params) -> tuple[pb.NextTokenChooserParameters, pb.StoppingCriteriaParameters]:
+    return (
+        pb.NextTokenChooserParameters(
+            temperature=params.temperature,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            typical_p=params.typical_p,
+            do_sample=params.do_sample,
+            seed=params.seed,
+            repetition_penalty=params.repetition_penalty,
+            frequency_penalty=params.frequency_penalty,
+        ),
+        pb.StoppingCriteriaParameters(
+            max_new_tokens=params.max_new_tokens,
+            stop_sequences=list(params.stop),
+            ignore_eos_token=params.ignore_eos,
+        ),
+    )
+
+
+def request_pb(request: ShardRequest) -> pb.Request:
+    chooser, stopping = _params_pb(request.params)
+    return pb.Request(
+        id=request.id,
+        inputs=request.inputs,
+        input_chunks=pb.Input(chunks=[pb.InputChunk(text=request.inputs)]),
+        truncate=request.params.truncate,
+        parameters=chooser,
+        stopping_parameters=stopping,
+        prefill_logprobs=request.params.prefill_logprobs,
+        top_n_tokens=request.params.top_n_tokens,
+        blocks=request.blocks,
+        slots=request.slots,
+        cache_len=request.cache_len,
+        add_special_tokens=request.params.add_special_tokens,
+        chunk_len=request.chunk_len,
+    )
+
+
+def batch_pb(batch_id: int, requests: list[ShardRequest]) -> pb.Batch:
+    return pb.Batch(
+        id=batch_id,
+        requests=[request_pb(r) for r in requests],
+        size=len(requests),
+        max_tokens=sum(len(r.blocks) * r.block_size for r in requests),
+        max_blocks=sum(len(r.blocks) for r in requests),
+    )
+
+
+def cached_pb(batch: CachedBatch) -> pb.CachedBatch:
+    return pb.CachedBatch(
+        id=batch.id,
+        request_ids=list(batch.request_ids),
+        size=batch.size,
+        max_tokens=batch.max_tokens,
+        current_tokens=batch.current_tokens,
+    )
+
+
+def cached_from_pb(batch: pb.CachedBatch) -> CachedBatch:
+    return CachedBatch(batch.id, tuple(batch.request_ids), batch.max_tokens, batch.current_tokens)
+
+
+def _tokens(tokens: pb.Tokens) -> list[TokenOut]:
+    return [
+        TokenOut(i, lp, text, special)
+        for i, lp, text, special in zip(tokens.ids, tokens.logprobs, tokens.texts, tokens.is_special, strict=True)
+    ]
+
+
+def generation_from_pb(g: pb.Generation) -> GenerationOut:
+    out = GenerationOut(
+        request_id=g.request_id,
+        tokens=_tokens(g.tokens),
+        prefill=_tokens(g.prefill_tokens) if g.HasField("prefill_tokens") else None,
+        top_tokens=[_tokens(t) for t in g.top_tokens],
+    )
+    if g.HasField("generated_text"):
+        gt = g.generated_text
+        out.finished = FinishedOut(
+            text=gt.text,
+            generated_tokens=gt.generated_tokens,
+            finish_reason=FINISH_REASONS[gt.finish_reason],
+            seed=gt.seed if gt.HasField("seed") else None,
+        )
+    return out
+
+
+def _merge_steps(replies) -> StepOut:
+    generations = [generation_from_pb(g) for reply in replies for g in reply.generations]
+    first = replies[0]
+    return StepOut(
+        generations=generations,
+        batch=cached_from_pb(first.batch) if first.HasField("batch") else None,
+        forward_ns=max(r.forward_ns for r in replies),
+        decode_ns=max(r.decode_ns for r in replies),
+        total_ns=max(r.total_ns for r in replies),
+    )
+
+
+class ShardedClient:
+    """One channel per shard; every call fans out to all of them."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = urls
+        self._channels = [grpc.aio.insecure_channel(url) for url in urls]
+        self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
+
+    @classmethod
+    async def connect(cls, master_url: str, timeout: float = 30.0) -> ShardedClient:
+        """Asks the master shard for every shard's URL (ServiceDiscovery)."""
+        async with grpc.aio.insecure_channel(master_url) as channel:
+            stub = pb_grpc.TextGenerationServiceStub(channel)
+            reply = await stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
+        return cls(list(reply.urls))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def _all(self, method: str, message, timeout: float | None = None) -> list:
+        return await asyncio.gather(*(getattr(s, method)(message, timeout=timeout) for s in self._stubs))
+
+    async def info(self) -> ShardInfo:
+        reply = (await self._all("Info", pb.InfoRequest(), timeout=30))[0]
+        return ShardInfo(
+            dtype=reply.dtype,
+            device_type=reply.device_type,
+            block_size=reply.block_size,
+            support_chunking=reply.support_chunking,
+            use_prefix_caching=reply.use_prefix_caching,
+            attention_impl=reply.attention_impl,
+            requires_padding=reply.requires_padding,
+            window_size=reply.window_size if reply.HasField("window_size") else None,
+            speculate=reply.speculate,
+        )
+
+    async def health(self, timeout: float = 10.0) -> None:
+        await self._all("Health", pb.HealthRequest(), timeout=timeout)
+
+    async def clear_cache(self, batch_id: int | None) -> None:
+        await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))
+
+    async def warmup(
+        self, max_input_tokens: int | None, max_prefill_tokens: int, max_total_tokens: int | None
+    ) -> WarmupOut:
+        message = pb.WarmupRequest(
+            batch=pb.Batch(id=0),
+            max_input_tokens=max_input_tokens,
+            max_prefill_tokens=max_prefill_tokens,
+            max_total_tokens=max_total_tokens,
+        )
+        replies = await self._all("Warmup", message)
+        return WarmupOut(
+            max_supported_total_tokens=min(r.max_supported_total_tokens for r in replies),
+            max_input_tokens=min(r.max_input_tokens for r in replies),
+            max_total_tokens=min(r.max_total_tokens for r in replies),
+        )
+
+    async def prefill(self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None) -> StepOut:
+        message = pb.PrefillRequest(batch=batch_pb(batch_id, requests))
+        if cached is not None:
+            message.cached_batch.CopyFrom(cached_pb(cached))
+        return _merge_steps(await self._all("Prefill", message))
+
+    async def decode(self, batches: list[CachedBatch]) -> StepOut:
+        message = pb.DecodeRequest(batches=[cached_pb(b) for b in batches])
+        return _merge_steps(await self._all("Decode", message))
+
+    async def filter_batch(self, batch_id: int, request_ids: list[int]) -> CachedBatch:
+        message = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)
+        replies = await self._all("FilterBatch", message)
+        return cached_from_pb(replies[0].batch)

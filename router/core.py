@@ -1,0 +1,130 @@
+"""What every route shares: admission (concurrency limit), submission and the event stream."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from router.chat import ChatTemplate
+from router.entry import Entry, Failure
+from router.metrics import Metrics
+from router.scheduler import Scheduler
+from router.types import GenerationOut, ShardInfo, WarmupOut
+from router.validation import ValidRequest, Validator
+
+
+class HTTPError(Exception):
+    """Answered as `{"error": message, "error_type": error_type}` with `status`."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
+
+    @classmethod
+    def from_failure(cls, failure: Failure) -> HTTPError:
+        return cls(failure.status, failure.error_type, failure.message)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    model_id: str
+    max_concurrent_requests: int = 128
+    max_client_batch_size: int = 4
+    api_key: str | None = None
+    cors_allow_origin: tuple[str, ...] = ()
+    payload_limit: int = 2_000_000
+
+
+@dataclass(eq=False)
+class RouterState:
+    settings: ServerSettings
+    validator: Validator
+    scheduler: Scheduler
+    metrics: Metrics
+    shard_info: ShardInfo
+    warmup: WarmupOut
+    chat_template: ChatTemplate | None
+    num_shards: int = 1
+    in_flight: int = 0
+    is_draining: bool = False
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def acquire(self) -> None:
+        """Takes one of --max-concurrent-requests: 429 at once when none is free, 503 while
+        draining. Pair with release()."""
+        if self.is_draining:
+            raise HTTPError(503, "unhealthy", "the server is shutting down")
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            self.metrics.on_failure("overloaded")
+            raise HTTPError(429, "overloaded", "Model is overloaded")
+        self.in_flight += 1
+        self.metrics.request_count.inc()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    @asynccontextmanager
+    async def slot(self):
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def submit(self, valid: ValidRequest, params=None) -> Entry:
+        entry = Entry(
+            id=next(self._ids),
+            inputs=valid.inputs,
+            input_length=valid.input_length,
+            params=params or valid.params,
+        )
+        self.scheduler.submit(entry)
+        return entry
+
+    async def stream(self, entry: Entry) -> AsyncIterator[GenerationOut]:
+        """Yields the entry's generations; raises HTTPError on failure. If the consumer goes
+        away (cancellation, closed generator), the request is cancelled and its blocks freed."""
+        finished = False
+        try:
+            while True:
+                event = await entry.events.get()
+                if isinstance(event, Failure):
+                    self.metrics.on_failure(event.error_type)
+                    finished = True
+                    raise HTTPError.from_failure(event)
+                yield event
+                if event.finished is not None:
+                    finished = True
+                    self.metrics.on_success(entry)
+                    return
+        finally:
+            if not finished:
+                entry.cancel()
+                self.scheduler.wake()
+
+    async def collect(self, entry: Entry) -> list[GenerationOut]:
+        return [g async for g in self.stream(entry)]
+
+
+async def until_disconnected(request, poll_seconds: float = 0.1) -> None:
+    """Returns once the HTTP client has gone away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_seconds)
+
+
+async def collect_or_cancel(state: RouterState, request, entries: list[Entry]) -> list[list[GenerationOut]]:
+    """Collects every entry's generations; a client that disconnects cancels them all."""
+    work = asyncio.ensure_future(asyncio.gather(*(state.collect(e) for e in entries)))
+    watcher = asyncio.ensure_future(until_disconnected(request))
+    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if work in done:
+        watcher.cancel()
+        return work.result()
+    work.cancel()
+    for entry in entries:
+        entry.cancel()
+    state.scheduler.wake()
+    raise HTTPError(499, "cancelled", "the client disconnected")

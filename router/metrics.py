@@ -1,0 +1,85 @@
+"""Prometheus metrics under TGI's names, plus pytgi's own (time to first token, KV blocks).
+
+TGI's counters are exposed without prometheus-client's `_total` suffix, so dashboards built
+for TGI read them unchanged (they are monotonic; the exposition type is gauge).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+from router.entry import Entry
+from router.types import CachedBatch, StepOut
+
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.request_count = Gauge("tgi_request_count", "Requests received", registry=r)
+        self.request_success = Gauge("tgi_request_success", "Requests that succeeded", registry=r)
+        self.request_failure = Gauge("tgi_request_failure", "Failed requests", ["err"], registry=r)
+        self.request_duration = Histogram("tgi_request_duration", "End-to-end seconds", buckets=_DURATION_BUCKETS, registry=r)
+        self.queue_duration = Histogram("tgi_request_queue_duration", "Seconds queued", buckets=_DURATION_BUCKETS, registry=r)
+        self.inference_duration = Histogram("tgi_request_inference_duration", "Seconds in batches", buckets=_DURATION_BUCKETS, registry=r)
+        self.time_per_token = Histogram(
+            "tgi_request_mean_time_per_token_duration", "Mean seconds per output token", buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.input_length = Histogram("tgi_request_input_length", "Prompt tokens", buckets=_TOKEN_BUCKETS, registry=r)
+        self.generated_tokens = Histogram("tgi_request_generated_tokens", "Generated tokens", buckets=_TOKEN_BUCKETS, registry=r)
+        self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
+        self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens of the running batch", registry=r)
+        self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
+        self.forward_duration = Histogram(
+            "tgi_batch_forward_duration", "Shard forward seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.decode_duration = Histogram(
+            "tgi_batch_decode_duration", "Shard token choice seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.batch_inference_duration = Histogram(
+            "tgi_batch_inference_duration", "Whole step seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.batch_inference_count = Gauge("tgi_batch_inference_count", "Steps run", ["method"], registry=r)
+        self.ttft = Histogram("pytgi_request_time_to_first_token", "Seconds to first token", buckets=_DURATION_BUCKETS, registry=r)
+        self.kv_blocks_free = Gauge("pytgi_kv_blocks_free", "KV blocks free", registry=r)
+        self.kv_blocks_used = Gauge("pytgi_kv_blocks_used", "KV blocks held by requests", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- scheduler hooks ----
+    def on_step(self, method: str, step: StepOut, seconds: float) -> None:
+        self.forward_duration.labels(method).observe(step.forward_ns / 1e9)
+        self.decode_duration.labels(method).observe(step.decode_ns / 1e9)
+        self.batch_inference_duration.labels(method).observe(seconds)
+        self.batch_inference_count.labels(method).inc()
+
+    def on_batch(self, batch: CachedBatch | None, queue_size: int) -> None:
+        self.batch_size.set(batch.size if batch else 0)
+        self.batch_max_tokens.set(batch.max_tokens if batch else 0)
+        self.queue_size.set(queue_size)
+
+    def on_blocks(self, free: int, used: int) -> None:
+        self.kv_blocks_free.set(free)
+        self.kv_blocks_used.set(used)
+
+    # ---- request outcomes ----
+    def on_success(self, entry: Entry) -> None:
+        self.request_success.inc()
+        if entry.finished_at is None or entry.started_at is None:
+            return
+        self.request_duration.observe(entry.finished_at - entry.queued_at)
+        self.queue_duration.observe(entry.started_at - entry.queued_at)
+        inference = entry.finished_at - entry.started_at
+        self.inference_duration.observe(inference)
+        if entry.num_generated:
+            self.time_per_token.observe(inference / entry.num_generated)
+        self.input_length.observe(entry.input_length)
+        self.generated_tokens.observe(entry.num_generated)
+        if entry.first_token_at is not None:
+            self.ttft.observe(entry.first_token_at - entry.queued_at)
+
+    def on_failure(self, error_type: str) -> None:
+        self.request_failure.labels(error_type).inc()

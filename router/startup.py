@@ -1,0 +1,131 @@
+"""Router start-up: discover and prepare the shards, then build the application state."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from common.config import RouterConfig
+from router.allocator import BlockAllocator
+from router.chat import ChatTemplate, load_template
+from router.client import ShardedClient
+from router.core import RouterState, ServerSettings
+from router.metrics import Metrics
+from router.scheduler import BatchingConfig, Scheduler
+from router.validation import Limits, Validator
+
+log = logging.getLogger("router")
+DEFAULT_PREFILL_TOKENS = 2048
+
+
+class StartupError(Exception):
+    """A configuration or shard problem that stops the router, said in one paragraph."""
+
+
+def _special_tokens(tokenizer_dir: Path) -> dict[str, str | None]:
+    import json
+
+    config = tokenizer_dir / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.exists() else {}
+
+    def text(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    return {"bos_token": text(data.get("bos_token")), "eos_token": text(data.get("eos_token"))}
+
+
+def load_tokenizer(name: str) -> tuple[Tokenizer, ChatTemplate | None]:
+    directory = Path(name)
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        raise StartupError(f"--tokenizer-name {name}: no tokenizer.json there")
+    source = load_template(directory)
+    template = ChatTemplate(source, _special_tokens(directory)) if source else None
+    return Tokenizer.from_file(str(path)), template
+
+
+def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> None:
+    if config.max_input_tokens is not None and config.max_total_tokens is not None:
+        if config.max_input_tokens >= config.max_total_tokens:
+            raise StartupError(
+                f"--max-input-tokens ({config.max_input_tokens}) must be < --max-total-tokens "
+                f"({config.max_total_tokens})"
+            )
+    if config.max_input_tokens is not None and not chunking and prefill_tokens < config.max_input_tokens:
+        raise StartupError(
+            f"--max-batch-prefill-tokens ({prefill_tokens}) must be >= --max-input-tokens "
+            f"({config.max_input_tokens}) when the shards cannot chunk prompts"
+        )
+
+
+async def build_state(config: RouterConfig) -> RouterState:
+    """ServiceDiscovery, ClearCache, Info, Warmup; the capacity Warmup returns sets the KV budget."""
+    tokenizer, template = load_tokenizer(config.tokenizer_name)
+    try:
+        client = await ShardedClient.connect(config.master_url)
+        await client.clear_cache(None)
+        info = await client.info()
+    except Exception as exc:  # noqa: BLE001
+        raise StartupError(f"cannot reach the shards at {config.master_url}: {exc}") from exc
+    prefill_tokens = config.max_batch_prefill_tokens or DEFAULT_PREFILL_TOKENS
+    _check_limits(config, prefill_tokens, info.support_chunking)
+    try:
+        warm = await client.warmup(config.max_input_tokens, prefill_tokens, config.max_total_tokens)
+    except Exception as exc:  # noqa: BLE001
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        raise StartupError(f"Warmup failed: {details}") from exc
+    if not info.support_chunking and prefill_tokens < warm.max_input_tokens:
+        prefill_tokens = warm.max_input_tokens
+    total_budget = config.max_batch_total_tokens or warm.max_supported_total_tokens
+    if total_budget > warm.max_supported_total_tokens:
+        raise StartupError(
+            f"--max-batch-total-tokens ({total_budget}) exceeds the KV capacity of "
+            f"{warm.max_supported_total_tokens} tokens found at Warmup"
+        )
+    num_blocks = warm.max_supported_total_tokens // info.block_size
+    log.info(
+        "shards: %d, dtype %s on %s, KV capacity %d tokens (%d blocks of %d)",
+        len(client.urls), info.dtype, info.device_type, warm.max_supported_total_tokens, num_blocks, info.block_size,
+    )
+    metrics = Metrics()
+    scheduler = Scheduler(
+        client,
+        BlockAllocator(num_blocks, info.block_size),
+        BatchingConfig(
+            max_batch_prefill_tokens=prefill_tokens,
+            max_batch_total_tokens=total_budget,
+            waiting_served_ratio=config.waiting_served_ratio,
+            max_waiting_tokens=config.max_waiting_tokens,
+            max_batch_size=config.max_batch_size,
+            support_chunking=info.support_chunking,
+        ),
+        metrics,
+    )
+    metrics.on_blocks(num_blocks, 0)
+    limits = Limits(
+        max_input_tokens=warm.max_input_tokens,
+        max_total_tokens=warm.max_total_tokens,
+        max_best_of=config.max_best_of,
+        max_stop_sequences=config.max_stop_sequences,
+        max_top_n_tokens=config.max_top_n_tokens,
+    )
+    settings = ServerSettings(
+        model_id=config.model_id or Path(config.tokenizer_name).name,
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_client_batch_size=config.max_client_batch_size,
+        api_key=config.api_key,
+        cors_allow_origin=config.cors_allow_origin,
+        payload_limit=config.payload_limit,
+    )
+    return RouterState(
+        settings=settings,
+        validator=Validator(tokenizer, limits),
+        scheduler=scheduler,
+        metrics=metrics,
+        shard_info=info,
+        warmup=warm,
+        chat_template=template,
+        num_shards=len(client.urls),
+    )
