@@ -31,14 +31,21 @@ def _prompt_ids(batch: int, length: int, vocab: int, seed: int) -> list[list[int
 
 def ours_decode(engine: ShardEngine, prompts: list[list[int]], steps: int) -> float:
     specs = [
-        RequestSpec(id=i, inputs="", input_ids=p, sampling=SamplingParams(), max_new_tokens=steps + 1, ignore_eos=True)
+        RequestSpec(
+            id=i,
+            inputs="",
+            input_ids=p,
+            sampling=SamplingParams(),
+            max_new_tokens=steps + 1,
+            ignore_eos=True,
+        )
         for i, p in enumerate(prompts)
     ]
-    result = engine.prefill(1, specs, None)
+    engine.prefill(1, specs, None)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        result = engine.decode([1])
+        engine.decode([1])
         times.append(time.perf_counter() - start)
     engine.clear(None)
     return statistics.mean(times) * 1000
@@ -102,7 +109,9 @@ def main() -> None:
 
     model_dir = default_model_dir()
     dtype = getattr(torch, args.dtype)
-    engine = ShardEngine(ShardConfig(model_dir=str(model_dir), dtype=args.dtype, kv_cache_memory=2 << 30))
+    engine = ShardEngine(
+        ShardConfig(model_dir=str(model_dir), dtype=args.dtype, kv_cache_memory=2 << 30)
+    )
     engine.warmup([], None, 512, 2048)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     vocab = engine.spec.vocab_size
@@ -117,7 +126,9 @@ def main() -> None:
     ours_prefill(engine, prompts)
     ours = max(ours_prefill(engine, prompts) for _ in range(3))
     theirs = max(hf_prefill(hf, prompts) for _ in range(3))
-    rows.append((f"prefill tokens/s, {args.prefill_prompt}-token prompt", ours, theirs, ours / theirs))
+    rows.append(
+        (f"prefill tokens/s, {args.prefill_prompt}-token prompt", ours, theirs, ours / theirs)
+    )
     table = [
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, dtype {args.dtype}",
@@ -131,7 +142,9 @@ def main() -> None:
     if args.append:
         with RESULTS.open("a") as f:
             f.write(f"\n### Shard vs transformers ({time.strftime('%Y-%m-%d')})\n\n")
-            f.write(f"Command: `python benchmarks/shard_vs_transformers.py --dtype {args.dtype}`\n\n{text}\n")
+            f.write(
+                f"Command: `python benchmarks/shard_vs_transformers.py --dtype {args.dtype}`\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ class RouterConfig:
     max_input_tokens: int | None = None  # None: the shards' default after Warmup
     max_total_tokens: int | None = None
     waiting_served_ratio: float = 1.2
-    max_batch_prefill_tokens: int | None = None  # None: 2048, at least max_input_tokens without chunking
+    max_batch_prefill_tokens: int | None = (
+        None  # None: 2048, at least max_input_tokens without chunking
+    )
     max_batch_total_tokens: int | None = None  # None: the KV capacity Warmup reports
     max_waiting_tokens: int = 20
     max_batch_size: int | None = None

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import openai_api, tgi_api
 from router.core import HTTPError, RouterState
@@ -48,14 +49,20 @@ class BodyGuard:
             given = headers.get("authorization", "")
             expected = f"Bearer {self.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                return error_response(401, "authentication", "missing or wrong API key (Authorization: Bearer)")
+                return error_response(
+                    401, "authentication", "missing or wrong API key (Authorization: Bearer)"
+                )
         if scope["method"] in ("POST", "PUT", "PATCH"):
             length = headers.get("content-length")
             if length and length.isdigit() and int(length) > self.limit:
-                return error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
+                return error_response(
+                    413, "payload_too_large", f"request body over {self.limit} bytes"
+                )
             content_type = headers.get("content-type", "application/json")
             if not content_type.split(";")[0].strip().lower().endswith("json"):
-                return error_response(415, "unsupported_media_type", "Content-Type must be application/json")
+                return error_response(
+                    415, "unsupported_media_type", "Content-Type must be application/json"
+                )
         return None
 
     async def _read_body(self, receive):
@@ -67,7 +74,9 @@ class BodyGuard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                return b"", error_response(413, "payload_too_large", f"request body over {self.limit} bytes")
+                return b"", error_response(
+                    413, "payload_too_large", f"request body over {self.limit} bytes"
+                )
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks), None
@@ -96,7 +105,9 @@ def _describe_validation(exc: RequestValidationError) -> tuple[int, str, str]:
 
 
 def create_app(state: RouterState) -> FastAPI:
-    app = FastAPI(title="pytgi", version="0.1.0", description="TGI- and OpenAI-compatible LLM server")
+    app = FastAPI(
+        title="pytgi", version="0.1.0", description="TGI- and OpenAI-compatible LLM server"
+    )
     app.state.router = state
 
     @app.exception_handler(HTTPError)
@@ -113,6 +124,11 @@ def create_app(state: RouterState) -> FastAPI:
         status, error_type, message = _describe_validation(exc)
         state.metrics.on_failure(error_type)
         return error_response(status, error_type, message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _starlette(request: Request, exc: StarletteHTTPException):
+        kinds = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}
+        return error_response(exc.status_code, kinds.get(exc.status_code, "http"), str(exc.detail))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -132,7 +148,9 @@ def create_app(state: RouterState) -> FastAPI:
 
     app.include_router(tgi_api.api)
     app.include_router(openai_api.api)
-    app.add_middleware(BodyGuard, payload_limit=state.settings.payload_limit, api_key=state.settings.api_key)
+    app.add_middleware(
+        BodyGuard, payload_limit=state.settings.payload_limit, api_key=state.settings.api_key
+    )
     if state.settings.cors_allow_origin:
         app.add_middleware(
             CORSMiddleware,

@@ -43,31 +43,87 @@ async def serve(config: RouterConfig) -> None:
     finally:
         loop_task.cancel()
     if not server.started:
-        raise StartupError(f"cannot listen on {config.hostname}:{config.port} (is the port in use?)")
+        raise StartupError(
+            f"cannot listen on {config.hostname}:{config.port} (is the port in use?)"
+        )
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--master-shard-uds-path", default="/tmp/pytgi-server", help="Socket prefix of shard 0 (…-0).")
+@click.option(
+    "--master-shard-uds-path", default="/tmp/pytgi-server", help="Socket prefix of shard 0 (…-0)."
+)
 @click.option("--tokenizer-name", required=True, help="Model directory holding tokenizer.json.")
-@click.option("--model-id", default=None, help="Name shown in /info and /v1/models [default: the directory name].")
+@click.option(
+    "--model-id",
+    default=None,
+    help="Name shown in /info and /v1/models [default: the directory name].",
+)
 @click.option("--hostname", default="127.0.0.1", help="Address to listen on.")
 @click.option("--port", type=int, default=3000, help="Port to listen on.")
-@click.option("--max-concurrent-requests", type=int, default=128, help="Requests in flight before 429.")
+@click.option(
+    "--max-concurrent-requests", type=int, default=128, help="Requests in flight before 429."
+)
 @click.option("--max-best-of", type=int, default=2, help="Largest best_of accepted.")
 @click.option("--max-stop-sequences", type=int, default=4, help="Most stop sequences per request.")
 @click.option("--max-top-n-tokens", type=int, default=5, help="Largest top_n_tokens accepted.")
-@click.option("--max-input-tokens", type=int, default=None, help="Longest prompt [default: from the shards].")
-@click.option("--max-total-tokens", type=int, default=None, help="Longest prompt + output [default: from the shards].")
-@click.option("--waiting-served-ratio", type=float, default=1.2, help="Without chunking: waiting/running ratio that triggers a prefill.")
-@click.option("--max-batch-prefill-tokens", type=int, default=None, help="Prompt tokens per forward [default: 2048].")
-@click.option("--max-batch-total-tokens", type=int, default=None, help="KV tokens of the running batch [default: the capacity Warmup finds].")
-@click.option("--max-waiting-tokens", type=int, default=20, help="Without chunking: decode steps before waiting requests are forced in.")
-@click.option("--max-batch-size", type=int, default=None, help="Most requests per batch [default: no limit].")
-@click.option("--max-client-batch-size", type=int, default=4, help="Most prompts in one /v1/completions request.")
-@click.option("--api-key", default=None, envvar="API_KEY", help="Bearer token required on generation routes.")
+@click.option(
+    "--max-input-tokens", type=int, default=None, help="Longest prompt [default: from the shards]."
+)
+@click.option(
+    "--max-total-tokens",
+    type=int,
+    default=None,
+    help="Longest prompt + output [default: from the shards].",
+)
+@click.option(
+    "--waiting-served-ratio",
+    type=float,
+    default=1.2,
+    help="Without chunking: waiting/running ratio that triggers a prefill.",
+)
+@click.option(
+    "--max-batch-prefill-tokens",
+    type=int,
+    default=None,
+    help="Prompt tokens per forward [default: 2048].",
+)
+@click.option(
+    "--max-batch-total-tokens",
+    type=int,
+    default=None,
+    help="KV tokens of the running batch [default: the capacity Warmup finds].",
+)
+@click.option(
+    "--max-waiting-tokens",
+    type=int,
+    default=20,
+    help="Without chunking: decode steps before waiting requests are forced in.",
+)
+@click.option(
+    "--max-batch-size", type=int, default=None, help="Most requests per batch [default: no limit]."
+)
+@click.option(
+    "--max-client-batch-size",
+    type=int,
+    default=4,
+    help="Most prompts in one /v1/completions request.",
+)
+@click.option(
+    "--api-key", default=None, envvar="API_KEY", help="Bearer token required on generation routes."
+)
 @click.option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable).")
-@click.option("--payload-limit", type=int, default=2_000_000, help="Largest request body in bytes (413 past it).")
-@click.option("--graceful-termination-timeout", type=float, default=30.0, help="Seconds running requests get after SIGTERM.")
+@click.option(
+    "--payload-limit",
+    type=int,
+    default=2_000_000,
+    help="Largest request body in bytes (413 past it).",
+)
+@click.option(
+    "--graceful-termination-timeout",
+    type=float,
+    default=30.0,
+    help="Seconds running requests get after SIGTERM.",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's and OpenAI's HTTP APIs over the shards at --master-shard-uds-path."""

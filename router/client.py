@@ -31,7 +31,9 @@ FINISH_REASONS = {
 }
 
 
-def _params_pb(params: Params) -> tuple[pb.NextTokenChooserParameters, pb.StoppingCriteriaParameters]:
+def _params_pb(
+    params: Params,
+) -> tuple[pb.NextTokenChooserParameters, pb.StoppingCriteriaParameters]:
     return (
         pb.NextTokenChooserParameters(
             temperature=params.temperature,
@@ -97,7 +99,9 @@ def cached_from_pb(batch: pb.CachedBatch) -> CachedBatch:
 def _tokens(tokens: pb.Tokens) -> list[TokenOut]:
     return [
         TokenOut(i, lp, text, special)
-        for i, lp, text, special in zip(tokens.ids, tokens.logprobs, tokens.texts, tokens.is_special, strict=True)
+        for i, lp, text, special in zip(
+            tokens.ids, tokens.logprobs, tokens.texts, tokens.is_special, strict=True
+        )
     ]
 
 
@@ -151,7 +155,9 @@ class ShardedClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def _all(self, method: str, message, timeout: float | None = None) -> list:
-        return await asyncio.gather(*(getattr(s, method)(message, timeout=timeout) for s in self._stubs))
+        return await asyncio.gather(
+            *(getattr(s, method)(message, timeout=timeout) for s in self._stubs)
+        )
 
     async def info(self) -> ShardInfo:
         reply = (await self._all("Info", pb.InfoRequest(), timeout=30))[0]
@@ -189,7 +195,9 @@ class ShardedClient:
             max_total_tokens=min(r.max_total_tokens for r in replies),
         )
 
-    async def prefill(self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None) -> StepOut:
+    async def prefill(
+        self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None
+    ) -> StepOut:
         message = pb.PrefillRequest(batch=batch_pb(batch_id, requests))
         if cached is not None:
             message.cached_batch.CopyFrom(cached_pb(cached))

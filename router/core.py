@@ -13,7 +13,7 @@ from router.entry import Entry, Failure
 from router.metrics import Metrics
 from router.scheduler import Scheduler
 from router.types import GenerationOut, ShardInfo, WarmupOut
-from router.validation import ValidRequest, Validator
+from router.validation import Validator, ValidRequest
 
 
 class HTTPError(Exception):
@@ -115,11 +115,14 @@ async def until_disconnected(request, poll_seconds: float = 0.1) -> None:
         await asyncio.sleep(poll_seconds)
 
 
-async def collect_or_cancel(state: RouterState, request, entries: list[Entry]) -> list[list[GenerationOut]]:
+async def collect_or_cancel(
+    state: RouterState, request, entries: list[Entry]
+) -> list[list[GenerationOut]]:
     """Collects every entry's generations; a client that disconnects cancels them all."""
     work = asyncio.ensure_future(asyncio.gather(*(state.collect(e) for e in entries)))
     watcher = asyncio.ensure_future(until_disconnected(request))
-    done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    pending: set[asyncio.Future] = {work, watcher}
+    done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     if work in done:
         watcher.cancel()
         return work.result()

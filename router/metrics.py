@@ -21,30 +21,71 @@ class Metrics:
         self.request_count = Gauge("tgi_request_count", "Requests received", registry=r)
         self.request_success = Gauge("tgi_request_success", "Requests that succeeded", registry=r)
         self.request_failure = Gauge("tgi_request_failure", "Failed requests", ["err"], registry=r)
-        self.request_duration = Histogram("tgi_request_duration", "End-to-end seconds", buckets=_DURATION_BUCKETS, registry=r)
-        self.queue_duration = Histogram("tgi_request_queue_duration", "Seconds queued", buckets=_DURATION_BUCKETS, registry=r)
-        self.inference_duration = Histogram("tgi_request_inference_duration", "Seconds in batches", buckets=_DURATION_BUCKETS, registry=r)
-        self.time_per_token = Histogram(
-            "tgi_request_mean_time_per_token_duration", "Mean seconds per output token", buckets=_DURATION_BUCKETS, registry=r
+        self.request_duration = Histogram(
+            "tgi_request_duration", "End-to-end seconds", buckets=_DURATION_BUCKETS, registry=r
         )
-        self.input_length = Histogram("tgi_request_input_length", "Prompt tokens", buckets=_TOKEN_BUCKETS, registry=r)
-        self.generated_tokens = Histogram("tgi_request_generated_tokens", "Generated tokens", buckets=_TOKEN_BUCKETS, registry=r)
-        self.batch_size = Gauge("tgi_batch_current_size", "Requests in the running batch", registry=r)
-        self.batch_max_tokens = Gauge("tgi_batch_current_max_tokens", "KV tokens of the running batch", registry=r)
+        self.queue_duration = Histogram(
+            "tgi_request_queue_duration", "Seconds queued", buckets=_DURATION_BUCKETS, registry=r
+        )
+        self.inference_duration = Histogram(
+            "tgi_request_inference_duration",
+            "Seconds in batches",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.time_per_token = Histogram(
+            "tgi_request_mean_time_per_token_duration",
+            "Mean seconds per output token",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.input_length = Histogram(
+            "tgi_request_input_length", "Prompt tokens", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.generated_tokens = Histogram(
+            "tgi_request_generated_tokens", "Generated tokens", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.batch_size = Gauge(
+            "tgi_batch_current_size", "Requests in the running batch", registry=r
+        )
+        self.batch_max_tokens = Gauge(
+            "tgi_batch_current_max_tokens", "KV tokens of the running batch", registry=r
+        )
         self.queue_size = Gauge("tgi_queue_size", "Requests waiting", registry=r)
         self.forward_duration = Histogram(
-            "tgi_batch_forward_duration", "Shard forward seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+            "tgi_batch_forward_duration",
+            "Shard forward seconds",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.decode_duration = Histogram(
-            "tgi_batch_decode_duration", "Shard token choice seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+            "tgi_batch_decode_duration",
+            "Shard token choice seconds",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
         self.batch_inference_duration = Histogram(
-            "tgi_batch_inference_duration", "Whole step seconds", ["method"], buckets=_DURATION_BUCKETS, registry=r
+            "tgi_batch_inference_duration",
+            "Whole step seconds",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
         )
-        self.batch_inference_count = Gauge("tgi_batch_inference_count", "Steps run", ["method"], registry=r)
-        self.ttft = Histogram("pytgi_request_time_to_first_token", "Seconds to first token", buckets=_DURATION_BUCKETS, registry=r)
+        self.batch_inference_count = Gauge(
+            "tgi_batch_inference_count", "Steps run", ["method"], registry=r
+        )
+        self.ttft = Histogram(
+            "pytgi_request_time_to_first_token",
+            "Seconds to first token",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
         self.kv_blocks_free = Gauge("pytgi_kv_blocks_free", "KV blocks free", registry=r)
-        self.kv_blocks_used = Gauge("pytgi_kv_blocks_used", "KV blocks held by requests", registry=r)
+        self.kv_blocks_used = Gauge(
+            "pytgi_kv_blocks_used", "KV blocks held by requests", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,7 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from router.core import HTTPError, RouterState, collect_or_cancel
-from router.schemas import ChatCompletionRequest, CompletionRequest, GenerateParameters, _OpenAICommon
+from router.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateParameters,
+    _OpenAICommon,
+)
 from router.tgi_api import sse, start_stream, state_of
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidationError, ValidRequest
@@ -82,7 +86,9 @@ def _chat_logprob(token: TokenOut, top: list[TokenOut]) -> dict:
         "token": token.text,
         "logprob": token.logprob,
         "bytes": list(token.text.encode()),
-        "top_logprobs": [{"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())} for t in top],
+        "top_logprobs": [
+            {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())} for t in top
+        ],
     }
 
 
@@ -94,7 +100,9 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
             parts = []
             for part in content:
                 if part.get("type") != "text":
-                    raise ValidationError(f"message content of type {part.get('type')!r} is not supported")
+                    raise ValidationError(
+                        f"message content of type {part.get('type')!r} is not supported"
+                    )
                 parts.append(part.get("text", ""))
             content = "".join(parts)
         messages.append({"role": m.role, "content": content or ""})
@@ -102,6 +110,8 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
 
 
 async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> ValidRequest:
+    if not body.messages:
+        raise ValidationError("`messages` cannot be empty")
     if body.tools:
         raise ValidationError("`tools` are not supported by this server")
     if body.response_format is not None:
@@ -157,7 +167,11 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 
 
 async def _chat_stream(
-    state: RouterState, body: ChatCompletionRequest, valid: ValidRequest, request_id: str, stops: list[str]
+    state: RouterState,
+    body: ChatCompletionRequest,
+    valid: ValidRequest,
+    request_id: str,
+    stops: list[str],
 ) -> AsyncIterator[bytes]:
     base = _base("chat.completion.chunk", state, request_id)
     held = ""  # text that may be the start of a stop sequence, not sent yet
@@ -165,7 +179,7 @@ async def _chat_stream(
         async for generation in state.stream(state.submit(valid)):
             finished = generation.finished
             for i, token in enumerate(generation.tokens):
-                held += token.text
+                held += "" if token.special else token.text  # EOS and friends never reach text
                 text, held = _split_safe(held, stops, finished is not None)
                 choice = {
                     "index": 0,
@@ -178,7 +192,9 @@ async def _chat_stream(
                     choice["logprobs"] = {"content": [_chat_logprob(token, top)]}
                 yield sse({**base, "choices": [choice], "usage": None})
             if finished is not None and body.stream_options and body.stream_options.include_usage:
-                yield sse({**base, "choices": [], "usage": _usage(valid, finished.generated_tokens)})
+                yield sse(
+                    {**base, "choices": [], "usage": _usage(valid, finished.generated_tokens)}
+                )
         yield sse("[DONE]")
     except HTTPError as exc:
         yield sse({"error": exc.message, "error_type": exc.error_type})
@@ -201,7 +217,8 @@ async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list
         raise ValidationError("`prompt` cannot be empty")
     if len(prompts) > state.settings.max_client_batch_size:
         raise ValidationError(
-            f"`prompt` holds {len(prompts)} prompts; at most {state.settings.max_client_batch_size} allowed"
+            f"`prompt` holds {len(prompts)} prompts; "
+            f"at most {state.settings.max_client_batch_size} are allowed"
         )
     if body.best_of not in (None, 1):
         raise ValidationError("`best_of` is not supported on /v1/completions")
@@ -211,7 +228,9 @@ async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list
 
 def _completion_logprobs(generations: list[GenerationOut]) -> dict:
     tokens = [t for g in generations for t in g.tokens]
-    top = [{t.text: t.logprob for t in g.top_tokens[0]} if g.top_tokens else None for g in generations]
+    top = [
+        {t.text: t.logprob for t in g.top_tokens[0]} if g.top_tokens else None for g in generations
+    ]
     offsets, position = [], 0
     for t in tokens:
         offsets.append(position)
@@ -256,12 +275,20 @@ async def completions(request: Request, body: CompletionRequest):
     response = _base("text_completion", state, request_id)
     prompt_tokens = sum(v.input_length for v in valids)
     response["choices"] = choices
-    response["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+    response["usage"] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": generated,
+        "total_tokens": prompt_tokens + generated,
+    }
     return JSONResponse(response)
 
 
 async def _completion_stream(
-    state: RouterState, body: CompletionRequest, valids: list[ValidRequest], request_id: str, stops: list[str]
+    state: RouterState,
+    body: CompletionRequest,
+    valids: list[ValidRequest],
+    request_id: str,
+    stops: list[str],
 ) -> AsyncIterator[bytes]:
     base = _base("text_completion", state, request_id)
     queue: asyncio.Queue = asyncio.Queue()
@@ -271,7 +298,7 @@ async def _completion_stream(
         try:
             async for generation in state.stream(state.submit(valid)):
                 finished = generation.finished
-                held += "".join(t.text for t in generation.tokens)
+                held += "".join(t.text for t in generation.tokens if not t.special)
                 text, held = _split_safe(held, stops, finished is not None)
                 choice = {
                     "index": index,
@@ -301,7 +328,11 @@ async def _completion_stream(
             yield sse({**base, "choices": [choice], "usage": None})
         if body.stream_options and body.stream_options.include_usage:
             prompt_tokens = sum(v.input_length for v in valids)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generated, "total_tokens": prompt_tokens + generated}
+            usage = {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": generated,
+                "total_tokens": prompt_tokens + generated,
+            }
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
     finally:
@@ -314,5 +345,3 @@ async def models(request: Request) -> JSONResponse:
     state = state_of(request)
     model = {"id": state.settings.model_id, "object": "model", "created": 0, "owned_by": "pytgi"}
     return JSONResponse({"object": "list", "data": [model]})
-
-

@@ -98,18 +98,23 @@ class Scheduler:
                     batch = await self._admit()  # requests that waited for room
             self._report(None)
 
-    async def _next_step(self, batch: CachedBatch, waiting_steps: int) -> tuple[CachedBatch | None, bool]:
+    async def _next_step(
+        self, batch: CachedBatch, waiting_steps: int
+    ) -> tuple[CachedBatch | None, bool]:
         """One forward over the running batch, with newly admitted requests when they fit."""
         await self._clear_failed()
-        batch = await self._drop_gone(batch)
-        if batch is None:
+        kept = await self._drop_gone(batch)
+        if kept is None:
             return None, False
+        batch = kept
         self._finish_cancelled_waiting()
         cfg = self.config
         token_budget = cfg.max_batch_total_tokens - batch.max_tokens
         if cfg.support_chunking:
             budget = cfg.max_batch_prefill_tokens - batch.current_tokens
-            admitted = self.queue.next_batch(self.allocator, budget, token_budget, allow_chunking=True)
+            admitted = self.queue.next_batch(
+                self.allocator, budget, token_budget, allow_chunking=True
+            )
             if admitted:
                 return await self._prefill(admitted, batch), True
             return await self._decode([batch]), False
@@ -141,7 +146,9 @@ class Scheduler:
         return await self._prefill(admitted, None)
 
     # ---- shard calls ----
-    async def _prefill(self, admitted: list[Admitted], cached: CachedBatch | None) -> CachedBatch | None:
+    async def _prefill(
+        self, admitted: list[Admitted], cached: CachedBatch | None
+    ) -> CachedBatch | None:
         now = time.monotonic()
         requests = []
         for item in admitted:
@@ -169,9 +176,13 @@ class Scheduler:
 
     async def _decode(self, batches: list[CachedBatch]) -> CachedBatch | None:
         involved = [i for b in batches for i in b.request_ids]
-        return await self._call("decode", involved, [b.id for b in batches], self.client.decode(batches))
+        return await self._call(
+            "decode", involved, [b.id for b in batches], self.client.decode(batches)
+        )
 
-    async def _call(self, method: str, involved: list[int], batch_ids: list[int], call) -> CachedBatch | None:
+    async def _call(
+        self, method: str, involved: list[int], batch_ids: list[int], call
+    ) -> CachedBatch | None:
         start = time.monotonic()
         try:
             step: StepOut = await call
@@ -237,7 +248,9 @@ class Scheduler:
             try:
                 await self.client.clear_cache(batch_id)
             except Exception as exc:  # noqa: BLE001
-                log.warning("ClearCache(%d) after a failure also failed: %s", batch_id, _describe(exc))
+                log.warning(
+                    "ClearCache(%d) after a failure also failed: %s", batch_id, _describe(exc)
+                )
 
     def _finish_cancelled_waiting(self) -> None:
         for entry in self.queue.drop_cancelled():

@@ -12,11 +12,15 @@ class _Body(BaseModel):
 
 
 class GenerateParameters(_Body):
-    best_of: int | None = Field(None, description="Generate best_of sequences, return the most likely")
+    best_of: int | None = Field(
+        None, description="Generate best_of sequences, return the most likely"
+    )
     decoder_input_details: bool = Field(False, description="Return prompt tokens with logprobs")
     details: bool = Field(False, description="Return generation details")
     do_sample: bool = Field(False, description="Sample instead of greedy decoding")
-    frequency_penalty: float | None = Field(None, description="OpenAI-style frequency penalty, -2..2")
+    frequency_penalty: float | None = Field(
+        None, description="OpenAI-style frequency penalty, -2..2"
+    )
     max_new_tokens: int | None = Field(None, description="Most tokens to generate")
     repetition_penalty: float | None = Field(None, description="HF repetition penalty, > 0")
     return_full_text: bool | None = Field(None, description="Prepend the prompt to the output")

@@ -53,7 +53,11 @@ def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> 
                 f"--max-input-tokens ({config.max_input_tokens}) must be < --max-total-tokens "
                 f"({config.max_total_tokens})"
             )
-    if config.max_input_tokens is not None and not chunking and prefill_tokens < config.max_input_tokens:
+    if (
+        config.max_input_tokens is not None
+        and not chunking
+        and prefill_tokens < config.max_input_tokens
+    ):
         raise StartupError(
             f"--max-batch-prefill-tokens ({prefill_tokens}) must be >= --max-input-tokens "
             f"({config.max_input_tokens}) when the shards cannot chunk prompts"
@@ -61,7 +65,7 @@ def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> 
 
 
 async def build_state(config: RouterConfig) -> RouterState:
-    """ServiceDiscovery, ClearCache, Info, Warmup; the capacity Warmup returns sets the KV budget."""
+    """ServiceDiscovery, ClearCache, Info, Warmup; Warmup's capacity sets the KV budget."""
     tokenizer, template = load_tokenizer(config.tokenizer_name)
     try:
         client = await ShardedClient.connect(config.master_url)
@@ -87,7 +91,12 @@ async def build_state(config: RouterConfig) -> RouterState:
     num_blocks = warm.max_supported_total_tokens // info.block_size
     log.info(
         "shards: %d, dtype %s on %s, KV capacity %d tokens (%d blocks of %d)",
-        len(client.urls), info.dtype, info.device_type, warm.max_supported_total_tokens, num_blocks, info.block_size,
+        len(client.urls),
+        info.dtype,
+        info.device_type,
+        warm.max_supported_total_tokens,
+        num_blocks,
+        info.block_size,
     )
     metrics = Metrics()
     scheduler = Scheduler(

@@ -28,12 +28,17 @@ def _logprob(value: float) -> float | None:
 
 
 def token_json(token: TokenOut) -> dict:
-    return {"id": token.id, "text": token.text, "logprob": _logprob(token.logprob), "special": token.special}
+    return {
+        "id": token.id,
+        "text": token.text,
+        "logprob": _logprob(token.logprob),
+        "special": token.special,
+    }
 
 
 def sse(data: dict | str) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data)
-    return f"data:{payload}\n\n".encode()
+    return f"data: {payload}\n\n".encode()
 
 
 def _details(generations: list[GenerationOut], input_length: int) -> dict:
@@ -45,9 +50,13 @@ def _details(generations: list[GenerationOut], input_length: int) -> dict:
         "finish_reason": last.finish_reason,
         "generated_tokens": last.generated_tokens,
         "seed": last.seed,
-        "prefill": [{"id": t.id, "text": t.text, "logprob": _logprob(t.logprob)} for t in prefill or []],
+        "prefill": [
+            {"id": t.id, "text": t.text, "logprob": _logprob(t.logprob)} for t in prefill or []
+        ],
         "tokens": [token_json(t) for t in tokens],
-        "top_tokens": [[token_json(t) for t in g.top_tokens[0]] for g in generations if g.top_tokens],
+        "top_tokens": [
+            [token_json(t) for t in g.top_tokens[0]] for g in generations if g.top_tokens
+        ],
     }
 
 
@@ -82,7 +91,9 @@ async def run_generate(state: RouterState, request: Request, body: GenerateReque
     return response
 
 
-async def stream_events(state: RouterState, body: GenerateRequest, valid: ValidRequest) -> AsyncIterator[bytes]:
+async def stream_events(
+    state: RouterState, body: GenerateRequest, valid: ValidRequest
+) -> AsyncIterator[bytes]:
     """TGI's SSE stream; errors after the start arrive as a final `{"error", "error_type"}`."""
     try:
         entry = state.submit(valid)
@@ -94,7 +105,9 @@ async def stream_events(state: RouterState, body: GenerateRequest, valid: ValidR
                 event: dict = {
                     "index": index,
                     "token": token_json(token),
-                    "top_tokens": [token_json(t) for t in generation.top_tokens[0]] if generation.top_tokens else None,
+                    "top_tokens": [token_json(t) for t in generation.top_tokens[0]]
+                    if generation.top_tokens
+                    else None,
                     "generated_text": None,
                     "details": None,
                 }

@@ -57,14 +57,20 @@ class Validator:
         lim = self.limits
         best_of = p.best_of if p.best_of is not None else 1
         if not 0 < best_of <= lim.max_best_of:
-            raise ValidationError(f"`best_of` must be > 0 and <= {lim.max_best_of}. Given: {best_of}")
-        sampling = p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p or p.typical_p
+            raise ValidationError(
+                f"`best_of` must be > 0 and <= {lim.max_best_of}. Given: {best_of}"
+            )
+        sampling = (
+            p.do_sample or p.temperature not in (None, 1.0) or p.top_k or p.top_p or p.typical_p
+        )
         if best_of > 1 and not sampling:
             raise ValidationError("you must use sampling when `best_of` is > 1")
         if best_of > 1 and p.seed is not None:
             raise ValidationError("`seed` must not be set when `best_of` > 1")
         if p.temperature is not None and p.temperature <= 0:
-            raise ValidationError(f"`temperature` must be strictly positive. Given: {p.temperature}")
+            raise ValidationError(
+                f"`temperature` must be strictly positive. Given: {p.temperature}"
+            )
         if p.repetition_penalty is not None and p.repetition_penalty <= 0:
             raise ValidationError(
                 f"`repetition_penalty` must be strictly positive. Given: {p.repetition_penalty}"
@@ -77,14 +83,18 @@ class Validator:
         if p.top_k is not None and p.top_k <= 0:
             raise ValidationError(f"`top_k` must be strictly positive. Given: {p.top_k}")
         if p.max_new_tokens is not None and p.max_new_tokens <= 0:
-            raise ValidationError(f"`max_new_tokens` must be strictly positive. Given: {p.max_new_tokens}")
+            raise ValidationError(
+                f"`max_new_tokens` must be strictly positive. Given: {p.max_new_tokens}"
+            )
         if len(p.stop) > lim.max_stop_sequences:
             raise ValidationError(
-                f"`stop` supports up to {lim.max_stop_sequences} stop sequences. Given: {len(p.stop)}"
+                f"`stop` supports up to {lim.max_stop_sequences} stop sequences. "
+                f"Given: {len(p.stop)}"
             )
         if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= lim.max_top_n_tokens:
             raise ValidationError(
-                f"`top_n_tokens` must be >= 0 and <= {lim.max_top_n_tokens}. Given: {p.top_n_tokens}"
+                f"`top_n_tokens` must be >= 0 and <= {lim.max_top_n_tokens}. "
+                f"Given: {p.top_n_tokens}"
             )
         if p.truncate is not None and not 0 < p.truncate <= lim.max_input_tokens:
             raise ValidationError(

@@ -61,3 +61,117 @@ def build_tiny_model(
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, procs, timeout: float = 180) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+class Server:
+    """A shard and a router as real processes."""
+
+    def __init__(self, model_dir: Path, workdir: Path, router_args=(), shard_args=()) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        uds = str(workdir / "shard")
+        self.logs = workdir
+        self.shard = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "shard.cli",
+                "serve",
+                str(model_dir),
+                "--uds-path",
+                uds,
+                "--kv-cache-memory",
+                "256MiB",
+                *shard_args,
+            ],
+            stderr=open(workdir / "shard.log", "w"),
+        )
+        import os
+        import time
+
+        deadline = time.monotonic() + 120
+        while not os.path.exists(uds + "-0"):
+            if self.shard.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((workdir / "shard.log").read_text())
+            time.sleep(0.2)
+        self.router = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "router.cli",
+                "--master-shard-uds-path",
+                uds,
+                "--tokenizer-name",
+                str(model_dir),
+                "--port",
+                str(self.port),
+                "--max-batch-prefill-tokens",
+                "256",
+                "--max-total-tokens",
+                "2048",
+                "--max-input-tokens",
+                "1500",
+                *router_args,
+            ],
+            stderr=open(workdir / "router.log", "w"),
+        )
+        try:
+            wait_http(self.url + "/health", [self.shard, self.router])
+        except Exception as exc:
+            self.stop()
+            logs = (workdir / "router.log").read_text() + (workdir / "shard.log").read_text()
+            raise RuntimeError(logs) from exc
+
+    def metric(self, name: str) -> float:
+        import httpx
+
+        for line in httpx.get(self.url + "/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        for proc in (self.router, self.shard):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except Exception:
+                    proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(smollm_dir, tmp_path_factory):
+    srv = Server(smollm_dir, tmp_path_factory.mktemp("server"))
+    yield srv
+    srv.stop()

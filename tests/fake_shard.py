@@ -60,7 +60,9 @@ class FakeShard:
     def _step(self, batch_id: int) -> StepOut:
         reqs = self.batches[batch_id]
         live = [r for r in reqs if not r.done]
-        self.forwards.append({"tokens": sum(r.step_tokens for r in live), "ids": [r.id for r in live]})
+        self.forwards.append(
+            {"tokens": sum(r.step_tokens for r in live), "ids": [r.id for r in live]}
+        )
         generations = []
         for r in live:
             r.computed += r.step_tokens
@@ -77,7 +79,9 @@ class FakeShard:
             return StepOut(generations, None)
         return StepOut(generations, self._info(batch_id))
 
-    async def prefill(self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None) -> StepOut:
+    async def prefill(
+        self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None
+    ) -> StepOut:
         await self._enter("prefill")
         new = [
             _Req(r.id, len(r.inputs.split()), r.params.max_new_tokens, r.chunk_len, list(r.blocks))

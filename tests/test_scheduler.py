@@ -17,12 +17,22 @@ _ids = itertools.count(1)
 
 
 def entry(prompt: int, max_new: int) -> Entry:
-    return Entry(id=next(_ids), inputs=" ".join(["w"] * prompt), input_length=prompt, params=Params(max_new_tokens=max_new))
+    return Entry(
+        id=next(_ids),
+        inputs=" ".join(["w"] * prompt),
+        input_length=prompt,
+        params=Params(max_new_tokens=max_new),
+    )
 
 
 def make(num_blocks=100, prefill=64, total=10_000, chunking=True, **kw):
     shard = FakeShard()
-    config = BatchingConfig(max_batch_prefill_tokens=prefill, max_batch_total_tokens=total, support_chunking=chunking, **kw)
+    config = BatchingConfig(
+        max_batch_prefill_tokens=prefill,
+        max_batch_total_tokens=total,
+        support_chunking=chunking,
+        **kw,
+    )
     return shard, Scheduler(shard, BlockAllocator(num_blocks, 16), config)
 
 

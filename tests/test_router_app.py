@@ -1,0 +1,117 @@
+"""The HTTP layer in-process over a fake shard: auth, overload, draining, health."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from router.allocator import BlockAllocator
+from router.app import create_app
+from router.core import RouterState, ServerSettings
+from router.metrics import Metrics
+from router.scheduler import BatchingConfig, Scheduler
+from router.startup import load_tokenizer
+from router.types import ShardInfo, WarmupOut
+from router.validation import Limits, Validator
+from tests.fake_shard import FakeShard
+
+
+class HealthyFake(FakeShard):
+    healthy: bool = True
+
+    async def health(self) -> None:
+        if not self.healthy:
+            raise RuntimeError("shard 0 is gone")
+
+
+def make_state(tokenizer_dir, **settings) -> RouterState:
+    tokenizer, template = load_tokenizer(str(tokenizer_dir))
+    metrics = Metrics()
+    scheduler = Scheduler(
+        HealthyFake(), BlockAllocator(500, 16), BatchingConfig(256, 8000), metrics
+    )
+    return RouterState(
+        settings=ServerSettings(model_id="fake", **settings),
+        validator=Validator(tokenizer, Limits(max_input_tokens=1000, max_total_tokens=2000)),
+        scheduler=scheduler,
+        metrics=metrics,
+        shard_info=ShardInfo("float32", "cpu", 16, True, True, "reference"),
+        warmup=WarmupOut(8000, 1000, 2000),
+        chat_template=template,
+    )
+
+
+@pytest.fixture
+async def client_for(smollm_dir):
+    tasks = []
+
+    async def make(**settings):
+        state = make_state(smollm_dir, **settings)
+        tasks.append(asyncio.ensure_future(state.scheduler.run()))
+        transport = httpx.ASGITransport(app=create_app(state))
+        return state, httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30)
+
+    yield make
+    for task in tasks:
+        task.cancel()
+
+
+async def test_api_key_guards_generation_routes_not_health(client_for):
+    state, client = await client_for(api_key="s3cret")
+    body = {"inputs": "a b c", "parameters": {"max_new_tokens": 2}}
+    for path in (
+        "/generate",
+        "/generate_stream",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+    ):
+        reply = await client.post(path, json=body)
+        assert reply.status_code == 401 and reply.json()["error_type"] == "authentication"
+    wrong = await client.post("/generate", json=body, headers={"authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = await client.post("/generate", json=body, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and ok.json()["generated_text"] == " t1 t2"
+    assert (await client.get("/health")).status_code == 200
+
+
+async def test_past_max_concurrent_requests_is_429_at_once(client_for):
+    state, client = await client_for(max_concurrent_requests=2)
+    slow = {"inputs": "a", "parameters": {"max_new_tokens": 300}}
+    running = [asyncio.ensure_future(client.post("/generate", json=slow)) for _ in range(2)]
+    while state.in_flight < 2:
+        await asyncio.sleep(0.01)
+    started = asyncio.get_running_loop().time()
+    rejected = await client.post("/generate", json=slow)
+    assert rejected.status_code == 429 and rejected.json()["error_type"] == "overloaded"
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert all(r.status_code == 200 for r in await asyncio.gather(*running))
+    assert (
+        await client.post("/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 1}})
+    ).status_code == 200
+
+
+async def test_draining_refuses_new_requests_with_503(client_for):
+    state, client = await client_for()
+    state.is_draining = True
+    reply = await client.post(
+        "/generate", json={"inputs": "a", "parameters": {"max_new_tokens": 1}}
+    )
+    assert reply.status_code == 503 and reply.json()["error_type"] == "unhealthy"
+
+
+async def test_health_is_503_when_a_shard_fails(client_for):
+    state, client = await client_for()
+    state.scheduler.client.healthy = False
+    reply = await client.get("/health")
+    assert reply.status_code == 503 and "shard 0 is gone" in reply.json()["error"]
+
+
+async def test_unknown_route_and_method_keep_the_error_shape(client_for):
+    state, client = await client_for()
+    missing = await client.get("/nope")
+    assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
+    wrong = await client.get("/generate")
+    assert wrong.status_code == 405 and wrong.json()["error_type"] == "method_not_allowed"

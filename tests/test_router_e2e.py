@@ -1,0 +1,236 @@
+"""Real clients that no one here wrote, against real shard and router processes on SmolLM2."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def reference(smollm_dir):
+    """transformers' greedy continuation of the chat prompt and of a plain prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
+
+    def greedy(text: str, n: int) -> str:
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            pad_token_id=2,
+        )
+        return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
+    return {"chat": greedy(chat, 24), "plain": greedy("The three primary colors are", 20)}
+
+
+def test_text_generation_client(server, reference):
+    from text_generation import Client
+
+    client = Client(server.url, timeout=120)
+    response = client.generate(
+        "The three primary colors are",
+        max_new_tokens=20,
+        decoder_input_details=True,
+        top_n_tokens=2,
+    )
+    assert response.generated_text == reference["plain"]
+    details = response.details
+    assert details.generated_tokens == 20 and details.finish_reason.value == "length"
+    assert len(details.prefill) == 5 and details.prefill[0].logprob is None
+    assert len(details.top_tokens) == 20 and len(details.top_tokens[0]) == 2
+    streamed = list(client.generate_stream("The three primary colors are", max_new_tokens=20))
+    assert "".join(r.token.text for r in streamed) == reference["plain"]
+    assert streamed[-1].generated_text == reference["plain"]
+    assert streamed[-1].details.generated_tokens == 20
+
+
+def test_huggingface_hub_inference_client(server, reference):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(model=server.url, timeout=120)
+    assert (
+        client.text_generation("The three primary colors are", max_new_tokens=20)
+        == reference["plain"]
+    )
+    chunks = list(
+        client.text_generation("The three primary colors are", max_new_tokens=20, stream=True)
+    )
+    assert "".join(chunks) == reference["plain"]
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat_completion(messages, max_tokens=24, temperature=0)
+    assert (
+        chat.choices[0].message.content == reference["chat"].strip()
+        or chat.choices[0].message.content == reference["chat"]
+    )
+    stream = client.chat_completion(messages, max_tokens=24, temperature=0, stream=True)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        == chat.choices[0].message.content
+    )
+
+
+def test_openai_client(server, reference):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    chat = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=24, temperature=0, logprobs=True, top_logprobs=2
+    )
+    assert chat.choices[0].message.content == reference["chat"]
+    assert chat.usage.completion_tokens == len(chat.choices[0].logprobs.content)
+    assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 2
+    stream = client.chat.completions.create(
+        model="x",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reference["chat"]
+    )
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    completion = client.completions.create(
+        model="x", prompt="The three primary colors are", max_tokens=20, temperature=0
+    )
+    assert completion.choices[0].text == reference["plain"]
+    many = client.completions.create(
+        model="x", prompt=["The three primary colors are", "Hello"], max_tokens=5, temperature=0
+    )
+    assert [c.index for c in many.choices] == [0, 1]
+    streamed = client.completions.create(
+        model="x", prompt="The three primary colors are", max_tokens=20, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == reference["plain"]
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+
+
+def test_stop_sequence_is_trimmed_for_openai_and_kept_for_tgi(server, reference):
+    stop = reference["plain"].split()[2]
+    tgi = httpx.post(
+        server.url + "/generate",
+        json={
+            "inputs": "The three primary colors are",
+            "parameters": {"max_new_tokens": 20, "stop": [stop], "details": True},
+        },
+        timeout=120,
+    ).json()
+    assert (
+        tgi["generated_text"].endswith(stop) and tgi["details"]["finish_reason"] == "stop_sequence"
+    )
+    oai = httpx.post(
+        server.url + "/v1/completions",
+        json={
+            "prompt": "The three primary colors are",
+            "max_tokens": 20,
+            "temperature": 0,
+            "stop": stop,
+        },
+        timeout=120,
+    ).json()
+    assert oai["choices"][0]["text"] == tgi["generated_text"][: -len(stop)]
+    assert oai["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sixteen_concurrent_equal_alone(server):
+    prompts = [
+        f"Question {i}: name a fruit that is {c}."
+        for i, c in enumerate(["red", "yellow", "green", "orange"] * 4)
+    ]
+
+    def body(p):
+        return {"inputs": p, "parameters": {"max_new_tokens": 12}}
+
+    alone = [
+        httpx.post(server.url + "/generate", json=body(p), timeout=120).json()["generated_text"]
+        for p in prompts
+    ]
+
+    async def together():
+        async with httpx.AsyncClient(timeout=300) as client:
+            replies = await asyncio.gather(
+                *(client.post(server.url + "/generate", json=body(p)) for p in prompts)
+            )
+        return [r.json()["generated_text"] for r in replies]
+
+    assert asyncio.run(together()) == alone
+
+
+def test_info_tokenize_metrics_docs(server):
+    info = httpx.get(server.url + "/info").json()
+    assert (
+        info["max_input_tokens"] == 1500
+        and info["max_total_tokens"] == 2048
+        and info["model_dtype"] == "float32"
+    )
+    tokens = httpx.post(server.url + "/tokenize", json={"inputs": "Hello world"}).json()
+    assert [t["text"] for t in tokens] == ["Hello", " world"]
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in [
+        "tgi_request_count",
+        "tgi_request_success",
+        "tgi_request_duration_bucket",
+        "tgi_request_queue_duration",
+        "tgi_request_inference_duration",
+        "tgi_request_mean_time_per_token_duration",
+        "tgi_request_input_length",
+        "tgi_request_generated_tokens",
+        "tgi_batch_current_size",
+        "tgi_batch_current_max_tokens",
+        "tgi_queue_size",
+        'tgi_batch_forward_duration_bucket{le="0.005",method="prefill"}',
+        "pytgi_request_time_to_first_token",
+        "pytgi_kv_blocks_free",
+        "pytgi_kv_blocks_used",
+    ]:
+        assert name in metrics, name
+    assert httpx.get(server.url + "/openapi.json").json()["paths"]["/generate"]
+    assert httpx.get(server.url + "/docs").status_code == 200
+
+
+def test_disconnected_streams_free_their_blocks(server):
+    async def cut(n: int):
+        async with httpx.AsyncClient(timeout=60) as client:
+            for _ in range(n):
+                body = {
+                    "inputs": "Tell me a long story.",
+                    "parameters": {"max_new_tokens": 500, "ignore_eos": True},
+                }
+                async with client.stream(
+                    "POST", server.url + "/generate_stream", json=body
+                ) as resp:
+                    async for line in resp.aiter_lines():
+                        if line.startswith("data:"):
+                            break  # hang up after the first token
+
+    asyncio.run(cut(5))
+    import time
+
+    deadline = time.monotonic() + 30
+    while server.metric("pytgi_kv_blocks_used") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("pytgi_kv_blocks_used") == 0
+    assert (
+        httpx.post(
+            server.url + "/generate",
+            json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+            timeout=60,
+        ).status_code
+        == 200
+    )
