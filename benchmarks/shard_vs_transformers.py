@@ -130,7 +130,8 @@ def main() -> None:
         (f"prefill tokens/s, {args.prefill_prompt}-token prompt", ours, theirs, ours / theirs)
     )
     table = [
-        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, dtype {args.dtype}",
         "",
         "| measure | pytgi shard | transformers | advantage (x) |",
@@ -143,7 +144,8 @@ def main() -> None:
         with RESULTS.open("a") as f:
             f.write(f"\n### Shard vs transformers ({time.strftime('%Y-%m-%d')})\n\n")
             f.write(
-                f"Command: `python benchmarks/shard_vs_transformers.py --dtype {args.dtype}`\n\n{text}\n"
+                "Command: `python benchmarks/shard_vs_transformers.py "
+                f"--dtype {args.dtype}`\n\n{text}\n"
             )
 
 
