@@ -1,0 +1,1 @@
+"""The launcher: starts N shards and one router, supervises them, stops them cleanly."""

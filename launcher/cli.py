@@ -1,0 +1,143 @@
+"""`pytgi-launcher`: one command to serve a model with TGI's and OpenAI's APIs.
+
+Every flag is also read from the environment variable of the same name in capitals
+(`--model-id` / `MODEL_ID`), as in TGI's text-generation-launcher.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from common.logs import setup_logging
+from launcher.config import LauncherConfig, LaunchError
+from launcher.supervisor import Supervisor, check_port_free, resolve_model
+
+
+def option(name: str, **kwargs):
+    envvar = name.lstrip("-").replace("-", "_").upper()
+    kwargs.setdefault("show_default", True)
+    return click.option(name, envvar=envvar, show_envvar=True, **kwargs)
+
+
+@click.command()
+@option(
+    "--model-id",
+    default=None,
+    help="Local model directory [default: the embedded SmolLM2-135M-Instruct, converted once].",
+)
+@option("--num-shard", type=int, default=1, help="Tensor-parallel shards to start.")
+@option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default=None,
+    help="Weights and KV dtype [default: float32 on CPU, bfloat16 on CUDA].",
+)
+@option(
+    "--max-input-tokens",
+    type=int,
+    default=None,
+    help="Longest prompt [default: from the model, at most 4095].",
+)
+@option(
+    "--max-total-tokens",
+    type=int,
+    default=None,
+    help="Longest prompt + output [default: from the model, at most 4096].",
+)
+@option(
+    "--max-batch-prefill-tokens",
+    type=int,
+    default=None,
+    help="Prompt tokens per forward (chunks longer prompts) [default: 2048].",
+)
+@option(
+    "--max-batch-total-tokens",
+    type=int,
+    default=None,
+    help="KV tokens of the running batch [default: the capacity Warmup finds].",
+)
+@option("--max-concurrent-requests", type=int, default=128, help="Requests in flight before 429.")
+@option("--max-best-of", type=int, default=2, help="Largest best_of.")
+@option("--max-stop-sequences", type=int, default=4, help="Most stop sequences per request.")
+@option("--max-top-n-tokens", type=int, default=5, help="Largest top_n_tokens.")
+@option(
+    "--waiting-served-ratio",
+    type=float,
+    default=1.2,
+    help="Without chunking: waiting/running ratio that triggers a prefill.",
+)
+@option(
+    "--max-waiting-tokens",
+    type=int,
+    default=20,
+    help="Without chunking: decode steps before waiting requests are forced in.",
+)
+@option(
+    "--max-batch-size", type=int, default=None, help="Most requests per batch [default: no limit]."
+)
+@option(
+    "--max-client-batch-size",
+    type=int,
+    default=4,
+    help="Most prompts in one /v1/completions request.",
+)
+@option("--hostname", default="127.0.0.1", help="Address the HTTP server listens on.")
+@option("--port", type=int, default=3000, help="Port the HTTP server listens on.")
+@option(
+    "--shard-uds-path",
+    default=None,
+    help="Socket path prefix of the shards [default: in a private temporary directory].",
+)
+@option("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address.")
+@option("--master-port", type=int, default=29500, help="torch.distributed rendezvous port.")
+@option(
+    "--cuda-memory-fraction",
+    type=float,
+    default=0.9,
+    help="Fraction of free GPU memory for the KV cache.",
+)
+@option(
+    "--kv-cache-memory",
+    default=None,
+    help="KV cache bytes on CPU, e.g. 2GiB [default: 25% of available memory, at most 4GiB].",
+)
+@option("--api-key", default=None, help="Bearer token required on generation routes.")
+@option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable).")
+@option("--payload-limit", type=int, default=2_000_000, help="Largest request body in bytes.")
+@option("--json-output", is_flag=True, help="Log JSON lines.")
+@option(
+    "--graceful-termination-timeout",
+    type=float,
+    default=30.0,
+    help="Seconds running requests get after SIGTERM.",
+)
+@option(
+    "--startup-timeout",
+    type=float,
+    default=600.0,
+    help="Seconds each stage may take to become ready.",
+)
+def main(cors_allow_origin: tuple[str, ...], **options) -> None:
+    """Serve a model: N shards and a router, supervised; Ctrl-C or SIGTERM stops all."""
+    log = setup_logging("launcher", options["json_output"])
+    config = LauncherConfig(cors_allow_origin=tuple(cors_allow_origin), **options)
+    supervisor = None
+    try:
+        config.check_limits()
+        check_port_free(config.hostname, config.port)
+        model_dir = resolve_model(config.model_id)
+        supervisor = Supervisor(config, model_dir)
+        supervisor.install_signal_handlers()
+        supervisor.start()
+    except LaunchError as exc:
+        log.error("start-up failed: %s", exc)
+        if supervisor is not None:
+            supervisor.shutdown()
+        sys.exit(1)
+    sys.exit(supervisor.supervise())
+
+
+if __name__ == "__main__":
+    main()

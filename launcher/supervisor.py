@@ -1,0 +1,232 @@
+"""Start-up in stages (shards, then router), supervision, and clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from common.pb import pb, pb_grpc
+from launcher.config import LauncherConfig, LaunchError
+from launcher.process import Child
+
+log = logging.getLogger("launcher")
+POLL_SECONDS = 0.2
+# LauncherConfig fields passed to the router as --flag-name when set
+ROUTER_FLAGS = (
+    "max_concurrent_requests",
+    "max_best_of",
+    "max_stop_sequences",
+    "max_top_n_tokens",
+    "max_input_tokens",
+    "max_total_tokens",
+    "waiting_served_ratio",
+    "max_batch_prefill_tokens",
+    "max_batch_total_tokens",
+    "max_waiting_tokens",
+    "max_batch_size",
+    "max_client_batch_size",
+    "payload_limit",
+)
+
+
+def check_port_free(hostname: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((hostname, port))
+        except OSError as exc:
+            raise LaunchError(
+                f"cannot listen on {hostname}:{port}: {exc.strerror}. Is another server using "
+                "this port? Choose another with --port."
+            ) from exc
+
+
+def resolve_model(model_id: str | None) -> Path:
+    """A local model directory, or the embedded SmolLM2 converted once; checked for support."""
+    from shard.embedded import default_model_dir
+    from shard.errors import ShardError
+    from shard.loader import check_tokenizer, read_spec
+
+    try:
+        model_dir = Path(model_id) if model_id else default_model_dir()
+        read_spec(model_dir)
+        check_tokenizer(model_dir)
+    except ShardError as exc:
+        raise LaunchError(f"the model cannot be served: {exc}.") from exc
+    return model_dir
+
+
+class Supervisor:
+    def __init__(self, config: LauncherConfig, model_dir: Path) -> None:
+        self.config = config
+        self.model_dir = model_dir
+        self.children: list[Child] = []
+        self._stop = threading.Event()
+        if config.shard_uds_path:
+            self.socket_dir = None
+            self.uds_path = config.shard_uds_path
+        else:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="pytgi-"))  # mode 0700: owner only
+            self.uds_path = str(self.socket_dir / "shard")
+
+    # ---- commands for the children ----
+    def _shard_args(self) -> list[str]:
+        c = self.config
+        args = [
+            sys.executable,
+            "-m",
+            "shard.cli",
+            "serve",
+            str(self.model_dir),
+            "--uds-path",
+            self.uds_path,
+        ]
+        if c.dtype:
+            args += ["--dtype", c.dtype]
+        if c.max_input_tokens:
+            args += ["--max-input-tokens", str(c.max_input_tokens)]
+        if c.kv_cache_memory:
+            args += ["--kv-cache-memory", c.kv_cache_memory]
+        args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
+        return args + (["--json-output"] if c.json_output else [])
+
+    def _router_args(self) -> list[str]:
+        c = self.config
+        args = [
+            sys.executable, "-m", "router.cli",
+            "--master-shard-uds-path", self.uds_path,
+            "--tokenizer-name", str(self.model_dir),
+            "--model-id", c.model_id or self.model_dir.name,
+            "--hostname", c.hostname, "--port", str(c.port),
+            "--graceful-termination-timeout", str(c.graceful_termination_timeout),
+        ]  # fmt: skip
+        for name in ROUTER_FLAGS:
+            value = getattr(c, name)
+            if value is not None:
+                args += [f"--{name.replace('_', '-')}", str(value)]
+        for origin in c.cors_allow_origin:
+            args += ["--cors-allow-origin", origin]
+        return args + (["--json-output"] if c.json_output else [])
+
+    # ---- stages ----
+    def start(self) -> None:
+        c = self.config
+        log.info("starting %d shard(s) for %s", c.num_shard, self.model_dir)
+        for rank in range(c.num_shard):
+            env = {
+                "RANK": str(rank),
+                "WORLD_SIZE": str(c.num_shard),
+                "MASTER_ADDR": c.master_addr,
+                "MASTER_PORT": str(c.master_port),
+            }
+            self.children.append(Child(f"shard {rank}", self._shard_args(), env))
+        for rank in range(c.num_shard):
+            self._wait_shard(rank)
+            log.info("shard %d is ready", rank)
+        log.info("starting the router (Warmup sizes the KV cache)")
+        router_env = {"API_KEY": c.api_key} if c.api_key else {}
+        self.children.append(Child("router", self._router_args(), router_env))
+        self._wait_router()
+        log.info(
+            "pytgi serving %s on http://%s:%d",
+            c.model_id or self.model_dir.name,
+            c.hostname,
+            c.port,
+        )
+
+    def _deadline_check(self, deadline: float, what: str) -> None:
+        self._raise_if_exited()
+        if self._stop.is_set():
+            raise LaunchError("interrupted during start-up")
+        if time.monotonic() > deadline:
+            raise LaunchError(
+                f"{what} did not become ready within {self.config.startup_timeout:.0f} s"
+            )
+
+    def _wait_shard(self, rank: int) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        path = f"{self.uds_path}-{rank}"
+        while True:
+            self._deadline_check(deadline, f"shard {rank}")
+            if os.path.exists(path):
+                try:
+                    with grpc.insecure_channel(f"unix://{path}") as channel:
+                        pb_grpc.TextGenerationServiceStub(channel).Health(
+                            pb.HealthRequest(), timeout=5
+                        )
+                    return
+                except grpc.RpcError:
+                    pass
+            time.sleep(POLL_SECONDS)
+
+    def _wait_router(self) -> None:
+        deadline = time.monotonic() + self.config.startup_timeout
+        url = f"http://{self.config.hostname}:{self.config.port}/health"
+        while True:
+            self._deadline_check(deadline, "the router")
+            try:
+                with urllib.request.urlopen(url, timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(POLL_SECONDS)
+
+    def _raise_if_exited(self) -> None:
+        for child in self.children:
+            if child.returncode is not None:
+                raise LaunchError(
+                    f"{child.name} exited with code {child.returncode}. "
+                    f"Its last lines:\n{child.last_lines()}"
+                )
+
+    # ---- supervision ----
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self._stop.set())
+
+    def supervise(self) -> int:
+        """Until a signal (exit 0 after a clean stop) or a child's death (exit 1)."""
+        while not self._stop.wait(POLL_SECONDS):
+            try:
+                self._raise_if_exited()
+            except LaunchError as exc:
+                log.error("%s", exc)
+                self.shutdown()
+                return 1
+        log.info("signal received: stopping the router, then the shards")
+        return 0 if self.shutdown() else 1
+
+    def shutdown(self) -> bool:
+        """Router first (it drains running requests), then shards; True when all exited
+        on their own. Removes the private socket directory."""
+        clean = True
+        routers = [c for c in self.children if c.name == "router"]
+        shards = [c for c in self.children if c.name != "router"]
+        for group, timeout in (
+            (routers, self.config.graceful_termination_timeout + 10),
+            (shards, 30),
+        ):
+            for child in group:
+                child.terminate()
+            for child in group:
+                clean &= child.wait(timeout)
+        for rank in range(self.config.num_shard):  # a killed shard leaves its socket behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.uds_path}-{rank}")
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+        return clean
