@@ -24,7 +24,7 @@ test-fast: proto
 	$(BIN)/python -m pytest -ra -q -m 'not slow and not gpu'
 
 # the packages that exist in this checkout
-PACKAGES := $(wildcard router shard launcher common)
+PACKAGES := $(wildcard router shard launcher common pytgi_benchmark)
 
 lint: proto
 	$(BIN)/ruff check $(PACKAGES) tests $(wildcard benchmarks/*.py)

@@ -234,3 +234,16 @@ def test_disconnected_streams_free_their_blocks(server):
         ).status_code
         == 200
     )
+
+
+def test_disconnected_non_streaming_request_is_cancelled(server):
+    body = {"inputs": "Tell me a long story.", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/generate", json=body, timeout=1.5)
+    import time
+
+    deadline = time.monotonic() + 30
+    while server.metric("pytgi_kv_blocks_used") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.metric("pytgi_kv_blocks_used") == 0
+    assert server.metric("tgi_batch_current_size") == 0

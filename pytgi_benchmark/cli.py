@@ -1,0 +1,173 @@
+"""Per batch size: a prefill of `sequence_length` tokens, then `decode_length - 1` decode
+steps, `runs` times after `warmups`; prints latency and throughput tables."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import click
+import grpc
+from tqdm import tqdm
+
+from pytgi_benchmark.stats import summary, table
+from router.client import ShardedClient
+from router.types import Params, ShardRequest
+
+WORD = " hello"  # one token in Llama-family BPE vocabularies; `truncate` fixes the length
+
+
+async def _prefill_with_warmup(client: ShardedClient, requests, sequence_length: int):
+    """Prefill; a shard set that was never warmed up is warmed up once, then retried."""
+    try:
+        return await client.prefill(1, requests, None)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+            raise
+        await client.warmup(None, max(len(requests) * sequence_length, 1), None)
+        return await client.prefill(1, requests, None)
+
+
+async def run_batch(
+    client: ShardedClient,
+    batch_size: int,
+    params: Params,
+    seq_len: int,
+    runs: int,
+    warmups: int,
+    bar,
+) -> dict:
+    requests = [ShardRequest(i, WORD * (seq_len + 8), params, [], 16) for i in range(batch_size)]
+    prefill_ms, decode_ms = [], []
+    for run in range(warmups + runs):
+        await client.clear_cache(None)
+        start = time.perf_counter()
+        step = await _prefill_with_warmup(client, requests, seq_len)
+        prefill = (time.perf_counter() - start) * 1000
+        steps = []
+        batch = step.batch
+        while batch is not None:
+            start = time.perf_counter()
+            step = await client.decode([batch])
+            steps.append((time.perf_counter() - start) * 1000)
+            batch = step.batch
+        if run >= warmups:
+            prefill_ms.append(prefill)
+            decode_ms.extend(steps)
+        bar.update()
+    await client.clear_cache(None)
+    return {
+        "batch_size": batch_size,
+        "prefill_latency_ms": prefill_ms,
+        "decode_step_latency_ms": decode_ms,
+        "prefill_throughput_tokens_per_s": [
+            batch_size * seq_len / (ms / 1000) for ms in prefill_ms
+        ],
+        "decode_throughput_tokens_per_s": [batch_size / (ms / 1000) for ms in decode_ms],
+    }
+
+
+def report(results: list[dict]) -> str:
+    def rows(key):
+        return [(f"batch {r['batch_size']}", summary(r[key])) for r in results]
+
+    return "\n\n".join(
+        [
+            table("prefill latency", rows("prefill_latency_ms"), "ms"),
+            table("prefill throughput", rows("prefill_throughput_tokens_per_s"), "tokens/s"),
+            table("decode latency per token", rows("decode_step_latency_ms"), "ms"),
+            table("decode throughput", rows("decode_throughput_tokens_per_s"), "tokens/s"),
+        ]
+    )
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--tokenizer-name", required=True, help="Model directory (named in the report).")
+@click.option("--uds-path", default="/tmp/pytgi-server", help="Socket prefix of shard 0 (…-0).")
+@click.option(
+    "-b",
+    "--batch-size",
+    "batch_sizes",
+    type=int,
+    multiple=True,
+    help="Batch sizes [default: 1,2,4,8,16,32].",
+)
+@click.option("-s", "--sequence-length", type=int, default=10, help="Prompt tokens per request.")
+@click.option("-d", "--decode-length", type=int, default=8, help="Tokens generated per request.")
+@click.option("-r", "--runs", type=int, default=10, help="Measured runs per batch size.")
+@click.option("-w", "--warmups", type=int, default=1, help="Unmeasured runs first.")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--typical-p", type=float, default=None)
+@click.option("--repetition-penalty", type=float, default=None)
+@click.option("--frequency-penalty", type=float, default=None)
+@click.option("--do-sample", is_flag=True)
+@click.option("--json", "json_path", default=None, help="Write the raw numbers to this file.")
+def main(
+    tokenizer_name,
+    uds_path,
+    batch_sizes,
+    sequence_length,
+    decode_length,
+    runs,
+    warmups,
+    json_path,
+    **sampling,
+) -> None:
+    """Benchmark a running shard set directly over gRPC (no router)."""
+    params = Params(
+        max_new_tokens=decode_length,
+        temperature=sampling["temperature"] or 1.0,
+        top_k=sampling["top_k"] or 0,
+        top_p=sampling["top_p"] or 1.0,
+        typical_p=sampling["typical_p"] or 1.0,
+        do_sample=sampling["do_sample"],
+        repetition_penalty=sampling["repetition_penalty"] or 1.0,
+        frequency_penalty=sampling["frequency_penalty"] or 0.0,
+        ignore_eos=True,
+        truncate=sequence_length,
+        add_special_tokens=False,
+    )
+    sizes = list(batch_sizes) or [1, 2, 4, 8, 16, 32]
+
+    async def go():
+        client = await ShardedClient.connect(f"unix://{uds_path}-0")
+        try:
+            with tqdm(
+                total=len(sizes) * (runs + warmups), desc="benchmarking", file=sys.stderr
+            ) as bar:
+                return [
+                    await run_batch(client, b, params, sequence_length, runs, warmups, bar)
+                    for b in sizes
+                ]
+        finally:
+            await client.close()
+
+    try:
+        results = asyncio.run(go())
+    except grpc.aio.AioRpcError as exc:
+        raise click.ClickException(
+            f"shard call failed: {exc.code().name}: {exc.details()}"
+        ) from exc
+    click.echo(
+        f"model: {tokenizer_name}, sequence length {sequence_length}, "
+        f"decode length {decode_length}\n"
+    )
+    click.echo(report(results))
+    if json_path:
+        settings = {
+            "tokenizer_name": tokenizer_name,
+            "sequence_length": sequence_length,
+            "decode_length": decode_length,
+            "runs": runs,
+            "warmups": warmups,
+        }
+        with open(json_path, "w") as f:
+            json.dump({"settings": settings, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
