@@ -127,7 +127,7 @@ def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     try:
         config.check_limits()
         check_port_free(config.hostname, config.port)
-        model_dir = resolve_model(config.model_id)
+        model_dir = resolve_model(config.model_id, config.num_shard)
         supervisor = Supervisor(config, model_dir)
         supervisor.install_signal_handlers()
         supervisor.start()

@@ -54,15 +54,17 @@ def check_port_free(hostname: str, port: int) -> None:
             ) from exc
 
 
-def resolve_model(model_id: str | None) -> Path:
-    """A local model directory, or the embedded SmolLM2 converted once; checked for support."""
+def resolve_model(model_id: str | None, num_shard: int = 1) -> Path:
+    """A local model directory, or the embedded SmolLM2 converted once; checked for support
+    and for splitting over `num_shard` ranks."""
     from shard.embedded import default_model_dir
     from shard.errors import ShardError
     from shard.loader import check_tokenizer, read_spec
+    from shard.models.llama import check_parallel
 
     try:
         model_dir = Path(model_id) if model_id else default_model_dir()
-        read_spec(model_dir)
+        check_parallel(read_spec(model_dir), num_shard)
         check_tokenizer(model_dir)
     except ShardError as exc:
         raise LaunchError(f"the model cannot be served: {exc}.") from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 
 import click
@@ -86,8 +87,12 @@ def main() -> None:
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block.")
 @click.option("--attention", default="reference", show_default=True, help="Attention backend.")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads [default: all].")
+@click.option("--distributed-timeout", "dist_timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for every rank to join, and for each collective.")
 @click.option("--json-output", is_flag=True, help="Log JSON lines instead of text.")
-def serve(model_dir: str, json_output: bool, kv_cache_memory: str | None, **options) -> None:
+def serve(
+    model_dir: str, json_output: bool, kv_cache_memory: str | None, dist_timeout: float, **options
+) -> None:
     """Serve MODEL_DIR (a Hugging Face directory with safetensors) until SIGTERM/SIGINT."""
     log = setup_logging(f"shard-{options['rank']}", json_output)
     config = ShardConfig(
@@ -99,12 +104,22 @@ def serve(model_dir: str, json_output: bool, kv_cache_memory: str | None, **opti
         import torch
 
         from shard.engine import ShardEngine
+        from shard.parallel import init_distributed
         from shard.server import serve as serve_async
 
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
-        if config.world_size > 1:
-            raise ShardError("tensor parallelism (--world-size > 1) is not supported yet")
+        threads = config.num_threads
+        if threads is None and config.world_size > 1 and config.device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // config.world_size)  # ranks share the cores
+        if threads:
+            torch.set_num_threads(threads)
+        init_distributed(
+            config.rank,
+            config.world_size,
+            config.master_addr,
+            config.master_port,
+            torch.device(config.device).type,
+            dist_timeout,
+        )
         engine = ShardEngine(config)
         asyncio.run(serve_async(config, engine))
     except ShardError as exc:

@@ -31,3 +31,30 @@ class Parallel:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts, dim=-1)
+
+
+def init_distributed(
+    rank: int, world_size: int, master_addr: str, master_port: int, device_type: str, timeout_s: float
+) -> None:
+    """Joins the torch.distributed group (gloo on CPU, NCCL on CUDA). A rank that does not
+    arrive within `timeout_s` makes every other rank fail with a clear error, not hang."""
+    from datetime import timedelta
+
+    from shard.errors import ModelLoadError
+
+    if world_size == 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    try:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master_addr}:{master_port}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    except Exception as exc:  # noqa: BLE001 - any rendezvous failure ends start-up
+        raise ModelLoadError(
+            f"rank {rank} could not join the {world_size}-rank {backend} group at "
+            f"{master_addr}:{master_port} within {timeout_s:.0f} s: {exc}"
+        ) from exc

@@ -175,3 +175,39 @@ def server(smollm_dir, tmp_path_factory):
     srv = Server(smollm_dir, tmp_path_factory.mktemp("server"))
     yield srv
     srv.stop()
+
+
+class LauncherServer:
+    """`pytgi-launcher` as a real process; same interface as Server."""
+
+    def __init__(self, workdir: Path, args=()) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = workdir / "launcher.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "launcher.cli", "--port", str(self.port), "--master-port", str(free_port()),
+             "--max-batch-prefill-tokens", "256", "--max-total-tokens", "2048", "--max-input-tokens", "1500",
+             "--kv-cache-memory", "256MiB", *args],
+            stderr=open(self.log, "w"),
+            stdout=subprocess.DEVNULL,
+        )
+        try:
+            wait_http(self.url + "/health", [self.proc], timeout=300)
+        except Exception as exc:
+            self.stop()
+            raise RuntimeError(self.log.read_text()) from exc
+
+    metric = Server.metric
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()

@@ -1,0 +1,121 @@
+"""Tensor parallelism on CPU (gloo): sharded ranks give the single-shard tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from router.client import ShardedClient
+from router.types import Params, ShardRequest
+from tests.conftest import free_port
+from tests.helpers import make_engine, run_to_end, spec
+from tests.test_engine_smollm import QUESTIONS
+
+
+class ShardGroup:
+    def __init__(self, model_dir, world_size: int, workdir) -> None:
+        self.uds = str(workdir / f"tp{world_size}")
+        port = str(free_port())
+        self.procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "shard.cli", "serve", str(model_dir), "--uds-path", self.uds,
+                 "--kv-cache-memory", "128MiB", "--rank", str(rank), "--world-size", str(world_size),
+                 "--master-port", port],
+                stderr=open(workdir / f"tp{world_size}-{rank}.log", "w"),
+            )
+            for rank in range(world_size)
+        ]  # fmt: skip
+        deadline = time.monotonic() + 180
+        for rank in range(world_size):
+            while not os.path.exists(f"{self.uds}-{rank}"):
+                assert all(p.poll() is None for p in self.procs), (workdir / f"tp{world_size}-{rank}.log").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+
+    def generate(self, prompts: list[str], new_tokens: int) -> tuple[dict, dict]:
+        async def go():
+            client = await ShardedClient.connect(f"unix://{self.uds}-0")
+            await client.warmup(None, 64, 1024)
+            params = Params(max_new_tokens=new_tokens, ignore_eos=True, add_special_tokens=False)
+            requests = [ShardRequest(i, p, params, [], 16) for i, p in enumerate(prompts)]
+            tokens, logprobs = {}, {}
+            step = await client.prefill(1, requests, None)
+            while True:
+                for g in step.generations:
+                    tokens.setdefault(g.request_id, []).extend(t.id for t in g.tokens)
+                    logprobs.setdefault(g.request_id, []).extend(t.logprob for t in g.tokens)
+                if step.batch is None:
+                    break
+                step = await client.decode([step.batch])
+            await client.close()
+            return tokens, logprobs
+
+        return asyncio.run(go())
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=30)
+
+
+def _single(model_dir, prompts, new_tokens):
+    engine = make_engine(model_dir)
+    c = run_to_end(engine, 1, [spec(i, p, new_tokens, ignore_eos=True) for i, p in enumerate(prompts)])
+    return c.tokens, c.logprobs
+
+
+def test_smollm_three_shards_equal_one(smollm_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    expected_tokens, expected_logprobs = _single(smollm_dir, prompts, 16)
+    group = ShardGroup(smollm_dir, 3, tmp_path)
+    try:
+        tokens, logprobs = group.generate(prompts, 16)
+    finally:
+        group.stop()
+    assert tokens == expected_tokens
+    for i in expected_tokens:
+        assert max(abs(a - b) for a, b in zip(logprobs[i], expected_logprobs[i], strict=True)) < 1e-3
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tiny_model_equal_tokens_at_2_and_4_shards(tiny_model_dir, tmp_path, world_size):
+    prompts = ["The quick brown fox", "Hello there", "1 2 3 4 5 6 7", "In a hole in the ground"]
+    expected, _ = _single(tiny_model_dir, prompts, 8)
+    group = ShardGroup(tiny_model_dir, world_size, tmp_path)
+    try:
+        tokens, _ = group.generate(prompts, 8)
+    finally:
+        group.stop()
+    assert tokens == expected
+
+
+def test_rank_that_never_joins_is_a_clear_error(tiny_model_dir, tmp_path):
+    """Rank 0 of 2 alone: it gives up after --distributed-timeout with a message."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shard.cli", "serve", str(tiny_model_dir), "--uds-path", str(tmp_path / "x"),
+         "--rank", "0", "--world-size", "2", "--master-port", str(free_port()), "--distributed-timeout", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "could not join the 2-rank gloo group" in result.stderr
+
+
+def test_launcher_refuses_two_shards_for_smollm(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "--num-shard", "2", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cannot shard over 2 ranks" in result.stderr and "shard counts that work: 1, 3" in result.stderr
