@@ -28,6 +28,10 @@ class ShardConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     attention: str = "reference"
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address
+    # the router on node 0 uses to reach this rank. None: Unix socket only (one machine).
+    grpc_host: str | None = None
+    grpc_port_base: int = 50051
 
     @property
     def socket_path(self) -> str:
@@ -38,8 +42,16 @@ class ShardConfig:
     def url(self) -> str:
         return f"unix://{self.socket_path}"
 
-    def url_of(self, rank: int) -> str:
-        return f"unix://{self.uds_path}-{rank}"
+    @property
+    def tcp_address(self) -> str | None:
+        if self.grpc_host is None:
+            return None
+        return f"{self.grpc_host}:{self.grpc_port_base + self.rank}"
+
+    @property
+    def advertised_url(self) -> str:
+        """How other processes reach this rank: TCP when multi-node, else the Unix socket."""
+        return self.tcp_address or self.url
 
 
 @dataclass(frozen=True, slots=True)

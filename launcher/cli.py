@@ -113,6 +113,12 @@ def option(name: str, **kwargs):
     default=30.0,
     help="Seconds running requests get after SIGTERM.",
 )
+@option("--nnodes", type=int, default=1, help="Machines in the tensor-parallel group.")
+@option("--node-rank", type=int, default=0, help="This machine's index; node 0 runs the router.")
+@option("--shard-host", default=None, help="Multi-node: address node 0 reaches this machine on.")
+@option(
+    "--shard-port-base", type=int, default=50051, help="Multi-node: rank r uses TCP port base + r."
+)
 @option(
     "--startup-timeout",
     type=float,
@@ -127,7 +133,7 @@ def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     try:
         config.check_limits()
         check_port_free(config.hostname, config.port)
-        model_dir = resolve_model(config.model_id, config.num_shard)
+        model_dir = resolve_model(config.model_id, config.world_size)
         supervisor = Supervisor(config, model_dir)
         supervisor.install_signal_handlers()
         supervisor.start()

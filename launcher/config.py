@@ -39,6 +39,24 @@ class LauncherConfig:
     json_output: bool = False
     graceful_termination_timeout: float = 30.0
     startup_timeout: float = 600.0
+    nnodes: int = 1
+    node_rank: int = 0
+    shard_host: str | None = None
+    shard_port_base: int = 50051
+
+    @property
+    def world_size(self) -> int:
+        return self.num_shard * self.nnodes
+
+    @property
+    def ranks(self) -> range:
+        """Global ranks of the shards this node starts."""
+        first = self.node_rank * self.num_shard
+        return range(first, first + self.num_shard)
+
+    @property
+    def runs_router(self) -> bool:
+        return self.node_rank == 0
 
     def check_limits(self) -> None:
         """Contradicting limits end the start-up before anything is spawned."""
@@ -59,6 +77,13 @@ class LauncherConfig:
         for name in ("max_concurrent_requests", "max_best_of", "payload_limit"):
             if getattr(self, name) < 1:
                 raise LaunchError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.nnodes > 1 and not self.shard_host:
+            raise LaunchError(
+                "--nnodes > 1 needs --shard-host: the address of this machine that node 0's "
+                "router can reach the shards on"
+            )
         if not 0 < self.cuda_memory_fraction <= 1:
             raise LaunchError(
                 f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}"

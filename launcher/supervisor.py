@@ -100,6 +100,8 @@ class Supervisor:
             args += ["--dtype", c.dtype]
         if c.max_input_tokens:
             args += ["--max-input-tokens", str(c.max_input_tokens)]
+        if c.nnodes > 1:
+            args += ["--grpc-host", str(c.shard_host), "--grpc-port-base", str(c.shard_port_base)]
         if c.kv_cache_memory:
             args += ["--kv-cache-memory", c.kv_cache_memory]
         args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
@@ -126,18 +128,23 @@ class Supervisor:
     # ---- stages ----
     def start(self) -> None:
         c = self.config
-        log.info("starting %d shard(s) for %s", c.num_shard, self.model_dir)
-        for rank in range(c.num_shard):
+        log.info("starting shard(s) %s of %d for %s", list(c.ranks), c.world_size, self.model_dir)
+        for rank in c.ranks:
             env = {
                 "RANK": str(rank),
-                "WORLD_SIZE": str(c.num_shard),
+                "WORLD_SIZE": str(c.world_size),
                 "MASTER_ADDR": c.master_addr,
                 "MASTER_PORT": str(c.master_port),
             }
             self.children.append(Child(f"shard {rank}", self._shard_args(), env))
-        for rank in range(c.num_shard):
+        for rank in c.ranks:
             self._wait_shard(rank)
             log.info("shard %d is ready", rank)
+        if not c.runs_router:
+            log.info(
+                "node %d of %d: shards ready; the router runs on node 0", c.node_rank, c.nnodes
+            )
+            return
         log.info("starting the router (Warmup sizes the KV cache)")
         router_env = {"API_KEY": c.api_key} if c.api_key else {}
         self.children.append(Child("router", self._router_args(), router_env))
@@ -226,7 +233,7 @@ class Supervisor:
                 child.terminate()
             for child in group:
                 clean &= child.wait(timeout)
-        for rank in range(self.config.num_shard):  # a killed shard leaves its socket behind
+        for rank in self.config.ranks:  # a killed shard leaves its socket behind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.uds_path}-{rank}")
         if self.socket_dir is not None:

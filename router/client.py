@@ -176,6 +176,12 @@ class ShardedClient:
     async def health(self, timeout: float = 10.0) -> None:
         await self._all("Health", pb.HealthRequest(), timeout=timeout)
 
+    async def wait_until_healthy(self, timeout: float) -> None:
+        """Waits until every shard answers Health (wait_for_ready), up to `timeout` seconds."""
+        request = pb.HealthRequest()
+        calls = (s.Health(request, timeout=timeout, wait_for_ready=True) for s in self._stubs)
+        await asyncio.gather(*calls)
+
     async def clear_cache(self, batch_id: int | None) -> None:
         await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))
 

@@ -18,6 +18,7 @@ from router.validation import Limits, Validator
 
 log = logging.getLogger("router")
 DEFAULT_PREFILL_TOKENS = 2048
+SHARD_WAIT_SECONDS = 300.0
 
 
 class StartupError(Exception):
@@ -69,6 +70,7 @@ async def build_state(config: RouterConfig) -> RouterState:
     tokenizer, template = load_tokenizer(config.tokenizer_name)
     try:
         client = await ShardedClient.connect(config.master_url)
+        await client.wait_until_healthy(SHARD_WAIT_SECONDS)  # ranks on other nodes may lag
         await client.clear_cache(None)
         info = await client.info()
     except Exception as exc:  # noqa: BLE001

@@ -87,8 +87,26 @@ def main() -> None:
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block.")
 @click.option("--attention", default="reference", show_default=True, help="Attention backend.")
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads [default: all].")
-@click.option("--distributed-timeout", "dist_timeout", type=float, default=120.0, show_default=True,
-              help="Seconds to wait for every rank to join, and for each collective.")
+@click.option(
+    "--grpc-host",
+    default=None,
+    help="Multi-node: also listen on TCP at this address (port --grpc-port-base + rank).",
+)
+@click.option(
+    "--grpc-port-base",
+    type=int,
+    default=50051,
+    show_default=True,
+    help="Multi-node: rank r listens on this port + r.",
+)
+@click.option(
+    "--distributed-timeout",
+    "dist_timeout",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds to wait for every rank to join, and for each collective.",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines instead of text.")
 def serve(
     model_dir: str, json_output: bool, kv_cache_memory: str | None, dist_timeout: float, **options
@@ -104,7 +122,7 @@ def serve(
         import torch
 
         from shard.engine import ShardEngine
-        from shard.parallel import init_distributed
+        from shard.parallel import gather_urls, init_distributed
         from shard.server import serve as serve_async
 
         threads = config.num_threads
@@ -120,8 +138,9 @@ def serve(
             torch.device(config.device).type,
             dist_timeout,
         )
+        urls = gather_urls(config.advertised_url, config.world_size)
         engine = ShardEngine(config)
-        asyncio.run(serve_async(config, engine))
+        asyncio.run(serve_async(config, engine, urls))
     except ShardError as exc:
         log.error("%s", exc)
         sys.exit(1)

@@ -34,7 +34,12 @@ class Parallel:
 
 
 def init_distributed(
-    rank: int, world_size: int, master_addr: str, master_port: int, device_type: str, timeout_s: float
+    rank: int,
+    world_size: int,
+    master_addr: str,
+    master_port: int,
+    device_type: str,
+    timeout_s: float,
 ) -> None:
     """Joins the torch.distributed group (gloo on CPU, NCCL on CUDA). A rank that does not
     arrive within `timeout_s` makes every other rank fail with a clear error, not hang."""
@@ -58,3 +63,12 @@ def init_distributed(
             f"rank {rank} could not join the {world_size}-rank {backend} group at "
             f"{master_addr}:{master_port} within {timeout_s:.0f} s: {exc}"
         ) from exc
+
+
+def gather_urls(own_url: str, world_size: int) -> list[str]:
+    """Every rank's advertised URL, in rank order (rank 0 answers ServiceDiscovery with it)."""
+    if world_size == 1:
+        return [own_url]
+    urls: list = [None] * world_size
+    dist.all_gather_object(urls, own_url)
+    return [str(u) for u in urls]

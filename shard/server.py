@@ -51,9 +51,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: ShardEngine, config: ShardConfig) -> None:
+    def __init__(
+        self, engine: ShardEngine, config: ShardConfig, urls: list[str] | None = None
+    ) -> None:
         self.engine = engine
         self.config = config
+        self.urls = urls or [config.url]
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
 
     async def _run(self, fn, *args) -> Any:
@@ -67,8 +70,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return pb.HealthResponse()
 
     async def ServiceDiscovery(self, request, context):
-        urls = [self.config.url_of(rank) for rank in range(self.config.world_size)]
-        return pb.ServiceDiscoveryResponse(urls=urls)
+        return pb.ServiceDiscoveryResponse(urls=self.urls)
 
     async def ClearCache(self, request, context):
         batch_id = request.id if request.HasField("id") else None
@@ -106,17 +108,20 @@ def _remove_socket(path: str) -> None:
         pass
 
 
-async def serve(config: ShardConfig, engine: ShardEngine) -> None:
-    """Serves until SIGTERM or SIGINT, then stops and removes the socket file."""
+async def serve(config: ShardConfig, engine: ShardEngine, urls: list[str] | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then stops and removes the socket file. `urls` are
+    every rank's advertised URLs, returned by ServiceDiscovery."""
     server = grpc.aio.server(interceptors=[ErrorInterceptor()])
     pb_grpc.add_TextGenerationServiceServicer_to_server(
-        TextGenerationService(engine, config), server
+        TextGenerationService(engine, config, urls), server
     )
     _remove_socket(config.socket_path)  # a stale file from a killed run
     server.add_insecure_port(config.url)
+    if config.tcp_address is not None:
+        server.add_insecure_port(config.tcp_address)
     await server.start()
     os.chmod(config.socket_path, 0o600)
-    log.info("shard %d/%d serving on %s", config.rank, config.world_size, config.url)
+    log.info("shard %d/%d serving on %s", config.rank, config.world_size, config.advertised_url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

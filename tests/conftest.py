@@ -188,9 +188,24 @@ class LauncherServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / "launcher.log"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "--port", str(self.port), "--master-port", str(free_port()),
-             "--max-batch-prefill-tokens", "256", "--max-total-tokens", "2048", "--max-input-tokens", "1500",
-             "--kv-cache-memory", "256MiB", *args],
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                "--port",
+                str(self.port),
+                "--master-port",
+                str(free_port()),
+                "--max-batch-prefill-tokens",
+                "256",
+                "--max-total-tokens",
+                "2048",
+                "--max-input-tokens",
+                "1500",
+                "--kv-cache-memory",
+                "256MiB",
+                *args,
+            ],
             stderr=open(self.log, "w"),
             stdout=subprocess.DEVNULL,
         )

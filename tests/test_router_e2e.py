@@ -237,7 +237,10 @@ def test_disconnected_streams_free_their_blocks(server):
 
 
 def test_disconnected_non_streaming_request_is_cancelled(server):
-    body = {"inputs": "Tell me a long story.", "parameters": {"max_new_tokens": 1000, "ignore_eos": True}}
+    body = {
+        "inputs": "Tell me a long story.",
+        "parameters": {"max_new_tokens": 1000, "ignore_eos": True},
+    }
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/generate", json=body, timeout=1.5)
     import time

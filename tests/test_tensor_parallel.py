@@ -33,7 +33,9 @@ class ShardGroup:
         deadline = time.monotonic() + 180
         for rank in range(world_size):
             while not os.path.exists(f"{self.uds}-{rank}"):
-                assert all(p.poll() is None for p in self.procs), (workdir / f"tp{world_size}-{rank}.log").read_text()
+                assert all(p.poll() is None for p in self.procs), (
+                    workdir / f"tp{world_size}-{rank}.log"
+                ).read_text()
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
 
@@ -66,7 +68,9 @@ class ShardGroup:
 
 def _single(model_dir, prompts, new_tokens):
     engine = make_engine(model_dir)
-    c = run_to_end(engine, 1, [spec(i, p, new_tokens, ignore_eos=True) for i, p in enumerate(prompts)])
+    c = run_to_end(
+        engine, 1, [spec(i, p, new_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
+    )
     return c.tokens, c.logprobs
 
 
@@ -75,7 +79,9 @@ def test_smollm_three_shards_equal_one(smollm_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
     prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
         for q in QUESTIONS
     ]
     expected_tokens, expected_logprobs = _single(smollm_dir, prompts, 16)
@@ -86,7 +92,9 @@ def test_smollm_three_shards_equal_one(smollm_dir, tmp_path):
         group.stop()
     assert tokens == expected_tokens
     for i in expected_tokens:
-        assert max(abs(a - b) for a, b in zip(logprobs[i], expected_logprobs[i], strict=True)) < 1e-3
+        assert (
+            max(abs(a - b) for a, b in zip(logprobs[i], expected_logprobs[i], strict=True)) < 1e-3
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -115,7 +123,69 @@ def test_rank_that_never_joins_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_launcher_refuses_two_shards_for_smollm(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "--num-shard", "2", "--port", str(free_port())],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
-    assert "cannot shard over 2 ranks" in result.stderr and "shard counts that work: 1, 3" in result.stderr
+    assert (
+        "cannot shard over 2 ranks" in result.stderr
+        and "shard counts that work: 1, 3" in result.stderr
+    )
+
+
+def test_two_nodes_on_one_machine(tiny_model_dir, tmp_path):
+    """Two launchers as two 'nodes' (1 rank each) form one group over TCP; node 0's router
+    serves the same greedy tokens as a single shard."""
+    import httpx
+
+    from tests.conftest import wait_http
+
+    master, http_port, grpc_base = free_port(), free_port(), free_port()
+    common = ["--model-id", str(tiny_model_dir), "--nnodes", "2", "--master-port", str(master),
+              "--shard-host", "127.0.0.1", "--shard-port-base", str(grpc_base), "--kv-cache-memory", "64MiB",
+              "--max-total-tokens", "1024", "--max-batch-prefill-tokens", "128"]  # fmt: skip
+    node1 = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            *common,
+            "--node-rank",
+            "1",
+            "--port",
+            str(free_port()),
+        ],
+        stderr=open(tmp_path / "node1.log", "w"),
+    )
+    node0 = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            *common,
+            "--node-rank",
+            "0",
+            "--port",
+            str(http_port),
+        ],
+        stderr=open(tmp_path / "node0.log", "w"),
+    )
+    try:
+        url = f"http://127.0.0.1:{http_port}"
+        wait_http(url + "/health", [node0, node1], timeout=300)
+        assert httpx.get(url + "/info").json()["num_shards"] == 2
+        body = {
+            "inputs": "The quick brown fox",
+            "parameters": {"max_new_tokens": 8, "details": True, "ignore_eos": True},
+        }
+        reply = httpx.post(url + "/generate", json=body, timeout=120).json()
+        ids = [t["id"] for t in reply["details"]["tokens"]]
+        expected, _ = _single(tiny_model_dir, ["The quick brown fox"], 8)
+        assert ids == expected[0]
+        assert "the router runs on node 0" in (tmp_path / "node1.log").read_text()
+    finally:
+        for proc in (node0, node1):
+            proc.terminate()
+        for proc in (node0, node1):
+            proc.wait(timeout=60)
