@@ -51,15 +51,22 @@ def measure(num_shard: int, port: int) -> list[tuple[str, float]]:
                 if launcher.poll() is not None:
                     sys.exit("launcher failed")
                 time.sleep(0.5)
-        body = json.dumps({"inputs": "Tell me about the sea. " * 20, "parameters": {"max_new_tokens": 32}}).encode()
+        body = json.dumps(
+            {"inputs": "Tell me about the sea. " * 20, "parameters": {"max_new_tokens": 32}}
+        ).encode()
         for _ in range(3):
-            request = urllib.request.Request(url + "/generate", body, {"content-type": "application/json"})
+            request = urllib.request.Request(
+                url + "/generate", body, {"content-type": "application/json"}
+            )
             urllib.request.urlopen(request, timeout=300).read()
         rows = []
         for pid in children(launcher.pid):
             cmdline = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
             if "shard.cli" in cmdline:
-                name = "shard rank " + (Path(f"/proc/{pid}/environ").read_text().split("RANK=")[1].split("\0")[0])
+                name = (
+                    "shard rank "
+                    + (Path(f"/proc/{pid}/environ").read_text().split("RANK=")[1].split("\0")[0])
+                )
             elif "router.cli" in cmdline:
                 name = "router"
             else:
@@ -83,8 +90,12 @@ def main() -> None:
     print(text)
     if args.append:
         with RESULTS.open("a") as f:
-            f.write(f"\n### Peak RSS per process, 1 vs 3 tensor-parallel shards ({time.strftime('%Y-%m-%d')})\n\n")
-            f.write("Command: `python benchmarks/tp_memory.py` (KV cache 256 MiB per rank; 3 requests served)\n\n")
+            f.write(
+                f"\n### Peak RSS per process, 1 vs 3 tensor-parallel shards ({time.strftime('%Y-%m-%d')})\n\n"
+            )
+            f.write(
+                "Command: `python benchmarks/tp_memory.py` (KV cache 256 MiB per rank; 3 requests served)\n\n"
+            )
             f.write(text + "\n")
 
 

@@ -27,11 +27,14 @@ class ShardConfig:
     cuda_memory_fraction: float = 0.9
     block_size: int = DEFAULT_BLOCK_SIZE
     attention: str = "reference"
+    pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address
     # the router on node 0 uses to reach this rank. None: Unix socket only (one machine).
     grpc_host: str | None = None
     grpc_port_base: int = 50051
+    # Test-only fault hook: when this file exists at a forward, the forward raises (once).
+    fault_file: str | None = None
 
     @property
     def socket_path(self) -> str:

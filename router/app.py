@@ -140,6 +140,8 @@ def create_app(state: RouterState) -> FastAPI:
             await state.scheduler.client.health()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001
             return error_response(503, "unhealthy", f"a shard is not healthy: {exc}")
+        if not await state.scheduler.confirm_liveness():
+            return error_response(503, "unhealthy", "the shards failed a liveness prefill")
         return Response(status_code=200)
 
     @app.get("/metrics", summary="Prometheus metrics")

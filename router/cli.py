@@ -31,10 +31,23 @@ async def serve(config: RouterConfig) -> None:
     )
     loop_task = asyncio.ensure_future(state.scheduler.run())
     original_exit = server.handle_exit
+    loop = asyncio.get_running_loop()
 
-    def on_exit(sig, frame):  # stop taking requests at once, let running ones finish
+    async def drain_then_exit() -> None:
+        """New requests get 503 while running ones finish (up to the timeout); then exit."""
+        deadline = loop.time() + config.graceful_termination_timeout
+        while state.in_flight > 0 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("drained (%d requests still running); stopping", state.in_flight)
+        server.should_exit = True
+
+    def on_exit(sig, frame):
+        if state.is_draining:  # a second signal: stop now
+            original_exit(sig, frame)
+            return
+        log.info("signal received: refusing new requests, finishing running ones")
         state.is_draining = True
-        original_exit(sig, frame)
+        loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain_then_exit()))
 
     server.handle_exit = on_exit  # type: ignore[method-assign]
     log.info("router listening on http://%s:%d", config.hostname, config.port)

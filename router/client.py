@@ -24,6 +24,8 @@ from router.types import (
     WarmupOut,
 )
 
+LIVENESS_ID = 2**64 - 1  # request and batch id of liveness prefills; never a real request's
+
 FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
     pb.FINISH_REASON_EOS_TOKEN: "eos_token",
@@ -212,6 +214,14 @@ class ShardedClient:
     async def decode(self, batches: list[CachedBatch]) -> StepOut:
         message = pb.DecodeRequest(batches=[cached_pb(b) for b in batches])
         return _merge_steps(await self._all("Decode", message))
+
+    async def liveness_prefill(self) -> None:
+        """A one-token prefill on block 0 (reserved for this), to confirm the shards compute."""
+        params = Params(max_new_tokens=1, ignore_eos=True)
+        request = ShardRequest(LIVENESS_ID, "ok", params, [0], 1)
+        message = pb.PrefillRequest(batch=batch_pb(LIVENESS_ID, [request]))
+        message.batch.requests[0].ClearField("slots")
+        await self._all("Prefill", message, timeout=60)
 
     async def filter_batch(self, batch_id: int, request_ids: list[int]) -> CachedBatch:
         message = pb.FilterBatchRequest(batch_id=batch_id, request_ids=request_ids)

@@ -71,7 +71,11 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._batch_ids = itertools.count(1)
         self.num_failed_steps = 0
+        self.num_confirmed_failures = 0  # failures after which a liveness prefill succeeded
         self._pending_clears: list[int] = []
+        # Every call that runs a forward goes out under this lock, so all ranks see the
+        # same order of calls (their collectives must match).
+        self.call_lock = asyncio.Lock()
 
     # ---- used by the HTTP layer ----
     def submit(self, entry: Entry) -> None:
@@ -222,6 +226,20 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001
             self._fail_batch(keep, [batch.id], exc)
             return None
+
+    async def confirm_liveness(self) -> bool:
+        """After a failed step: True once a one-token prefill succeeds on every shard."""
+        failures = self.num_failed_steps
+        if failures == self.num_confirmed_failures:
+            return True
+        try:
+            async with self.call_lock:
+                await self.client.liveness_prefill()  # type: ignore[attr-defined]
+        except Exception as exc:  # noqa: BLE001
+            log.warning("liveness prefill failed: %s", _describe(exc))
+            return False
+        self.num_confirmed_failures = failures
+        return True
 
     # ---- bookkeeping ----
     def _release(self, entry: Entry) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +56,16 @@ class Validator:
     def _check_parameters(self, p: GenerateParameters) -> int:
         """Checks every parameter on its own; returns best_of."""
         lim = self.limits
+        for name in (
+            "temperature",
+            "top_p",
+            "typical_p",
+            "repetition_penalty",
+            "frequency_penalty",
+        ):
+            value = getattr(p, name)
+            if value is not None and not math.isfinite(value):
+                raise ValidationError(f"`{name}` must be a finite number. Given: {value}")
         best_of = p.best_of if p.best_of is not None else 1
         if not 0 < best_of <= lim.max_best_of:
             raise ValidationError(

@@ -107,6 +107,18 @@ def main() -> None:
     show_default=True,
     help="Seconds to wait for every rank to join, and for each collective.",
 )
+@click.option(
+    "--pack-linear/--no-pack-linear",
+    default=True,
+    show_default=True,
+    help="CPU: keep linear weights in oneDNN's packed layout (faster decode).",
+)
+@click.option(
+    "--fault-file",
+    default=None,
+    hidden=True,
+    help="Test-only: a forward raises (once) while this file exists.",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines instead of text.")
 def serve(
     model_dir: str, json_output: bool, kv_cache_memory: str | None, dist_timeout: float, **options

@@ -8,6 +8,7 @@ the router's unless it sent none (then the shard numbers them and frees them its
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -71,7 +72,12 @@ class ShardEngine:
         }
         self.backend = get_backend(config.attention)
         self.model = LlamaModel(
-            self.spec, WeightStore(config.model_dir), self.dtype, self.device, self.parallel
+            self.spec,
+            WeightStore(config.model_dir),
+            self.dtype,
+            self.device,
+            self.parallel,
+            pack_linear=config.pack_linear,
         )
         self.block_size = config.block_size
         self.kv: KVCache | None = None
@@ -115,6 +121,7 @@ class ShardEngine:
             )
         self.clear(None)
         self.kv = None
+        self.max_input_tokens, self.max_total_tokens = inputs, total
         self._warmup_prefill(specs, max_prefill_tokens)
         num_blocks = memory.num_kv_blocks(self.config, self.spec, self.parallel, self.dtype)
         capacity = (num_blocks - 1) * self.block_size
@@ -125,7 +132,6 @@ class ShardEngine:
                 "--max-total-tokens"
             )
         self._allocate_kv(num_blocks)
-        self.max_input_tokens, self.max_total_tokens = inputs, total
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size, capacity
         )
@@ -133,14 +139,19 @@ class ShardEngine:
 
     def _warmup_prefill(self, specs: list[RequestSpec], max_prefill_tokens: int) -> None:
         if not specs and max_prefill_tokens > 0:
+            # max_prefill_tokens prompt tokens in requests no longer than max_input_tokens
+            sizes = [self.max_input_tokens] * (max_prefill_tokens // self.max_input_tokens)
+            if max_prefill_tokens % self.max_input_tokens:
+                sizes.append(max_prefill_tokens % self.max_input_tokens)
             specs = [
                 RequestSpec(
-                    id=0,
+                    id=i,
                     inputs="",
-                    input_ids=[0] * max_prefill_tokens,
+                    input_ids=[0] * size,
                     sampling=memory.GREEDY,
                     max_new_tokens=1,
                 )
+                for i, size in enumerate(sizes)
             ]
         if not specs:
             return
@@ -308,6 +319,12 @@ class ShardEngine:
     def _validate_blocks(self, spec: RequestSpec, prompt_len: int) -> None:
         assert self.kv is not None
         rid, blocks = spec.id, spec.blocks
+        if blocks == [0]:  # a liveness prefill: block 0 is reserved for it (and padding)
+            if prompt_len + spec.max_new_tokens - 1 > self.block_size:
+                raise InvalidRequest(
+                    f"request {rid}: a liveness prefill on block 0 must fit one block"
+                )
+            return
         bad = [b for b in blocks if not 0 < b < self.kv.num_blocks]
         if bad:
             raise InvalidRequest(
@@ -353,6 +370,13 @@ class ShardEngine:
             owns_blocks=owns,
             prompt_logprobs=[float("nan")] * (spec.cache_len + 1) if spec.prefill_logprobs else [],
         )
+
+    def check_fault(self) -> None:
+        """The test-only fault hook (--fault-file): raise inside this forward, once."""
+        path = self.config.fault_file
+        if path and os.path.exists(path):
+            os.unlink(path)
+            raise RuntimeError(f"injected fault ({path})")
 
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
         return run_step(self, batch, start_ns, concat_ns)

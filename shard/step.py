@@ -27,6 +27,7 @@ def run_step(engine: ShardEngine, batch: Batch, start_ns: int, concat_ns: int | 
     """Computes the next tokens of every unfinished request; emits a token for each request
     whose computed tokens caught up with its tokens. Drops the batch when all finished."""
     active = [r for r in batch.requests if not r.is_finished]
+    engine.check_fault()
     forward_start = time.perf_counter_ns()
     emitting: list[RequestState] = []
     with torch.inference_mode():

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 # Batch-size hint for oneDNN's weight layout; measured fastest over batches 1..57.
 _PACK_HINT = 32
+# oneDNN caches one primitive per input shape: row counts above this are padded up to a
+# multiple of it, so the cache (and the memory it holds) stays bounded under any traffic.
+_ROW_BUCKET = 64
 _PACKABLE = (torch.float32, torch.bfloat16)
 
 
@@ -49,5 +52,8 @@ class Linear:
             return F.linear(x, self.weight, self.bias)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        rows = flat.shape[0]
+        if rows > _ROW_BUCKET and rows % _ROW_BUCKET:
+            flat = F.pad(flat, (0, 0, 0, _ROW_BUCKET - rows % _ROW_BUCKET))
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
-        return out.view(*shape[:-1], self.out_features)
+        return out[:rows].view(*shape[:-1], self.out_features)

@@ -1,0 +1,119 @@
+"""Soak: many requests of mixed lengths at a fixed concurrency, some cancelled by their clients.
+
+Every request must end with its full answer or a clear error; afterwards no KV block may be
+held, and the router's and shard's memory must not drift. `run_soak` is used by the test
+suite (tests/test_reliability.py); run this file to soak a server you started yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import random
+import time
+from pathlib import Path
+
+import httpx
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _one(client: httpx.AsyncClient, url: str, rng: random.Random, cancel: bool) -> str:
+    words = rng.randint(4, 120)
+    new_tokens = rng.randint(1, 48)
+    body = {"inputs": " ".join(rng.choice(["sea", "sky", "tree", "stone", "river"]) for _ in range(words)),
+            "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True, "details": True}}  # fmt: skip
+    if cancel:
+        async with client.stream("POST", url + "/generate_stream", json=body) as reply:
+            async for line in reply.aiter_lines():
+                if line.startswith("data:"):
+                    return "cancelled"
+        return "cancelled"
+    reply = await client.post(url + "/generate", json=body)
+    if reply.status_code != 200:
+        payload = reply.json()
+        assert payload["error"] and payload["error_type"]
+        return f"error {reply.status_code} {payload['error_type']}"
+    if reply.json()["details"]["generated_tokens"] != new_tokens:
+        return "incomplete"
+    return "ok"
+
+
+async def run_soak(
+    url: str,
+    total: int,
+    concurrency: int,
+    cancel_fraction: float,
+    seed: int,
+    pids: dict[str, int],
+    time_limit: float,
+) -> dict:
+    rng = random.Random(seed)
+    outcomes: collections.Counter[str] = collections.Counter()
+    memory: dict[str, list[float]] = {name: [] for name in pids}
+    sent = 0
+    started = time.monotonic()
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal sent
+        while sent < total and time.monotonic() - started < time_limit:
+            sent += 1
+            if sent % max(1, total // 20) == 0:
+                for name, pid in pids.items():
+                    memory[name].append(rss_mib(pid))
+            try:
+                outcomes[await _one(client, url, rng, rng.random() < cancel_fraction)] += 1
+            except httpx.HTTPError as exc:
+                outcomes[f"transport {type(exc).__name__}"] += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    drift = {}
+    for name, samples in memory.items():
+        quarter = max(1, len(samples) // 4)
+        first, last = sum(samples[:quarter]) / quarter, sum(samples[-quarter:]) / quarter
+        drift[name] = {
+            "first_quarter_mib": round(first, 1),
+            "last_quarter_mib": round(last, 1),
+            "drift": round(last / first - 1, 4),
+        }
+    return {
+        "sent": sent,
+        "seconds": round(time.monotonic() - started, 1),
+        "outcomes": dict(outcomes),
+        "memory": drift,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--cancel-fraction", type=float, default=0.1)
+    parser.add_argument("--router-pid", type=int, required=True)
+    parser.add_argument("--shard-pid", type=int, required=True)
+    args = parser.parse_args()
+    pids = {"router": args.router_pid, "shard": args.shard_pid}
+    print(
+        json.dumps(
+            asyncio.run(
+                run_soak(
+                    args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600
+                )
+            ),
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
