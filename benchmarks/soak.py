@@ -93,26 +93,75 @@ async def run_soak(
     }
 
 
+def _children(pid: int) -> dict[str, int]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cmdline = (entry / "cmdline").read_text()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found["shard" if "shard.cli" in cmdline else "router"] = int(entry.name)
+    return found
+
+
+def _metric(url: str, name: str) -> float:
+    import urllib.request
+
+    for line in urllib.request.urlopen(url + "/metrics").read().decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def launch_and_soak(args) -> dict:
+    """Starts pytgi-launcher on the embedded model, soaks it, stops it with SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    url = f"http://127.0.0.1:{args.port}"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "--port", str(args.port), "--max-total-tokens", "512",
+         "--max-input-tokens", "256", "--max-batch-prefill-tokens", "512", "--kv-cache-memory", "1GiB",
+         "--max-concurrent-requests", "256"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    report = asyncio.run(run_soak(url, args.requests, args.concurrency, args.cancel_fraction, 0, _children(launcher.pid), 3600))
+    time.sleep(1)
+    report["kv_blocks_used_after"] = _metric(url, "pytgi_kv_blocks_used")
+    started = time.monotonic()
+    launcher.send_signal(signal.SIGTERM)
+    report["launcher_exit_code"] = launcher.wait(timeout=120)
+    report["teardown_seconds"] = round(time.monotonic() - started, 2)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--url", default="http://127.0.0.1:3000")
+    parser.add_argument("--url", default=None, help="soak a running server (else launch one)")
+    parser.add_argument("--port", type=int, default=3991)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--cancel-fraction", type=float, default=0.1)
-    parser.add_argument("--router-pid", type=int, required=True)
-    parser.add_argument("--shard-pid", type=int, required=True)
+    parser.add_argument("--router-pid", type=int, default=None)
+    parser.add_argument("--shard-pid", type=int, default=None)
     args = parser.parse_args()
-    pids = {"router": args.router_pid, "shard": args.shard_pid}
-    print(
-        json.dumps(
-            asyncio.run(
-                run_soak(
-                    args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600
-                )
-            ),
-            indent=1,
-        )
-    )
+    if args.url is None:
+        report = launch_and_soak(args)
+    else:
+        pids = {k: v for k, v in (("router", args.router_pid), ("shard", args.shard_pid)) if v}
+        report = asyncio.run(run_soak(args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

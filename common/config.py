@@ -28,6 +28,7 @@ class ShardConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     attention: str = "reference"
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
+    use_prefix_caching: bool = True  # reported by Info; the router shares cached prefixes
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address
     # the router on node 0 uses to reach this rank. None: Unix socket only (one machine).
@@ -85,6 +86,7 @@ class RouterConfig:
     payload_limit: int = 2_000_000
     graceful_termination_timeout: float = 30.0
     json_output: bool = False
+    prefix_caching: bool = True  # effective only when the shards report use_prefix_caching
 
     @property
     def master_url(self) -> str:

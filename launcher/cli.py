@@ -106,6 +106,11 @@ def option(name: str, **kwargs):
 @option("--api-key", default=None, help="Bearer token required on generation routes.")
 @option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable).")
 @option("--payload-limit", type=int, default=2_000_000, help="Largest request body in bytes.")
+@option(
+    "--prefix-caching/--no-prefix-caching",
+    default=True,
+    help="Reuse the K/V of cached prompt prefixes; the chunk budget is --max-batch-prefill-tokens.",
+)
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",

@@ -39,6 +39,7 @@ class LauncherConfig:
     json_output: bool = False
     graceful_termination_timeout: float = 30.0
     startup_timeout: float = 600.0
+    prefix_caching: bool = True
     nnodes: int = 1
     node_rank: int = 0
     shard_host: str | None = None

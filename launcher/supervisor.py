@@ -105,6 +105,8 @@ class Supervisor:
         if c.kv_cache_memory:
             args += ["--kv-cache-memory", c.kv_cache_memory]
         args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
+        if not c.prefix_caching:
+            args.append("--no-prefix-caching")
         return args + (["--json-output"] if c.json_output else [])
 
     def _router_args(self) -> list[str]:
@@ -123,6 +125,8 @@ class Supervisor:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         for origin in c.cors_allow_origin:
             args += ["--cors-allow-origin", origin]
+        if not c.prefix_caching:
+            args.append("--no-prefix-caching")
         return args + (["--json-output"] if c.json_output else [])
 
     # ---- stages ----

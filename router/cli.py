@@ -137,6 +137,11 @@ async def serve(config: RouterConfig) -> None:
     default=30.0,
     help="Seconds running requests get after SIGTERM.",
 )
+@click.option(
+    "--prefix-caching/--no-prefix-caching",
+    default=True,
+    help="Reuse the K/V of cached prompt prefixes (when the shards support it).",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's and OpenAI's HTTP APIs over the shards at --master-shard-uds-path."""

@@ -80,6 +80,7 @@ class RouterState:
             inputs=valid.inputs,
             input_length=valid.input_length,
             params=params or valid.params,
+            input_ids=list(valid.input_ids),
         )
         self.scheduler.submit(entry)
         return entry

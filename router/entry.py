@@ -31,7 +31,10 @@ class Entry:
     inputs: str
     input_length: int
     params: Params
+    input_ids: list[int] = field(default_factory=list)  # the prompt as the shard will see it
     blocks: list[int] = field(default_factory=list)
+    cache_len: int = 0  # prompt tokens whose K/V come from the prefix cache
+    is_prompt_cached: bool = False  # its prompt blocks are registered in the prefix cache
     state: State = State.WAITING
     is_cancelled: bool = False
     queued_at: float = field(default_factory=time.monotonic)

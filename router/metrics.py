@@ -86,6 +86,15 @@ class Metrics:
         self.kv_blocks_used = Gauge(
             "pytgi_kv_blocks_used", "KV blocks held by requests", registry=r
         )
+        self.prefix_hits = Gauge(
+            "pytgi_prefix_cache_hits", "Requests that reused cached prefix blocks", registry=r
+        )
+        self.prefix_evictions = Gauge(
+            "pytgi_prefix_cache_evictions", "Cached blocks reclaimed for new requests", registry=r
+        )
+        self.prefix_tokens = Gauge(
+            "pytgi_prefix_cache_tokens_reused", "Prompt tokens not recomputed", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -101,6 +110,14 @@ class Metrics:
         self.batch_size.set(batch.size if batch else 0)
         self.batch_max_tokens.set(batch.max_tokens if batch else 0)
         self.queue_size.set(queue_size)
+
+    def on_evictions(self, total: int) -> None:
+        self.prefix_evictions.set(total)
+
+    def on_prefix(self, reused_tokens: int) -> None:
+        if reused_tokens:
+            self.prefix_hits.inc()
+            self.prefix_tokens.inc(reused_tokens)
 
     def on_blocks(self, free: int, used: int) -> None:
         self.kv_blocks_free.set(free)

@@ -57,21 +57,24 @@ class RequestQueue:
             if max_size is not None and len(admitted) >= max_size:
                 break
             entry = self._entries[0]
+            prefix = allocator.lookup(entry.input_ids)
+            cache_len = len(prefix) * allocator.block_size
+            to_compute = entry.input_length - cache_len
             room = prefill_budget - prefill_tokens
             chunk_len = None
-            if entry.input_length > room:
+            if to_compute > room:
                 if not allow_chunking or room <= 0:
                     break
                 chunk_len = room
             if total_tokens + entry.max_total_tokens > token_budget:
                 break
-            blocks = allocator.allocate(entry.max_total_tokens)
+            blocks = allocator.allocate(entry.max_total_tokens, prefix)
             if blocks is None:
                 break
             self._entries.popleft()
-            entry.blocks, entry.state = blocks, State.RUNNING
+            entry.blocks, entry.state, entry.cache_len = blocks, State.RUNNING, cache_len
             admitted.append(Admitted(entry, chunk_len))
-            prefill_tokens += chunk_len or entry.input_length
+            prefill_tokens += chunk_len or to_compute
             total_tokens += entry.max_total_tokens
             if chunk_len is not None:
                 break
@@ -83,5 +86,5 @@ class RequestQueue:
     def _put_back(self, admitted: list[Admitted], allocator: BlockAllocator) -> None:
         for item in reversed(admitted):
             allocator.free(item.entry.blocks)
-            item.entry.blocks, item.entry.state = [], State.WAITING
+            item.entry.blocks, item.entry.state, item.entry.cache_len = [], State.WAITING, 0
             self._entries.appendleft(item.entry)

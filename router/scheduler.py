@@ -53,6 +53,10 @@ class SchedulerMetrics(Protocol):
 
     def on_blocks(self, free: int, used: int) -> None: ...
 
+    def on_prefix(self, reused_tokens: int) -> None: ...
+
+    def on_evictions(self, total: int) -> None: ...
+
 
 class Scheduler:
     def __init__(
@@ -166,6 +170,7 @@ class Scheduler:
                     params=entry.params,
                     blocks=entry.blocks,
                     block_size=self.allocator.block_size,
+                    cache_len=entry.cache_len,
                     chunk_len=item.chunk_len,
                 )
             )
@@ -204,6 +209,11 @@ class Scheduler:
             entry = self.running.get(generation.request_id)
             if entry is None:
                 continue  # cancelled meanwhile; it leaves at the next filter
+            if not entry.is_prompt_cached:  # its prompt's K/V now exist: share them
+                entry.is_prompt_cached = True
+                self.allocator.register(entry.input_ids, entry.blocks)
+                if self.metrics:
+                    self.metrics.on_prefix(entry.cache_len)
             entry.push(generation)
             if generation.finished is not None:
                 self._release(entry)
@@ -278,6 +288,7 @@ class Scheduler:
         if self.metrics:
             self.metrics.on_batch(batch, len(self.queue))
             self.metrics.on_blocks(self.allocator.num_free, self.allocator.num_held)
+            self.metrics.on_evictions(self.allocator.num_evictions)
 
 
 def _describe(exc: Exception) -> str:

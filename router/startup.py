@@ -103,7 +103,9 @@ async def build_state(config: RouterConfig) -> RouterState:
     metrics = Metrics()
     scheduler = Scheduler(
         client,
-        BlockAllocator(num_blocks, info.block_size),
+        BlockAllocator(
+            num_blocks, info.block_size, config.prefix_caching and info.use_prefix_caching
+        ),
         BatchingConfig(
             max_batch_prefill_tokens=prefill_tokens,
             max_batch_total_tokens=total_budget,

@@ -33,6 +33,7 @@ class ValidRequest:
     input_length: int
     params: Params
     best_of: int
+    input_ids: tuple[int, ...] = ()  # after truncation, as the shard will tokenize them
 
 
 def _check_range(name: str, value: float | None, low: float, high: float) -> None:
@@ -161,4 +162,4 @@ class Validator:
             top_n_tokens=p.top_n_tokens or 0,
             add_special_tokens=add_special_tokens,
         )
-        return ValidRequest(inputs, input_length, params, best_of)
+        return ValidRequest(inputs, input_length, params, best_of, tuple(ids))

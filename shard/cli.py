@@ -108,6 +108,13 @@ def main() -> None:
     help="Seconds to wait for every rank to join, and for each collective.",
 )
 @click.option(
+    "--prefix-caching/--no-prefix-caching",
+    "use_prefix_caching",
+    default=True,
+    show_default=True,
+    help="Report prefix caching in Info (the router then reuses cached prompt K/V).",
+)
+@click.option(
     "--pack-linear/--no-pack-linear",
     default=True,
     show_default=True,

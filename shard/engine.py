@@ -93,6 +93,7 @@ class ShardEngine:
             device_type=self.device.type,
             block_size=self.block_size,
             attention_impl=self.backend.name,
+            use_prefix_caching=self.config.use_prefix_caching,
         )
 
     def health(self) -> None:
