@@ -136,7 +136,17 @@ def launch_and_soak(args) -> dict:
             break
         except OSError:
             time.sleep(0.5)
-    report = asyncio.run(run_soak(url, args.requests, args.concurrency, args.cancel_fraction, 0, _children(launcher.pid), 3600))
+    report = asyncio.run(
+        run_soak(
+            url,
+            args.requests,
+            args.concurrency,
+            args.cancel_fraction,
+            0,
+            _children(launcher.pid),
+            3600,
+        )
+    )
     time.sleep(1)
     report["kv_blocks_used_after"] = _metric(url, "pytgi_kv_blocks_used")
     started = time.monotonic()
@@ -160,7 +170,9 @@ def main() -> None:
         report = launch_and_soak(args)
     else:
         pids = {k: v for k, v in (("router", args.router_pid), ("shard", args.shard_pid)) if v}
-        report = asyncio.run(run_soak(args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600))
+        report = asyncio.run(
+            run_soak(args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600)
+        )
     print(json.dumps(report, indent=1))
 
 

@@ -87,17 +87,28 @@ SYSTEM = "You are a careful assistant. Answer briefly and precisely. " * 6
 
 def _workload() -> list[str]:
     rng = random.Random(3)
-    questions = ["What is the sea?", "Name a bird.", "Why is the sky blue?", "Count to three.", "Say hi."]
+    questions = [
+        "What is the sea?",
+        "Name a bird.",
+        "Why is the sky blue?",
+        "Count to three.",
+        "Say hi.",
+    ]
     prompts = [SYSTEM + q for q in questions]
     prompts += [SYSTEM[: 37 + 13 * i] + " and then" for i in range(4)]  # prefixes ending mid-block
     prompts += [prompts[0], prompts[0]]  # whole-prompt hits
-    prompts += [" ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(100)) for _ in range(12)]
+    prompts += [
+        " ".join(rng.choice(["alpha", "beta", "gamma"]) for _ in range(100)) for _ in range(12)
+    ]
     return prompts
 
 
 def _run(server: Server, prompts: list[str], concurrent: bool) -> list[str]:
     async def one(client, prompt):
-        reply = await client.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 12, "ignore_eos": True}})
+        reply = await client.post(
+            "/generate",
+            json={"inputs": prompt, "parameters": {"max_new_tokens": 12, "ignore_eos": True}},
+        )
         assert reply.status_code == 200, reply.text
         return reply.json()["generated_text"]
 
@@ -113,14 +124,28 @@ def _run(server: Server, prompts: list[str], concurrent: bool) -> list[str]:
 @pytest.mark.parametrize("kv_memory", ["64MiB", "512KiB"])  # 512 KiB: 63 blocks, evictions
 def test_outputs_identical_with_cache_on_and_off(smollm_dir, tiny_model_dir, tmp_path, kv_memory):
     prompts = _workload()
-    limits = ["--max-total-tokens", "512", "--max-input-tokens", "400", "--max-batch-prefill-tokens", "128"]
+    limits = [
+        "--max-total-tokens",
+        "512",
+        "--max-input-tokens",
+        "400",
+        "--max-batch-prefill-tokens",
+        "128",
+    ]
     results = {}
     for caching in ("--prefix-caching", "--no-prefix-caching"):
         workdir = tmp_path / caching.strip("-")
         workdir.mkdir()
-        srv = Server(tiny_model_dir, workdir, router_args=[*limits, caching], shard_args=["--kv-cache-memory", kv_memory])
+        srv = Server(
+            tiny_model_dir,
+            workdir,
+            router_args=[*limits, caching],
+            shard_args=["--kv-cache-memory", kv_memory],
+        )
         try:
-            results[caching] = _run(srv, prompts, concurrent=False) + _run(srv, prompts, concurrent=True)
+            results[caching] = _run(srv, prompts, concurrent=False) + _run(
+                srv, prompts, concurrent=True
+            )
             hits = srv.metric("pytgi_prefix_cache_hits")
             reused = srv.metric("pytgi_prefix_cache_tokens_reused")
             assert (hits > 0 and reused > 0) if caching == "--prefix-caching" else hits == 0

@@ -116,12 +116,19 @@ class ReferenceBackend(AttentionBackend):
 
     @staticmethod
     def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
-        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` over a cached prefix."""
-        q_t = q.transpose(0, 1)  # [H, n, D]
-        k_t = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [H, ctx, D]
-        v_t = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` over a cached prefix.
+
+        Inputs go in as 4-D [1, heads, len, D] with enable_gqa: that is what selects
+        PyTorch's fused CPU kernel (3-D inputs fall back to the quadratic math path)."""
+        q_t = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        k_t = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+        v_t = v.transpose(0, 1).unsqueeze(0)
         if mask is None:
-            out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True, scale=scale)
+            out = F.scaled_dot_product_attention(
+                q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=group > 1
+            )
         else:
-            out = F.scaled_dot_product_attention(q_t, k_t, v_t, attn_mask=mask, scale=scale)
-        return out.transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=group > 1
+            )
+        return out[0].transpose(0, 1)
