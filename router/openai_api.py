@@ -64,11 +64,12 @@ def _trim_stop(text: str, stops: list[str]) -> str:
     return text
 
 
-def _usage(valid: ValidRequest, generated: int) -> dict:
+def _usage(valids: list[ValidRequest], generated: int) -> dict:
+    prompt_tokens = sum(v.input_length for v in valids)
     return {
-        "prompt_tokens": valid.input_length,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": generated,
-        "total_tokens": valid.input_length + generated,
+        "total_tokens": prompt_tokens + generated,
     }
 
 
@@ -162,7 +163,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
             "finish_reason": FINISH[finished.finish_reason],
         }
     ]
-    response["usage"] = _usage(valid, finished.generated_tokens)
+    response["usage"] = _usage([valid], finished.generated_tokens)
     return JSONResponse(response)
 
 
@@ -193,7 +194,7 @@ async def _chat_stream(
                 yield sse({**base, "choices": [choice], "usage": None})
             if finished is not None and body.stream_options and body.stream_options.include_usage:
                 yield sse(
-                    {**base, "choices": [], "usage": _usage(valid, finished.generated_tokens)}
+                    {**base, "choices": [], "usage": _usage([valid], finished.generated_tokens)}
                 )
         yield sse("[DONE]")
     except HTTPError as exc:
@@ -273,13 +274,8 @@ async def completions(request: Request, body: CompletionRequest):
             }
         )
     response = _base("text_completion", state, request_id)
-    prompt_tokens = sum(v.input_length for v in valids)
     response["choices"] = choices
-    response["usage"] = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": generated,
-        "total_tokens": prompt_tokens + generated,
-    }
+    response["usage"] = _usage(valids, generated)
     return JSONResponse(response)
 
 
@@ -327,13 +323,7 @@ async def _completion_stream(
             generated += count
             yield sse({**base, "choices": [choice], "usage": None})
         if body.stream_options and body.stream_options.include_usage:
-            prompt_tokens = sum(v.input_length for v in valids)
-            usage = {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": generated,
-                "total_tokens": prompt_tokens + generated,
-            }
-            yield sse({**base, "choices": [], "usage": usage})
+            yield sse({**base, "choices": [], "usage": _usage(valids, generated)})
         yield sse("[DONE]")
     finally:
         for task in tasks:

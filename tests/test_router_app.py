@@ -115,3 +115,23 @@ async def test_unknown_route_and_method_keep_the_error_shape(client_for):
     assert missing.status_code == 404 and missing.json()["error_type"] == "not_found"
     wrong = await client.get("/generate")
     assert wrong.status_code == 405 and wrong.json()["error_type"] == "method_not_allowed"
+
+
+async def test_completions_usage_counts_every_prompt(client_for):
+    state, client = await client_for()
+    prompts = ["alpha beta", "gamma delta epsilon"]
+    expected_prompt = sum(len(state.validator.tokenizer.encode(p).ids) for p in prompts)
+    body = {"prompt": prompts, "max_tokens": 2, "temperature": 0}
+    usage = (await client.post("/v1/completions", json=body)).json()["usage"]
+    assert usage == {
+        "prompt_tokens": expected_prompt,
+        "completion_tokens": 4,
+        "total_tokens": expected_prompt + 4,
+    }
+    stream_body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    lines = (await client.post("/v1/completions", json=stream_body)).text.splitlines()
+    events = [line[6:] for line in lines if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    assert json.loads(events[-2])["usage"] == usage
