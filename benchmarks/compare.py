@@ -1,0 +1,149 @@
+"""pytgi against transformers on the same workload, weights, dtype and threads, in one run.
+
+Systems: pytgi through its HTTP API (`pytgi-launcher`, streamed by loadgen.py);
+transformers `generate` on static left-padded batches of `concurrency` requests;
+transformers' own continuous batching (`generate_batch`, paged attention) where the
+installed version has it. EOS is ignored everywhere, so every system does the same work;
+useful output tokens (each request's own max_new_tokens) are counted, padding is not.
+Static-batch TTFT is the batch's prefill time (a `max_new_tokens=1` generate of the batch).
+Prints a table with ratios; `--append` adds it to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import run_load, summarize  # noqa: E402
+from workloads import WORKLOADS, Request, single_token_words  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def pytgi(requests: list[Request], concurrency: int, port: int, dtype: str) -> dict:
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "--port", str(port), "--dtype", dtype, "--max-total-tokens", "1024",
+         "--max-input-tokens", "768", "--max-batch-prefill-tokens", "512", "--kv-cache-memory", "2GiB"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                break
+            except OSError:
+                if launcher.poll() is not None:
+                    sys.exit("pytgi failed to start")
+                time.sleep(0.5)
+        results, seconds = asyncio.run(run_load(url, "tgi", requests, concurrency, None, 3600))
+        summary = summarize(results, seconds, f"concurrency {concurrency}")
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        launcher.wait(timeout=120)
+    return {"tokens_per_s": summary["output_token_throughput"], "ttft_p50": summary["ttft_s"]["median"],
+            "failures": sum(summary["failures"].values())}  # fmt: skip
+
+
+def _ids(tokenizer, requests: list[Request]) -> list[list[int]]:
+    return [tokenizer(r.prompt, add_special_tokens=False).input_ids for r in requests]
+
+
+def static_batching(model, tokenizer, requests: list[Request], concurrency: int) -> dict:
+    useful, elapsed, ttfts = 0, 0.0, []
+    for start in range(0, len(requests), concurrency):
+        batch = requests[start : start + concurrency]
+        tokenizer.padding_side = "left"
+        enc = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        longest = max(r.max_new_tokens for r in batch)
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            ttfts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            elapsed += time.perf_counter() - t0
+        useful += sum(r.max_new_tokens for r in batch)
+    return {"tokens_per_s": useful / elapsed, "ttft_p50": statistics.median(ttfts), "failures": 0}
+
+
+def continuous_batching(model, tokenizer, requests: list[Request]) -> dict | None:
+    if not hasattr(model, "generate_batch"):
+        return None
+    from transformers import GenerationConfig
+
+    longest = max(r.max_new_tokens for r in requests)
+    config = GenerationConfig(max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                              eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    t0 = time.perf_counter()
+    model.generate_batch(inputs=_ids(tokenizer, requests), generation_config=config, progress_bar=False)
+    elapsed = time.perf_counter() - t0
+    # every request ran to the longest length here, so count only its useful tokens
+    return {"tokens_per_s": sum(r.max_new_tokens for r in requests) / elapsed, "ttft_p50": float("nan"), "failures": 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
+    parser.add_argument("--concurrency", type=int, action="append")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--port", type=int, default=3995)
+    parser.add_argument("--append", action="store_true")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shard.embedded import default_model_dir
+
+    model_dir = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    words = single_token_words(model_dir)
+    rows = []
+    for workload in args.workload or ["fixed", "varied"]:
+        for concurrency in args.concurrency or [32, 1]:
+            count = args.requests if concurrency > 1 else max(2, args.requests // 16)
+            requests = WORKLOADS[workload](count, 0, words)
+            ours = pytgi(requests, concurrency, args.port, args.dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+            static = static_batching(model, tokenizer, requests, concurrency)
+            cb = None
+            if concurrency > 1:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), attn_implementation="sdpa_paged").eval()
+                cb = continuous_batching(model, tokenizer, requests)
+            rows.append((workload, concurrency, count, ours, static, cb))
+    lines = [
+        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"transformers {__import__('transformers').__version__}, dtype {args.dtype}, SmolLM2-135M-Instruct",
+        "",
+        "| workload | concurrency | requests | pytgi tok/s | static tok/s | CB tok/s | pytgi/static | pytgi/CB | TTFT p50 pytgi s | TTFT p50 static s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload, concurrency, count, ours, static, cb in rows:
+        cb_rate = f"{cb['tokens_per_s']:.1f}" if cb else "-"
+        cb_ratio = f"{ours['tokens_per_s'] / cb['tokens_per_s']:.2f}x" if cb else "-"
+        lines.append(
+            f"| {workload} | {concurrency} | {count} | {ours['tokens_per_s']:.1f} | {static['tokens_per_s']:.1f} | {cb_rate} | "
+            f"{ours['tokens_per_s'] / static['tokens_per_s']:.2f}x | {cb_ratio} | {ours['ttft_p50']:.2f} | {static['ttft_p50']:.2f} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.append:
+        command = "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--append", "").strip()
+        with RESULTS.open("a") as f:
+            f.write(f"\n## pytgi vs transformers, HTTP load ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
