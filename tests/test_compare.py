@@ -1,0 +1,25 @@
+"""benchmarks/compare.py runs all three systems on a tiny workload and prints consistent ratios."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+
+
+def test_compare_small_run():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--workload", "fixed", "--concurrency", "2", "--requests", "2", "--port", "3996"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| fixed | 2 | 2 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    ours, static, cb = (float(c) for c in cells[3:6])
+    assert ours > 0 and static > 0 and cb > 0
+    assert float(cells[6].rstrip("x")) == round(ours / static, 2)
+    assert float(cells[7].rstrip("x")) == round(ours / cb, 2)
+    assert re.match(r"machine: .*transformers 4\.57", result.stdout)
