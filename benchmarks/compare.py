@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import run_load, summarize  # noqa: E402
 from workloads import WORKLOADS, Request, single_token_words  # noqa: E402
 
+from common.procinfo import peak_rss_mib  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -49,11 +51,26 @@ def pytgi(requests: list[Request], concurrency: int, port: int, dtype: str) -> d
                 time.sleep(0.5)
         results, seconds = asyncio.run(run_load(url, "tgi", requests, concurrency, None, 3600))
         summary = summarize(results, seconds, f"concurrency {concurrency}")
+        rss = [peak_rss_mib(pid) for pid in _children(launcher.pid)]
     finally:
         launcher.send_signal(signal.SIGTERM)
         launcher.wait(timeout=120)
     return {"tokens_per_s": summary["output_token_throughput"], "ttft_p50": summary["ttft_s"]["median"],
-            "failures": sum(summary["failures"].values())}  # fmt: skip
+            "failures": sum(summary["failures"].values()), "peak_rss_mib": sum(v or 0 for v in rss)}  # fmt: skip
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def _ids(tokenizer, requests: list[Request]) -> list[list[int]]:
@@ -65,11 +82,15 @@ def static_batching(model, tokenizer, requests: list[Request], concurrency: int)
     for start in range(0, len(requests), concurrency):
         batch = requests[start : start + concurrency]
         tokenizer.padding_side = "left"
-        enc = tokenizer([r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(
+            [r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         longest = max(r.max_new_tokens for r in batch)
         with torch.inference_mode():
             t0 = time.perf_counter()
-            model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
             ttfts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
@@ -94,17 +115,24 @@ def continuous_batching(model, tokenizer, requests: list[Request]) -> dict | Non
     config = GenerationConfig(max_new_tokens=longest, do_sample=False, eos_token_id=-1,
                               pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     t0 = time.perf_counter()
-    outputs = model.generate_batch(inputs=_ids(tokenizer, requests), generation_config=config, progress_bar=False)
+    outputs = model.generate_batch(
+        inputs=_ids(tokenizer, requests), generation_config=config, progress_bar=False
+    )
     elapsed = time.perf_counter() - t0
     if len(outputs) != len(requests) or any(o.error for o in outputs.values()):
         raise RuntimeError("transformers continuous batching failed")
     # every request ran to the longest length here, so count only its useful tokens
-    useful = sum(min(len(o.generated_tokens), r.max_new_tokens) for o, r in zip(outputs.values(), requests, strict=True))
+    useful = sum(
+        min(len(o.generated_tokens), r.max_new_tokens)
+        for o, r in zip(outputs.values(), requests, strict=True)
+    )
     return {"tokens_per_s": useful / elapsed, "ttft_p50": float("nan"), "failures": 0}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workload", choices=sorted(WORKLOADS), action="append")
     parser.add_argument("--concurrency", type=int, action="append")
     parser.add_argument("--requests", type=int, default=32)
@@ -125,13 +153,20 @@ def main() -> None:
             count = args.requests if concurrency > 1 else max(2, args.requests // 16)
             requests = WORKLOADS[workload](count, 0, words)
             ours = pytgi(requests, concurrency, args.port, args.dtype)
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=getattr(torch, args.dtype)
+            ).eval()
             static = static_batching(model, tokenizer, requests, concurrency)
             cb = None
             if concurrency > 1:
-                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype), attn_implementation="sdpa_paged").eval()
+                model = AutoModelForCausalLM.from_pretrained(
+                    model_dir, dtype=getattr(torch, args.dtype), attn_implementation="sdpa_paged"
+                ).eval()
                 cb = continuous_batching(model, tokenizer, requests)
             rows.append((workload, concurrency, count, ours, static, cb))
+    import resource
+
+    transformers_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
         f"transformers {__import__('transformers').__version__}, dtype {args.dtype}, SmolLM2-135M-Instruct",
@@ -146,12 +181,22 @@ def main() -> None:
             f"| {workload} | {concurrency} | {count} | {ours['tokens_per_s']:.1f} | {static['tokens_per_s']:.1f} | {cb_rate} | "
             f"{ours['tokens_per_s'] / static['tokens_per_s']:.2f}x | {cb_ratio} | {ours['ttft_p50']:.2f} | {static['ttft_p50']:.2f} |"
         )
+    lines.append("")
+    lines.append(
+        "Peak RSS: pytgi shard + router "
+        + ", ".join(f"{r[3]['peak_rss_mib']:.0f}" for r in rows)
+        + f" MiB per run; this process (transformers, all runs) {transformers_rss:.0f} MiB."
+    )
     text = "\n".join(lines)
     print(text)
     if args.append:
-        command = "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--append", "").strip()
+        command = (
+            "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--append", "").strip()
+        )
         with RESULTS.open("a") as f:
-            f.write(f"\n## pytgi vs transformers, HTTP load ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`\n\n{text}\n")
+            f.write(
+                f"\n## pytgi vs transformers, HTTP load ({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,10 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workloads import WORKLOADS, Request, single_token_words  # noqa: E402
+
+from common.procinfo import peak_rss_mib  # noqa: E402
 
 API_PATHS = {
     "tgi": "/generate_stream",
@@ -238,6 +241,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--plot", default=None, help="PNG of throughput and latency against load")
+    parser.add_argument("--pid", action="append", default=[], metavar="NAME=PID",
+                        help="report this local server process's peak RSS (repeatable)")  # fmt: skip
     args = parser.parse_args()
     words = single_token_words(args.tokenizer)
     requests = WORKLOADS[args.workload](args.requests, args.seed, words)
@@ -252,10 +257,14 @@ def main() -> None:
         )
         summaries.append(summarize(results, seconds, f"{kind} {value}"))
     print(table(summaries))
+    memory = {}
+    for item in args.pid:
+        name, _, pid = item.partition("=")
+        memory[name] = peak_rss_mib(int(pid))
+        print(f"peak RSS of {name} (pid {pid}): {memory[name]:.0f} MiB")
     if args.json_path:
-        Path(args.json_path).write_text(
-            json.dumps({"settings": vars(args), "summaries": summaries}, indent=1)
-        )
+        report = {"settings": vars(args), "summaries": summaries, "peak_rss_mib": memory}
+        Path(args.json_path).write_text(json.dumps(report, indent=1))
     if args.plot:
         plot(summaries, args.plot)
 

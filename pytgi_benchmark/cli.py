@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -12,11 +13,24 @@ import click
 import grpc
 from tqdm import tqdm
 
+from common.procinfo import peak_rss_mib, pids_with_argument
 from pytgi_benchmark.stats import summary, table
 from router.client import ShardedClient
 from router.types import Params, ShardRequest
 
-WORD = " hello"  # one token in Llama-family BPE vocabularies; `truncate` fixes the length
+WORD = " hello"
+
+
+def shard_memory(uds_path: str) -> dict[int, float]:
+    """Peak RSS (MiB) of the local shard processes serving `uds_path`."""
+    memory = {}
+    for pid in pids_with_argument(uds_path):
+        if pid == os.getpid():  # this tool's own command line names the path too
+            continue
+        mib = peak_rss_mib(pid)
+        if mib is not None:
+            memory[pid] = mib
+    return memory  # one token in Llama-family BPE vocabularies; `truncate` fixes the length
 
 
 async def _prefill_with_warmup(client: ShardedClient, requests, sequence_length: int):
@@ -157,6 +171,14 @@ def main(
         f"decode length {decode_length}\n"
     )
     click.echo(report(results))
+    memory = shard_memory(uds_path)
+    if memory:
+        click.echo(
+            "\n"
+            + "\n".join(
+                f"peak RSS of shard pid {pid}: {mib:.0f} MiB" for pid, mib in memory.items()
+            )
+        )
     if json_path:
         settings = {
             "tokenizer_name": tokenizer_name,
@@ -166,7 +188,9 @@ def main(
             "warmups": warmups,
         }
         with open(json_path, "w") as f:
-            json.dump({"settings": settings, "results": results}, f, indent=1)
+            json.dump(
+                {"settings": settings, "results": results, "peak_rss_mib": memory}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def test_benchmark_tables_and_json(shard_uds, tiny_model_dir, tmp_path):
         assert title in result.stdout
     assert result.stdout.count("| batch 4 |") == 4
     assert "benchmarking" in result.stderr  # the progress bar
+    assert "peak RSS of shard pid" in result.stdout
     data = json.loads(out.read_text())
+    assert data["peak_rss_mib"] and all(v > 50 for v in data["peak_rss_mib"].values())
     for entry, batch in zip(data["results"], (1, 4), strict=True):
         assert entry["batch_size"] == batch
         assert len(entry["prefill_latency_ms"]) == 3

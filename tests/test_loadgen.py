@@ -68,12 +68,16 @@ def test_open_loop_and_cli_outputs(load_server, tiny_model_dir, tmp_path):
     out, png = tmp_path / "load.json", tmp_path / "load.png"
     result = subprocess.run(
         [sys.executable, str(BENCH / "loadgen.py"), "--url", load_server.url, "--workload", "varied", "--tokenizer", str(tiny_model_dir),
-         "--requests", "8", "--rate", "4", "--concurrency", "2", "--max-seconds", "60", "--json", str(out), "--plot", str(png)],
+         "--requests", "8", "--rate", "4", "--concurrency", "2", "--max-seconds", "60", "--json", str(out), "--plot", str(png),
+         "--pid", f"router={load_server.router.pid}", "--pid", f"shard={load_server.shard.pid}"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "| rate 4.0 |" in result.stdout and "| concurrency 2 |" in result.stdout
-    summaries = json.loads(out.read_text())["summaries"]
+    report = json.loads(out.read_text())
+    summaries = report["summaries"]
+    assert report["peak_rss_mib"]["router"] > 20 and report["peak_rss_mib"]["shard"] > 50
+    assert "peak RSS of router" in result.stdout
     assert [s["completed"] for s in summaries] == [8, 8]
     assert png.stat().st_size > 1000
 
