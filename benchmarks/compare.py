@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import signal
 import statistics
@@ -33,10 +34,12 @@ from common.procinfo import peak_rss_mib  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def pytgi(requests: list[Request], concurrency: int, port: int, dtype: str) -> dict:
+def pytgi(requests: list[Request], concurrency: int, port: int, dtype: str, model_dir: Path,
+          extra: list[str]) -> dict:  # fmt: skip
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "--port", str(port), "--dtype", dtype, "--max-total-tokens", "1024",
-         "--max-input-tokens", "768", "--max-batch-prefill-tokens", "512", "--kv-cache-memory", "2GiB"],
+        [sys.executable, "-m", "launcher.cli", "--model-id", str(model_dir), "--port", str(port), "--dtype", dtype,
+         "--max-total-tokens", "1024", "--max-input-tokens", "768", "--max-batch-prefill-tokens", "512",
+         "--kv-cache-memory", "2GiB", *extra],
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -77,6 +80,11 @@ def _ids(tokenizer, requests: list[Request]) -> list[list[int]]:
     return [tokenizer(r.prompt, add_special_tokens=False).input_ids for r in requests]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def static_batching(model, tokenizer, requests: list[Request], concurrency: int) -> dict:
     useful, elapsed, ttfts = 0, 0.0, []
     for start in range(0, len(requests), concurrency):
@@ -84,17 +92,19 @@ def static_batching(model, tokenizer, requests: list[Request], concurrency: int)
         tokenizer.padding_side = "left"
         enc = tokenizer(
             [r.prompt for r in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        ).to(model.device)
         longest = max(r.max_new_tokens for r in batch)
         with torch.inference_mode():
             t0 = time.perf_counter()
             model.generate(
                 **enc, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
+            _sync()
             ttfts.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            _sync()
             elapsed += time.perf_counter() - t0
         useful += sum(r.max_new_tokens for r in batch)
     return {"tokens_per_s": useful / elapsed, "ttft_p50": statistics.median(ttfts), "failures": 0}
@@ -129,6 +139,12 @@ def continuous_batching(model, tokenizer, requests: list[Request]) -> dict | Non
     return {"tokens_per_s": useful / elapsed, "ttft_p50": float("nan"), "failures": 0}
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -139,12 +155,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--port", type=int, default=3995)
     parser.add_argument("--append", action="store_true")
+    parser.add_argument("--model-dir", type=Path, help="default: the embedded SmolLM2")
+    parser.add_argument("--device", default="cpu", help="where transformers runs: cpu or cuda")
+    parser.add_argument("--launcher-arg", action="append", default=[], help="extra launcher flag")
+    parser.add_argument("--no-cb", action="store_true", help="skip transformers' generate_batch")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from shard.embedded import default_model_dir
 
-    model_dir = default_model_dir()
+    model_dir = args.model_dir or default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     words = single_token_words(model_dir)
     rows = []
@@ -152,24 +173,26 @@ def main() -> None:
         for concurrency in args.concurrency or [32, 1]:
             count = args.requests if concurrency > 1 else max(2, args.requests // 16)
             requests = WORKLOADS[workload](count, 0, words)
-            ours = pytgi(requests, concurrency, args.port, args.dtype)
+            ours = pytgi(requests, concurrency, args.port, args.dtype, model_dir, args.launcher_arg)
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=getattr(torch, args.dtype)
             ).eval()
-            static = static_batching(model, tokenizer, requests, concurrency)
+            static = static_batching(model.to(args.device), tokenizer, requests, concurrency)
+            del model
             cb = None
-            if concurrency > 1:
+            if concurrency > 1 and not args.no_cb:
                 model = AutoModelForCausalLM.from_pretrained(
                     model_dir, dtype=getattr(torch, args.dtype), attn_implementation="sdpa_paged"
                 ).eval()
-                cb = continuous_batching(model, tokenizer, requests)
+                cb = continuous_batching(model.to(args.device), tokenizer, requests)
+                del model
             rows.append((workload, concurrency, count, ours, static, cb))
     import resource
 
     transformers_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-        f"transformers {__import__('transformers').__version__}, dtype {args.dtype}, SmolLM2-135M-Instruct",
+        f"transformers {__import__('transformers').__version__}, dtype {args.dtype}, {model_dir.name}, {_device_name(args.device)}",
         "",
         "| workload | concurrency | requests | pytgi tok/s | static tok/s | CB tok/s | pytgi/static | pytgi/CB | TTFT p50 pytgi s | TTFT p50 static s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -189,6 +212,11 @@ def main() -> None:
     )
     text = "\n".join(lines)
     print(text)
+    if args.json:
+        fields = ("workload", "concurrency", "requests", "pytgi", "static", "cb")
+        args.json.write_text(
+            json.dumps([dict(zip(fields, r, strict=True)) for r in rows], indent=1)
+        )
     if args.append:
         command = (
             "python benchmarks/compare.py " + " ".join(sys.argv[1:]).replace("--append", "").strip()

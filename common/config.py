@@ -26,7 +26,8 @@ class ShardConfig:
     kv_cache_memory: int | None = None  # bytes for the KV pool on CPU; None: derived
     cuda_memory_fraction: float = 0.9
     block_size: int = DEFAULT_BLOCK_SIZE
-    attention: str = "reference"
+    attention: str = "auto"  # auto: reference on CPU; flash-attn, else triton, on CUDA
+    cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs (CUDA only)
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
     use_prefix_caching: bool = True  # reported by Info; the router shares cached prefixes
     num_threads: int | None = None  # torch intra-op threads; None: torch's default

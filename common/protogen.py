@@ -6,6 +6,7 @@ The proto is mapped onto the import path `common/pb/`, so the generated gRPC mod
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,27 @@ def generate() -> None:
     ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed on {PROTO}")
+    make_portable()
+
+
+# The stubs refuse to import under an older protobuf or grpcio than the generator's. The
+# calls they make (AddSerializedFile + builder, channel.unary_unary) are stable across
+# protobuf >= 3.20 and grpcio >= 1.62, so the guards are removed: the same stubs then
+# import on a GPU machine whose packages are older or newer than ours.
+_GUARDS = (
+    re.compile(r"^from google\.protobuf import runtime_version as _runtime_version\n", re.M),
+    re.compile(r"^_runtime_version\.ValidateProtobufRuntimeVersion\([^)]*\)\n", re.M),
+    re.compile(r"^GRPC_GENERATED_VERSION = .*?^    \)\n", re.M | re.S),
+)
+
+
+def make_portable() -> None:
+    """Strips the generator-version guards from the generated stubs (see _GUARDS)."""
+    for path in OUTPUTS:
+        text = path.read_text()
+        for guard in _GUARDS:
+            text = guard.sub("", text)
+        path.write_text(text)
 
 
 if __name__ == "__main__":

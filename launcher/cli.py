@@ -111,6 +111,22 @@ def option(name: str, **kwargs):
     default=True,
     help="Reuse the K/V of cached prompt prefixes; the chunk budget is --max-batch-prefill-tokens.",
 )
+@option(
+    "--device",
+    default="auto",
+    help="Shard device: auto (a GPU per shard when CUDA is there), cpu, cuda.",
+)
+@option(
+    "--attention",
+    type=click.Choice(["auto", "reference", "sdpa", "triton", "flash-attn"]),
+    default="auto",
+    help="Attention backend [auto: reference on CPU; flash-attn if installed, else triton].",
+)
+@option(
+    "--cuda-graphs",
+    default="1,2,4,8,16,32,64,128",
+    help="CUDA: decode batch sizes captured as CUDA graphs; 0 disables.",
+)
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",

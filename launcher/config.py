@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -32,6 +33,9 @@ class LauncherConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     cuda_memory_fraction: float = 0.9
+    device: str = "auto"
+    attention: str = "auto"
+    cuda_graphs: str = "1,2,4,8,16,32,64,128"
     kv_cache_memory: str | None = None
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
@@ -88,4 +92,8 @@ class LauncherConfig:
         if not 0 < self.cuda_memory_fraction <= 1:
             raise LaunchError(
                 f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}"
+            )
+        if not re.fullmatch(r"\d+(,\d+)*", self.cuda_graphs.replace(" ", "")):
+            raise LaunchError(
+                f"--cuda-graphs takes batch sizes like 1,2,4,8 (0: none), got {self.cuda_graphs!r}"
             )

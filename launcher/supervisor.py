@@ -98,6 +98,7 @@ class Supervisor:
         ]
         if c.dtype:
             args += ["--dtype", c.dtype]
+        args += ["--device", c.device, "--attention", c.attention, "--cuda-graphs", c.cuda_graphs]
         if c.max_input_tokens:
             args += ["--max-input-tokens", str(c.max_input_tokens)]
         if c.nnodes > 1:
@@ -136,6 +137,7 @@ class Supervisor:
         for rank in c.ranks:
             env = {
                 "RANK": str(rank),
+                "LOCAL_RANK": str(rank - c.ranks.start),  # this machine's GPU index
                 "WORLD_SIZE": str(c.world_size),
                 "MASTER_ADDR": c.master_addr,
                 "MASTER_PORT": str(c.master_port),

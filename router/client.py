@@ -162,7 +162,8 @@ class ShardedClient:
         )
 
     async def info(self) -> ShardInfo:
-        reply = (await self._all("Info", pb.InfoRequest(), timeout=30))[0]
+        replies = await self._all("Info", pb.InfoRequest(), timeout=30)
+        reply = replies[0]
         return ShardInfo(
             dtype=reply.dtype,
             device_type=reply.device_type,
@@ -173,6 +174,12 @@ class ShardedClient:
             requires_padding=reply.requires_padding,
             window_size=reply.window_size if reply.HasField("window_size") else None,
             speculate=reply.speculate,
+            device_name=reply.device_name,
+            device_memory_used=sum(r.device_memory_used for r in replies),
+            device_memory_total=sum(r.device_memory_total for r in replies),
+            kv_cache_blocks=reply.kv_cache_blocks,
+            kv_cache_bytes=sum(r.kv_cache_bytes for r in replies),
+            cuda_graph_batch_sizes=tuple(reply.cuda_graph_batch_sizes),
         )
 
     async def health(self, timeout: float = 10.0) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 
 from router.entry import Entry
-from router.types import CachedBatch, StepOut
+from router.types import CachedBatch, ShardInfo, StepOut
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
@@ -96,6 +96,21 @@ class Metrics:
             "pytgi_prefix_cache_tokens_reused", "Prompt tokens not recomputed", registry=r
         )
 
+        self.device_memory_used = Gauge(
+            "pytgi_device_memory_used_bytes",
+            "GPU memory the shards hold after Warmup (0 on CPU)",
+            registry=r,
+        )
+        self.device_memory_total = Gauge(
+            "pytgi_device_memory_total_bytes", "GPU memory of the shards' devices", registry=r
+        )
+        self.kv_cache_bytes = Gauge(
+            "pytgi_kv_cache_bytes", "Bytes of the KV pools of every shard", registry=r
+        )
+        self.kv_capacity_tokens = Gauge(
+            "pytgi_kv_cache_capacity_tokens", "Tokens the KV cache holds", registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -118,6 +133,12 @@ class Metrics:
         if reused_tokens:
             self.prefix_hits.inc()
             self.prefix_tokens.inc(reused_tokens)
+
+    def on_shard_info(self, info: ShardInfo) -> None:
+        self.device_memory_used.set(info.device_memory_used)
+        self.device_memory_total.set(info.device_memory_total)
+        self.kv_cache_bytes.set(info.kv_cache_bytes)
+        self.kv_capacity_tokens.set(max(0, info.kv_cache_blocks - 1) * info.block_size)
 
     def on_blocks(self, free: int, used: int) -> None:
         self.kv_blocks_free.set(free)

@@ -82,6 +82,10 @@ async def build_state(config: RouterConfig) -> RouterState:
     except Exception as exc:  # noqa: BLE001
         details = exc.details() if hasattr(exc, "details") else str(exc)
         raise StartupError(f"Warmup failed: {details}") from exc
+    try:
+        info = await client.info()  # again: KV pool and device memory are known after Warmup
+    except Exception as exc:  # noqa: BLE001
+        raise StartupError(f"Info after Warmup failed: {exc}") from exc
     if not info.support_chunking and prefill_tokens < warm.max_input_tokens:
         prefill_tokens = warm.max_input_tokens
     total_budget = config.max_batch_total_tokens or warm.max_supported_total_tokens
@@ -117,6 +121,7 @@ async def build_state(config: RouterConfig) -> RouterState:
         metrics,
     )
     metrics.on_blocks(num_blocks, 0)
+    metrics.on_shard_info(info)
     limits = Limits(
         max_input_tokens=warm.max_input_tokens,
         max_total_tokens=warm.max_total_tokens,

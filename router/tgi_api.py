@@ -218,5 +218,12 @@ async def info(request: Request) -> JSONResponse:
             "max_supported_total_tokens": state.warmup.max_supported_total_tokens,
             "max_batch_total_tokens": state.scheduler.config.max_batch_total_tokens,
             "max_batch_prefill_tokens": state.scheduler.config.max_batch_prefill_tokens,
+            # pytgi extensions (from the shards' Info after Warmup)
+            "device_name": shard.device_name,
+            "device_memory_used_bytes": shard.device_memory_used,
+            "device_memory_total_bytes": shard.device_memory_total,
+            "kv_cache_blocks": shard.kv_cache_blocks,
+            "kv_cache_bytes": shard.kv_cache_bytes,
+            "cuda_graph_batch_sizes": list(shard.cuda_graph_batch_sizes),
         }
     )

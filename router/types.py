@@ -101,6 +101,13 @@ class ShardInfo:
     requires_padding: bool = False
     window_size: int | None = None
     speculate: int = 0
+    # pytgi extensions (Info fields 100+), summed or listed over every rank
+    device_name: str = "cpu"
+    device_memory_used: int = 0  # bytes, all ranks
+    device_memory_total: int = 0  # bytes, all ranks
+    kv_cache_blocks: int = 0  # per rank (every rank holds the same blocks)
+    kv_cache_bytes: int = 0  # bytes, all ranks
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,8 @@ import click
 
 from common.config import ShardConfig
 from common.logs import setup_logging
+from shard.cuda_graphs import DEFAULT_SIZES as DEFAULT_GRAPH_SIZES
+from shard.cuda_graphs import parse_batch_sizes
 from shard.errors import ShardError
 from shard.memory import parse_size
 
@@ -33,7 +35,12 @@ def main() -> None:
     default=None,
     help="Weights and KV cache dtype [default: float32 on CPU, bfloat16 on CUDA].",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (this rank's GPU when CUDA is there, else cpu), cpu, cuda or cuda:N.",
+)
 @click.option(
     "--rank",
     type=int,
@@ -85,7 +92,19 @@ def main() -> None:
     help="Fraction of free GPU memory the KV cache may take (CUDA).",
 )
 @click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block.")
-@click.option("--attention", default="reference", show_default=True, help="Attention backend.")
+@click.option(
+    "--attention",
+    default="auto",
+    show_default=True,
+    help="Attention backend: reference, sdpa, triton, flash-attn, or auto (reference on CPU; "
+    "flash-attn when installed, else triton, on CUDA).",
+)
+@click.option(
+    "--cuda-graphs",
+    default=DEFAULT_GRAPH_SIZES,
+    show_default=True,
+    help="CUDA: decode batch sizes captured as CUDA graphs at Warmup; 0 disables.",
+)
 @click.option("--num-threads", type=int, default=None, help="torch CPU threads [default: all].")
 @click.option(
     "--grpc-host",
@@ -132,17 +151,25 @@ def serve(
 ) -> None:
     """Serve MODEL_DIR (a Hugging Face directory with safetensors) until SIGTERM/SIGINT."""
     log = setup_logging(f"shard-{options['rank']}", json_output)
-    config = ShardConfig(
-        model_dir=model_dir,
-        kv_cache_memory=parse_size(kv_cache_memory) if kv_cache_memory else None,
-        **options,
-    )
+    try:
+        graph_sizes = parse_batch_sizes(options.pop("cuda_graphs"))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     try:
         import torch
 
         from shard.engine import ShardEngine
-        from shard.parallel import gather_urls, init_distributed
+        from shard.parallel import gather_urls, init_distributed, resolve_device
         from shard.server import serve as serve_async
+
+        local_rank = int(os.environ.get("LOCAL_RANK", options["rank"]))
+        options["device"] = resolve_device(options["device"], local_rank)
+        config = ShardConfig(
+            model_dir=model_dir,
+            kv_cache_memory=parse_size(kv_cache_memory) if kv_cache_memory else None,
+            cuda_graphs=graph_sizes,
+            **options,
+        )
 
         threads = config.num_threads
         if threads is None and config.world_size > 1 and config.device == "cpu":
@@ -154,7 +181,7 @@ def serve(
             config.world_size,
             config.master_addr,
             config.master_port,
-            torch.device(config.device).type,
+            config.device,
             dist_timeout,
         )
         urls = gather_urls(config.advertised_url, config.world_size)

@@ -127,6 +127,12 @@ def info_to_pb(info: EngineInfo) -> pb.InfoResponse:
         use_prefix_caching=info.use_prefix_caching,
         attention_impl=info.attention_impl,
         block_size=info.block_size,
+        device_memory_used=info.device_memory_used,
+        device_memory_total=info.device_memory_total,
+        kv_cache_blocks=info.kv_cache_blocks,
+        kv_cache_bytes=info.kv_cache_bytes,
+        device_name=info.device_name,
+        cuda_graph_batch_sizes=list(info.cuda_graph_batch_sizes),
     )
 
 

@@ -17,8 +17,9 @@ from tokenizers import Tokenizer
 
 from common.config import ShardConfig
 from shard import memory
-from shard.attention import get_backend
+from shard.attention import get_backend, resolve_backend_name
 from shard.batch import Batch, CachedBatchInfo, RequestSpec, RequestState, StepResult
+from shard.cuda_graphs import DecodeGraphs
 from shard.detokenize import IncrementalDetokenizer
 from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
 from shard.kv_cache import KVCache
@@ -41,6 +42,12 @@ class EngineInfo:
     attention_impl: str
     support_chunking: bool = True
     use_prefix_caching: bool = True
+    device_memory_used: int = 0  # bytes (CUDA)
+    device_memory_total: int = 0  # bytes (CUDA)
+    kv_cache_blocks: int = 0
+    kv_cache_bytes: int = 0
+    device_name: str = "cpu"
+    cuda_graph_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +77,7 @@ class ShardEngine:
         self.special_ids = {
             i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
         }
-        self.backend = get_backend(config.attention)
+        self.backend = get_backend(resolve_backend_name(config.attention, self.device.type))
         self.model = LlamaModel(
             self.spec,
             WeightStore(config.model_dir),
@@ -81,6 +88,7 @@ class ShardEngine:
         )
         self.block_size = config.block_size
         self.kv: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self.batches: dict[int, Batch] = {}
         self.free_blocks: list[int] = []  # shard-numbered blocks not in use
         self.max_input_tokens = config.max_input_tokens or self.spec.max_position_embeddings - 1
@@ -88,12 +96,25 @@ class ShardEngine:
 
     # ---- Info / Health ----
     def info(self) -> EngineInfo:
+        used = total = 0
+        name = "cpu"
+        if self.device.type == "cuda":
+            used = torch.cuda.memory_reserved(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            name = torch.cuda.get_device_name(self.device)
+        kv = self.kv
         return EngineInfo(
             dtype=str(self.dtype).removeprefix("torch."),
             device_type=self.device.type,
             block_size=self.block_size,
             attention_impl=self.backend.name,
             use_prefix_caching=self.config.use_prefix_caching,
+            device_memory_used=used,
+            device_memory_total=total,
+            kv_cache_blocks=kv.num_blocks if kv else 0,
+            kv_cache_bytes=kv.nbytes if kv else 0,
+            device_name=name,
+            cuda_graph_batch_sizes=self.graphs.sizes if self.graphs else (),
         )
 
     def health(self) -> None:
@@ -121,10 +142,12 @@ class ShardEngine:
                 f"max_input_tokens {inputs} must be below max_total_tokens {total}"
             )
         self.clear(None)
-        self.kv = None
+        self.kv, self.graphs = None, None
         self.max_input_tokens, self.max_total_tokens = inputs, total
-        self._warmup_prefill(specs, max_prefill_tokens)
-        num_blocks = memory.num_kv_blocks(self.config, self.spec, self.parallel, self.dtype)
+        activations = self._warmup_prefill_measured(specs, max_prefill_tokens)
+        num_blocks = memory.num_kv_blocks(
+            self.config, self.spec, self.parallel, self.dtype, reserve=activations
+        )
         capacity = (num_blocks - 1) * self.block_size
         if capacity < total:
             raise OutOfBlocks(
@@ -136,7 +159,42 @@ class ShardEngine:
         log.info(
             "KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, self.block_size, capacity
         )
+        self._capture_graphs()
         return WarmupResult(capacity, inputs, total)
+
+    def _capture_graphs(self) -> None:
+        sizes = self.config.cuda_graphs
+        if self.device.type != "cuda" or not sizes:
+            return
+        if not hasattr(self.backend, "decode_metadata"):
+            log.warning("CUDA graphs need the triton or flash-attn backend; decoding eagerly")
+            return
+        self.graphs = DecodeGraphs(self, sizes)
+        self.graphs.capture()
+
+    def _warmup_prefill_measured(self, specs: list[RequestSpec], max_prefill_tokens: int) -> int:
+        """Runs the warmup prefill; returns its peak activation bytes on CUDA (0 on CPU), which
+        the KV pool must leave free. A prefill that does not fit is a clear error."""
+        if self.device.type != "cuda":
+            self._warmup_prefill(specs, max_prefill_tokens)
+            return 0
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        try:
+            self._warmup_prefill(specs, max_prefill_tokens)
+        except torch.cuda.OutOfMemoryError as exc:
+            self.clear(None)
+            self.kv = None
+            torch.cuda.empty_cache()
+            raise OutOfBlocks(
+                f"a prefill of {max_prefill_tokens} tokens does not fit in GPU memory after "
+                "the weights; lower --max-batch-prefill-tokens or use more shards"
+            ) from exc
+        peak = torch.cuda.max_memory_allocated(self.device) - baseline
+        self.kv = None
+        torch.cuda.empty_cache()  # what the prefill cached goes back to the free memory
+        return peak
 
     def _warmup_prefill(self, specs: list[RequestSpec], max_prefill_tokens: int) -> None:
         if not specs and max_prefill_tokens > 0:

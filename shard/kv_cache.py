@@ -36,6 +36,11 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * element
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of every K and V pool."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @property
     def capacity_tokens(self) -> int:
         """Tokens storable in all blocks but block 0."""
         return (self.num_blocks - 1) * self.block_size

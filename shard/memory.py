@@ -46,10 +46,12 @@ def parse_size(text: str) -> int:
     return int(float(lowered))
 
 
-def kv_budget_bytes(config: ShardConfig) -> int:
+def kv_budget_bytes(config: ShardConfig, reserve: int = 0) -> int:
+    """Bytes the KV pool may take. CUDA: the free memory's `--cuda-memory-fraction`, less
+    `reserve` (the activations of a maximum-size prefill, measured at Warmup)."""
     if torch.device(config.device).type == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return int(free * config.cuda_memory_fraction)
+        free, _total = torch.cuda.mem_get_info(torch.device(config.device))
+        return max(0, int(free * config.cuda_memory_fraction) - reserve)
     available = available_memory()
     if config.kv_cache_memory is not None:
         if available and config.kv_cache_memory > available:
@@ -64,14 +66,14 @@ def kv_budget_bytes(config: ShardConfig) -> int:
 
 
 def num_kv_blocks(
-    config: ShardConfig, spec: ModelSpec, parallel: Parallel, dtype: torch.dtype
+    config: ShardConfig, spec: ModelSpec, parallel: Parallel, dtype: torch.dtype, reserve: int = 0
 ) -> int:
     """Blocks (block 0 included) that the budget holds; raises OutOfBlocks when < 2."""
     local_kv_heads = max(1, spec.num_kv_heads // parallel.world_size)
     per_block = KVCache.bytes_per_block(
         spec.num_layers, config.block_size, local_kv_heads, spec.head_dim, dtype
     )
-    blocks = kv_budget_bytes(config) // per_block
+    blocks = kv_budget_bytes(config, reserve) // per_block
     if blocks < 2:
         raise OutOfBlocks(
             f"the KV budget does not hold one block of {per_block} bytes; "

@@ -33,23 +33,36 @@ class Parallel:
         return torch.cat(parts, dim=-1)
 
 
+def resolve_device(name: str, local_rank: int) -> str:
+    """'auto' -> this rank's GPU (cuda:local_rank modulo the GPUs) when CUDA is there, else
+    'cpu'; a plain 'cuda' with several ranks also means one GPU per rank."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
+    return name
+
+
 def init_distributed(
     rank: int,
     world_size: int,
     master_addr: str,
     master_port: int,
-    device_type: str,
+    device: str,
     timeout_s: float,
 ) -> None:
-    """Joins the torch.distributed group (gloo on CPU, NCCL on CUDA). A rank that does not
-    arrive within `timeout_s` makes every other rank fail with a clear error, not hang."""
+    """Joins the torch.distributed group (gloo on CPU, NCCL on CUDA, this rank's GPU made
+    current first). A rank that does not arrive within `timeout_s` makes every other rank
+    fail with a clear error, not hang."""
     from datetime import timedelta
 
     from shard.errors import ModelLoadError
 
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
     if world_size == 1 or dist.is_initialized():
         return
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
     try:
         dist.init_process_group(
             backend,

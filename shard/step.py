@@ -66,9 +66,14 @@ def _forward(
     Prompt log-probabilities of requests that asked for them are recorded on the way."""
     inputs = prepare_forward(active, engine.block_size, engine.device)
     assert engine.kv is not None
-    hidden = engine.model.forward(
-        inputs.input_ids, inputs.positions, inputs.attention, engine.kv, engine.backend
-    )
+    hidden = None
+    if engine.graphs is not None and all(n == 1 for n in inputs.step_lens):
+        hidden = engine.graphs.run(inputs)  # None when no captured size holds the batch
+    if hidden is None:
+        meta = engine.backend.prepare(inputs.attention)
+        hidden = engine.model.forward(
+            inputs.input_ids, inputs.positions, meta, engine.kv, engine.backend
+        )
     emitting, rows = [], []
     for request, start, count in zip(
         active, inputs.attention.query_starts, inputs.step_lens, strict=True

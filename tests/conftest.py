@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTGI_TEST_DEVICE", "cpu") == "cpu":
+    # Triton kernels run on CPU tensors through Triton's interpreter (set before any import
+    # of triton); benchmarks/gpu_check.sh sets PYTGI_TEST_DEVICE=cuda to run them compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TOKENIZER_FILES = (
     "tokenizer.json",

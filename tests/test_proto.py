@@ -78,11 +78,45 @@ def test_package_and_service():
     assert {m.name: (m.input_type.name, m.output_type.name) for m in service.methods} == RPCS
 
 
+EXTENSIONS_FROM = 100  # pytgi's own fields; TGI's routers ignore them
+
+
+def test_extensions_are_numbered_from_100_and_only_on_info():
+    extended = {
+        name: sorted(f.name for f in m.fields if f.number >= EXTENSIONS_FROM)
+        for name, m in pb.DESCRIPTOR.message_types_by_name.items()
+        if any(f.number >= EXTENSIONS_FROM for f in m.fields)
+    }
+    assert extended == {
+        "InfoResponse": sorted(
+            [
+                "device_memory_used",
+                "device_memory_total",
+                "kv_cache_blocks",
+                "kv_cache_bytes",
+                "device_name",
+                "cuda_graph_batch_sizes",
+            ]
+        )
+    }
+
+
+def test_stubs_carry_no_generator_version_guards():
+    """So the same stubs import under an older or newer protobuf/grpcio (the GPU machine)."""
+    from common import protogen
+
+    for path in protogen.OUTPUTS:
+        text = path.read_text()
+        assert "ValidateProtobufRuntimeVersion" not in text
+        assert "GRPC_GENERATED_VERSION" not in text
+
+
 def test_every_field_matches_the_table():
     for message_name, row in TABLE.items():
         message = pb.DESCRIPTOR.message_types_by_name[message_name]
         expected = list(_parse(row))
-        assert len(message.fields) == len(expected), message_name
+        tgi_fields = [f for f in message.fields if f.number < EXTENSIONS_FROM]
+        assert len(tgi_fields) == len(expected), message_name
         for name, kind, number, label in expected:
             field = message.fields_by_name[name]
             assert field.number == number, f"{message_name}.{name}"

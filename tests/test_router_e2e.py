@@ -179,6 +179,10 @@ def test_info_tokenize_metrics_docs(server):
         and info["max_total_tokens"] == 2048
         and info["model_dtype"] == "float32"
     )
+    # pytgi's Info extensions (fields 100+), read from the shard after Warmup
+    assert info["device_name"] == "cpu" and info["device_memory_used_bytes"] == 0
+    assert info["kv_cache_blocks"] * info["block_size"] > info["max_supported_total_tokens"]
+    assert info["kv_cache_bytes"] > 0 and info["cuda_graph_batch_sizes"] == []
     tokens = httpx.post(server.url + "/tokenize", json={"inputs": "Hello world"}).json()
     assert [t["text"] for t in tokens] == ["Hello", " world"]
     metrics = httpx.get(server.url + "/metrics").text
@@ -200,6 +204,10 @@ def test_info_tokenize_metrics_docs(server):
         "pytgi_kv_blocks_used",
     ]:
         assert name in metrics, name
+    assert server.metric("pytgi_kv_cache_bytes") == info["kv_cache_bytes"]
+    capacity = server.metric("pytgi_kv_cache_capacity_tokens")
+    assert capacity == info["max_supported_total_tokens"]
+    assert server.metric("pytgi_device_memory_total_bytes") == 0
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/generate"]
     assert httpx.get(server.url + "/docs").status_code == 200
 

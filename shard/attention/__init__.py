@@ -3,18 +3,34 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from shard.attention.base import AttentionBackend, AttentionInputs
 from shard.errors import ModelLoadError
 
 # name -> (module, class); a module is imported only when its backend is chosen.
 _REGISTRY = {
-    "reference": ("shard.attention.reference", "ReferenceBackend"),
+    "reference": ("shard.attention.reference", "ReferenceBackend"),  # CPU default
+    "sdpa": ("shard.attention.reference", "ReferenceBackend"),  # the same, portable
+    "triton": ("shard.attention.triton_backend", "TritonBackend"),
+    "flash-attn": ("shard.attention.flash_backend", "FlashAttnBackend"),
 }
 
 
 def available_backends() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def resolve_backend_name(name: str, device_type: str) -> str:
+    """'auto' -> reference on CPU; on CUDA flash-attn when installed, else triton, else sdpa."""
+    if name != "auto":
+        return name
+    if device_type != "cuda":
+        return "reference"
+    for candidate, package in (("flash-attn", "flash_attn"), ("triton", "triton")):
+        if importlib.util.find_spec(package) is not None:
+            return candidate
+    return "sdpa"
 
 
 def get_backend(name: str) -> AttentionBackend:
@@ -27,7 +43,13 @@ def get_backend(name: str) -> AttentionBackend:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelLoadError(f"attention backend {name!r} cannot be imported: {exc}") from exc
-    return getattr(module, class_name)()
+    return getattr(module, class_name)(name)
 
 
-__all__ = ["AttentionBackend", "AttentionInputs", "available_backends", "get_backend"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionInputs",
+    "available_backends",
+    "get_backend",
+    "resolve_backend_name",
+]

@@ -2,8 +2,8 @@
 
 A forward mixes requests in two states: prefilling (several new tokens, maybe after a
 cached prefix) and decoding (one new token). `AttentionInputs` describes the batch with
-plain tensors built once per forward; each backend turns it into its own metadata once,
-then `store_kv` and `attend` run per layer.
+plain tensors built once per forward; each backend turns it into its own metadata once
+(every backend's metadata carries `slot_mapping`), then `store_kv` and `attend` run per layer.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class AttentionBackend(ABC):
 
     name: str = "abstract"
 
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:  # one class may serve under several registry names
+            self.name = name
+
     @abstractmethod
     def prepare(self, inputs: AttentionInputs) -> Any:
         """Builds backend metadata once per forward (gather indices, masks, ...)."""
@@ -50,12 +54,13 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        inputs: AttentionInputs,
+        metadata: Any,
     ) -> None:
-        """Writes new K/V [T, kv_heads, D] into their slots of one layer's pools."""
+        """Writes new K/V [T, kv_heads, D] into their slots (`metadata.slot_mapping` [T])."""
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, inputs.slot_mapping, v)
+        slots = metadata.slot_mapping
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
 
     @abstractmethod
     def attend(

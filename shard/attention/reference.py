@@ -16,7 +16,7 @@ from shard.attention.base import AttentionBackend, AttentionInputs
 
 
 @dataclass(slots=True)
-class _PrefillRow:
+class PrefillRow:
     start: int  # first row of this request in q
     length: int  # new tokens
     context_blocks: torch.Tensor | None  # [nb] blocks of prefix + new tokens; None: no prefix
@@ -25,11 +25,12 @@ class _PrefillRow:
 
 @dataclass(slots=True)
 class _Metadata:
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
     decode_rows: torch.Tensor | None  # [Bd] rows of q that decode; None: no decode rows
     decode_is_all: bool  # every row of q decodes, in order (no gather of q needed)
     decode_blocks: torch.Tensor | None  # [Bd * nb] block ids, row-major, padded with block 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb * block_size] bool, True where valid
-    prefill_rows: list[_PrefillRow]
+    prefill_rows: list[PrefillRow]
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -41,41 +42,79 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> t
     return gathered.view(num_rows, -1, cache.shape[2], cache.shape[3])
 
 
+def prefill_row(inputs: AttentionInputs, i: int) -> PrefillRow:
+    """Request i's rows, and for a cached prefix its blocks and visibility mask."""
+    start, length, cached = inputs.query_starts[i], inputs.query_lens[i], inputs.cache_lens[i]
+    if cached == 0:
+        return PrefillRow(start, length, None, None)
+    bs, device = inputs.block_size, inputs.block_tables.device
+    num_blocks = -(-(cached + length) // bs)
+    blocks = inputs.block_tables[i, :num_blocks]
+    query_pos = torch.arange(cached, cached + length, device=device).unsqueeze(1)
+    key_pos = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
+    mask = key_pos <= query_pos  # causal, hides padding
+    return PrefillRow(start, length, blocks, mask)
+
+
+def attend_prefill_rows(q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out) -> None:
+    """Fills the `out` rows of each prefilling request, one SDPA call per request."""
+    group = q.shape[1] // k.shape[1]
+    for row in rows:
+        q_row = q[row.start : row.start + row.length]
+        if row.context_blocks is None:
+            k_row = k[row.start : row.start + row.length]
+            v_row = v[row.start : row.start + row.length]
+        else:
+            k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
+            v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
+        out[row.start : row.start + row.length] = _prefill(
+            q_row, k_row, v_row, row.mask, scale, group
+        )
+
+
+def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
+    """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` over a cached prefix.
+
+    Inputs go in as 4-D [1, heads, len, D] with enable_gqa: that is what selects
+    PyTorch's fused CPU kernel (3-D inputs fall back to the quadratic math path)."""
+    q_t = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+    k_t = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
+    v_t = v.transpose(0, 1).unsqueeze(0)
+    if mask is None:
+        out = F.scaled_dot_product_attention(
+            q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=group > 1
+        )
+    else:
+        out = F.scaled_dot_product_attention(
+            q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=group > 1
+        )
+    return out[0].transpose(0, 1)
+
+
 class ReferenceBackend(AttentionBackend):
+    """Runs wherever PyTorch does; registered as "reference" (CPU default) and "sdpa"."""
+
     name = "reference"
 
     def prepare(self, inputs: AttentionInputs) -> _Metadata:
         decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
         prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
-        meta = _Metadata(None, False, None, None, [])
-        bs = inputs.block_size
+        meta = _Metadata(inputs.slot_mapping, None, False, None, None, [])
+        bs, device = inputs.block_size, inputs.block_tables.device
         if decode_idx:
-            ctx = torch.tensor([inputs.context_lens[i] for i in decode_idx])
-            num_blocks = -(-int(ctx.max()) // bs)
+            ctx = torch.tensor([inputs.context_lens[i] for i in decode_idx], device=device)
+            num_blocks = -(-max(inputs.context_lens[i] for i in decode_idx) // bs)
             tables = inputs.block_tables[decode_idx, :num_blocks]
             meta.decode_blocks = tables.flatten()
-            meta.decode_mask = (torch.arange(num_blocks * bs) < ctx.unsqueeze(1))[:, None, None, :]
+            positions = torch.arange(num_blocks * bs, device=device)
+            meta.decode_mask = (positions < ctx.unsqueeze(1))[:, None, None, :]
             rows = [inputs.query_starts[i] for i in decode_idx]
             meta.decode_is_all = not prefill_idx
-            meta.decode_rows = torch.tensor(rows)
-        for i in prefill_idx:
-            meta.prefill_rows.append(self._prefill_row(inputs, i))
+            meta.decode_rows = torch.tensor(rows, device=device)
+        meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
         return meta
 
-    @staticmethod
-    def _prefill_row(inputs: AttentionInputs, i: int) -> _PrefillRow:
-        start, length, cached = inputs.query_starts[i], inputs.query_lens[i], inputs.cache_lens[i]
-        if cached == 0:
-            return _PrefillRow(start, length, None, None)
-        bs = inputs.block_size
-        num_blocks = -(-(cached + length) // bs)
-        blocks = inputs.block_tables[i, :num_blocks]
-        query_pos = torch.arange(cached, cached + length).unsqueeze(1)
-        mask = torch.arange(num_blocks * bs).unsqueeze(0) <= query_pos  # causal, hides padding
-        return _PrefillRow(start, length, blocks, mask)
-
     def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale: float):
-        num_heads, num_kv_heads = q.shape[1], k.shape[1]
         out = torch.empty_like(q)
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
@@ -84,17 +123,7 @@ class ReferenceBackend(AttentionBackend):
             if metadata.decode_is_all:
                 return out_dec
             out[rows] = out_dec
-        for row in metadata.prefill_rows:
-            q_row = q[row.start : row.start + row.length]
-            if row.context_blocks is None:
-                k_row = k[row.start : row.start + row.length]
-                v_row = v[row.start : row.start + row.length]
-            else:
-                k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
-                v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
-            out[row.start : row.start + row.length] = self._prefill(
-                q_row, k_row, v_row, row.mask, scale, num_heads // num_kv_heads
-            )
+        attend_prefill_rows(q, k, v, k_cache, v_cache, metadata.prefill_rows, scale, out)
         return out
 
     @staticmethod
@@ -113,22 +142,3 @@ class ReferenceBackend(AttentionBackend):
             q_grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
         )
         return out.reshape(num_rows, num_heads, head_dim)
-
-    @staticmethod
-    def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
-        """q [n, H, D], k/v [ctx, KVH, D] -> [n, H, D]; causal, or `mask` over a cached prefix.
-
-        Inputs go in as 4-D [1, heads, len, D] with enable_gqa: that is what selects
-        PyTorch's fused CPU kernel (3-D inputs fall back to the quadratic math path)."""
-        q_t = q.transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        k_t = k.transpose(0, 1).unsqueeze(0)  # [1, KVH, ctx, D]
-        v_t = v.transpose(0, 1).unsqueeze(0)
-        if mask is None:
-            out = F.scaled_dot_product_attention(
-                q_t, k_t, v_t, is_causal=True, scale=scale, enable_gqa=group > 1
-            )
-        else:
-            out = F.scaled_dot_product_attention(
-                q_t, k_t, v_t, attn_mask=mask, scale=scale, enable_gqa=group > 1
-            )
-        return out[0].transpose(0, 1)

@@ -9,11 +9,12 @@ embedding and LM head by vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from shard.attention import AttentionBackend, AttentionInputs
+from shard.attention import AttentionBackend
 from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
 from shard.loader import ModelSpec, WeightStore
@@ -174,12 +175,14 @@ class LlamaModel:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        attn_inputs: AttentionInputs,
+        meta: Any,
         kv_cache: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm."""
-        meta = backend.prepare(attn_inputs)
+        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm.
+
+        `meta` is `backend.prepare(...)` of this forward's layout. No host work happens
+        here beyond launching ops, so a decode forward can be captured in a CUDA graph."""
         cos, sin = self.rotary.tables(positions)  # [T, 1, D/2]
         hidden = self._embed(input_ids)  # [T, hidden]
         num_q = self.num_heads * self.head_dim
@@ -193,7 +196,7 @@ class LlamaModel:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.layer(index)
-            backend.store_kv(k_cache, v_cache, k, v, attn_inputs)
+            backend.store_kv(k_cache, v_cache, k, v, meta)
             attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
             out = layer.o_proj(attn.reshape(num_tokens, num_q))
             hidden = hidden + self.parallel.all_reduce(out)

@@ -1,0 +1,163 @@
+"""Decode step on a GPU, in one process: pytgi eager, pytgi with CUDA graphs, transformers,
+against the HBM bound (weight bytes / measured copy bandwidth).
+
+Mean milliseconds per `engine.decode` call (forward, sampling, detokenization) over
+`--steps` steps after a 128-token prompt; transformers: `generate` with a static batch of the
+same prompts (per-token time of `max_new_tokens=steps+1` minus a 1-token run).
+
+    python benchmarks/gpu_decode.py MODEL_DIR [--batch 1,8,64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from common.config import ShardConfig
+from shard.batch import RequestSpec
+from shard.engine import ShardEngine
+from shard.sampling import SamplingParams
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device bytes per second, read + write (median of 10 copies of 1 GiB)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * a.numel() / statistics.median(times[2:])
+
+
+def prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(100, min(vocab, 49152) - 100, (batch, length), generator=gen).tolist()
+
+
+def ours(engine: ShardEngine, batch: list[list[int]], steps: int) -> float:
+    specs = [
+        RequestSpec(id=i, inputs="", input_ids=p, sampling=SamplingParams(),
+                    max_new_tokens=steps + 8, ignore_eos=True)
+        for i, p in enumerate(batch)
+    ]  # fmt: skip
+    engine.prefill(1, specs, None)
+    for _ in range(3):
+        engine.decode([1])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.decode([1])
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - start) / steps
+    engine.clear(None)
+    return elapsed * 1000
+
+
+def theirs(model, batch: list[list[int]], steps: int) -> float:
+    ids = torch.tensor(batch, device="cuda")
+
+    def run(new: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                       pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)
+    return (run(steps + 1) - run(1)) / steps * 1000
+
+
+def engine_for(model_dir: Path, graphs: tuple[int, ...]) -> ShardEngine:
+    config = ShardConfig(model_dir=str(model_dir), device="cuda", attention="triton",
+                         cuda_graphs=graphs, cuda_memory_fraction=0.3)  # fmt: skip
+    engine = ShardEngine(config)
+    engine.warmup([], None, 2048, 1024)
+    return engine
+
+
+def release(engine: ShardEngine) -> None:
+    engine.graphs, engine.kv = None, None
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir", type=Path)
+    parser.add_argument("--batch", default="1,8,64")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sizes = [int(b) for b in args.batch.split(",")]
+    bandwidth = copy_bandwidth()
+    rows: dict[int, dict] = {b: {} for b in sizes}
+    eager = engine_for(args.model_dir, ())
+    weight_bytes = sum(
+        t.numel() * t.element_size()
+        for t in [eager.model.embed, eager.model.norm]
+        + [w for layer in eager.model.layers for w in (layer.input_norm, layer.post_norm)]
+        + [lin.weight for layer in eager.model.layers
+           for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
+    )  # fmt: skip
+    if eager.model.lm_head.weight is not eager.model.embed:
+        weight_bytes += (
+            eager.model.lm_head.weight.numel() * eager.model.lm_head.weight.element_size()
+        )
+    vocab = eager.spec.vocab_size
+    for b in sizes:
+        rows[b]["eager_ms"] = ours(eager, prompts(b, 128, vocab), args.steps)
+    release(eager)
+    del eager
+    graphed = engine_for(args.model_dir, tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes})))
+    for b in sizes:
+        rows[b]["graphs_ms"] = ours(graphed, prompts(b, 128, vocab), args.steps)
+    release(graphed)
+    del graphed
+    gc.collect()
+    torch.cuda.empty_cache()
+    if not args.no_transformers:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
+        hf = hf.to("cuda").eval()
+        for b in sizes:
+            rows[b]["transformers_ms"] = theirs(hf, prompts(b, 128, vocab), args.steps)
+        del hf
+    bound_ms = weight_bytes / bandwidth * 1000  # weights read once per step at copy speed
+    name = torch.cuda.get_device_name()
+    lines = [
+        f"{args.model_dir.name} on {name}: weights {weight_bytes / 2**30:.2f} GiB, copy "
+        f"bandwidth {bandwidth / 1e12:.2f} TB/s (read+write), HBM bound {bound_ms:.3f} ms/step",
+        "",
+        "| batch | pytgi eager ms | pytgi CUDA graphs ms | transformers ms | graphs / bound |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for b in sizes:
+        r = rows[b]
+        hf_ms = f"{r['transformers_ms']:.3f}" if "transformers_ms" in r else "-"
+        lines.append(
+            f"| {b} | {r['eager_ms']:.3f} | {r['graphs_ms']:.3f} | {hf_ms} | "
+            f"{r['graphs_ms'] / bound_ms:.2f}x |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        report = {"model": args.model_dir.name, "device": name, "bandwidth": bandwidth,
+                  "weight_bytes": weight_bytes, "bound_ms": bound_ms, "rows": rows}  # fmt: skip
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""flash-attn backend: variable-length prefill through `flash_attn_varlen_func`, decode and
+K/V writes through the Triton kernels (the paged cache read in place).
+
+flash-attn 2 reads paged K/V only when a block holds a multiple of 256 tokens: with such
+blocks the prefill passes the block tables and reads the cache in place; with smaller ones
+(the default 16) a request's cached prefix is gathered into a contiguous copy first.
+Importing this module fails when flash-attn is not installed: the registry reports that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from flash_attn import flash_attn_varlen_func
+
+from shard.attention.base import AttentionInputs
+from shard.attention.reference import gather_blocks
+from shard.attention.triton_backend import TritonBackend, TritonMetadata
+
+PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2's page size requirement
+
+
+@dataclass(slots=True)
+class _FlashPlan:
+    q_index: torch.Tensor | None  # [Tp] rows of q that prefill; None: all rows, in order
+    cu_q: torch.Tensor  # [P + 1] int32 offsets of each request's new tokens
+    cu_k: torch.Tensor  # [P + 1] int32 offsets of each request's context
+    max_q: int
+    max_k: int
+    block_table: torch.Tensor | None  # [P, max_blocks] int32 when reading the cache in place
+    # per request: (first row in q, new tokens, context length, blocks or None: no prefix)
+    sources: list[tuple[int, int, int, torch.Tensor | None]]
+
+
+class FlashAttnBackend(TritonBackend):
+    name = "flash-attn"
+
+    def prepare(self, inputs: AttentionInputs) -> TritonMetadata:
+        meta = super().prepare(inputs)
+        prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
+        if prefill_idx:
+            meta.extra = self._plan(inputs, prefill_idx, has_decode=meta.block_tables is not None)
+        return meta
+
+    @staticmethod
+    def _plan(inputs: AttentionInputs, idx: list[int], has_decode: bool) -> _FlashPlan:
+        device, bs = inputs.block_tables.device, inputs.block_size
+        new = [inputs.query_lens[i] for i in idx]
+        context = [inputs.context_lens[i] for i in idx]
+        sources = []
+        for i, ctx in zip(idx, context, strict=True):
+            blocks = None
+            if inputs.cache_lens[i]:
+                blocks = inputs.block_tables[i, : -(-ctx // bs)]
+            sources.append((inputs.query_starts[i], inputs.query_lens[i], ctx, blocks))
+        q_index = None
+        if has_decode:
+            rows = [r for start, n, _, _ in sources for r in range(start, start + n)]
+            q_index = torch.tensor(rows, device=device)
+        paged = bs % PAGED_BLOCK_MULTIPLE == 0
+        table = inputs.block_tables[idx].to(torch.int32) if paged else None
+
+        def offsets(lengths: list[int]) -> torch.Tensor:
+            values = [0]
+            for n in lengths:
+                values.append(values[-1] + n)
+            return torch.tensor(values, dtype=torch.int32, device=device)
+
+        return _FlashPlan(
+            q_index, offsets(new), offsets(context), max(new), max(context), table, sources
+        )
+
+    def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
+        plan: _FlashPlan = metadata.extra
+        q_p = q if plan.q_index is None else q[plan.q_index]
+        if plan.block_table is not None:
+            k_p, v_p = k_cache, v_cache  # [N, bs, KVH, D], read through the block table
+        elif plan.q_index is None and all(s[3] is None for s in plan.sources):
+            k_p, v_p = k, v  # plain prefill: the new K/V are every request's whole context
+        else:
+            k_p = torch.cat([self._context(k, k_cache, s) for s in plan.sources])
+            v_p = torch.cat([self._context(v, v_cache, s) for s in plan.sources])
+        result = flash_attn_varlen_func(
+            q_p,
+            k_p,
+            v_p,
+            plan.cu_q,
+            plan.cu_k,
+            plan.max_q,
+            plan.max_k,
+            softmax_scale=scale,
+            causal=True,  # aligned bottom-right: new tokens see the whole cached prefix
+            block_table=plan.block_table,
+        )
+        if plan.q_index is None:
+            out.copy_(result)
+        else:
+            out[plan.q_index] = result
+
+    @staticmethod
+    def _context(new: torch.Tensor, cache: torch.Tensor, source) -> torch.Tensor:
+        """[ctx, KVH, D]: the request's new K (or V) rows, or its prefix + new from blocks."""
+        start, length, context, blocks = source
+        if blocks is None:
+            return new[start : start + length]
+        return gather_blocks(cache, blocks, 1)[0, :context]

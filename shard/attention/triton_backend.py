@@ -1,0 +1,72 @@
+"""Triton backend: K/V written by a Triton kernel, decode attention read from the blocks in
+place by a Triton paged-decode kernel; prefill rows use PyTorch SDPA (as the reference).
+
+Decode metadata is plain device tensors (block tables, context lengths), so a decode
+forward can also be captured in a CUDA graph (see shard/cuda_graphs.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shard.attention.base import AttentionBackend, AttentionInputs
+from shard.attention.reference import PrefillRow, attend_prefill_rows, prefill_row
+from shard.attention.triton_kernels import paged_decode, write_kv
+
+
+@dataclass(slots=True)
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot per new token; -1 writes nothing
+    decode_rows: torch.Tensor | None  # [Bd] rows of q that decode; None when all rows do
+    block_tables: torch.Tensor | None  # [Bd, max_blocks] int32; None: no decode rows
+    context_lens: torch.Tensor | None  # [Bd] int32, each >= 1
+    prefill_rows: list[PrefillRow]
+    extra: Any = None  # a subclass's own per-forward data
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+
+    def prepare(self, inputs: AttentionInputs) -> TritonMetadata:
+        device = inputs.block_tables.device
+        decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
+        prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
+        meta = TritonMetadata(inputs.slot_mapping, None, None, None, [])
+        if decode_idx:
+            context = [inputs.context_lens[i] for i in decode_idx]
+            meta.block_tables = inputs.block_tables[decode_idx].to(torch.int32)
+            meta.context_lens = torch.tensor(context, dtype=torch.int32, device=device)
+            if prefill_idx:
+                rows = [inputs.query_starts[i] for i in decode_idx]
+                meta.decode_rows = torch.tensor(rows, device=device)
+        meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
+        return meta
+
+    @staticmethod
+    def decode_metadata(
+        slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    ) -> TritonMetadata:
+        """Metadata of an all-decode batch over the given (static) tensors: no host work
+        per forward, as CUDA-graph capture needs."""
+        return TritonMetadata(slot_mapping, None, block_tables, context_lens, [])
+
+    def store_kv(self, k_cache, v_cache, k, v, metadata: TritonMetadata) -> None:
+        write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
+
+    def attend(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale: float):
+        tables, context = metadata.block_tables, metadata.context_lens
+        if tables is not None and context is not None and metadata.decode_rows is None:
+            return paged_decode(q, k_cache, v_cache, tables, context, scale)  # all decode
+        out = torch.empty_like(q)
+        if tables is not None and context is not None:
+            rows = metadata.decode_rows
+            out[rows] = paged_decode(q[rows], k_cache, v_cache, tables, context, scale)
+        self.attend_prefill(q, k, v, k_cache, v_cache, metadata, scale, out)
+        return out
+
+    def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
+        """Prefill rows through SDPA, one request at a time (the reference's way)."""
+        attend_prefill_rows(q, k, v, k_cache, v_cache, metadata.prefill_rows, scale, out)

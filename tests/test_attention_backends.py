@@ -1,0 +1,179 @@
+"""Attention backends against the reference: the Triton kernels (under TRITON_INTERPRET=1 on
+CPU), the Triton and flash-attn backends on mixed batches, and whole-engine greedy tokens."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard.attention import AttentionInputs, get_backend
+from shard.errors import ModelLoadError
+from tests import fake_flash_attn
+from tests.helpers import make_engine, run_to_end, spec
+
+pytest.importorskip("triton")
+from shard.attention.triton_kernels import paged_decode, write_kv  # noqa: E402
+
+BLOCK = 16
+
+
+def _reference_decode(q, k_cache, v_cache, tables, context):
+    """float64 attention of each row over its first `context` slots."""
+    outs = []
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    group = q.shape[1] // num_kv_heads
+    for i, ctx in enumerate(context.tolist()):
+        slots = [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(ctx)]
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].double()
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots].double()
+        out = F.scaled_dot_product_attention(
+            q[i].double().view(num_kv_heads, group, head_dim),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            scale=head_dim**-0.5,
+        )
+        outs.append(out.reshape(-1, head_dim))
+    return torch.stack(outs)
+
+
+def _relative_error(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(heads * 100 + head_dim)
+    num_blocks = 48
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    context = torch.tensor([1, 16, 17, 64, 65, 150], dtype=torch.int32)
+    tables = torch.zeros(len(context), 12, dtype=torch.int32)
+    for i in range(len(context)):  # scattered, shared and out-of-order blocks
+        tables[i] = torch.randperm(num_blocks - 1, generator=gen)[:12] + 1
+    q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
+    out = torch.full_like(q, float("nan"))  # every element must be written
+    paged_decode(q, k_cache, v_cache, tables, context, head_dim**-0.5, out=out)
+    assert not out.isnan().any()
+    ref = _reference_decode(q, k_cache, v_cache, tables, context)
+    assert _relative_error(out, ref) < tolerance
+
+
+def test_write_kv_skips_padding_slots_and_reads_strided_rows():
+    kv_heads, head_dim = 3, 16
+    k_cache = torch.randn(8, BLOCK, kv_heads, head_dim)
+    v_cache = torch.randn(8, BLOCK, kv_heads, head_dim)
+    packed = torch.randn(5, 9 + 2 * kv_heads, head_dim)  # q, k, v heads of a packed QKV
+    k, v = packed[:, 9 : 9 + kv_heads], packed[:, 9 + kv_heads :]
+    slots = torch.tensor([3, -1, 70, 71, 127])
+    expect_k, expect_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    expect_k.view(-1, kv_heads, head_dim)[slots[keep]] = k[keep]
+    expect_v.view(-1, kv_heads, head_dim)[slots[keep]] = v[keep]
+    write_kv(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v)
+
+
+def _mixed_batch(block_size: int):
+    """Three requests: one decoding (39 cached), one plain prefill (20 new), one prefill of
+    10 new after a 2-block cached prefix. Returns inputs and the new q, k, v."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim = 6, 2, 16
+    query_lens, cache_lens = [1, 20, 10], [39, 0, 2 * block_size]
+    tables, slots, next_block = [], [], 1
+    for q_len, cached in zip(query_lens, cache_lens, strict=True):
+        needed = -(-(q_len + cached) // block_size)
+        blocks = list(range(next_block, next_block + needed))
+        next_block += needed
+        tables.append(blocks)
+        slots += [
+            blocks[p // block_size] * block_size + p % block_size
+            for p in range(cached, cached + q_len)
+        ]
+    width = max(len(t) for t in tables)
+    inputs = AttentionInputs(
+        query_starts=[0, 1, 21],
+        query_lens=query_lens,
+        cache_lens=cache_lens,
+        slot_mapping=torch.tensor(slots),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        block_size=block_size,
+    )
+    tokens = sum(query_lens)
+    q = torch.randn(tokens, heads, head_dim, generator=gen)
+    k = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+    v = torch.randn(tokens, kv_heads, head_dim, generator=gen)
+    caches = [
+        torch.randn(next_block + 1, block_size, kv_heads, head_dim, generator=gen) for _ in range(2)
+    ]
+    return inputs, q, k, v, caches
+
+
+def _run_backend(backend, inputs, q, k, v, caches):
+    k_cache, v_cache = (c.clone() for c in caches)
+    meta = backend.prepare(inputs)
+    backend.store_kv(k_cache, v_cache, k, v, meta)
+    out = backend.attend(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
+    return out, k_cache, v_cache
+
+
+@pytest.fixture
+def fake_flash(monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn.as_module())
+    monkeypatch.delitem(sys.modules, "shard.attention.flash_backend", raising=False)
+    fake_flash_attn.calls.clear()
+    return fake_flash_attn.calls
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("name", ["sdpa", "triton", "flash-attn"])
+def test_backend_matches_reference_on_mixed_batch(name, block_size, fake_flash):
+    inputs, q, k, v, caches = _mixed_batch(block_size)
+    ref_out, ref_k, ref_v = _run_backend(get_backend("reference"), inputs, q, k, v, caches)
+    backend = get_backend(name)
+    assert backend.name == name
+    out, k_cache, v_cache = _run_backend(backend, inputs, q, k, v, caches)
+    assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
+    assert _relative_error(out, ref_out.double()) < 1e-5
+    if name == "flash-attn":  # paged reads only where flash-attn 2 allows them
+        assert fake_flash == [{"paged": block_size == 256, "rows": 30}]
+
+
+def test_flash_backend_plain_prefill_passes_new_kv(fake_flash):
+    inputs, q, k, v, caches = _mixed_batch(16)
+    plain = AttentionInputs([0], [20], [0], inputs.slot_mapping[1:21], inputs.block_tables[1:2], 16)
+    backend = get_backend("flash-attn")
+    out, _, _ = _run_backend(backend, plain, q[1:21], k[1:21], v[1:21], caches)
+    ref, _, _ = _run_backend(get_backend("reference"), plain, q[1:21], k[1:21], v[1:21], caches)
+    assert _relative_error(out, ref.double()) < 1e-5
+    assert fake_flash == [{"paged": False, "rows": 20}]
+
+
+def test_unknown_or_missing_backend_is_a_clear_error(monkeypatch):
+    with pytest.raises(ModelLoadError, match="unknown attention backend 'nope'"):
+        get_backend("nope")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "shard.attention.flash_backend", raising=False)
+    with pytest.raises(ModelLoadError, match="'flash-attn' cannot be imported"):
+        get_backend("flash-attn")
+
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello",
+    "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole.",
+]
+
+
+@pytest.mark.parametrize("name", ["triton", "flash-attn"])
+def test_engine_greedy_tokens_equal_reference(tiny_model_dir, name, fake_flash):
+    reference = make_engine(tiny_model_dir)
+    other = make_engine(tiny_model_dir, attention=name)
+    assert other.info().attention_impl == name
+    specs = [spec(i, p, 6, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    expected = run_to_end(reference, 1, specs).tokens
+    specs = [spec(i, p, 6, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    assert run_to_end(other, 1, specs).tokens == expected

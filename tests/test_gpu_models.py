@@ -1,0 +1,35 @@
+"""The random-weight models that benchmarks/gpu_check.sh builds load in both pytgi and
+transformers, with exactly the parameter names and shapes of transformers' Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from benchmarks.gpu_models import SHAPES, build, config_json, tensor_shapes
+from tests.helpers import make_engine, run_to_end, spec
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_shapes_match_transformers(name):
+    config = transformers.LlamaConfig(**config_json(SHAPES[name]))
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    assert tensor_shapes(SHAPES[name]) == expected
+
+
+def test_built_model_serves_and_matches_transformers(tmp_path, smollm_dir):
+    path = build("smollm2-135m", tmp_path, smollm_dir)
+    engine = make_engine(path, dtype="bfloat16")
+    out = run_to_end(engine, 1, [spec(0, "Hello there, how are you", 4, ignore_eos=True)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids = engine.tokenizer.encode("Hello there, how are you", add_special_tokens=False).ids
+    with torch.inference_mode():
+        logits = hf(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+    first = out.tokens[0][0]
+    assert logits.max() - logits[first] < 2e-2
+    assert abs(logits[first].item() - out.logprobs[0][0]) < 2e-2
