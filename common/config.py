@@ -29,6 +29,7 @@ class ShardConfig:
     attention: str = "auto"  # auto: reference on CPU; flash-attn, else triton, on CUDA
     cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs (CUDA only)
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
+    cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
     use_prefix_caching: bool = True  # reported by Info; the router shares cached prefixes
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address

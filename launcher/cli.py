@@ -127,6 +127,11 @@ def option(name: str, **kwargs):
     default="1,2,4,8,16,32,64,128",
     help="CUDA: decode batch sizes captured as CUDA graphs; 0 disables.",
 )
+@option(
+    "--cpu-gemv/--no-cpu-gemv",
+    default=True,
+    help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
+)
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",

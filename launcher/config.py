@@ -36,6 +36,7 @@ class LauncherConfig:
     device: str = "auto"
     attention: str = "auto"
     cuda_graphs: str = "1,2,4,8,16,32,64,128"
+    cpu_gemv: bool = True
     kv_cache_memory: str | None = None
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()

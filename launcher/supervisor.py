@@ -108,6 +108,8 @@ class Supervisor:
         args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
         if not c.prefix_caching:
             args.append("--no-prefix-caching")
+        if not c.cpu_gemv:
+            args.append("--no-cpu-gemv")
         return args + (["--json-output"] if c.json_output else [])
 
     def _router_args(self) -> list[str]:
@@ -128,6 +130,8 @@ class Supervisor:
             args += ["--cors-allow-origin", origin]
         if not c.prefix_caching:
             args.append("--no-prefix-caching")
+        if not c.cpu_gemv:
+            args.append("--no-cpu-gemv")
         return args + (["--json-output"] if c.json_output else [])
 
     # ---- stages ----

@@ -140,6 +140,13 @@ def main() -> None:
     help="CPU: keep linear weights in oneDNN's packed layout (faster decode).",
 )
 @click.option(
+    "--cpu-gemv/--no-cpu-gemv",
+    default=True,
+    show_default=True,
+    help="CPU: keep plain weights beside the packed ones for faster batch-1 decode steps "
+    "(costs the layers' weight memory once more).",
+)
+@click.option(
     "--fault-file",
     default=None,
     hidden=True,

@@ -85,6 +85,7 @@ class ShardEngine:
             self.device,
             self.parallel,
             pack_linear=config.pack_linear,
+            gemv=config.cpu_gemv,
         )
         self.block_size = config.block_size
         self.kv: KVCache | None = None

@@ -151,15 +151,17 @@ def choose_tokens(
     Log-probabilities are taken from the distribution the token was chosen from (after
     penalties and, when sampling, the warpers), as TGI reports them.
     """
-    rows = []
+    rows, changed = [], False
     for i, chooser in enumerate(choosers):
         row = logits[i]
         if chooser.params.has_penalties:
-            row = chooser.apply_penalties(row, histories[i])
+            row, changed = chooser.apply_penalties(row, histories[i]), True
         if chooser.params.is_sampling:
-            row = chooser.warp(row)
+            row, changed = chooser.warp(row), True
         rows.append(row)
-    final = torch.stack(rows) if rows else logits
+    final = torch.stack(rows) if changed else logits
+    if not any(c.generator is not None or n for c, n in zip(choosers, top_ns, strict=True)):
+        return _greedy(final, choosers)
     logprobs = final.log_softmax(-1)
     greedy_ids = logprobs.argmax(-1).tolist()
     choices = []
@@ -174,4 +176,15 @@ def choose_tokens(
             choice.top_ids, choice.top_logprobs = top.indices.tolist(), top.values.tolist()
         chooser.record(token)
         choices.append(choice)
+    return choices
+
+
+def _greedy(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:
+    """Every row greedy and no top-n: argmax and log-sum-exp, no [N, V] log-softmax written."""
+    best, ids = logits.max(-1)
+    logprobs = (best - torch.logsumexp(logits, -1)).tolist()
+    choices = []
+    for chooser, token, logprob in zip(choosers, ids.tolist(), logprobs, strict=True):
+        chooser.record(token)
+        choices.append(Choice(token, logprob))
     return choices

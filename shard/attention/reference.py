@@ -1,8 +1,9 @@
 """CPU reference backend built on PyTorch's scaled_dot_product_attention.
 
-Decode rows are attended in one batched call over K/V gathered from their block tables;
-prefill rows are attended one request at a time (plain causal when nothing is cached,
-masked over the gathered prefix otherwise).
+Decode rows are attended in one batched call: on CPU by the compiled paged-decode kernel
+(cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
+K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
+time (plain causal when nothing is cached, masked over the gathered prefix otherwise).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class _Metadata:
     decode_blocks: torch.Tensor | None  # [Bd * nb] block ids, row-major, padded with block 0
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb * block_size] bool, True where valid
     prefill_rows: list[PrefillRow]
+    decode_tables: torch.Tensor | None = None  # [Bd, nb] block ids, for the CPU kernel
+    decode_context: torch.Tensor | None = None  # [Bd] int64 context lengths, for the kernel
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -95,6 +98,14 @@ class ReferenceBackend(AttentionBackend):
     """Runs wherever PyTorch does; registered as "reference" (CPU default) and "sdpa"."""
 
     name = "reference"
+    use_cpu_kernel = True  # tests and benchmarks turn it off to compare with gather + SDPA
+
+    def _kernel_for(self, device: torch.device) -> bool:
+        if not self.use_cpu_kernel or device.type != "cpu":
+            return False
+        from shard.attention import cpu_kernels  # compiles once per machine
+
+        return cpu_kernels.load() is not None
 
     def prepare(self, inputs: AttentionInputs) -> _Metadata:
         decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
@@ -105,9 +116,12 @@ class ReferenceBackend(AttentionBackend):
             ctx = torch.tensor([inputs.context_lens[i] for i in decode_idx], device=device)
             num_blocks = -(-max(inputs.context_lens[i] for i in decode_idx) // bs)
             tables = inputs.block_tables[decode_idx, :num_blocks]
-            meta.decode_blocks = tables.flatten()
-            positions = torch.arange(num_blocks * bs, device=device)
-            meta.decode_mask = (positions < ctx.unsqueeze(1))[:, None, None, :]
+            if self._kernel_for(device):
+                meta.decode_tables, meta.decode_context = tables, ctx
+            else:
+                meta.decode_blocks = tables.flatten()
+                positions = torch.arange(num_blocks * bs, device=device)
+                meta.decode_mask = (positions < ctx.unsqueeze(1))[:, None, None, :]
             rows = [inputs.query_starts[i] for i in decode_idx]
             meta.decode_is_all = not prefill_idx
             meta.decode_rows = torch.tensor(rows, device=device)
@@ -129,6 +143,12 @@ class ReferenceBackend(AttentionBackend):
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
+        if meta.decode_tables is not None and meta.decode_context is not None:
+            from shard.attention import cpu_kernels
+
+            return cpu_kernels.paged_decode(
+                q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale
+            )
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads

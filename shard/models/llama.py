@@ -71,6 +71,7 @@ class LlamaModel:
         device: torch.device,
         parallel: Parallel,
         pack_linear: bool = True,
+        gemv: bool = False,
     ) -> None:
         check_parallel(spec, parallel.world_size)
         self.spec = spec
@@ -81,7 +82,7 @@ class LlamaModel:
         self.num_kv_heads = max(1, spec.num_kv_heads // parallel.world_size)
         self.head_dim = spec.head_dim
         self.scale = spec.head_dim**-0.5
-        self._store, self._dtype, self._pack = store, dtype, pack_linear
+        self._store, self._dtype, self._pack, self._gemv = store, dtype, pack_linear, gemv
         self.vocab_start, self.vocab_stop = parallel.split(spec.vocab_size)
         self.embed = self._rows("model.embed_tokens.weight", spec.vocab_size)
         head_name = "lm_head.weight"
@@ -89,7 +90,7 @@ class LlamaModel:
             head = self.embed
         else:
             head = self._rows(head_name, spec.vocab_size)
-        self.lm_head = Linear(head, pack=pack_linear)
+        self.lm_head = Linear(head, pack=pack_linear, gemv=gemv)
         self.layers = [self._load_layer(i) for i in range(spec.num_layers)]
         self.norm = self._full("model.norm.weight")
         self.rotary = Rotary(
@@ -147,11 +148,13 @@ class LlamaModel:
         o_proj = self._cols(attn + "o_proj.weight", spec.num_heads * spec.head_dim)
         return _Layer(
             input_norm=self._full(p + "input_layernorm.weight"),
-            qkv=Linear(qkv, bias, pack=self._pack),
-            o_proj=Linear(o_proj, pack=self._pack),
+            qkv=Linear(qkv, bias, pack=self._pack, gemv=self._gemv),
+            o_proj=Linear(o_proj, pack=self._pack, gemv=self._gemv),
             post_norm=self._full(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(gate_up, pack=self._pack),
-            down=Linear(self._cols(p + "mlp.down_proj.weight", inter), pack=self._pack),
+            gate_up=Linear(gate_up, pack=self._pack, gemv=self._gemv),
+            down=Linear(
+                self._cols(p + "mlp.down_proj.weight", inter), pack=self._pack, gemv=self._gemv
+            ),
         )
 
     # ---- math ----

@@ -1,0 +1,170 @@
+// CPU kernels for decode steps, compiled for the machine (shard/attention/cpu_kernels.py).
+//
+// paged_decode: attention of one new token per request, K/V read from their blocks in
+// place (no gather into a contiguous copy), softmax in float32.
+//
+// Shapes: q [B, H, D] (row and head strides given, D contiguous); k_cache, v_cache
+// [N, BS, KVH, D] contiguous; block_tables [B, W] int64; context_lens [B] int64 (each >= 1,
+// each <= W * BS); out [B, H, D] contiguous. H = KVH * G: query heads h*G .. h*G+G-1 share
+// KV head h. Work is split over requests (and KV groups when few) with ATen's thread pool.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// bfloat16 is the top half of a float32: widening is a shift of the raw 16 bits, which
+// vectorizes (c10's conversion operator does not).
+inline float widen(float x) { return x; }
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+template <typename T> struct Raw { using type = T; };  // the element type the loops read
+template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+
+template <typename R>
+inline float dot(const float* q, const R* k, int64_t d) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < d; ++i) sum += q[i] * widen(k[i]);
+  return sum;
+}
+
+template <typename R>
+inline void axpy(float a, const R* v, float* acc, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) acc[i] += a * widen(v[i]);
+}
+
+// Attends query heads [h0, h1) of request r. Keys of one slot lie together for all KV
+// heads (KVH * D values), so a task that covers every head reads each slot's row once.
+template <typename T, typename R = typename Raw<T>::type>
+void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t ctx, int64_t bs,
+            int64_t kv_heads, int64_t group, int64_t d, int64_t q_head, float scale,
+            int64_t h0, int64_t h1, T* op, std::vector<float>& qf, std::vector<float>& scores,
+            std::vector<float>& acc) {
+  const int64_t n = h1 - h0;  // query heads in this task
+  qf.resize(n * d);
+  acc.assign(n * d, 0.f);
+  scores.resize(n * ctx);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(h0 + j) * q_head + i]) * scale;
+  for (int64_t t = 0; t < ctx; ++t) {  // scores[j, t] = q_j . k_t
+    const R* row = kp + (table[t / bs] * bs + t % bs) * kv_heads * d;
+    for (int64_t j = 0; j < n; ++j) scores[j * ctx + t] = dot(&qf[j * d], row + (h0 + j) / group * d, d);
+  }
+  for (int64_t j = 0; j < n; ++j) {  // softmax over t
+    float* s = &scores[j * ctx];
+    const float top = *std::max_element(s, s + ctx);
+    float total = 0.f;
+    for (int64_t t = 0; t < ctx; ++t) total += (s[t] = std::exp(s[t] - top));
+    const float inv = 1.f / total;
+    for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
+  }
+  for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_t
+    const R* row = vp + (table[t / bs] * bs + t % bs) * kv_heads * d;
+    for (int64_t j = 0; j < n; ++j) axpy(scores[j * ctx + t], row + (h0 + j) / group * d, &acc[j * d], d);
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i]);
+}
+
+template <typename T>
+void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+            const torch::Tensor& tables, const torch::Tensor& context, double scale,
+            torch::Tensor& out) {
+  const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t bs = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
+  const int64_t q_row = q.stride(0), q_head = q.stride(1), width = tables.size(1);
+  const T* qp = q.data_ptr<T>();
+  using R = typename Raw<T>::type;
+  const R* kp = reinterpret_cast<const R*>(k_cache.data_ptr<T>());
+  const R* vp = reinterpret_cast<const R*>(v_cache.data_ptr<T>());
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* cp = context.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  // Enough requests to share out: one task per request (every head). Few: split the heads
+  // too, one task per KV group, so both cores work at batch 1.
+  const int64_t splits = rows >= 2 * at::get_num_threads() ? 1 : kv_heads;
+  const int64_t per_split = heads / splits;
+  at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, scores, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t r = task / splits, h0 = task % splits * per_split;
+      attend(qp + r * q_row, kp, vp, tp + r * width, cp[r], bs, kv_heads, group, d, q_head,
+             static_cast<float>(scale), h0, h0 + per_split, op + r * heads * d, qf, scores, acc);
+    }
+  });
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor tables, torch::Tensor context, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with D contiguous");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of KV heads");
+  auto tables64 = tables.to(torch::kInt64).contiguous();
+  auto context64 = context.to(torch::kInt64).contiguous();
+  auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (q.scalar_type() == torch::kFloat) {
+    decode<float>(q, k_cache, v_cache, tables64, context64, scale, out);
+  } else if (q.scalar_type() == torch::kBFloat16) {
+    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, out);
+  } else {
+    TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+// out[m, n] = x[m, :] . w[n, :] for a few rows x (decode: one per request). Each weight row
+// is read once from memory and used for every x row while it sits in L1, so the time is
+// the time to stream the weights; rows of w are shared out over ATen's threads.
+template <typename T>
+void small_matmul(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
+  using R = typename Raw<T>::type;
+  const int64_t m_rows = x.size(0), k = x.size(1), n_rows = w.size(0);
+  const R* wp = reinterpret_cast<const R*>(w.data_ptr<T>());
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  std::vector<float> xf(m_rows * k);
+  for (int64_t i = 0; i < m_rows * k; ++i) xf[i] = static_cast<float>(xp[i]);
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const R* row = wp + n * k;
+      for (int64_t m = 0; m < m_rows; ++m)
+        op[m * n_rows + n] = static_cast<T>(dot(&xf[m * k], row, k));
+    }
+  });
+}
+
+torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "x and w dtypes differ");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  if (x.scalar_type() == torch::kFloat) {
+    small_matmul<float>(xc, wc, out);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    small_matmul<c10::BFloat16>(xc, wc, out);
+  } else {
+    TORCH_CHECK(false, "linear_small: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
+  m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
+}

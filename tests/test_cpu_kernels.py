@@ -1,0 +1,91 @@
+"""The compiled CPU decode kernels against PyTorch: paged decode attention (blocks read in
+place) and the single-row linear, then the engine's tokens with and without them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard.attention import cpu_kernels
+from shard.attention.reference import gather_blocks
+from shard.models.linear import Linear
+from tests.helpers import make_engine, run_to_end, spec
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load()
+    assert module is not None, "the CPU kernels must build here (make install builds them)"
+    return module
+
+
+def _gathered_sdpa(q, k_cache, v_cache, tables, context, scale):
+    rows, heads, dim = q.shape
+    kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
+    width = -(-int(context.max()) // bs)
+    keys = gather_blocks(k_cache, tables[:, :width].flatten(), rows).transpose(1, 2).float()
+    values = gather_blocks(v_cache, tables[:, :width].flatten(), rows).transpose(1, 2).float()
+    mask = (torch.arange(width * bs) < context.unsqueeze(1))[:, None, None, :]
+    grouped = q.float().view(rows, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    return out.reshape(rows, heads, dim)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim):
+    gen = torch.Generator().manual_seed(rows * 31 + heads)
+    blocks, bs = 64, 16
+    k_cache = torch.randn(blocks, bs, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(blocks, bs, kv_heads, dim, generator=gen).to(dtype)
+    tables = torch.stack([torch.randperm(blocks - 1, generator=gen)[:10] + 1 for _ in range(rows)])
+    context = torch.tensor([1, 16, 17, 100, 160, 33, 2, 64, 150][:rows])
+    q_full = torch.randn(rows, heads + 2 * kv_heads, dim, generator=gen).to(dtype)
+    q = q_full[:, :heads]  # strided rows, as the model's q is (a slice of packed QKV)
+    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, context, dim**-0.5)
+    ref = _gathered_sdpa(q, k_cache, v_cache, tables, context, dim**-0.5)
+    assert out.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rows,inner,outer", [(1, 576, 960), (1, 100, 37), (2, 64, 48)])
+def test_linear_small(kernels, dtype, tolerance, rows, inner, outer):
+    gen = torch.Generator().manual_seed(inner)
+    x = torch.randn(rows, inner, generator=gen).to(dtype)
+    w = torch.randn(outer, inner, generator=gen).to(dtype)
+    out = kernels.linear_small(x, w)
+    ref = x.double() @ w.double().T
+    assert ((out.double() - ref).norm() / ref.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_single_row_path_matches_packed(kernels, dtype):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(96, 64, generator=gen).to(dtype)
+    bias = torch.randn(96, generator=gen).to(dtype)
+    fast, packed = Linear(w, bias, gemv=True), Linear(w, bias, gemv=False)
+    assert fast.plain is not None and packed.plain is None
+    x = torch.randn(1, 1, 64, generator=gen).to(dtype)
+    assert torch.allclose(fast(x).float(), packed(x).float(), rtol=2e-2, atol=2e-2)
+    several = torch.randn(5, 64, generator=gen).to(dtype)
+    assert torch.equal(fast(several), packed(several))  # more rows: oneDNN either way
+
+
+PROMPTS = ["The quick brown fox", "Hello", "In a hole in the ground there lived a hobbit."]
+
+
+def test_engine_tokens_with_and_without_kernels(tiny_model_dir, kernels):
+    plain = make_engine(tiny_model_dir, cpu_gemv=False)
+    plain.backend.use_cpu_kernel = False
+    fast = make_engine(tiny_model_dir)
+    for batch in ([PROMPTS[0]], PROMPTS):
+        specs = [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(batch)]
+        expected = run_to_end(plain, 1, specs)
+        specs = [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(batch)]
+        got = run_to_end(fast, 1, specs)
+        assert got.tokens == expected.tokens
+        for i in got.logprobs:
+            assert max(abs(a - b) for a, b in zip(got.logprobs[i], expected.logprobs[i])) < 1e-4
