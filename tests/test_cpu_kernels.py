@@ -88,4 +88,7 @@ def test_engine_tokens_with_and_without_kernels(tiny_model_dir, kernels):
         got = run_to_end(fast, 1, specs)
         assert got.tokens == expected.tokens
         for i in got.logprobs:
-            assert max(abs(a - b) for a, b in zip(got.logprobs[i], expected.logprobs[i])) < 1e-4
+            assert (
+                max(abs(a - b) for a, b in zip(got.logprobs[i], expected.logprobs[i], strict=True))
+                < 1e-4
+            )
