@@ -167,6 +167,7 @@ def serve(
 
         from shard.engine import ShardEngine
         from shard.parallel import gather_urls, init_distributed, resolve_device
+        from shard.server import engine_thread
         from shard.server import serve as serve_async
 
         local_rank = int(os.environ.get("LOCAL_RANK", options["rank"]))
@@ -192,8 +193,9 @@ def serve(
             dist_timeout,
         )
         urls = gather_urls(config.advertised_url, config.world_size)
-        engine = ShardEngine(config)
-        asyncio.run(serve_async(config, engine, urls))
+        worker = engine_thread()  # every torch call on one thread: one OpenMP team
+        engine = worker.submit(ShardEngine, config).result()
+        asyncio.run(serve_async(config, engine, urls, worker))
     except ShardError as exc:
         log.error("%s", exc)
         sys.exit(1)
