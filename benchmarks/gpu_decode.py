@@ -25,18 +25,22 @@ from shard.engine import ShardEngine
 from shard.sampling import SamplingParams
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device bytes per second, read + write (median of 10 copies of 1 GiB)."""
-    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, size: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy, read + write (median of 10 copies)."""
+    a = torch.ones(size, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     times = []
     for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        sync()
+        start = time.perf_counter()
         b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        sync()
+        times.append(time.perf_counter() - start)
     return 2 * a.numel() / statistics.median(times[2:])
 
 
@@ -54,34 +58,37 @@ def ours(engine: ShardEngine, batch: list[list[int]], steps: int) -> float:
     engine.prefill(1, specs, None)
     for _ in range(3):
         engine.decode([1])
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         engine.decode([1])
-    torch.cuda.synchronize()
+    sync()
     elapsed = (time.perf_counter() - start) / steps
     engine.clear(None)
     return elapsed * 1000
 
 
 def theirs(model, batch: list[list[int]], steps: int) -> float:
-    ids = torch.tensor(batch, device="cuda")
+    ids = torch.tensor(batch, device=model.device)
 
     def run(new: int) -> float:
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                        pad_token_id=0)  # fmt: skip
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - start
 
     run(2)
     return (run(steps + 1) - run(1)) / steps * 1000
 
 
-def engine_for(model_dir: Path, graphs: tuple[int, ...]) -> ShardEngine:
-    config = ShardConfig(model_dir=str(model_dir), device="cuda", attention="triton",
-                         cuda_graphs=graphs, cuda_memory_fraction=0.3)  # fmt: skip
+def engine_for(model_dir: Path, graphs: tuple[int, ...], device: str) -> ShardEngine:
+    """On CUDA: Triton attention, graphs of the given sizes. On CPU (a smoke test of this
+    script): the reference backend, graphs through EagerGraph."""
+    config = ShardConfig(model_dir=str(model_dir), device=device, cuda_graphs=graphs,
+                         attention="triton" if device == "cuda" else "reference",
+                         cuda_memory_fraction=0.3, kv_cache_memory=256 << 20)  # fmt: skip
     engine = ShardEngine(config)
     engine.warmup([], None, 2048, 1024)
     return engine
@@ -89,8 +96,13 @@ def engine_for(model_dir: Path, graphs: tuple[int, ...]) -> ShardEngine:
 
 def release(engine: ShardEngine) -> None:
     engine.graphs, engine.kv = None, None
+    release_memory()
+
+
+def release_memory() -> None:
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -100,11 +112,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 64 << 20)
     rows: dict[int, dict] = {b: {} for b in sizes}
-    eager = engine_for(args.model_dir, ())
+    eager = engine_for(args.model_dir, (), args.device)
     weight_bytes = sum(
         t.numel() * t.element_size()
         for t in [eager.model.embed, eager.model.norm]
@@ -121,23 +134,25 @@ def main() -> None:
         rows[b]["eager_ms"] = ours(eager, prompts(b, 128, vocab), args.steps)
     release(eager)
     del eager
-    graphed = engine_for(args.model_dir, tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes})))
+    release_memory()
+    graphed = engine_for(
+        args.model_dir, tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes})), args.device
+    )
     for b in sizes:
         rows[b]["graphs_ms"] = ours(graphed, prompts(b, 128, vocab), args.steps)
     release(graphed)
-    del graphed
-    gc.collect()
-    torch.cuda.empty_cache()
+    del graphed  # its weights go before transformers' copy arrives
+    release_memory()
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)
-        hf = hf.to("cuda").eval()
+        hf = hf.to(args.device).eval()
         for b in sizes:
             rows[b]["transformers_ms"] = theirs(hf, prompts(b, 128, vocab), args.steps)
         del hf
     bound_ms = weight_bytes / bandwidth * 1000  # weights read once per step at copy speed
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     lines = [
         f"{args.model_dir.name} on {name}: weights {weight_bytes / 2**30:.2f} GiB, copy "
         f"bandwidth {bandwidth / 1e12:.2f} TB/s (read+write), HBM bound {bound_ms:.3f} ms/step",

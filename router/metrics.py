@@ -82,6 +82,10 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self._add_cache_gauges(r)
+
+    def _add_cache_gauges(self, r: CollectorRegistry) -> None:
+        """pytgi's own: KV blocks, prefix cache, device memory (Info fields 100+)."""
         self.kv_blocks_free = Gauge("pytgi_kv_blocks_free", "KV blocks free", registry=r)
         self.kv_blocks_used = Gauge(
             "pytgi_kv_blocks_used", "KV blocks held by requests", registry=r
@@ -95,7 +99,6 @@ class Metrics:
         self.prefix_tokens = Gauge(
             "pytgi_prefix_cache_tokens_reused", "Prompt tokens not recomputed", registry=r
         )
-
         self.device_memory_used = Gauge(
             "pytgi_device_memory_used_bytes",
             "GPU memory the shards hold after Warmup (0 on CPU)",

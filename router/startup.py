@@ -14,6 +14,7 @@ from router.client import ShardedClient
 from router.core import RouterState, ServerSettings
 from router.metrics import Metrics
 from router.scheduler import BatchingConfig, Scheduler
+from router.types import ShardInfo
 from router.validation import Limits, Validator
 
 log = logging.getLogger("router")
@@ -65,6 +66,14 @@ def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> 
         )
 
 
+async def _info_after_warmup(client: ShardedClient) -> ShardInfo:
+    """Info again: the KV pool and device memory are known only after Warmup."""
+    try:
+        return await client.info()
+    except Exception as exc:  # noqa: BLE001
+        raise StartupError(f"Info after Warmup failed: {exc}") from exc
+
+
 async def build_state(config: RouterConfig) -> RouterState:
     """ServiceDiscovery, ClearCache, Info, Warmup; Warmup's capacity sets the KV budget."""
     tokenizer, template = load_tokenizer(config.tokenizer_name)
@@ -82,10 +91,7 @@ async def build_state(config: RouterConfig) -> RouterState:
     except Exception as exc:  # noqa: BLE001
         details = exc.details() if hasattr(exc, "details") else str(exc)
         raise StartupError(f"Warmup failed: {details}") from exc
-    try:
-        info = await client.info()  # again: KV pool and device memory are known after Warmup
-    except Exception as exc:  # noqa: BLE001
-        raise StartupError(f"Info after Warmup failed: {exc}") from exc
+    info = await _info_after_warmup(client)
     if not info.support_chunking and prefill_tokens < warm.max_input_tokens:
         prefill_tokens = warm.max_input_tokens
     total_budget = config.max_batch_total_tokens or warm.max_supported_total_tokens

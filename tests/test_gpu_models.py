@@ -33,3 +33,21 @@ def test_built_model_serves_and_matches_transformers(tmp_path, smollm_dir):
     first = out.tokens[0][0]
     assert logits.max() - logits[first] < 2e-2
     assert abs(logits[first].item() - out.logprobs[0][0]) < 2e-2
+
+
+def test_gpu_decode_script_runs_on_cpu(tiny_model_dir, tmp_path):
+    """benchmarks/gpu_decode.py, smoke-tested here so a GPU session does not find its bugs."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "decode.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/gpu_decode.py", str(tiny_model_dir), "--device", "cpu",
+         "--batch", "1,2", "--steps", "3", "--json", str(out)],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["weight_bytes"] > 0 and report["bound_ms"] > 0 and report["bandwidth"] > 0
+    for row in report["rows"].values():
+        assert row["eager_ms"] > 0 and row["graphs_ms"] > 0 and row["transformers_ms"] > 0
