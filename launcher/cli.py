@@ -16,7 +16,7 @@ from launcher.supervisor import Supervisor, check_port_free, resolve_model
 
 
 def option(name: str, **kwargs):
-    envvar = name.lstrip("-").replace("-", "_").upper()
+    envvar = name.split("/")[0].lstrip("-").replace("-", "_").upper()  # on/off pair: the "on"
     kwargs.setdefault("show_default", True)
     return click.option(name, envvar=envvar, show_envvar=True, **kwargs)
 

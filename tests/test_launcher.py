@@ -147,6 +147,11 @@ def _gpt2_dir(tmp_path: Path) -> Path:
             lambda t: ["--kv-cache-memory", "2MiB", "--max-total-tokens", "4096"],
             "raise --kv-cache-memory",
         ),
+        (lambda t: ["--cuda-graphs", "1,x"], "--cuda-graphs takes batch sizes"),
+        (
+            lambda t: ["--attention", "flash-attn"],  # not installed on CPU machines
+            "attention backend 'flash-attn' cannot be imported",
+        ),
     ],
 )
 def test_startup_errors_are_one_clear_paragraph(tmp_path, make_args, message):
@@ -180,6 +185,13 @@ def test_flags_read_from_environment():
         env={**os.environ, "MAX_INPUT_TOKENS": "10", "MAX_TOTAL_TOKENS": "5"},
     )
     assert result.returncode == 1 and "--max-input-tokens (10)" in result.stderr
+
+
+def test_on_off_flags_read_from_environment():
+    from launcher.cli import main
+
+    envvars = {p.name: p.envvar for p in main.params}
+    assert envvars["prefix_caching"] == "PREFIX_CACHING" and envvars["cpu_gemv"] == "CPU_GEMV"
 
 
 def test_help_explains_every_flag():
