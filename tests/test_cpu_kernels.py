@@ -92,3 +92,22 @@ def test_engine_tokens_with_and_without_kernels(tiny_model_dir, kernels):
                 max(abs(a - b) for a, b in zip(got.logprobs[i], expected.logprobs[i], strict=True))
                 < 1e-4
             )
+
+
+def test_without_a_compiler_the_torch_path_serves(monkeypatch, caplog):
+    import torch.utils.cpp_extension as extension
+
+    from shard.attention import AttentionInputs
+    from shard.attention.reference import ReferenceBackend
+
+    def no_compiler(**_kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})  # forget the module built earlier
+    monkeypatch.setattr(extension, "load", no_compiler)
+    assert cpu_kernels.load() is None
+    assert "CPU decode kernel unavailable" in caplog.text and "no C++ compiler" in caplog.text
+    decode = AttentionInputs([0], [1], [5], torch.tensor([21]), torch.tensor([[1]]), 16)
+    meta = ReferenceBackend().prepare(decode)
+    assert meta.decode_tables is None and meta.decode_blocks is not None  # gather + SDPA
+    assert Linear(torch.randn(8, 4), gemv=True).plain is None
