@@ -73,6 +73,36 @@ def _check_sliding_window(config: dict) -> None:
         )
 
 
+def _rope(config: dict) -> tuple[float, dict | None]:
+    """(theta, scaling or None) from either config form.
+
+    transformers < 5 writes `rope_theta` and `rope_scaling` (null for plain RoPE);
+    transformers >= 5 writes one `rope_parameters` dict holding `rope_theta`, `rope_type`
+    and the scaling fields. A `rope_type` of "default" means no scaling."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params:
+        if any(isinstance(v, dict) for v in params.values()):
+            raise ModelLoadError(
+                "per-layer-type rope_parameters are not supported (one RoPE for all layers only)"
+            )
+        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+        scaling: dict | None = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = config.get("rope_theta", 10000.0)
+        scaling = config.get("rope_scaling")
+    if not scaling:
+        return float(theta), None
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ModelLoadError(
+            f"unsupported rope_scaling type {rope_type!r}; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    return float(theta), scaling
+
+
 def read_spec(model_dir: str | Path) -> ModelSpec:
     """Parses config.json; raises ModelLoadError for a missing file or unsupported model."""
     model_dir = Path(model_dir)
@@ -90,14 +120,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     _check_sliding_window(config)
-    rope_scaling = config.get("rope_scaling")
-    if rope_scaling:
-        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ModelLoadError(
-                f"unsupported rope_scaling type {rope_type!r}; "
-                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
+    rope_theta, rope_scaling = _rope(config)
     num_heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
     return ModelSpec(
@@ -110,7 +133,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         intermediate_size=config["intermediate_size"],
         vocab_size=config["vocab_size"],
         rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=config.get("rope_theta", 10000.0),
+        rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_word_embeddings=config.get("tie_word_embeddings", False),

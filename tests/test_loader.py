@@ -114,6 +114,92 @@ def test_unknown_rope_scaling_is_rejected(tmp_path):
         read_spec(d)
 
 
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+SHAPE = dict(num_attention_heads=4, hidden_size=64, num_hidden_layers=1, intermediate_size=8)
+
+
+@pytest.mark.parametrize(
+    "fields, theta, scaling",
+    [
+        ({}, 10000.0, None),
+        ({"rope_theta": 5e5, "rope_scaling": None}, 5e5, None),
+        ({"rope_theta": 5e5, "rope_scaling": LLAMA3_SCALING}, 5e5, LLAMA3_SCALING),
+        # transformers >= 5 writes one rope_parameters dict
+        ({"rope_parameters": {"rope_theta": 1e5, "rope_type": "default"}}, 1e5, None),
+        (
+            {"rope_parameters": {"rope_theta": 5e5, **LLAMA3_SCALING}},
+            5e5,
+            LLAMA3_SCALING,
+        ),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, 1e4, None),
+    ],
+)
+def test_rope_settings_in_either_config_form(tmp_path, fields, theta, scaling):
+    d = _write_config(
+        tmp_path / "m", architectures=["LlamaForCausalLM"], vocab_size=10, **SHAPE, **fields
+    )
+    got = read_spec(d)
+    assert got.rope_theta == theta
+    if fields.get("rope_parameters", {}).get("rope_type") == "linear":
+        assert got.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    else:
+        assert got.rope_scaling == scaling
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_scaling type 'yarn'"),
+        (
+            {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e4}},
+            "per-layer-type rope_parameters",
+        ),
+    ],
+)
+def test_unsupported_rope_parameters_are_rejected(tmp_path, params, message):
+    d = _write_config(
+        tmp_path / "m",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=10,
+        rope_parameters=params,
+        **SHAPE,
+    )
+    with pytest.raises(ModelLoadError, match=message):
+        read_spec(d)
+
+
+def test_transformers5_config_form_loads_the_same_model(smollm_dir, tmp_path):
+    """The same weights with config.json rewritten the way transformers >= 5 saves it
+    (rope_theta and rope_scaling folded into rope_parameters) give the same tokens."""
+    old = build_tiny_model(
+        tmp_path / "old", smollm_dir, rope_theta=5e5, rope_scaling=LLAMA3_SCALING
+    )
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    config = json.loads((new / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_theta": 5e5, **LLAMA3_SCALING}
+    (new / "config.json").write_text(json.dumps(config))
+    text = "Long-context scaling must survive the new config form, token for token."
+    a = run_to_end(make_engine(old), 1, [spec(1, text, 12, ignore_eos=True)])
+    b = run_to_end(make_engine(new), 1, [spec(1, text, 12, ignore_eos=True)])
+    assert a.tokens == b.tokens and a.logprobs == b.logprobs
+    # and the default-theta model differs, so the test would see the settings dropped
+    dropped = tmp_path / "dropped"
+    shutil.copytree(old, dropped)
+    config.pop("rope_parameters")
+    (dropped / "config.json").write_text(json.dumps(config))
+    c = run_to_end(make_engine(dropped), 1, [spec(1, text, 12, ignore_eos=True)])
+    assert c.logprobs != a.logprobs
+
+
 @pytest.mark.parametrize(
     "remove, message",
     [
