@@ -145,6 +145,13 @@ def _device_name(device: str) -> str:
     return "cpu"
 
 
+def _paged_sdpa() -> str:
+    """transformers' name for SDPA over its paged cache (renamed in transformers 5)."""
+    import transformers
+
+    return "paged|sdpa" if int(transformers.__version__.split(".")[0]) >= 5 else "sdpa_paged"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,7 +189,7 @@ def main() -> None:
             cb = None
             if concurrency > 1 and not args.no_cb:
                 model = AutoModelForCausalLM.from_pretrained(
-                    model_dir, dtype=getattr(torch, args.dtype), attn_implementation="sdpa_paged"
+                    model_dir, dtype=getattr(torch, args.dtype), attn_implementation=_paged_sdpa()
                 ).eval()
                 cb = continuous_batching(model.to(args.device), tokenizer, requests)
                 del model

@@ -24,5 +24,5 @@ def test_compare_small_run():
     assert ours > 0 and static > 0 and cb > 0
     assert float(cells[6].rstrip("x")) == pytest.approx(ours / static, rel=0.02)
     assert float(cells[7].rstrip("x")) == pytest.approx(ours / cb, rel=0.02)
-    assert re.match(r"machine: .*transformers 4\.57", result.stdout)
+    assert re.match(r"machine: .*transformers \d+\.\d+", result.stdout)
     assert "Peak RSS: pytgi shard + router" in result.stdout
