@@ -51,7 +51,6 @@ def write_kv(
         return
     for t in (k, v):
         assert t.stride(2) == 1 and t.stride(1) == head_dim, "K/V heads must be contiguous"
-    row = num_kv_heads * head_dim
     _write_kv_kernel[(num_tokens,)](
         k,
         v,
@@ -60,9 +59,14 @@ def write_kv(
         slot_mapping,
         k.stride(0),
         v.stride(0),
-        ROW=row,
-        ROW_PAD=triton.next_power_of_2(row),
+        **write_kv_constants(num_kv_heads, head_dim),
     )
+
+
+def write_kv_constants(num_kv_heads: int, head_dim: int) -> dict:
+    """The write kernel's compile-time constants (tests compile it for CUDA with these)."""
+    row = num_kv_heads * head_dim
+    return {"ROW": row, "ROW_PAD": triton.next_power_of_2(row)}
 
 
 @triton.jit
@@ -86,6 +90,7 @@ def _paged_decode_kernel(
     DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per KV block
     TOKENS: tl.constexpr,  # keys per iteration
+    PRECISION: tl.constexpr,  # tl.dot's input precision: "ieee" for float32 caches, else "tf32"
 ):
     """One program per (request, KV head): its GROUP query heads against its context.
 
@@ -113,14 +118,14 @@ def _paged_decode_kernel(
         kv_offs = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
         kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k)) * scale  # [GROUP_PAD, TOKENS]
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TOKENS]
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v)  # [GROUP_PAD, DIM_PAD]
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)  # [GROUP_PAD, DIM_PAD]
         m_i = m_new
     out = acc / l_i[:, None]
     out_offs = row * stride_out_row + heads[:, None] * stride_out_head + d[None, :]
@@ -140,7 +145,6 @@ def paged_decode(
     context_lens [B] (each >= 1) -> [B, heads, D]: one new token per request."""
     num_rows, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
     if out is None:
         out = torch.empty_like(q)
     if num_rows == 0:
@@ -159,12 +163,25 @@ def paged_decode(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        KV_HEADS=num_kv_heads,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_SIZE=block_size,
-        TOKENS=TOKENS_PER_ITERATION,
+        **decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype),
     )
     return out
+
+
+def decode_constants(
+    num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
+) -> dict:
+    """The decode kernel's compile-time constants (tests compile it for CUDA with these)."""
+    group = num_heads // num_kv_heads
+    return {
+        "KV_HEADS": num_kv_heads,
+        "GROUP": group,
+        "GROUP_PAD": max(16, triton.next_power_of_2(group)),
+        "HEAD_DIM": head_dim,
+        "DIM_PAD": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_SIZE": block_size,
+        "TOKENS": TOKENS_PER_ITERATION,
+        # bf16/fp16 values are exact in tf32 (their products too, accumulated in float32);
+        # float32 caches need full-precision products, which tf32 would round to 10 bits
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }

@@ -1,0 +1,55 @@
+"""The Triton kernels compile to machine code for Hopper (sm_90) and Ampere (sm_80).
+
+No GPU is needed: Triton lowers to PTX in-process and assembles it with the ptxas its wheel
+ships. The interpreter tests (test_attention_backends) check the kernels' arithmetic; only
+compiling finds what the interpreter lets through (tl.dot's shape and dtype rules, layouts,
+shared memory), so this is the CPU's check that a GPU accepts the kernels we launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+from tests.triton_compile_probe import ARCHS, DTYPES, SHAPES  # noqa: E402
+
+SHARED_MEMORY_LIMIT = 163 * 1024  # bytes per block on an A100 (an H100 allows 227 KiB)
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """Every case compiled once, in a process without TRITON_INTERPRET and with an empty
+    cache (so each case is really compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    probe = Path(__file__).with_name("triton_compile_probe.py")
+    result = subprocess.run(
+        [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", SHAPES)
+def test_paged_decode_compiles(compiled, model, dtype, arch):
+    case = compiled[f"paged_decode/{model}/{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT
+    # float32 caches take full-precision products: no tf32 tensor-core instruction
+    assert case["tf32"] == (dtype != "fp32")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", SHAPES)
+def test_write_kv_compiles(compiled, model, dtype):
+    case = compiled[f"write_kv/{model}/{dtype}/sm_90"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0

@@ -1,0 +1,93 @@
+"""Compiles the Triton kernels for CUDA targets on a machine without a GPU; prints JSON.
+
+Run by test_triton_compile.py in a fresh process: Triton's interpreter mode (which the test
+session turns on) changes module state at import and cannot compile.
+    python tests/triton_compile_probe.py  ->  {"<kernel>/<model>/<dtype>/sm_<arch>": {...}}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shard.attention import triton_kernels as tk  # noqa: E402
+
+# (heads, KV heads, head_dim) of the models gpu_check.sh runs
+SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ARCHS = (90, 80)
+
+
+def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
+    assert list(signature) + list(constants) == kernel.arg_names, kernel.arg_names
+    source = ASTSource(
+        fn=kernel,
+        signature={**signature, **dict.fromkeys(constants, "constexpr")},
+        constexprs=constants,
+    )
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    ptx = compiled.asm["ptx"]
+    return {
+        "cubin_bytes": len(compiled.asm["cubin"]),
+        "ptx_target": next(line for line in ptx.splitlines() if line.startswith(".target")),
+        "shared": compiled.metadata.shared,
+        "tf32": "tf32" in ptx,
+    }
+
+
+def decode_signature(pointer: str) -> dict:
+    return {
+        "q_ptr": pointer,
+        "k_cache_ptr": pointer,
+        "v_cache_ptr": pointer,
+        "table_ptr": "*i32",
+        "context_ptr": "*i32",
+        "out_ptr": pointer,
+        "scale": "fp32",
+        "stride_q_row": "i32",
+        "stride_q_head": "i32",
+        "stride_out_row": "i32",
+        "stride_out_head": "i32",
+        "stride_table": "i32",
+    }
+
+
+def write_signature(pointer: str) -> dict:
+    names = ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")
+    return {
+        **dict.fromkeys(names, pointer),
+        "slot_ptr": "*i64",
+        "stride_k": "i32",
+        "stride_v": "i32",
+    }
+
+
+def main() -> None:
+    results = {}
+    for model, (heads, kv_heads, head_dim) in SHAPES.items():
+        for name, dtype in DTYPES.items():
+            pointer = f"*{name}"
+            for arch in ARCHS:
+                constants = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
+                results[f"paged_decode/{model}/{name}/sm_{arch}"] = compile_kernel(
+                    tk._paged_decode_kernel, decode_signature(pointer), constants, arch
+                )
+            constants = tk.write_kv_constants(kv_heads, head_dim)
+            results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(
+                tk._write_kv_kernel, write_signature(pointer), constants, 90
+            )
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
