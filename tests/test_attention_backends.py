@@ -43,9 +43,12 @@ def _relative_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.parametrize("splits", [None, 3, 12])  # 12: most splits past every context
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
+def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim, splits):
+    """Contexts at block and split edges (1, 16/17, 64/65 keys), scattered blocks; one pass
+    or the context cut into splits (64 keys each here) merged by log-sum-exp."""
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
     num_blocks = 48
     k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
@@ -56,10 +59,27 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
         tables[i] = torch.randperm(num_blocks - 1, generator=gen)[:12] + 1
     q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))  # every element must be written
-    paged_decode(q, k_cache, v_cache, tables, context, head_dim**-0.5, out=out)
+    paged_decode(q, k_cache, v_cache, tables, context, head_dim**-0.5, out=out, splits=splits)
     assert not out.isnan().any()
     ref = _reference_decode(q, k_cache, v_cache, tables, context)
     assert _relative_error(out, ref) < tolerance
+
+
+@pytest.mark.parametrize(
+    "rows, kv_heads, max_context, splits",
+    [
+        (1, 8, 256, 1),  # short contexts: one pass
+        (1, 8, 511, 1),
+        (1, 8, 4096, 16),  # 33 wanted to fill the GPU, 4096 / 256 allowed
+        (4, 8, 4160, 9),  # 264 / 32 programs
+        (1, 1, 131072, 32),  # capped
+        (64, 8, 131072, 1),  # 512 programs fill the GPU already
+    ],
+)
+def test_decode_splits(rows, kv_heads, max_context, splits):
+    from shard.attention.triton_kernels import decode_splits
+
+    assert decode_splits(rows, kv_heads, max_context) == splits
 
 
 def test_write_kv_skips_padding_slots_and_reads_strided_rows():

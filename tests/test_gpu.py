@@ -121,9 +121,10 @@ def test_info_reports_gpu_memory_and_kv(model_dir):
     _release(engine)
 
 
+@pytest.mark.parametrize("splits", [None, 1])  # None: 9 or 16 splits of the 4160-key tables
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 64), (32, 8, 128)])
-def test_triton_kernels_on_cuda(dtype, heads, kv_heads, head_dim):
+def test_triton_kernels_on_cuda(dtype, heads, kv_heads, head_dim, splits):
     from shard.attention.triton_kernels import paged_decode
     from tests.test_attention_backends import _reference_decode, _relative_error
 
@@ -135,7 +136,7 @@ def test_triton_kernels_on_cuda(dtype, heads, kv_heads, head_dim):
     tables = torch.stack([torch.randperm(blocks - 1, generator=gen)[:260] + 1 for _ in context])
     q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
     cuda = [t.cuda() for t in (q, k_cache, v_cache, tables.to(torch.int32), context)]
-    out = paged_decode(*cuda, head_dim**-0.5).cpu()
+    out = paged_decode(*cuda, head_dim**-0.5, splits=splits).cpu()
     ref = _reference_decode(q, k_cache, v_cache, tables, context)
     assert _relative_error(out, ref) < 1e-2
 

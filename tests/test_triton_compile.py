@@ -35,16 +35,26 @@ def compiled(tmp_path_factory) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", SHAPES)
-def test_paged_decode_compiles(compiled, model, dtype, arch):
-    case = compiled[f"paged_decode/{model}/{dtype}/sm_{arch}"]
+def test_paged_decode_compiles(compiled, model, dtype, arch, split):
+    case = compiled[f"paged_decode/{model}/{dtype}/sm_{arch}/split={split}"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
     assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT
     # float32 caches take full-precision products: no tf32 tensor-core instruction
     assert case["tf32"] == (dtype != "fp32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", SHAPES)
+def test_merge_splits_compiles(compiled, model, dtype, arch):
+    case = compiled[f"merge_splits/{model}/{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -45,20 +45,33 @@ def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
     }
 
 
-def decode_signature(pointer: str) -> dict:
+def decode_signature(pointer: str, split: bool) -> dict:
     return {
         "q_ptr": pointer,
         "k_cache_ptr": pointer,
         "v_cache_ptr": pointer,
         "table_ptr": "*i32",
         "context_ptr": "*i32",
-        "out_ptr": pointer,
+        "out_ptr": "*fp32" if split else pointer,  # split: float32 partial outputs
+        "lse_ptr": "*fp32",
         "scale": "fp32",
         "stride_q_row": "i32",
         "stride_q_head": "i32",
         "stride_out_row": "i32",
         "stride_out_head": "i32",
         "stride_table": "i32",
+        "split_len": "i32",
+    }
+
+
+def merge_signature(pointer: str) -> dict:
+    return {
+        "partial_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "out_ptr": pointer,
+        "stride_out_row": "i32",
+        "stride_out_head": "i32",
+        "num_splits": "i32",
     }
 
 
@@ -78,9 +91,19 @@ def main() -> None:
         for name, dtype in DTYPES.items():
             pointer = f"*{name}"
             for arch in ARCHS:
-                constants = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
-                results[f"paged_decode/{model}/{name}/sm_{arch}"] = compile_kernel(
-                    tk._paged_decode_kernel, decode_signature(pointer), constants, arch
+                for split in (False, True):
+                    constants = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
+                    results[f"paged_decode/{model}/{name}/sm_{arch}/split={split}"] = (
+                        compile_kernel(
+                            tk._paged_decode_kernel,
+                            decode_signature(pointer, split),
+                            {**constants, "SPLIT": split},
+                            arch,
+                        )
+                    )
+                constants = tk.merge_constants(heads, head_dim, tk.MAX_SPLITS)
+                results[f"merge_splits/{model}/{name}/sm_{arch}"] = compile_kernel(
+                    tk._merge_splits_kernel, merge_signature(pointer), constants, arch
                 )
             constants = tk.write_kv_constants(kv_heads, head_dim)
             results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(

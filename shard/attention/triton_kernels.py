@@ -13,6 +13,11 @@ import triton
 import triton.language as tl
 
 TOKENS_PER_ITERATION = 64  # keys scored per loop iteration of the decode kernel
+# Split-context decode (flash-decoding): with few (request, KV head) programs and long
+# contexts, each context is cut into splits scored in parallel, then merged by log-sum-exp.
+TARGET_PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
+MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more to merge than it saves
+MAX_SPLITS = 32
 
 
 @triton.jit
@@ -76,13 +81,15 @@ def _paged_decode_kernel(
     v_cache_ptr,
     table_ptr,
     context_ptr,
-    out_ptr,
+    out_ptr,  # [B, heads, D]; or with SPLIT, float32 partial outputs [B, heads, splits, D]
+    lse_ptr,  # with SPLIT: float32 [B, heads, splits] log-sum-exp of each split's scores
     scale,
     stride_q_row,
     stride_q_head,
     stride_out_row,
     stride_out_head,
     stride_table,
+    split_len,  # keys per split, a multiple of TOKENS (the whole context without SPLIT)
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 and a power of two (tl.dot's smallest tile)
@@ -91,14 +98,19 @@ def _paged_decode_kernel(
     BLOCK_SIZE: tl.constexpr,  # tokens per KV block
     TOKENS: tl.constexpr,  # keys per iteration
     PRECISION: tl.constexpr,  # tl.dot's input precision: "ieee" for float32 caches, else "tf32"
+    SPLIT: tl.constexpr,  # write per-split partial results for _merge_splits_kernel
 ):
-    """One program per (request, KV head): its GROUP query heads against its context.
+    """One program per (request, KV head, split): its GROUP query heads against the split's
+    keys, context[split * split_len : (split + 1) * split_len] (empty past the context).
 
-    Online softmax over the context in TOKENS-key steps; each key is found through the
-    block table, so K/V are read in place (no gather into a contiguous copy)."""
+    Online softmax in TOKENS-key steps; each key is found through the block table, so K/V
+    are read in place (no gather into a contiguous copy)."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     context = tl.load(context_ptr + row)
+    begin = split * split_len
+    end = tl.minimum(context, begin + split_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
     q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
@@ -110,9 +122,9 @@ def _paged_decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, DIM_PAD], tl.float32)
     t = tl.arange(0, TOKENS)
-    for start in range(0, context, TOKENS):
+    for start in range(begin, end, TOKENS):
         pos = start + t
-        valid = pos < context
+        valid = pos < end
         block = tl.load(table_ptr + row * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         kv_offs = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
@@ -127,9 +139,57 @@ def _paged_decode_kernel(
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)  # [GROUP_PAD, DIM_PAD]
         m_i = m_new
-    out = acc / l_i[:, None]
-    out_offs = row * stride_out_row + heads[:, None] * stride_out_head + d[None, :]
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if SPLIT:
+        # An empty split (past the context) has l = 0: output 0, log-sum-exp -inf (weight 0).
+        has_keys = l_i > 0
+        out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        num_splits = tl.num_programs(2)
+        part = (row * KV_HEADS * GROUP + heads) * num_splits + split  # [GROUP_PAD]
+        tl.store(lse_ptr + part, lse, mask=g < GROUP)
+        tl.store(out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=q_mask)
+    else:
+        out = acc / l_i[:, None]
+        out_offs = row * stride_out_row + heads[:, None] * stride_out_head + d[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_ptr,  # float32 [B, heads, splits, D]
+    lse_ptr,  # float32 [B, heads, splits]
+    out_ptr,
+    stride_out_row,
+    stride_out_head,
+    num_splits,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # a power of two >= num_splits
+):
+    """One program per (request, head): softmax-weighted sum of its splits' outputs,
+    weights exp(lse_s - max lse) (split 0 always holds keys, so the max is finite)."""
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, DIM_PAD)
+    base = (row * HEADS + head) * num_splits
+    lse = tl.load(lse_ptr + base + s, mask=s < num_splits, other=float("-inf"))
+    weight = tl.exp(lse - tl.max(lse, 0))  # [SPLITS_PAD]
+    mask = (s < num_splits)[:, None] & (d < HEAD_DIM)[None, :]
+    parts = tl.load(partial_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=mask, other=0.0)
+    out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)  # [DIM_PAD]
+    offs = row * stride_out_row + head * stride_out_head + d
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def decode_splits(num_rows: int, num_kv_heads: int, max_context: int) -> int:
+    """Splits per context: enough programs to fill the GPU, none under MIN_SPLIT_TOKENS."""
+    programs = num_rows * num_kv_heads
+    if programs >= TARGET_PROGRAMS or max_context < 2 * MIN_SPLIT_TOKENS:
+        return 1
+    wanted = -(-TARGET_PROGRAMS // programs)
+    return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
 def paged_decode(
@@ -140,9 +200,12 @@ def paged_decode(
     context_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """q [B, heads, D], caches [N, block_size, kv_heads, D], block_tables [B, max_blocks],
-    context_lens [B] (each >= 1) -> [B, heads, D]: one new token per request."""
+    context_lens [B] (each >= 1 and <= max_blocks * block_size) -> [B, heads, D]: one new
+    token per request. `splits`: pieces each context is cut into (default: decode_splits,
+    from the table width, so no device value is read and CUDA graphs can capture it)."""
     num_rows, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -150,21 +213,44 @@ def paged_decode(
     if num_rows == 0:
         return out
     assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.is_contiguous()
-    _paged_decode_kernel[(num_rows, num_kv_heads)](
+    max_context = block_tables.shape[1] * block_size
+    if splits is None:
+        splits = decode_splits(num_rows, num_kv_heads, max_context)
+    tokens = TOKENS_PER_ITERATION
+    split_len = -(-max_context // splits // tokens) * tokens if splits > 1 else max_context
+    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype)
+    partial, lse = out, out  # unused placeholders when not split
+    if splits > 1:
+        partial = torch.empty(num_rows, num_heads, splits, head_dim, device=q.device)
+        lse = torch.empty(num_rows, num_heads, splits, device=q.device)
+    _paged_decode_kernel[(num_rows, num_kv_heads, splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        out,
+        partial,
+        lse,
         scale,
         q.stride(0),
         q.stride(1),
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
-        **decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype),
+        split_len,
+        SPLIT=splits > 1,
+        **constants,
     )
+    if splits > 1:
+        _merge_splits_kernel[(num_rows, num_heads)](
+            partial,
+            lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            splits,
+            **merge_constants(num_heads, head_dim, splits),
+        )
     return out
 
 
@@ -184,4 +270,14 @@ def decode_constants(
         # bf16/fp16 values are exact in tf32 (their products too, accumulated in float32);
         # float32 caches need full-precision products, which tf32 would round to 10 bits
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
+
+
+def merge_constants(num_heads: int, head_dim: int, splits: int) -> dict:
+    """The merge kernel's compile-time constants (tests compile it for CUDA with these)."""
+    return {
+        "HEADS": num_heads,
+        "HEAD_DIM": head_dim,
+        "DIM_PAD": max(16, triton.next_power_of_2(head_dim)),
+        "SPLITS_PAD": max(2, triton.next_power_of_2(splits)),
     }
