@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from shard.cuda_graphs import DecodeGraphs, EagerGraph, graph_batch_size, parse_batch_sizes
 from tests.helpers import make_engine, run_to_end, spec
@@ -80,3 +81,61 @@ def test_padding_rows_write_no_kv(tiny_model_dir):
     before = [t.clone() for t in engine.kv.keys]
     graphs.graphs[4].replay()  # all four rows are padding
     assert all(torch.equal(a, b) for a, b in zip(before, engine.kv.keys, strict=True))
+
+
+class HostSyncRecorder(TorchDispatchMode):
+    """Records aten ops that read device values on the host or make data-dependent shapes:
+    each would fail CUDA-graph capture (or bake one step's values into the graph)."""
+
+    SYNCING = {
+        "aten._local_scalar_dense",
+        "aten.item",  # what .item() and int() show under inference_mode
+        "aten.is_nonzero",
+        "aten.equal",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.lift_fresh",  # torch.tensor(python data): a host-to-device copy
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name in self.SYNCING:
+            self.found.append(name)
+        if name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+        ):
+            self.found.append("aten.index with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def test_recorder_sees_host_syncs():
+    with HostSyncRecorder() as recorder:
+        a = torch.tensor([1, 2, 3])
+        a.sum().item()
+        a[a > 1]
+        with torch.inference_mode():
+            int(a.max())
+            bool(a[0])
+    assert recorder.found == [
+        "aten.lift_fresh",
+        "aten._local_scalar_dense",
+        "aten.index with a boolean mask",
+        "aten.item",
+        "aten.is_nonzero",
+    ]
+
+
+def test_graphed_decode_forward_never_syncs_with_the_host(tiny_model_dir):
+    """Every op of the captured forward (embedding, RoPE lookup, Triton K/V write and
+    split-context decode, linears, norms) runs on device values alone."""
+    engine = make_engine(tiny_model_dir, attention="triton")
+    graphs = DecodeGraphs(engine, (1, 4), factory=EagerGraph)
+    graphs.capture()
+    for size in (1, 4):
+        with HostSyncRecorder() as recorder:
+            graphs.graphs[size].replay()
+        assert recorder.found == [], f"batch {size}: {recorder.found}"
