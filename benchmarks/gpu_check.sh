@@ -4,12 +4,15 @@
 # Prepare first on the development machine: bash benchmarks/gpu_prepare.sh (its header
 # gives the device call). Steps, each time-boxed so a slow one cannot eat the rest:
 #   1. versions of what the machine has; carried wheels installed; stubs import
-#   2. random-weight models of real shapes: SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B
+#   2. random-weight models of real shapes: SmolLM2-135M, Llama-3.2-1B
 #   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields)
-#   4. decode step in-process: eager vs CUDA graphs vs transformers vs the HBM bound (1B, 8B)
+#   4. decode step in-process: eager vs CUDA graphs vs transformers vs the HBM bound (1B)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
+#   7. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
+# The whole script keeps to BUDGET seconds (default 340): a step gets at most its own limit
+# and what is left of the budget, and a step with under 20 s left is skipped (and listed).
 # Every output lands in OUT_DIR (log, JSON, Markdown summary); exit status 1 if a step failed.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
@@ -20,13 +23,8 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTGI_TEST_DEVICE=cuda PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 MODELS=${MODELS:-/tmp/pytgi-models}
-FAILED=()
-step() { echo; echo "=== [$(( $(date +%s) - START )) s] $*"; }
-check() {  # check NAME SECONDS COMMAND...: runs a step with a time limit, records failures
-  local name=$1 limit=$2; shift 2
-  step "$name (limit ${limit} s)"
-  timeout --kill-after=10 "$limit" "$@" || { echo "!!! $name failed ($?)"; FAILED+=("$name"); }
-}
+BUDGET=${BUDGET:-340}
+source benchmarks/gpu_steps.sh  # step, left, check; FAILED and SKIPPED
 
 step versions
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.csv"
@@ -48,8 +46,8 @@ print("stubs import: ok")
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "!!! the environment is not usable"; exit 1; }
 
-check models 120 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
-  --models smollm2-135m,llama-1b,llama-8b
+check models 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
+  --models smollm2-135m,llama-1b
 ls -la "$MODELS"/*
 
 check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest -m gpu -q \
@@ -57,28 +55,35 @@ check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest
 
 check decode-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 \
   --json "$OUT/decode_1b.json"
-check decode-8b 100 $PY benchmarks/gpu_decode.py "$MODELS/llama-8b" --batch 1,8,64 \
-  --no-transformers --json "$OUT/decode_8b.json"
 
-step "shard for pytgi-benchmark (1B)"
-UDS=/tmp/pytgi-gpu-bench
-$PY -m shard.cli serve "$MODELS/llama-1b" --uds-path $UDS --cuda-memory-fraction 0.5 \
-  > "$OUT/bench_shard.log" 2>&1 &
-SHARD=$!
-for _ in $(seq 120); do [ -S $UDS-0 ] && break; sleep 0.5; done
-check benchmark 90 $PY -m pytgi_benchmark.cli --tokenizer-name "$MODELS/llama-1b" \
-  --uds-path $UDS -b 1 -b 2 -b 4 -b 8 -b 16 -b 32 -b 64 -b 128 -b 256 -s 128 -d 32 -r 2 -w 1 \
-  --json "$OUT/benchmark_1b.json"
-kill $SHARD; wait $SHARD 2>/dev/null
+if (( $(left) >= 60 )); then
+  step "shard for pytgi-benchmark (1B)"
+  UDS=/tmp/pytgi-gpu-bench
+  $PY -m shard.cli serve "$MODELS/llama-1b" --uds-path $UDS --cuda-memory-fraction 0.5 \
+    > "$OUT/bench_shard.log" 2>&1 &
+  SHARD=$!
+  for _ in $(seq 80); do [ -S $UDS-0 ] && break; sleep 0.5; done
+  check benchmark 90 $PY -m pytgi_benchmark.cli --tokenizer-name "$MODELS/llama-1b" \
+    --uds-path $UDS -b 1 -b 2 -b 4 -b 8 -b 16 -b 32 -b 64 -b 128 -b 256 -s 128 -d 32 -r 2 \
+    -w 1 --json "$OUT/benchmark_1b.json"
+  kill $SHARD 2>/dev/null; wait $SHARD 2>/dev/null
+else
+  step "benchmark skipped: $(left) s of the ${BUDGET} s budget left"; SKIPPED+=(benchmark)
+fi
 
 check compare 150 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --device cuda \
   --dtype bfloat16 --workload varied --concurrency 64 --concurrency 1 --requests 64 --no-cb \
   --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 --json "$OUT/compare_1b.json"
 
+check model-8b 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
+  --models llama-8b
+[ -d "$MODELS/llama-8b" ] && check decode-8b 90 $PY benchmarks/gpu_decode.py \
+  "$MODELS/llama-8b" --batch 1,8,64 --no-transformers --json "$OUT/decode_8b.json"
+
 step summary
 {
   echo "# gpu_check $(date -u +%F) on $(head -2 "$OUT/gpu.csv" | tail -1)"
-  echo; echo "failed steps: ${FAILED[*]:-none}"; echo
+  echo; echo "failed steps: ${FAILED[*]:-none}; skipped (budget): ${SKIPPED[*]:-none}"; echo
   grep -E "^(\||[a-z0-9.-]+ on |machine:|[0-9]+ (passed|failed))" "$OUT/gpu_check.log" || true
 } > "$OUT/summary.md"
 cat "$OUT/summary.md"

@@ -4,7 +4,7 @@
 #   .whl/  router packages missing from the GPU image, as Python 3.12 wheels
 #   .gpu/tokenizer/  SmolLM2's tokenizer files (the random-weight models use them)
 #   common/pb/generate_pb2*.py  gRPC stubs, free of generator-version guards
-# Then: device run(command="bash benchmarks/gpu_check.sh $OUT", timeout_s=480,
+# Then: device run(command="bash benchmarks/gpu_check.sh $OUT", timeout_s=400,
 #   carry=[".whl", ".gpu", "common/pb/generate_pb2.py", "common/pb/generate_pb2_grpc.py"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
