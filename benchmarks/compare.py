@@ -15,65 +15,36 @@ import argparse
 import asyncio
 import json
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launched import launcher  # noqa: E402
 from loadgen import run_load, summarize  # noqa: E402
 from workloads import WORKLOADS, Request, single_token_words  # noqa: E402
 
-from common.procinfo import peak_rss_mib  # noqa: E402
+from common.procinfo import child_roles, peak_rss_mib  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def pytgi(requests: list[Request], concurrency: int, port: int, dtype: str, model_dir: Path,
           extra: list[str]) -> dict:  # fmt: skip
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "--model-id", str(model_dir), "--port", str(port), "--dtype", dtype,
-         "--max-total-tokens", "1024", "--max-input-tokens", "768", "--max-batch-prefill-tokens", "512",
-         "--kv-cache-memory", "2GiB", *extra],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health", timeout=2)
-                break
-            except OSError:
-                if launcher.poll() is not None:
-                    sys.exit("pytgi failed to start")
-                time.sleep(0.5)
-        results, seconds = asyncio.run(run_load(url, "tgi", requests, concurrency, None, 3600))
+    flags = ["--model-id", str(model_dir), "--dtype", dtype, "--max-total-tokens", "1024",
+             "--max-input-tokens", "768", "--max-batch-prefill-tokens", "512", "--kv-cache-memory", "2GiB",
+             *extra]  # fmt: skip
+    with launcher(port, *flags) as server:
+        results, seconds = asyncio.run(
+            run_load(server.url, "tgi", requests, concurrency, None, 3600)
+        )
         summary = summarize(results, seconds, f"concurrency {concurrency}")
-        rss = [peak_rss_mib(pid) for pid in _children(launcher.pid)]
-    finally:
-        launcher.send_signal(signal.SIGTERM)
-        launcher.wait(timeout=120)
+        rss = [peak_rss_mib(pid) for pid in child_roles(server.process.pid)]
     return {"tokens_per_s": summary["output_token_throughput"], "ttft_p50": summary["ttft_s"]["median"],
             "failures": sum(summary["failures"].values()), "peak_rss_mib": sum(v or 0 for v in rss)}  # fmt: skip
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if (
-                entry.name.isdigit()
-                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
-            ):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def _ids(tokenizer, requests: list[Request]) -> list[list[int]]:

@@ -16,6 +16,9 @@ import time
 from pathlib import Path
 
 import httpx
+from launched import launcher
+
+from common.procinfo import child_roles
 
 
 def rss_mib(pid: int) -> float:
@@ -93,20 +96,6 @@ async def run_soak(
     }
 
 
-def _children(pid: int) -> dict[str, int]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cmdline = (entry / "cmdline").read_text()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found["shard" if "shard.cli" in cmdline else "router"] = int(entry.name)
-    return found
-
-
 def _metric(url: str, name: str) -> float:
     import urllib.request
 
@@ -118,41 +107,18 @@ def _metric(url: str, name: str) -> float:
 
 def launch_and_soak(args) -> dict:
     """Starts pytgi-launcher on the embedded model, soaks it, stops it with SIGTERM."""
-    import signal
-    import subprocess
-    import sys
-    import urllib.request
-
-    url = f"http://127.0.0.1:{args.port}"
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "--port", str(args.port), "--max-total-tokens", "512",
-         "--max-input-tokens", "256", "--max-batch-prefill-tokens", "512", "--kv-cache-memory", "1GiB",
-         "--max-concurrent-requests", "256"],
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    while True:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    report = asyncio.run(
-        run_soak(
-            url,
-            args.requests,
-            args.concurrency,
-            args.cancel_fraction,
-            0,
-            _children(launcher.pid),
-            3600,
+    flags = ["--max-total-tokens", "512", "--max-input-tokens", "256", "--max-batch-prefill-tokens",
+             "512", "--kv-cache-memory", "1GiB", "--max-concurrent-requests", "256"]  # fmt: skip
+    with launcher(args.port, *flags) as server:
+        pids = {role.split()[0]: pid for pid, role in child_roles(server.process.pid).items()}
+        soak = run_soak(
+            server.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600
         )
-    )
-    time.sleep(1)
-    report["kv_blocks_used_after"] = _metric(url, "pytgi_kv_blocks_used")
-    started = time.monotonic()
-    launcher.send_signal(signal.SIGTERM)
-    report["launcher_exit_code"] = launcher.wait(timeout=120)
-    report["teardown_seconds"] = round(time.monotonic() - started, 2)
+        report = asyncio.run(soak)
+        time.sleep(1)
+        report["kv_blocks_used_after"] = _metric(server.url, "pytgi_kv_blocks_used")
+    report["launcher_exit_code"] = server.exit_code
+    report["teardown_seconds"] = server.teardown_s
     return report
 
 

@@ -29,3 +29,25 @@ def pids_with_argument(argument: str) -> list[int]:
         if argument in words:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def child_roles(pid: int) -> dict[int, str]:
+    """The pytgi processes `pid` started, by pid: "router", or "shard rank N"."""
+    roles = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            words = (entry / "cmdline").read_text().split("\0")
+            environ = (entry / "environ").read_bytes().split(b"\0") if parent == pid else []
+        except OSError:
+            continue
+        if parent != pid:
+            continue
+        if "router.cli" in words:
+            roles[int(entry.name)] = "router"
+        elif "shard.cli" in words:
+            rank = next((v[5:].decode() for v in environ if v.startswith(b"RANK=")), "0")
+            roles[int(entry.name)] = f"shard rank {rank}"
+    return roles
