@@ -65,6 +65,50 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
     assert _relative_error(out, ref) < tolerance
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
+    """Requests of (cached, new) tokens: no prefix, a prefix inside a block, new tokens
+    across several 16-token programs; a row between requests (a decode row) is untouched."""
+    from shard.attention.triton_kernels import PREFILL_TOKENS, paged_prefill, prefill_programs
+
+    gen = torch.Generator().manual_seed(heads * 10 + head_dim)
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
+    shapes = [(0, 17), (5, 16), (33, 40), (0, 2), (70, 3)]  # (cached, new) per request
+    tables = torch.stack([torch.randperm(num_blocks - 1, generator=gen)[:6] + 1 for _ in shapes])
+    starts, row = [], 0
+    for _, new in shapes:
+        starts.append(row)
+        row += new + 1  # one foreign row after each request
+    q = torch.randn(row, heads, head_dim, generator=gen).to(dtype)
+    programs = prefill_programs(
+        starts, [n for _, n in shapes], [c for c, _ in shapes], range(len(shapes)), PREFILL_TOKENS
+    )
+    assert len(programs) == 2 + 1 + 3 + 1 + 1
+    out = torch.full_like(q, float("nan"))
+    paged_prefill(
+        q, k_cache, v_cache, tables, torch.tensor(programs, dtype=torch.int32), head_dim**-0.5, out
+    )
+    for i, (cached, new) in enumerate(shapes):
+        rows = slice(starts[i], starts[i] + new)
+        expected = torch.stack(
+            [
+                _reference_decode(
+                    q[starts[i] + t : starts[i] + t + 1],
+                    k_cache,
+                    v_cache,
+                    tables[i : i + 1],
+                    torch.tensor([cached + t + 1]),
+                )[0]
+                for t in range(new)
+            ]
+        )
+        assert _relative_error(out[rows], expected) < tolerance, (cached, new)
+        assert out[starts[i] + new].isnan().all()  # the foreign row
+
+
 @pytest.mark.parametrize(
     "rows, kv_heads, max_context, splits",
     [

@@ -51,6 +51,17 @@ def test_paged_decode_compiles(compiled, model, dtype, arch, split):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", SHAPES)
+def test_paged_prefill_compiles(compiled, model, dtype, arch):
+    case = compiled[f"paged_prefill/{model}/{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT
+    assert case["tf32"] == (dtype != "fp32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", SHAPES)
 def test_merge_splits_compiles(compiled, model, dtype, arch):
     case = compiled[f"merge_splits/{model}/{dtype}/sm_{arch}"]
     assert "error" not in case, case.get("error")

@@ -64,6 +64,23 @@ def decode_signature(pointer: str, split: bool) -> dict:
     }
 
 
+def prefill_signature(pointer: str) -> dict:
+    return {
+        "q_ptr": pointer,
+        "k_cache_ptr": pointer,
+        "v_cache_ptr": pointer,
+        "table_ptr": "*i32",
+        "program_ptr": "*i32",
+        "out_ptr": pointer,
+        "scale": "fp32",
+        "stride_q_row": "i32",
+        "stride_q_head": "i32",
+        "stride_out_row": "i32",
+        "stride_out_head": "i32",
+        "stride_table": "i32",
+    }
+
+
 def merge_signature(pointer: str) -> dict:
     return {
         "partial_ptr": "*fp32",
@@ -101,6 +118,13 @@ def main() -> None:
                             arch,
                         )
                     )
+                decode = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
+                results[f"paged_prefill/{model}/{name}/sm_{arch}"] = compile_kernel(
+                    tk._paged_prefill_kernel,
+                    prefill_signature(pointer),
+                    tk.prefill_constants(decode, heads // kv_heads),
+                    arch,
+                )
                 constants = tk.merge_constants(heads, head_dim, tk.MAX_SPLITS)
                 results[f"merge_splits/{model}/{name}/sm_{arch}"] = compile_kernel(
                     tk._merge_splits_kernel, merge_signature(pointer), constants, arch

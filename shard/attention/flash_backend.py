@@ -36,15 +36,7 @@ class _FlashPlan:
 class FlashAttnBackend(TritonBackend):
     name = "flash-attn"
 
-    def prepare(self, inputs: AttentionInputs) -> TritonMetadata:
-        meta = super().prepare(inputs)
-        prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
-        if prefill_idx:
-            meta.extra = self._plan(inputs, prefill_idx, has_decode=meta.block_tables is not None)
-        return meta
-
-    @staticmethod
-    def _plan(inputs: AttentionInputs, idx: list[int], has_decode: bool) -> _FlashPlan:
+    def plan_prefill(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> _FlashPlan:
         device, bs = inputs.block_tables.device, inputs.block_size
         new = [inputs.query_lens[i] for i in idx]
         context = [inputs.context_lens[i] for i in idx]
@@ -72,7 +64,7 @@ class FlashAttnBackend(TritonBackend):
         )
 
     def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
-        plan: _FlashPlan = metadata.extra
+        plan: _FlashPlan = metadata.prefill
         q_p = q if plan.q_index is None else q[plan.q_index]
         if plan.block_table is not None:
             k_p, v_p = k_cache, v_cache  # [N, bs, KVH, D], read through the block table

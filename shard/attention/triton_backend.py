@@ -1,5 +1,7 @@
-"""Triton backend: K/V written by a Triton kernel, decode attention read from the blocks in
-place by a Triton paged-decode kernel; prefill rows use PyTorch SDPA (as the reference).
+"""Triton backend: K/V written by a Triton kernel, attention read from the blocks in place by
+Triton kernels: paged decode (one new token per request, split over long contexts) and
+paged prefill (blocks of new tokens, causal over any cached prefix). One launch each per
+layer, whatever the mix of requests.
 
 Decode metadata is plain device tensors (block tables, context lengths), so a decode
 forward can also be captured in a CUDA graph (see shard/cuda_graphs.py).
@@ -13,8 +15,13 @@ from typing import Any
 import torch
 
 from shard.attention.base import AttentionBackend, AttentionInputs
-from shard.attention.reference import PrefillRow, attend_prefill_rows, prefill_row
-from shard.attention.triton_kernels import paged_decode, write_kv
+from shard.attention.triton_kernels import (
+    PREFILL_TOKENS,
+    paged_decode,
+    paged_prefill,
+    prefill_programs,
+    write_kv,
+)
 
 
 @dataclass(slots=True)
@@ -23,8 +30,13 @@ class TritonMetadata:
     decode_rows: torch.Tensor | None  # [Bd] rows of q that decode; None when all rows do
     block_tables: torch.Tensor | None  # [Bd, max_blocks] int32; None: no decode rows
     context_lens: torch.Tensor | None  # [Bd] int32, each >= 1
-    prefill_rows: list[PrefillRow]
-    extra: Any = None  # a subclass's own per-forward data
+    prefill: Any = None  # the backend's plan for prefill rows (plan_prefill); None: none
+
+
+@dataclass(slots=True)
+class PrefillPlan:
+    programs: torch.Tensor  # int32 [P, 4]: first q row, tokens, first position, table row
+    block_tables: torch.Tensor  # int32 [B, max_blocks], the whole batch's
 
 
 class TritonBackend(AttentionBackend):
@@ -34,7 +46,7 @@ class TritonBackend(AttentionBackend):
         device = inputs.block_tables.device
         decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
         prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
-        meta = TritonMetadata(inputs.slot_mapping, None, None, None, [])
+        meta = TritonMetadata(inputs.slot_mapping, None, None, None)
         if decode_idx:
             context = [inputs.context_lens[i] for i in decode_idx]
             meta.block_tables = inputs.block_tables[decode_idx].to(torch.int32)
@@ -42,8 +54,20 @@ class TritonBackend(AttentionBackend):
             if prefill_idx:
                 rows = [inputs.query_starts[i] for i in decode_idx]
                 meta.decode_rows = torch.tensor(rows, device=device)
-        meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
+        if prefill_idx:
+            meta.prefill = self.plan_prefill(inputs, prefill_idx, bool(decode_idx))
         return meta
+
+    def plan_prefill(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> Any:
+        """Host work for the prefilling requests `idx`, once per forward."""
+        programs = prefill_programs(
+            inputs.query_starts, inputs.query_lens, inputs.cache_lens, idx, PREFILL_TOKENS
+        )
+        device = inputs.block_tables.device
+        return PrefillPlan(
+            torch.tensor(programs, dtype=torch.int32, device=device).view(-1, 4),
+            inputs.block_tables.to(torch.int32),
+        )
 
     @staticmethod
     def decode_metadata(
@@ -51,14 +75,14 @@ class TritonBackend(AttentionBackend):
     ) -> TritonMetadata:
         """Metadata of an all-decode batch over the given (static) tensors: no host work
         per forward, as CUDA-graph capture needs."""
-        return TritonMetadata(slot_mapping, None, block_tables, context_lens, [])
+        return TritonMetadata(slot_mapping, None, block_tables, context_lens)
 
     def store_kv(self, k_cache, v_cache, k, v, metadata: TritonMetadata) -> None:
         write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
 
     def attend(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale: float):
         tables, context = metadata.block_tables, metadata.context_lens
-        if tables is not None and context is not None and metadata.decode_rows is None:
+        if tables is not None and context is not None and metadata.prefill is None:
             return paged_decode(q, k_cache, v_cache, tables, context, scale)  # all decode
         out = torch.empty_like(q)
         if tables is not None and context is not None:
@@ -68,5 +92,6 @@ class TritonBackend(AttentionBackend):
         return out
 
     def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
-        """Prefill rows through SDPA, one request at a time (the reference's way)."""
-        attend_prefill_rows(q, k, v, k_cache, v_cache, metadata.prefill_rows, scale, out)
+        """Prefill rows through the paged prefill kernel (their K/V are in the cache)."""
+        plan: PrefillPlan = metadata.prefill
+        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out)

@@ -281,3 +281,152 @@ def merge_constants(num_heads: int, head_dim: int, splits: int) -> dict:
         "DIM_PAD": max(16, triton.next_power_of_2(head_dim)),
         "SPLITS_PAD": max(2, triton.next_power_of_2(splits)),
     }
+
+
+PREFILL_TOKENS = 16  # new tokens per prefill program (its rows: these x the KV head's group)
+
+
+@triton.jit
+def _paged_prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    program_ptr,  # int32 [P, 4]: first q row, tokens (<= TOKENS_Q), first position, table row
+    out_ptr,
+    scale,
+    stride_q_row,
+    stride_q_head,
+    stride_out_row,
+    stride_out_head,
+    stride_table,
+    KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_P2: tl.constexpr,  # next power of two >= GROUP
+    TOKENS_Q: tl.constexpr,  # query tokens per program (PREFILL_TOKENS)
+    HEAD_DIM: tl.constexpr,
+    DIM_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOKENS: tl.constexpr,  # keys per iteration
+    PRECISION: tl.constexpr,
+):
+    """One program per (block of up to TOKENS_Q new tokens of one request, KV head).
+
+    Rows are (token, query head of this KV head) pairs. Keys are every cached or new position
+    up to the block's last token, read through the block table (this forward's K/V are
+    already in the cache); token t at position p sees keys at positions <= p (causal)."""
+    prog = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    row0 = tl.load(program_ptr + prog * 4)
+    count = tl.load(program_ptr + prog * 4 + 1)
+    pos0 = tl.load(program_ptr + prog * 4 + 2)
+    table_row = tl.load(program_ptr + prog * 4 + 3)
+    r = tl.arange(0, TOKENS_Q * GROUP_P2)
+    token = r // GROUP_P2
+    head = kv_head * GROUP + r % GROUP_P2
+    row_ok = (token < count) & (r % GROUP_P2 < GROUP)
+    d = tl.arange(0, DIM_PAD)
+    q_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    q_offs = (row0 + token)[:, None] * stride_q_row + head[:, None] * stride_q_head + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0).to(tl.float32)  # [R, DIM_PAD]
+    query_pos = pos0 + token  # [R]
+    m_i = tl.full([TOKENS_Q * GROUP_P2], float("-inf"), tl.float32)
+    l_i = tl.zeros([TOKENS_Q * GROUP_P2], tl.float32)
+    acc = tl.zeros([TOKENS_Q * GROUP_P2, DIM_PAD], tl.float32)
+    t = tl.arange(0, TOKENS)
+    for start in range(0, pos0 + count, TOKENS):
+        pos = start + t
+        valid = pos < pos0 + count
+        block = tl.load(
+            table_ptr + table_row * stride_table + pos // BLOCK_SIZE, mask=valid, other=0
+        )
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_offs = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, TOKENS]
+        visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        # rows that see nothing yet in this chunk keep m = -inf; subtract a finite stand-in
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out_offs = (
+        (row0 + token)[:, None] * stride_out_row + head[:, None] * stride_out_head + d[None, :]
+    )
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def prefill_programs(
+    query_starts: list[int],
+    query_lens: list[int],
+    cache_lens: list[int],
+    requests: list[int],
+    tokens_per_program: int,
+) -> list[list[int]]:
+    """[first q row, tokens, first position, table row] per program, for `requests`
+    (indices into the batch): each request's new tokens in blocks of tokens_per_program."""
+    programs = []
+    for i in requests:
+        for offset in range(0, query_lens[i], tokens_per_program):
+            count = min(tokens_per_program, query_lens[i] - offset)
+            programs.append([query_starts[i] + offset, count, cache_lens[i] + offset, i])
+    return programs
+
+
+def paged_prefill(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    programs: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Causal attention of prefill rows over the paged cache, written into `out`.
+
+    q, out [T, heads, D]; caches [N, block_size, kv_heads, D] already holding this forward's
+    K/V; block_tables [B, max_blocks]; programs int32 [P, 4] from prefill_programs."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    if programs.shape[0] == 0:
+        return
+    assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.is_contiguous()
+    group = num_heads // num_kv_heads
+    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype)
+    _paged_prefill_kernel[(programs.shape[0], num_kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        programs,
+        out,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        **prefill_constants(constants, group),
+    )
+
+
+def prefill_constants(decode: dict, group: int) -> dict:
+    """The prefill kernel's compile-time constants, from the decode kernel's."""
+    return {
+        "KV_HEADS": decode["KV_HEADS"],
+        "GROUP": group,
+        "GROUP_P2": triton.next_power_of_2(group),
+        "TOKENS_Q": PREFILL_TOKENS,
+        "HEAD_DIM": decode["HEAD_DIM"],
+        "DIM_PAD": decode["DIM_PAD"],
+        "BLOCK_SIZE": decode["BLOCK_SIZE"],
+        "TOKENS": decode["TOKENS"],
+        "PRECISION": decode["PRECISION"],
+    }
