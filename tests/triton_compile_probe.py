@@ -107,18 +107,16 @@ def main() -> None:
     for model, (heads, kv_heads, head_dim) in SHAPES.items():
         for name, dtype in DTYPES.items():
             pointer = f"*{name}"
+            decode = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
             for arch in ARCHS:
                 for split in (False, True):
-                    constants = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
-                    results[f"paged_decode/{model}/{name}/sm_{arch}/split={split}"] = (
-                        compile_kernel(
-                            tk._paged_decode_kernel,
-                            decode_signature(pointer, split),
-                            {**constants, "SPLIT": split},
-                            arch,
-                        )
+                    kernel = "paged_decode_split" if split else "paged_decode"
+                    results[f"{kernel}/{model}/{name}/sm_{arch}"] = compile_kernel(
+                        tk._paged_decode_kernel,
+                        decode_signature(pointer, split),
+                        {**decode, "SPLIT": split},
+                        arch,
                     )
-                decode = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
                 results[f"paged_prefill/{model}/{name}/sm_{arch}"] = compile_kernel(
                     tk._paged_prefill_kernel,
                     prefill_signature(pointer),
