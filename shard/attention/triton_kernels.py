@@ -75,6 +75,36 @@ def write_kv_constants(num_kv_heads: int, head_dim: int) -> dict:
 
 
 @triton.jit
+def _kv_offsets(table_ptr, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE):
+    """Element offsets [TOKENS, DIM_PAD] of KV head `kv_head` at context positions `pos`
+    [TOKENS] of the request whose block-table row starts at `table_ptr`, and their mask."""
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+    slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    offsets = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
+    return offsets, valid[:, None] & (d < HEAD_DIM)[None, :]
+
+
+@triton.jit
+def _attend_keys(
+    q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, m_i, l_i, acc,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step: q [R, DIM_PAD] (float32) against the keys at `kv_offs`;
+    `visible` [R or 1, TOKENS] masks scores. Returns the updated running max m [R], sum l [R]
+    and output acc [R, DIM_PAD]. A row with nothing visible so far keeps m = -inf, l = 0."""
+    k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, TOKENS]
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite stand-in to subtract
+    p = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)  # [R, DIM_PAD]
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
 def _paged_decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -125,20 +155,13 @@ def _paged_decode_kernel(
     for start in range(begin, end, TOKENS):
         pos = start + t
         valid = pos < end
-        block = tl.load(table_ptr + row * stride_table + pos // BLOCK_SIZE, mask=valid, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_offs = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [GROUP_PAD, TOKENS]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)  # [GROUP_PAD, DIM_PAD]
-        m_i = m_new
+        kv_offs, kv_mask = _kv_offsets(
+            table_ptr + row * stride_table, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE
+        )
+        m_i, l_i, acc = _attend_keys(
+            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid[None, :], scale, m_i, l_i, acc,
+            PRECISION,
+        )  # fmt: skip
     if SPLIT:
         # An empty split (past the context) has l = 0: output 0, log-sum-exp -inf (weight 0).
         has_keys = l_i > 0
@@ -337,25 +360,15 @@ def _paged_prefill_kernel(
     for start in range(0, pos0 + count, TOKENS):
         pos = start + t
         valid = pos < pos0 + count
-        block = tl.load(
-            table_ptr + table_row * stride_table + pos // BLOCK_SIZE, mask=valid, other=0
-        )
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_offs = (slot * KV_HEADS + kv_head)[:, None] * HEAD_DIM + d[None, :]
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, TOKENS]
-        visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])
-        scores = tl.where(visible, scores, float("-inf"))
-        # rows that see nothing yet in this chunk keep m = -inf; subtract a finite stand-in
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+        kv_offs, kv_mask = _kv_offsets(
+            table_ptr + table_row * stride_table, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM,
+            BLOCK_SIZE,
+        )  # fmt: skip
+        visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])  # causal
+        m_i, l_i, acc = _attend_keys(
+            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, m_i, l_i, acc,
+            PRECISION,
+        )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_offs = (
         (row0 + token)[:, None] * stride_out_row + head[:, None] * stride_out_head + d[None, :]
