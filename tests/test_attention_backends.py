@@ -65,19 +65,19 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
     assert _relative_error(out, ref) < tolerance
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
-    """Requests of (cached, new) tokens: no prefix, a prefix inside a block, new tokens
-    across several 16-token programs; a row between requests (a decode row) is untouched."""
+def check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance, device="cpu"):
+    """paged_prefill over requests of (cached, new) tokens in scattered blocks, on `device`,
+    against float64 attention; a foreign row after each request must stay untouched."""
     from shard.attention.triton_kernels import PREFILL_TOKENS, paged_prefill, prefill_programs
 
     gen = torch.Generator().manual_seed(heads * 10 + head_dim)
-    num_blocks = 64
+    per_request = max(-(-(cached + new) // BLOCK) for cached, new in shapes)
+    num_blocks = len(shapes) * per_request + 1
     k_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
     v_cache = torch.randn(num_blocks, BLOCK, kv_heads, head_dim, generator=gen).to(dtype)
-    shapes = [(0, 17), (5, 16), (33, 40), (0, 2), (70, 3)]  # (cached, new) per request
-    tables = torch.stack([torch.randperm(num_blocks - 1, generator=gen)[:6] + 1 for _ in shapes])
+    tables = torch.stack(
+        [torch.randperm(num_blocks - 1, generator=gen)[:per_request] + 1 for _ in shapes]
+    )
     starts, row = [], 0
     for _, new in shapes:
         starts.append(row)
@@ -86,11 +86,12 @@ def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head
     programs = prefill_programs(
         starts, [n for _, n in shapes], [c for c, _ in shapes], range(len(shapes)), PREFILL_TOKENS
     )
-    assert len(programs) == 2 + 1 + 3 + 1 + 1
-    out = torch.full_like(q, float("nan"))
-    paged_prefill(
-        q, k_cache, v_cache, tables, torch.tensor(programs, dtype=torch.int32), head_dim**-0.5, out
-    )
+    assert len(programs) == sum(-(-new // PREFILL_TOKENS) for _, new in shapes)
+    out = torch.full_like(q, float("nan")).to(device)
+    on_device = [t.to(device) for t in (q, k_cache, v_cache, tables.to(torch.int32))]
+    programs_t = torch.tensor(programs, dtype=torch.int32, device=device)
+    paged_prefill(*on_device, programs_t, head_dim**-0.5, out)
+    out = out.cpu()
     for i, (cached, new) in enumerate(shapes):
         rows = slice(starts[i], starts[i] + new)
         expected = torch.stack(
@@ -107,6 +108,14 @@ def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head
         )
         assert _relative_error(out[rows], expected) < tolerance, (cached, new)
         assert out[starts[i] + new].isnan().all()  # the foreign row
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head_dim):
+    """No prefix, a prefix inside a block, new tokens across several 16-token programs."""
+    shapes = [(0, 17), (5, 16), (33, 40), (0, 2), (70, 3)]  # (cached, new) per request
+    check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance)
 
 
 @pytest.mark.parametrize(

@@ -141,6 +141,16 @@ def test_triton_kernels_on_cuda(dtype, heads, kv_heads, head_dim, splits):
     assert _relative_error(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 64), (32, 8, 128)])
+def test_triton_prefill_on_cuda(dtype, heads, kv_heads, head_dim):
+    """The paged prefill kernel compiled: long prompts, a long cached prefix, short chunks."""
+    from tests.test_attention_backends import check_paged_prefill
+
+    shapes = [(0, 300), (3000, 100), (17, 2), (1000, 33)]  # (cached, new) per request
+    check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, 1e-2, device="cuda")
+
+
 def test_seeded_sampling_on_cuda(model_dir):
     """Per-request CUDA generators: a seed repeats its tokens, another seed differs.
     (Alone vs in a batch is not compared: GPU matmuls round differently per batch size.)"""
