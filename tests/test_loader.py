@@ -137,7 +137,11 @@ SHAPE = dict(num_attention_heads=4, hidden_size=64, num_hidden_layers=1, interme
             5e5,
             LLAMA3_SCALING,
         ),
-        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, 1e4, None),
+        (
+            {"rope_parameters": {"rope_type": "linear", "factor": 2.0}},
+            1e4,  # no theta in either place: the default
+            {"rope_type": "linear", "factor": 2.0},
+        ),
     ],
 )
 def test_rope_settings_in_either_config_form(tmp_path, fields, theta, scaling):
@@ -146,10 +150,7 @@ def test_rope_settings_in_either_config_form(tmp_path, fields, theta, scaling):
     )
     got = read_spec(d)
     assert got.rope_theta == theta
-    if fields.get("rope_parameters", {}).get("rope_type") == "linear":
-        assert got.rope_scaling == {"rope_type": "linear", "factor": 2.0}
-    else:
-        assert got.rope_scaling == scaling
+    assert got.rope_scaling == scaling
 
 
 @pytest.mark.parametrize(
