@@ -8,6 +8,8 @@ when oneDNN is missing, the plain weight and `F.linear` are used.
 Single-row inputs (batch-1 decode) go faster still through our own kernel
 (`cpu_kernels.linear_small`, 1.5-2x oneDNN's streaming rate here), which reads the plain
 weight: with `gemv` on, a packed layer also keeps its plain weight (the weights' memory twice).
+Where oneDNN cannot pack a dtype (bfloat16 on a CPU without AVX-512), the layer keeps only
+its plain weight and single rows still go through the kernel, at no extra memory.
 """
 
 from __future__ import annotations
@@ -58,23 +60,27 @@ class Linear:
                 self.is_packed = False
         if not self.is_packed:
             self.weight = weight
-        elif gemv:
+        if gemv and weight.device.type == "cpu" and weight.dtype in _PACKABLE:
             from shard.attention import cpu_kernels
 
             self.kernels = cpu_kernels.load()
-            self.plain = weight.contiguous() if self.kernels is not None else None
+            if self.kernels is not None:
+                # packed: a second, plain copy; unpacked: the same tensor, made contiguous
+                self.plain = weight.contiguous()
+                if not self.is_packed:
+                    self.weight = self.plain
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_packed:
-            return F.linear(x, self.weight, self.bias)
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        rows = flat.shape[0]
-        if rows == 1 and self.plain is not None:
-            out = self.kernels.linear_small(flat, self.plain)
+        if shape.numel() == shape[-1] and self.plain is not None:  # a single row
+            out = self.kernels.linear_small(x.reshape(1, shape[-1]), self.plain)
             if self.bias is not None:
                 out += self.bias
             return out.view(*shape[:-1], self.out_features)
+        if not self.is_packed:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, shape[-1])
+        rows = flat.shape[0]
         if rows > _ROW_BUCKET and rows % _ROW_BUCKET:
             flat = F.pad(flat, (0, 0, 0, _ROW_BUCKET - rows % _ROW_BUCKET))
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
