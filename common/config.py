@@ -5,7 +5,7 @@ No module reads the environment at import time; the CLIs build these records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_BLOCK_SIZE = 16
 
@@ -38,6 +38,8 @@ class ShardConfig:
     grpc_port_base: int = 50051
     # Test-only fault hook: when this file exists at a forward, the forward raises (once).
     fault_file: str | None = None
+    # Every RPC must carry this secret (common.rpc); None: no check (TGI's routers send none)
+    secret: str | None = field(default=None, repr=False)
 
     @property
     def socket_path(self) -> str:
@@ -89,6 +91,15 @@ class RouterConfig:
     graceful_termination_timeout: float = 30.0
     json_output: bool = False
     prefix_caching: bool = True  # effective only when the shards report use_prefix_caching
+    client_timeout: float = 60.0  # a body slower than this, or a reply unread this long, ends
+    max_connections: int | None = None  # open HTTP connections; None: see connection_limit
+
+    @property
+    def connection_limit(self) -> int:
+        """Connections (and tasks) uvicorn serves before answering 503."""
+        return self.max_connections or 4 * self.max_concurrent_requests + 64
+
+    shard_secret: str | None = field(default=None, repr=False)  # sent on every shard call
 
     @property
     def master_url(self) -> str:

@@ -146,6 +146,18 @@ def option(name: str, **kwargs):
     "--shard-port-base", type=int, default=50051, help="Multi-node: rank r uses TCP port base + r."
 )
 @option(
+    "--shard-secret",
+    default=None,
+    help="Secret every shard call must carry; multi-node: the same on every node (prefer the "
+    "env var: arguments are visible to other users) [default: a new random one per start].",
+)
+@option(
+    "--insecure-shard-ports",
+    is_flag=True,
+    help="Multi-node: allow shard TCP ports without --shard-secret (anyone reaching them can "
+    "read and drop requests).",
+)
+@option(
     "--startup-timeout",
     type=float,
     default=600.0,

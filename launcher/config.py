@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class LaunchError(Exception):
@@ -49,6 +49,8 @@ class LauncherConfig:
     node_rank: int = 0
     shard_host: str | None = None
     shard_port_base: int = 50051
+    shard_secret: str | None = field(default=None, repr=False)
+    insecure_shard_ports: bool = False
 
     @property
     def world_size(self) -> int:
@@ -89,6 +91,12 @@ class LauncherConfig:
             raise LaunchError(
                 "--nnodes > 1 needs --shard-host: the address of this machine that node 0's "
                 "router can reach the shards on"
+            )
+        if self.nnodes > 1 and not self.shard_secret and not self.insecure_shard_ports:
+            raise LaunchError(
+                "--nnodes > 1 opens the shards' TCP ports: set SHARD_SECRET (the same secret on "
+                "every node) so that only this group's router can call them, or pass "
+                "--insecure-shard-ports on a network only you can reach"
             )
         if not 0 < self.cuda_memory_fraction <= 1:
             raise LaunchError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from common.pb import pb, pb_grpc
+from common.rpc import SECRET_ENV, secret_metadata
 from launcher.config import LauncherConfig, LaunchError
 from launcher.process import Child
 
@@ -77,6 +79,10 @@ class Supervisor:
         self.model_dir = model_dir
         self.children: list[Child] = []
         self._stop = threading.Event()
+        # One node: a fresh secret per start; several: the user's, the same on every node.
+        self.secret = config.shard_secret or (
+            secrets.token_urlsafe(32) if config.nnodes == 1 else None
+        )
         if config.shard_uds_path:
             self.socket_dir = None
             self.uds_path = config.shard_uds_path
@@ -130,8 +136,6 @@ class Supervisor:
             args += ["--cors-allow-origin", origin]
         if not c.prefix_caching:
             args.append("--no-prefix-caching")
-        if not c.cpu_gemv:
-            args.append("--no-cpu-gemv")
         return args + (["--json-output"] if c.json_output else [])
 
     # ---- stages ----
@@ -145,6 +149,7 @@ class Supervisor:
                 "WORLD_SIZE": str(c.world_size),
                 "MASTER_ADDR": c.master_addr,
                 "MASTER_PORT": str(c.master_port),
+                **self._secret_env(),
             }
             self.children.append(Child(f"shard {rank}", self._shard_args(), env))
         for rank in c.ranks:
@@ -157,6 +162,7 @@ class Supervisor:
             return
         log.info("starting the router (Warmup sizes the KV cache)")
         router_env = {"API_KEY": c.api_key} if c.api_key else {}
+        router_env.update(self._secret_env())
         self.children.append(Child("router", self._router_args(), router_env))
         self._wait_router()
         log.info(
@@ -165,6 +171,10 @@ class Supervisor:
             c.hostname,
             c.port,
         )
+
+    def _secret_env(self) -> dict[str, str]:
+        """The children read the secret from their environment, never from argv."""
+        return {SECRET_ENV: self.secret} if self.secret else {}
 
     def _deadline_check(self, deadline: float, what: str) -> None:
         self._raise_if_exited()
@@ -184,7 +194,7 @@ class Supervisor:
                 try:
                     with grpc.insecure_channel(f"unix://{path}") as channel:
                         pb_grpc.TextGenerationServiceStub(channel).Health(
-                            pb.HealthRequest(), timeout=5
+                            pb.HealthRequest(), timeout=5, metadata=secret_metadata(self.secret)
                         )
                     return
                 except grpc.RpcError:

@@ -13,7 +13,9 @@ import click
 import grpc
 from tqdm import tqdm
 
+from common.paths import default_uds_path
 from common.procinfo import peak_rss_mib, pids_with_argument
+from common.rpc import SECRET_ENV
 from pytgi_benchmark.stats import summary, table
 from router.client import ShardedClient
 from router.types import Params, ShardRequest
@@ -99,7 +101,11 @@ def report(results: list[dict]) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--tokenizer-name", required=True, help="Model directory (named in the report).")
-@click.option("--uds-path", default="/tmp/pytgi-server", help="Socket prefix of shard 0 (…-0).")
+@click.option(
+    "--uds-path",
+    default=None,
+    help="Socket prefix of shard 0 (…-0) [default: {tmp}/pytgi-{uid}/server, the shard's].",
+)
 @click.option(
     "-b",
     "--batch-size",
@@ -120,9 +126,16 @@ def report(results: list[dict]) -> str:
 @click.option("--frequency-penalty", type=float, default=None)
 @click.option("--do-sample", is_flag=True)
 @click.option("--json", "json_path", default=None, help="Write the raw numbers to this file.")
+@click.option(
+    "--shard-secret",
+    envvar=SECRET_ENV,
+    default=None,
+    help=f"The shards' secret [env {SECRET_ENV}].",
+)
 def main(
     tokenizer_name,
     uds_path,
+    shard_secret,
     batch_sizes,
     sequence_length,
     decode_length,
@@ -146,9 +159,10 @@ def main(
         add_special_tokens=False,
     )
     sizes = list(batch_sizes) or [1, 2, 4, 8, 16, 32]
+    uds_path = uds_path or default_uds_path()
 
     async def go():
-        client = await ShardedClient.connect(f"unix://{uds_path}-0")
+        client = await ShardedClient.connect(f"unix://{uds_path}-0", shard_secret)
         try:
             with tqdm(
                 total=len(sizes) * (runs + warmups), desc="benchmarking", file=sys.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -11,9 +13,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import openai_api, tgi_api
-from router.core import HTTPError, RouterState
+from router.core import HTTPError, RouterState, ServerSettings
 from router.validation import ValidationError
 
+log = logging.getLogger("router")
 OPEN_PATHS = {"/health", "/metrics", "/info", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
 
 
@@ -21,15 +24,24 @@ def error_response(status: int, error_type: str, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status)
 
 
-class BodyGuard:
-    """Pure ASGI middleware: API key (constant-time compare), JSON content type, and the
-    payload limit (413), enforced before the body reaches a route; the body is read once
-    and replayed, later receives (disconnects) pass through."""
+class ClientTooSlow(OSError):
+    """The client took longer than the bound to accept bytes (an OSError: Starlette then
+    treats it as a disconnect, the stream ends, its request is cancelled, its slot freed)."""
 
-    def __init__(self, app, payload_limit: int, api_key: str | None) -> None:
+
+class BodyGuard:
+    """Pure ASGI middleware, before any route: the Host header (a loopback server without an
+    API key answers only to loopback names, against DNS rebinding), the API key
+    (constant-time compare), a JSON content type, the payload limit (413) and the client
+    timeout (a body that arrives slower, or a reply the client does not read for that long,
+    ends the request). The body is read once and replayed; later receives pass through."""
+
+    def __init__(self, app, settings: ServerSettings) -> None:
         self.app = app
-        self.limit = payload_limit
-        self.api_key = api_key
+        self.limit = settings.payload_limit
+        self.api_key = settings.api_key
+        self.allowed_hosts = settings.allowed_hosts
+        self.timeout = settings.client_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,13 +54,18 @@ class BodyGuard:
                 receive = _replay(body, receive)
         if rejection is not None:
             return await rejection(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return await self.app(scope, receive, _bounded(send, self.timeout))
 
     def _reject_headers(self, scope, headers: dict[str, str]):
+        if self.allowed_hosts and _host_name(headers.get("host", "")) not in self.allowed_hosts:
+            return error_response(
+                421, "misdirected_request", "this server answers only to its loopback names"
+            )
         if self.api_key and scope["path"] not in OPEN_PATHS:
-            given = headers.get("authorization", "")
-            expected = f"Bearer {self.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self.api_key.encode()
+            ):
                 return error_response(
                     401, "authentication", "missing or wrong API key (Authorization: Bearer)"
                 )
@@ -58,7 +75,7 @@ class BodyGuard:
                 return error_response(
                     413, "payload_too_large", f"request body over {self.limit} bytes"
                 )
-            content_type = headers.get("content-type", "application/json")
+            content_type = headers.get("content-type", "")
             if not content_type.split(";")[0].strip().lower().endswith("json"):
                 return error_response(
                     415, "unsupported_media_type", "Content-Type must be application/json"
@@ -67,19 +84,47 @@ class BodyGuard:
 
     async def _read_body(self, receive):
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"", error_response(400, "bad_request", "the client closed the request")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                return b"", error_response(
-                    413, "payload_too_large", f"request body over {self.limit} bytes"
-                )
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks), None
+        try:
+            async with asyncio.timeout(self.timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return b"", error_response(
+                            400, "bad_request", "the client closed the request"
+                        )
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > self.limit:
+                        return b"", error_response(
+                            413, "payload_too_large", f"request body over {self.limit} bytes"
+                        )
+                    chunks.append(chunk)
+                    if not message.get("more_body"):
+                        return b"".join(chunks), None
+        except TimeoutError:
+            return b"", error_response(
+                408, "request_timeout", f"the request body took over {self.timeout:g} s"
+            )
+
+
+def _host_name(host: str) -> str:
+    """The name of a Host header without its port: "[::1]:3000" -> "[::1]"."""
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _bounded(send, timeout: float):
+    """`send` that gives up after `timeout` seconds of a client not reading."""
+
+    async def bounded(message) -> None:
+        try:
+            async with asyncio.timeout(timeout):
+                await send(message)
+        except TimeoutError:
+            raise ClientTooSlow(f"the client read nothing for {timeout:g} s") from None
+
+    return bounded
 
 
 def _replay(body: bytes, receive):
@@ -139,7 +184,8 @@ def create_app(state: RouterState) -> FastAPI:
         try:
             await state.scheduler.client.health()  # type: ignore[attr-defined]
         except Exception as exc:  # noqa: BLE001
-            return error_response(503, "unhealthy", f"a shard is not healthy: {exc}")
+            log.warning("health: a shard did not answer: %s", exc)
+            return error_response(503, "unhealthy", "a shard is not healthy")
         if not await state.scheduler.confirm_liveness():
             return error_response(503, "unhealthy", "the shards failed a liveness prefill")
         return Response(status_code=200)
@@ -150,9 +196,7 @@ def create_app(state: RouterState) -> FastAPI:
 
     app.include_router(tgi_api.api)
     app.include_router(openai_api.api)
-    app.add_middleware(
-        BodyGuard, payload_limit=state.settings.payload_limit, api_key=state.settings.api_key
-    )
+    app.add_middleware(BodyGuard, settings=state.settings)
     if state.settings.cors_allow_origin:
         app.add_middleware(
             CORSMiddleware,

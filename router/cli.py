@@ -11,6 +11,8 @@ import uvicorn
 
 from common.config import RouterConfig
 from common.logs import setup_logging
+from common.paths import UnsafeDirectory, default_uds_path
+from common.rpc import SECRET_ENV
 from router.app import create_app
 from router.startup import StartupError, build_state
 
@@ -27,6 +29,7 @@ async def serve(config: RouterConfig) -> None:
             port=config.port,
             log_level="warning",
             timeout_graceful_shutdown=int(config.graceful_termination_timeout),
+            limit_concurrency=config.connection_limit,
         )
     )
     loop_task = asyncio.ensure_future(state.scheduler.run())
@@ -63,7 +66,16 @@ async def serve(config: RouterConfig) -> None:
 
 @click.command(context_settings={"show_default": True})
 @click.option(
-    "--master-shard-uds-path", default="/tmp/pytgi-server", help="Socket prefix of shard 0 (…-0)."
+    "--master-shard-uds-path",
+    default=None,
+    help="Socket prefix of shard 0 (…-0) [default: {tmp}/pytgi-{uid}/server, the shard's].",
+)
+@click.option(
+    "--shard-secret",
+    envvar=SECRET_ENV,
+    default=None,
+    help=f"Secret sent on every shard call [env {SECRET_ENV}; prefer it: arguments are "
+    "visible to other users].",
 )
 @click.option("--tokenizer-name", required=True, help="Model directory holding tokenizer.json.")
 @click.option(
@@ -142,14 +154,27 @@ async def serve(config: RouterConfig) -> None:
     default=True,
     help="Reuse the K/V of cached prompt prefixes (when the shards support it).",
 )
+@click.option(
+    "--client-timeout",
+    type=float,
+    default=60.0,
+    help="Seconds a request body may take to arrive, and a client may leave a reply unread.",
+)
+@click.option(
+    "--max-connections",
+    type=int,
+    default=None,
+    help="Open HTTP connections before 503 [default: 4 x --max-concurrent-requests + 64].",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's and OpenAI's HTTP APIs over the shards at --master-shard-uds-path."""
     setup_logging("router", options["json_output"])
-    config = RouterConfig(cors_allow_origin=tuple(cors_allow_origin), **options)
     try:
+        options["master_shard_uds_path"] = options["master_shard_uds_path"] or default_uds_path()
+        config = RouterConfig(cors_allow_origin=tuple(cors_allow_origin), **options)
         asyncio.run(serve(config))
-    except StartupError as exc:
+    except (StartupError, UnsafeDirectory) as exc:
         log.error("%s", exc)
         sys.exit(1)
 

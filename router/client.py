@@ -12,6 +12,7 @@ import asyncio
 import grpc
 
 from common.pb import pb, pb_grpc
+from common.rpc import MESSAGE_OPTIONS, secret_metadata
 from router.types import (
     CachedBatch,
     FinishedOut,
@@ -59,8 +60,7 @@ def request_pb(request: ShardRequest) -> pb.Request:
     chooser, stopping = _params_pb(request.params)
     return pb.Request(
         id=request.id,
-        inputs=request.inputs,
-        input_chunks=pb.Input(chunks=[pb.InputChunk(text=request.inputs)]),
+        input_chunks=pb.Input(chunks=[pb.InputChunk(text=request.inputs)]),  # the text, once
         truncate=request.params.truncate,
         parameters=chooser,
         stopping_parameters=stopping,
@@ -128,37 +128,55 @@ def generation_from_pb(g: pb.Generation) -> GenerationOut:
 def _merge_steps(replies) -> StepOut:
     generations = [generation_from_pb(g) for reply in replies for g in reply.generations]
     first = replies[0]
+    refused = {
+        r.request_id: r.message
+        for reply in replies
+        for r in getattr(reply, "refused", ())  # PrefillResponse only
+    }
     return StepOut(
         generations=generations,
         batch=cached_from_pb(first.batch) if first.HasField("batch") else None,
         forward_ns=max(r.forward_ns for r in replies),
         decode_ns=max(r.decode_ns for r in replies),
         total_ns=max(r.total_ns for r in replies),
+        refused=refused,
     )
 
 
-class ShardedClient:
-    """One channel per shard; every call fans out to all of them."""
+def _channel(url: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(url, options=list(MESSAGE_OPTIONS))
 
-    def __init__(self, urls: list[str]) -> None:
+
+class ShardedClient:
+    """One channel per shard; every call fans out to all of them, with the shards' secret."""
+
+    def __init__(self, urls: list[str], secret: str | None = None) -> None:
         self.urls = urls
-        self._channels = [grpc.aio.insecure_channel(url) for url in urls]
+        self._metadata = secret_metadata(secret)
+        self._channels = [_channel(url) for url in urls]
         self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
 
     @classmethod
-    async def connect(cls, master_url: str, timeout: float = 30.0) -> ShardedClient:
+    async def connect(
+        cls, master_url: str, secret: str | None = None, timeout: float = 30.0
+    ) -> ShardedClient:
         """Asks the master shard for every shard's URL (ServiceDiscovery)."""
-        async with grpc.aio.insecure_channel(master_url) as channel:
+        async with _channel(master_url) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)
-            reply = await stub.ServiceDiscovery(pb.ServiceDiscoveryRequest(), timeout=timeout)
-        return cls(list(reply.urls))
+            reply = await stub.ServiceDiscovery(
+                pb.ServiceDiscoveryRequest(), timeout=timeout, metadata=secret_metadata(secret)
+            )
+        return cls(list(reply.urls), secret)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))
 
-    async def _all(self, method: str, message, timeout: float | None = None) -> list:
+    async def _all(self, method: str, message, timeout: float | None = None, **options) -> list:
         return await asyncio.gather(
-            *(getattr(s, method)(message, timeout=timeout) for s in self._stubs)
+            *(
+                getattr(s, method)(message, timeout=timeout, metadata=self._metadata, **options)
+                for s in self._stubs
+            )
         )
 
     async def info(self) -> ShardInfo:
@@ -187,9 +205,7 @@ class ShardedClient:
 
     async def wait_until_healthy(self, timeout: float) -> None:
         """Waits until every shard answers Health (wait_for_ready), up to `timeout` seconds."""
-        request = pb.HealthRequest()
-        calls = (s.Health(request, timeout=timeout, wait_for_ready=True) for s in self._stubs)
-        await asyncio.gather(*calls)
+        await self._all("Health", pb.HealthRequest(), timeout=timeout, wait_for_ready=True)
 
     async def clear_cache(self, batch_id: int | None) -> None:
         await self._all("ClearCache", pb.ClearCacheRequest(id=batch_id))

@@ -36,6 +36,8 @@ class ServerSettings:
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
     payload_limit: int = 2_000_000
+    allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: any (see startup)
+    client_timeout: float = 60.0  # seconds a body may take to arrive, a reply to be read
 
 
 @dataclass(eq=False)

@@ -17,7 +17,8 @@ from router.schemas import (
     GenerateParameters,
     _OpenAICommon,
 )
-from router.tgi_api import sse, start_stream, state_of
+from router.stops import StopMatcher, trim_at_stop
+from router.tgi_api import finite_or_none, sse, start_stream, state_of
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidationError, ValidRequest
 
@@ -55,15 +56,6 @@ def _parameters(body: _OpenAICommon, max_tokens: int | None, top_n: int) -> Gene
     )
 
 
-def _trim_stop(text: str, stops: list[str]) -> str:
-    """OpenAI leaves the stop sequence out of the text (TGI keeps it)."""
-    for stop in stops:
-        index = text.find(stop)
-        if index != -1:
-            return text[:index]
-    return text
-
-
 def _usage(valids: list[ValidRequest], generated: int) -> dict:
     prompt_tokens = sum(v.input_length for v in valids)
     return {
@@ -85,10 +77,11 @@ def _chat_logprobs(generations: list[GenerationOut]) -> dict:
 def _chat_logprob(token: TokenOut, top: list[TokenOut]) -> dict:
     return {
         "token": token.text,
-        "logprob": token.logprob,
+        "logprob": finite_or_none(token.logprob),
         "bytes": list(token.text.encode()),
         "top_logprobs": [
-            {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())} for t in top
+            {"token": t.text, "logprob": finite_or_none(t.logprob), "bytes": list(t.text.encode())}
+            for t in top
         ],
     }
 
@@ -123,7 +116,7 @@ async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> Val
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`top_logprobs` requires `logprobs` to be true")
     params = _parameters(body, body.max_completion_tokens or body.max_tokens, top_n)
-    prompt = state.chat_template.render(_messages(body))
+    prompt = await state.validator.run(state.chat_template.render, _messages(body))
     return await state.validator.validate(prompt, params, add_special_tokens=False)
 
 
@@ -158,7 +151,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     response["choices"] = [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": _trim_stop(finished.text, stops)},
+            "message": {"role": "assistant", "content": trim_at_stop(finished.text, stops)},
             "logprobs": _chat_logprobs(generations) if body.logprobs else None,
             "finish_reason": FINISH[finished.finish_reason],
         }
@@ -175,13 +168,13 @@ async def _chat_stream(
     stops: list[str],
 ) -> AsyncIterator[bytes]:
     base = _base("chat.completion.chunk", state, request_id)
-    held = ""  # text that may be the start of a stop sequence, not sent yet
+    matcher = StopMatcher(stops)  # OpenAI leaves stop sequences out of the text
     try:
         async for generation in state.stream(state.submit(valid)):
             finished = generation.finished
             for i, token in enumerate(generation.tokens):
-                held += "" if token.special else token.text  # EOS and friends never reach text
-                text, held = _split_safe(held, stops, finished is not None)
+                piece = "" if token.special else token.text  # EOS and friends never reach text
+                text = matcher.push(piece, finished is not None)
                 choice = {
                     "index": 0,
                     "delta": {"role": "assistant", "content": text},
@@ -199,17 +192,6 @@ async def _chat_stream(
         yield sse("[DONE]")
     except HTTPError as exc:
         yield sse({"error": exc.message, "error_type": exc.error_type})
-
-
-def _split_safe(held: str, stops: list[str], is_last: bool) -> tuple[str, str]:
-    """Splits streamed text into (send now, hold back) so no part of a stop sequence is sent."""
-    if not stops:
-        return held, ""
-    trimmed = _trim_stop(held, stops)
-    if trimmed != held or is_last:
-        return trimmed, ""
-    keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
-    return held[: len(held) - keep], held[len(held) - keep :]
 
 
 async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list[ValidRequest]:
@@ -230,7 +212,8 @@ async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list
 def _completion_logprobs(generations: list[GenerationOut]) -> dict:
     tokens = [t for g in generations for t in g.tokens]
     top = [
-        {t.text: t.logprob for t in g.top_tokens[0]} if g.top_tokens else None for g in generations
+        {t.text: finite_or_none(t.logprob) for t in g.top_tokens[0]} if g.top_tokens else None
+        for g in generations
     ]
     offsets, position = [], 0
     for t in tokens:
@@ -238,7 +221,7 @@ def _completion_logprobs(generations: list[GenerationOut]) -> dict:
         position += len(t.text)
     return {
         "tokens": [t.text for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
+        "token_logprobs": [finite_or_none(t.logprob) for t in tokens],
         "top_logprobs": top,
         "text_offset": offsets,
     }
@@ -264,7 +247,7 @@ async def completions(request: Request, body: CompletionRequest):
         finished = generations[-1].finished
         assert finished is not None
         generated += finished.generated_tokens
-        text = _trim_stop(finished.text, stops)
+        text = trim_at_stop(finished.text, stops)
         choices.append(
             {
                 "index": index,
@@ -290,12 +273,12 @@ async def _completion_stream(
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, valid: ValidRequest) -> None:
-        held = ""
+        matcher = StopMatcher(stops)
         try:
             async for generation in state.stream(state.submit(valid)):
                 finished = generation.finished
-                held += "".join(t.text for t in generation.tokens if not t.special)
-                text, held = _split_safe(held, stops, finished is not None)
+                piece = "".join(t.text for t in generation.tokens if not t.special)
+                text = matcher.push(piece, finished is not None)
                 choice = {
                     "index": index,
                     "text": text,

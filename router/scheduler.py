@@ -22,6 +22,7 @@ from router.queue import Admitted, RequestQueue
 from router.types import CachedBatch, ShardRequest, StepOut
 
 log = logging.getLogger("router")
+GENERATION_FAILED = "Request failed during generation; the server log has the details"
 
 
 class ShardClient(Protocol):
@@ -200,9 +201,19 @@ class Scheduler:
             return None
         if self.metrics:
             self.metrics.on_step(method, step, time.monotonic() - start)
+        self._refuse(step.refused)
         self._dispatch(step)
         self._report(step.batch)
         return step.batch
+
+    def _refuse(self, refused: dict[int, str]) -> None:
+        """Requests the shards would not admit fail alone (422); the batch ran without them."""
+        for request_id, message in refused.items():
+            entry = self.running.get(request_id)
+            if entry is not None:
+                log.warning("the shards refused request %d: %s", request_id, message)
+                entry.fail(Failure(422, "validation", message))
+                self._release(entry)
 
     def _dispatch(self, step: StepOut) -> None:
         for generation in step.generations:
@@ -259,13 +270,14 @@ class Scheduler:
             entry.blocks = []
 
     def _fail_batch(self, request_ids: list[int], batch_ids: list[int], exc: Exception) -> None:
+        """The shards' own words go to the log only: they may name internals (paths,
+        exceptions) that are not the clients' business."""
         self.num_failed_steps += 1
-        message = _describe(exc)
-        log.error("shard call failed, failing %d requests: %s", len(request_ids), message)
+        log.error("shard call failed, failing %d requests: %s", len(request_ids), _describe(exc))
         for request_id in request_ids:
             entry = self.running.get(request_id)
             if entry is not None:
-                entry.fail(Failure(424, "generation", message))
+                entry.fail(Failure(424, "generation", GENERATION_FAILED))
                 self._release(entry)
         self._pending_clears.extend(batch_ids)
 

@@ -48,6 +48,18 @@ def load_tokenizer(name: str) -> tuple[Tokenizer, ChatTemplate | None]:
     return Tokenizer.from_file(str(path)), template
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def allowed_hosts(hostname: str, api_key: str | None) -> tuple[str, ...]:
+    """Host names a server answers to. A loopback server without an API key trusts anything
+    that can reach it, which a web page can through DNS rebinding unless the Host header is
+    checked; elsewhere the operator's names are unknown, and any is answered."""
+    if api_key is None and hostname in LOOPBACK_NAMES:
+        return LOOPBACK_NAMES
+    return ()
+
+
 def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> None:
     if config.max_input_tokens is not None and config.max_total_tokens is not None:
         if config.max_input_tokens >= config.max_total_tokens:
@@ -78,7 +90,7 @@ async def build_state(config: RouterConfig) -> RouterState:
     """ServiceDiscovery, ClearCache, Info, Warmup; Warmup's capacity sets the KV budget."""
     tokenizer, template = load_tokenizer(config.tokenizer_name)
     try:
-        client = await ShardedClient.connect(config.master_url)
+        client = await ShardedClient.connect(config.master_url, config.shard_secret)
         await client.wait_until_healthy(SHARD_WAIT_SECONDS)  # ranks on other nodes may lag
         await client.clear_cache(None)
         info = await client.info()
@@ -142,6 +154,8 @@ async def build_state(config: RouterConfig) -> RouterState:
         api_key=config.api_key,
         cors_allow_origin=config.cors_allow_origin,
         payload_limit=config.payload_limit,
+        allowed_hosts=allowed_hosts(config.hostname, config.api_key),
+        client_timeout=config.client_timeout,
     )
     return RouterState(
         settings=settings,

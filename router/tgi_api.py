@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.core import HTTPError, RouterState, collect_or_cancel
 from router.schemas import GenerateRequest, TokenizeRequest
 from router.types import GenerationOut, TokenOut
-from router.validation import ValidRequest
+from router.validation import ValidRequest, check_text
 
 api = APIRouter()
 
@@ -23,15 +23,16 @@ def state_of(request: Request) -> RouterState:
     return request.app.state.router
 
 
-def _logprob(value: float) -> float | None:
-    return None if math.isnan(value) else value
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a log-probability without a finite value is null."""
+    return value if math.isfinite(value) else None
 
 
 def token_json(token: TokenOut) -> dict:
     return {
         "id": token.id,
         "text": token.text,
-        "logprob": _logprob(token.logprob),
+        "logprob": finite_or_none(token.logprob),
         "special": token.special,
     }
 
@@ -51,7 +52,8 @@ def _details(generations: list[GenerationOut], input_length: int) -> dict:
         "generated_tokens": last.generated_tokens,
         "seed": last.seed,
         "prefill": [
-            {"id": t.id, "text": t.text, "logprob": _logprob(t.logprob)} for t in prefill or []
+            {"id": t.id, "text": t.text, "logprob": finite_or_none(t.logprob)}
+            for t in prefill or []
         ],
         "tokens": [token_json(t) for t in tokens],
         "top_tokens": [
@@ -60,7 +62,7 @@ def _details(generations: list[GenerationOut], input_length: int) -> dict:
     }
 
 
-def _sequence_logprob(generations: list[GenerationOut]) -> float:
+def _sequencefinite_or_none(generations: list[GenerationOut]) -> float:
     return sum(t.logprob for g in generations for t in g.tokens)
 
 
@@ -74,7 +76,7 @@ async def run_generate(state: RouterState, request: Request, body: GenerateReque
     for _ in range(valid.best_of - 1):  # best_of: more samples with their own seeds
         entries.append(state.submit(valid, replace(valid.params, seed=random.getrandbits(63))))
     results = await collect_or_cancel(state, request, entries)
-    best = max(range(len(results)), key=lambda i: _sequence_logprob(results[i]))
+    best = max(range(len(results)), key=lambda i: _sequencefinite_or_none(results[i]))
     generations = results[best]
     finished = generations[-1].finished
     assert finished is not None
@@ -176,16 +178,27 @@ async def compat_generate(request: Request, body: GenerateRequest):
         return JSONResponse([await run_generate(state, request, body)])
 
 
-@api.post("/tokenize", summary="Tokenize inputs")
-async def tokenize(request: Request, body: TokenizeRequest) -> JSONResponse:
-    state = state_of(request)
-    encoding = await state.validator.tokenize(body.inputs, body.add_special_tokens)
-    return JSONResponse(
+def _tokenized_json(tokenizer, text: str, add_special_tokens: bool) -> bytes:
+    encoding = tokenizer.encode(text, add_special_tokens)
+    return json.dumps(
         [
-            {"id": i, "text": body.inputs[start:stop], "start": start, "stop": stop}
+            {"id": i, "text": text[start:stop], "start": start, "stop": stop}
             for i, (start, stop) in zip(encoding.ids, encoding.offsets, strict=True)
         ]
-    )
+    ).encode()
+
+
+@api.post("/tokenize", summary="Tokenize inputs")
+async def tokenize(request: Request, body: TokenizeRequest) -> Response:
+    """Counted by --max-concurrent-requests; tokens and JSON are built in the worker pool."""
+    state = state_of(request)
+    check_text("inputs", body.inputs)
+    async with state.slot():
+        validator = state.validator
+        content = await validator.run(
+            _tokenized_json, validator.tokenizer, body.inputs, body.add_special_tokens
+        )
+    return Response(content, media_type="application/json")
 
 
 @api.get("/info", summary="Model and router info")

@@ -88,6 +88,8 @@ class StepOut:
     forward_ns: int = 0
     decode_ns: int = 0
     total_ns: int = 0
+    # Prefill: new requests the shards refused (request id -> reason); the rest ran
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

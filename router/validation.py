@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,6 +19,10 @@ class ValidationError(Exception):
     """A request that breaks a rule: answered 422 with error_type "validation"."""
 
 
+UINT32_MAX = 2**32 - 1
+FLOAT32_MIN_NORMAL = 1.1754943508222875e-38
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_input_tokens: int
@@ -25,6 +30,8 @@ class Limits:
     max_best_of: int = 2
     max_stop_sequences: int = 4
     max_top_n_tokens: int = 5
+    # Characters per stop sequence: the stream's hold-back and the shard's check scale with it.
+    max_stop_sequence_length: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,32 +48,61 @@ def _check_range(name: str, value: float | None, low: float, high: float) -> Non
         raise ValidationError(f"`{name}` must be > {low} and < {high}. Given: {value}")
 
 
+def as_float32(name: str, value: float | None) -> float | None:
+    """The value the wire carries (protobuf `float`): rounded to float32, and finite there.
+    Rules are checked on this value, so 1e-50 is 0 and 1e39 is out of range."""
+    if value is None:
+        return None
+    try:
+        rounded = struct.unpack("<f", struct.pack("<f", value))[0]
+    except OverflowError:
+        rounded = math.inf
+    if not math.isfinite(rounded):
+        raise ValidationError(f"`{name}` must be a finite float32 number. Given: {value}")
+    return rounded
+
+
+def check_text(name: str, text: str) -> None:
+    """Strings travel as UTF-8 (protobuf, tokenizer): a lone surrogate cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationError(
+            f"`{name}` is not valid Unicode (character {exc.start} is a lone surrogate)"
+        ) from None
+
+
+def _check_uint32(name: str, value: int | None) -> None:
+    if value is not None and value > UINT32_MAX:
+        raise ValidationError(f"`{name}` must be < 2^32. Given: {value}")
+
+
+FLOAT_FIELDS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+
+
 class Validator:
     def __init__(self, tokenizer: Tokenizer, limits: Limits, workers: int = 2) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
+    async def run(self, fn, *args):
+        """Runs `fn(*args)` in the worker pool: work that grows with a request's size
+        (tokenizing, chat templates, large replies) never holds the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def tokenize(self, text: str, add_special_tokens: bool = True):
         """Encoding of `text`, computed in a worker thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool, lambda: self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        )
+        return await self.run(self.tokenizer.encode, text, add_special_tokens)
 
-    def _check_parameters(self, p: GenerateParameters) -> int:
-        """Checks every parameter on its own; returns best_of."""
+    def _check_parameters(self, given: GenerateParameters) -> tuple[GenerateParameters, int]:
+        """Checks every parameter on its own, each in the type it travels in to the shards
+        (float32, uint32, UTF-8); returns the parameters with floats as float32 values, and
+        best_of."""
         lim = self.limits
-        for name in (
-            "temperature",
-            "top_p",
-            "typical_p",
-            "repetition_penalty",
-            "frequency_penalty",
-        ):
-            value = getattr(p, name)
-            if value is not None and not math.isfinite(value):
-                raise ValidationError(f"`{name}` must be a finite number. Given: {value}")
+        p = given.model_copy(update={n: as_float32(n, getattr(given, n)) for n in FLOAT_FIELDS})
+        for name in ("top_k", "max_new_tokens", "truncate", "top_n_tokens", "best_of"):
+            _check_uint32(name, getattr(p, name))
         best_of = p.best_of if p.best_of is not None else 1
         if not 0 < best_of <= lim.max_best_of:
             raise ValidationError(
@@ -82,6 +118,11 @@ class Validator:
         if p.temperature is not None and p.temperature <= 0:
             raise ValidationError(
                 f"`temperature` must be strictly positive. Given: {p.temperature}"
+            )
+        if p.temperature is not None and p.temperature < FLOAT32_MIN_NORMAL:
+            raise ValidationError(
+                f"`temperature` must be at least {FLOAT32_MIN_NORMAL:.3g} (a normal float32); "
+                f"for greedy decoding leave sampling off. Given: {p.temperature}"
             )
         if p.repetition_penalty is not None and p.repetition_penalty <= 0:
             raise ValidationError(
@@ -103,6 +144,13 @@ class Validator:
                 f"`stop` supports up to {lim.max_stop_sequences} stop sequences. "
                 f"Given: {len(p.stop)}"
             )
+        for stop in p.stop:
+            check_text("stop", stop)
+            if len(stop) > lim.max_stop_sequence_length:
+                raise ValidationError(
+                    f"each `stop` sequence must be at most {lim.max_stop_sequence_length} "
+                    f"characters. Given: {len(stop)}"
+                )
         if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= lim.max_top_n_tokens:
             raise ValidationError(
                 f"`top_n_tokens` must be >= 0 and <= {lim.max_top_n_tokens}. "
@@ -121,14 +169,15 @@ class Validator:
             raise ValidationError("`grammar` is not supported by this server")
         if p.adapter_id:
             raise ValidationError("`adapter_id` is not supported by this server (no LoRA adapters)")
-        return best_of
+        return p, best_of
 
     async def validate(
         self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True
     ) -> ValidRequest:
-        best_of = self._check_parameters(p)
+        p, best_of = self._check_parameters(p)
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
+        check_text("inputs", inputs)
         lim = self.limits
         ids = (await self.tokenize(inputs, add_special_tokens)).ids
         if p.truncate and len(ids) > p.truncate:

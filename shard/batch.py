@@ -35,6 +35,7 @@ class RequestSpec:
     add_special_tokens: bool = True
     chunk_len: int | None = None
     input_ids: list[int] | None = None  # pre-tokenized prompt (warmup); skips `inputs`
+    unsupported: str | None = None  # set at the wire edge: why this request is refused
 
 
 @dataclass(slots=True)
@@ -136,6 +137,14 @@ class CachedBatchInfo:
     current_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A new request the shard did not admit, and why (one line about the request)."""
+
+    request_id: int
+    message: str
+
+
 @dataclass(slots=True)
 class StepResult:
     generations: list[Generation]
@@ -144,3 +153,4 @@ class StepResult:
     decode_ns: int
     total_ns: int
     concat_ns: int | None = None
+    refused: list[Refusal] = field(default_factory=list)  # Prefill only

@@ -10,6 +10,8 @@ import click
 
 from common.config import ShardConfig
 from common.logs import setup_logging
+from common.paths import UnsafeDirectory, default_uds_path
+from common.rpc import SECRET_ENV
 from shard.cuda_graphs import DEFAULT_SIZES as DEFAULT_GRAPH_SIZES
 from shard.cuda_graphs import parse_batch_sizes
 from shard.errors import ShardError
@@ -25,9 +27,9 @@ def main() -> None:
 @click.argument("model_dir", type=click.Path())
 @click.option(
     "--uds-path",
-    default="/tmp/pytgi-server",
-    show_default=True,
-    help="Socket path prefix; this rank listens on unix://{uds-path}-{rank}.",
+    default=None,
+    help="Socket path prefix; this rank listens on unix://{uds-path}-{rank} "
+    "[default: {tmp}/pytgi-{uid}/server, a directory only this user can enter].",
 )
 @click.option(
     "--dtype",
@@ -147,6 +149,14 @@ def main() -> None:
     "(costs the layers' weight memory once more).",
 )
 @click.option(
+    "--shard-secret",
+    "secret",
+    envvar=SECRET_ENV,
+    default=None,
+    help=f"Refuse every call without this secret [env {SECRET_ENV}; prefer it: arguments "
+    "are visible to other users].",
+)
+@click.option(
     "--fault-file",
     default=None,
     hidden=True,
@@ -170,6 +180,7 @@ def serve(
         from shard.server import engine_thread
         from shard.server import serve as serve_async
 
+        options["uds_path"] = options["uds_path"] or default_uds_path()
         local_rank = int(os.environ.get("LOCAL_RANK", options["rank"]))
         options["device"] = resolve_device(options["device"], local_rank)
         config = ShardConfig(
@@ -196,7 +207,7 @@ def serve(
         worker = engine_thread()  # every torch call on one thread: one OpenMP team
         engine = worker.submit(ShardEngine, config).result()
         asyncio.run(serve_async(config, engine, urls, worker))
-    except ShardError as exc:
+    except (ShardError, UnsafeDirectory) as exc:
         log.error("%s", exc)
         sys.exit(1)
 

@@ -5,34 +5,34 @@ from __future__ import annotations
 from common.pb import pb
 from shard.batch import CachedBatchInfo, Generation, RequestSpec, StepResult, TokenInfo
 from shard.engine import EngineInfo, WarmupResult
-from shard.errors import InvalidRequest
 from shard.sampling import SamplingParams
 
 
 def _inputs_text(request: pb.Request) -> str:
+    """The prompt: `input_chunks` when sent (pytgi's router sends only those), else `inputs`."""
     chunks = request.input_chunks.chunks
     if not chunks:
         return request.inputs
-    texts = []
-    for chunk in chunks:
-        if chunk.WhichOneof("chunk") != "text":
-            raise InvalidRequest(f"request {request.id}: image inputs are not supported")
-        texts.append(chunk.text)
-    return "".join(texts)
+    return "".join(chunk.text for chunk in chunks)
 
 
-def _reject_unsupported(request: pb.Request) -> None:
+def _unsupported(request: pb.Request) -> str | None:
+    """What the request asks for that this shard cannot do, if anything."""
     params = request.parameters
+    if any(chunk.WhichOneof("chunk") != "text" for chunk in request.input_chunks.chunks):
+        return f"request {request.id}: image inputs are not supported"
     if params.watermark:
-        raise InvalidRequest(f"request {request.id}: watermark is not supported")
+        return f"request {request.id}: watermark is not supported"
     if params.grammar or params.grammar_type != pb.GRAMMAR_TYPE_NONE:
-        raise InvalidRequest(f"request {request.id}: grammar-constrained decoding is not supported")
+        return f"request {request.id}: grammar-constrained decoding is not supported"
     if request.HasField("adapter_id") and request.adapter_id:
-        raise InvalidRequest(f"request {request.id}: LoRA adapters (adapter_id) are not supported")
+        return f"request {request.id}: LoRA adapters (adapter_id) are not supported"
+    return None
 
 
 def request_from_pb(request: pb.Request) -> RequestSpec:
-    _reject_unsupported(request)
+    """Never raises on a request's content: what cannot be served is named in
+    `RequestSpec.unsupported`, and the engine refuses that request alone."""
     p = request.parameters
     stop = request.stopping_parameters
     return RequestSpec(
@@ -59,6 +59,7 @@ def request_from_pb(request: pb.Request) -> RequestSpec:
         cache_len=request.cache_len,
         add_special_tokens=request.add_special_tokens,
         chunk_len=request.chunk_len if request.HasField("chunk_len") else None,
+        unsupported=_unsupported(request),
     )
 
 
@@ -114,6 +115,10 @@ def step_to_pb(result: StepResult, response_type):
     )
     if result.batch is not None:
         response.batch.CopyFrom(cached_batch_to_pb(result.batch))
+    if result.refused:  # only PrefillResponse has the field, and only Prefill refuses
+        response.refused.extend(
+            pb.RefusedRequest(request_id=r.request_id, message=r.message) for r in result.refused
+        )
     return response
 
 

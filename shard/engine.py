@@ -18,10 +18,17 @@ from tokenizers import Tokenizer
 from common.config import ShardConfig
 from shard import memory
 from shard.attention import get_backend, resolve_backend_name
-from shard.batch import Batch, CachedBatchInfo, RequestSpec, RequestState, StepResult
+from shard.batch import (
+    Batch,
+    CachedBatchInfo,
+    Refusal,
+    RequestSpec,
+    RequestState,
+    StepResult,
+)
 from shard.cuda_graphs import DecodeGraphs
 from shard.detokenize import IncrementalDetokenizer
-from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
+from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks, ShardError
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore, check_tokenizer, read_spec
 from shard.models.llama import LlamaModel
@@ -244,7 +251,8 @@ class ShardEngine:
         self, batch_id: int, specs: list[RequestSpec], cached_batch_id: int | None
     ) -> StepResult:
         """Admits `specs` as a new batch (merged into the cached batch when given), runs one
-        forward and returns the generations; the resulting batch stays cached."""
+        forward and returns the generations; the resulting batch stays cached. A request
+        that fails its checks is refused alone (in `StepResult.refused`): the others run."""
         start = time.perf_counter_ns()
         if self.kv is None:
             raise NotReady("the KV cache is not allocated: call Warmup first")
@@ -253,7 +261,7 @@ class ShardEngine:
         if not specs:
             raise InvalidRequest("Prefill needs at least one request")
         cached = self._get_batch(cached_batch_id) if cached_batch_id is not None else None
-        requests = self._admit_all(specs, cached)
+        requests, refused = self._admit_all(specs, cached)
         concat_ns = None
         if cached is not None:
             concat_start = time.perf_counter_ns()
@@ -263,7 +271,9 @@ class ShardEngine:
         else:
             batch = Batch(batch_id, requests)
         self.batches[batch.id] = batch
-        return self._step(batch, start, concat_ns)
+        result = self._step(batch, start, concat_ns)
+        result.refused = refused
+        return result
 
     def decode(self, batch_ids: list[int]) -> StepResult:
         """One step over the given cached batches, merged into the first."""
@@ -320,37 +330,52 @@ class ShardEngine:
             ids = ids[-spec.truncate :]
         return ids
 
-    def _admit_all(self, specs: list[RequestSpec], cached: Batch | None) -> list[RequestState]:
-        """Validates every request before admitting any, so a bad one changes nothing."""
+    def _admit_all(
+        self, specs: list[RequestSpec], cached: Batch | None
+    ) -> tuple[list[RequestState], list[Refusal]]:
+        """Checks each request on its own: the ones that pass are admitted, the others are
+        refused with their reason, and no refused request changes any state."""
         seen = set(cached.request_ids) if cached else set()
         for batch in self.batches.values():
             seen.update(batch.request_ids)
-        prompts = []
+        admitted: list[RequestState] = []
+        refused: list[Refusal] = []
         for spec in specs:
-            if spec.id in seen:
-                raise InvalidRequest(f"request id {spec.id} is already in use")
+            try:
+                if spec.id in seen:
+                    raise InvalidRequest(f"request id {spec.id} is already in use")
+                prompt = self._validate(spec)
+                if not spec.blocks and self._blocks_needed(len(prompt), spec) > len(
+                    self.free_blocks
+                ):
+                    raise OutOfBlocks(
+                        f"request {spec.id} needs {self._blocks_needed(len(prompt), spec)} KV "
+                        f"blocks but the shard has {len(self.free_blocks)} free"
+                    )
+            except Exception as exc:  # noqa: BLE001 - any bad value refuses this request only
+                if not isinstance(exc, ShardError):
+                    log.warning("request %d refused: %r", spec.id, exc)
+                refused.append(Refusal(spec.id, _refusal_message(spec.id, exc)))
+                continue
             seen.add(spec.id)
-            prompts.append(self._validate(spec))
-        self_numbered = sum(
-            self._blocks_needed(len(p), s)
-            for p, s in zip(prompts, specs, strict=True)
-            if not s.blocks
-        )
-        if self_numbered > len(self.free_blocks):
-            raise OutOfBlocks(
-                f"requests need {self_numbered} KV blocks but the shard has "
-                f"{len(self.free_blocks)} free"
-            )
-        return [self._admit(spec, prompt) for spec, prompt in zip(specs, prompts, strict=True)]
+            admitted.append(self._admit(spec, prompt))
+        return admitted, refused
 
     def _blocks_needed(self, prompt_len: int, spec: RequestSpec) -> int:
         # The last generated token is never fed back, so its K/V needs no slot.
         return -(-(prompt_len + spec.max_new_tokens - 1) // self.block_size)
 
     def _validate(self, spec: RequestSpec) -> list[int]:
+        if spec.unsupported:
+            raise InvalidRequest(spec.unsupported)
         spec.sampling.validate()
         prompt = self._tokenize(spec)
         rid = spec.id
+        if spec.top_n_tokens > self.spec.vocab_size:
+            raise InvalidRequest(
+                f"request {rid}: top_n_tokens {spec.top_n_tokens} exceeds the vocabulary "
+                f"of {self.spec.vocab_size}"
+            )
         if not prompt:
             raise InvalidRequest(f"request {rid}: the input is empty")
         if spec.max_new_tokens < 1:
@@ -440,3 +465,9 @@ class ShardEngine:
 
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
         return run_step(self, batch, start_ns, concat_ns)
+
+
+def _refusal_message(request_id: int, exc: Exception) -> str:
+    if isinstance(exc, ShardError):
+        return str(exc)
+    return f"request {request_id}: its input could not be processed ({type(exc).__name__})"

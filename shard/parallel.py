@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from shard.errors import ModelLoadError
+
 
 @dataclass(frozen=True, slots=True)
 class Parallel:
@@ -56,8 +58,6 @@ def init_distributed(
     fail with a clear error, not hang."""
     from datetime import timedelta
 
-    from shard.errors import ModelLoadError
-
     if torch.device(device).type == "cuda":
         torch.cuda.set_device(torch.device(device))
     if world_size == 1 or dist.is_initialized():
@@ -78,10 +78,31 @@ def init_distributed(
         ) from exc
 
 
+URL_BYTES = 512  # longest advertised URL, UTF-8 encoded
+
+
 def gather_urls(own_url: str, world_size: int) -> list[str]:
-    """Every rank's advertised URL, in rank order (rank 0 answers ServiceDiscovery with it)."""
+    """Every rank's advertised URL, in rank order (rank 0 answers ServiceDiscovery with it).
+    Exchanged as fixed-size byte tensors, never pickled objects: a peer can send only bytes."""
     if world_size == 1:
         return [own_url]
-    urls: list = [None] * world_size
-    dist.all_gather_object(urls, own_url)
-    return [str(u) for u in urls]
+    encoded = own_url.encode()
+    if len(encoded) > URL_BYTES:
+        raise ModelLoadError(f"shard URL longer than {URL_BYTES} bytes: {own_url[:80]}...")
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    )
+    mine = torch.zeros(URL_BYTES, dtype=torch.uint8, device=device)
+    mine[: len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
+    parts = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(parts, mine)
+    return [decode_url(part.cpu()) for part in parts]
+
+
+def decode_url(part: torch.Tensor) -> str:
+    """A zero-padded UTF-8 byte tensor back to text; anything else is a clear error."""
+    raw = bytes(part.tolist()).rstrip(b"\0")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError("a rank sent a shard URL that is not UTF-8") from exc

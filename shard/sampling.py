@@ -108,7 +108,11 @@ class TokenChooser:
         """logits [V] -> logits with filtered tokens at -inf (temperature, top-k/p, typical)."""
         p = self.params
         if p.temperature != 1.0:
-            logits = logits / p.temperature
+            scaled = logits / p.temperature
+            if not bool(torch.isfinite(scaled.max())):
+                # a tiny temperature overflowed float32: shift first (softmax is unchanged)
+                scaled = (logits - logits.max()) / p.temperature
+            logits = scaled
         if p.top_k and p.top_k < logits.shape[-1]:
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -166,10 +170,9 @@ def choose_tokens(
     greedy_ids = logprobs.argmax(-1).tolist()
     choices = []
     for i, chooser in enumerate(choosers):
+        token = greedy_ids[i]
         if chooser.generator is not None:
-            token = int(torch.multinomial(logprobs[i].exp(), 1, generator=chooser.generator))
-        else:
-            token = greedy_ids[i]
+            token = _sample(logprobs[i], chooser.generator, fallback=token)
         choice = Choice(token, float(logprobs[i, token]))
         if top_ns[i]:
             top = torch.topk(logprobs[i], top_ns[i])
@@ -177,6 +180,16 @@ def choose_tokens(
         chooser.record(token)
         choices.append(choice)
     return choices
+
+
+def _sample(logprobs: torch.Tensor, generator: torch.Generator, fallback: int) -> int:
+    """A token drawn from logprobs [V]; a row whose probabilities are not a distribution
+    (NaN, inf, all zero: extreme parameter values) takes `fallback`, the greedy token,
+    rather than failing the batch."""
+    probs = logprobs.exp()
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return fallback
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _greedy(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:

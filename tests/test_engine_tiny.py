@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
+from shard.errors import BatchNotFound, InvalidRequest, NotReady
 from shard.sampling import SamplingParams
 from shard.stopping import FinishReason
 from tests.helpers import Collector, make_engine, run_to_end, spec
@@ -179,51 +179,10 @@ def test_only_own_requests_answered(tiny_model_dir):
     [
         (lambda e: e.decode([424242]), BatchNotFound, "batch 424242 not found"),
         (lambda e: e.filter(424242, []), BatchNotFound, "not found"),
-        (lambda e: e.prefill(1, [spec(1, "")], None), InvalidRequest, "input is empty"),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi", 40, blocks=[1])], None),
-            InvalidRequest,
-            "needs 3 blocks",
-        ),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi", blocks=[0, 1])], None),
-            InvalidRequest,
-            "block 0 is reserved",
-        ),
-        (lambda e: e.prefill(1, [spec(1, "hi", 0)], None), InvalidRequest, "max_new_tokens"),
-        (lambda e: e.prefill(1, [spec(1, "hi", cache_len=5)], None), InvalidRequest, "cache_len"),
-        (
-            lambda e: e.prefill(
-                1, [spec(1, "hi", sampling=SamplingParams(do_sample=True, temperature=0))], None
-            ),
-            InvalidRequest,
-            "temperature",
-        ),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi", sampling=SamplingParams(top_p=1.5))], None),
-            InvalidRequest,
-            "top_p",
-        ),
-        (lambda e: e.prefill(1, [spec(1, "x " * 2000)], None), InvalidRequest, "max_input_tokens"),
-        (lambda e: e.prefill(1, [spec(1, "hi", 10**6)], None), InvalidRequest, "max_total_tokens"),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi"), spec(1, "yo")], None),
-            InvalidRequest,
-            "already in use",
-        ),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi", blocks=[1, 1])], None),
-            InvalidRequest,
-            "appears twice",
-        ),
-        (
-            lambda e: e.prefill(1, [spec(1, "hi", blocks=[1], slots=[17])], None),
-            InvalidRequest,
-            "slots disagree",
-        ),
+        (lambda e: e.prefill(1, [], None), InvalidRequest, "at least one request"),
     ],
 )
-def test_bad_input_is_a_clear_error_and_engine_keeps_serving(engine, make_call, error, message):
+def test_bad_call_is_a_clear_error_and_engine_keeps_serving(engine, make_call, error, message):
     with pytest.raises(error, match=message):
         make_call(engine)
     engine.clear(None)
@@ -231,11 +190,79 @@ def test_bad_input_is_a_clear_error_and_engine_keeps_serving(engine, make_call, 
     assert run_to_end(engine, 5, [spec(5, PROMPTS[1], 2)]).finished[5].generated_tokens == 2
 
 
+BAD_REQUESTS = [
+    (spec(1, ""), "input is empty"),
+    (spec(1, "hi", 40, blocks=[1]), "needs 3 blocks"),
+    (spec(1, "hi", blocks=[0, 1]), "block 0 is reserved"),
+    (spec(1, "hi", 0), "max_new_tokens"),
+    (spec(1, "hi", cache_len=5), "cache_len"),
+    (spec(1, "hi", sampling=SamplingParams(do_sample=True, temperature=0)), "temperature"),
+    (spec(1, "hi", sampling=SamplingParams(top_p=1.5)), "top_p"),
+    (spec(1, "hi", sampling=SamplingParams(top_p=0.0)), "top_p"),
+    (spec(1, "x " * 2000), "max_input_tokens"),
+    (spec(1, "hi", 10**6), "max_total_tokens"),
+    (spec(1, "hi", blocks=[1, 1]), "appears twice"),
+    (spec(1, "hi", blocks=[1], slots=[17]), "slots disagree"),
+    (spec(1, "hi", top_n_tokens=2**32 - 1), "top_n_tokens"),
+    (spec(1, "hi", unsupported="request 1: watermark is not supported"), "watermark"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_REQUESTS)
+def test_a_bad_request_is_refused_alone_while_the_running_batch_goes_on(engine, bad, message):
+    """The offender joins a running batch with a good newcomer: only it is refused; the
+    others' tokens equal their tokens without it, and every block comes back."""
+    import copy
+
+    expected = run_to_end(engine, 9, [spec(7, PROMPTS[0], 6, ignore_eos=True)]).tokens[7]
+    expected_new = run_to_end(engine, 9, [spec(8, PROMPTS[2], 4, ignore_eos=True)]).tokens[8]
+    c = Collector()
+    first = engine.prefill(1, [spec(7, PROMPTS[0], 6, ignore_eos=True)], None)
+    c.add(first)
+    joined = engine.prefill(
+        2, [copy.deepcopy(bad), spec(8, PROMPTS[2], 4, ignore_eos=True)], first.batch.id
+    )
+    assert [r.request_id for r in joined.refused] == [1]
+    assert message in joined.refused[0].message
+    assert 1 not in joined.batch.request_ids and 1 not in [g.request_id for g in joined.generations]
+    c.add(joined)
+    run_to_end_from(engine, joined.batch, c)
+    assert c.tokens[7] == expected and c.tokens[8] == expected_new
+    assert not engine.batches
+    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+
+
+def test_a_prefill_whose_requests_are_all_refused_holds_nothing(engine):
+    result = engine.prefill(3, [spec(1, ""), spec(2, "hi", 0)], None)
+    assert [r.request_id for r in result.refused] == [1, 2]
+    assert result.batch is None and not result.generations and not engine.batches
+
+
+def test_a_request_id_twice_refuses_the_second(engine):
+    result = engine.prefill(3, [spec(1, "hi", 2), spec(1, "yo", 2)], None)
+    assert [r.request_id for r in result.refused] == [1]
+    assert "already in use" in result.refused[0].message
+    assert result.batch.request_ids == [1]
+    engine.clear(None)
+
+
+def run_to_end_from(engine, batch, collector):
+    while batch is not None:
+        keep = [i for i in batch.request_ids if i not in collector.finished]
+        if len(keep) < len(batch.request_ids):
+            batch = engine.filter(batch.id, keep)
+        result = engine.decode([batch.id])
+        collector.add(result)
+        batch = result.batch
+
+
 def test_out_of_blocks_and_not_ready(tiny_model_dir):
     engine = make_engine(tiny_model_dir, kv_bytes=1 << 20)
     blocks = engine.kv.num_blocks
-    with pytest.raises(OutOfBlocks, match="free"):
-        engine.prefill(1, [spec(i, "hi", 1000) for i in range(blocks)], None)
+    result = engine.prefill(1, [spec(i, "hi", 1000) for i in range(blocks)], None)
+    assert result.refused and all("free" in r.message for r in result.refused)
+    assert len(result.refused) + len(result.batch.request_ids) == blocks
+    engine.clear(None)
     assert len(engine.free_blocks) == blocks - 1
     from common.config import ShardConfig
     from shard.engine import ShardEngine

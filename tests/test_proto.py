@@ -81,7 +81,7 @@ def test_package_and_service():
 EXTENSIONS_FROM = 100  # pytgi's own fields; TGI's routers ignore them
 
 
-def test_extensions_are_numbered_from_100_and_only_on_info():
+def test_extensions_are_numbered_from_100_on_info_and_prefill():
     extended = {
         name: sorted(f.name for f in m.fields if f.number >= EXTENSIONS_FROM)
         for name, m in pb.DESCRIPTOR.message_types_by_name.items()
@@ -97,8 +97,11 @@ def test_extensions_are_numbered_from_100_and_only_on_info():
                 "device_name",
                 "cuda_graph_batch_sizes",
             ]
-        )
+        ),
+        "PrefillResponse": ["refused"],
     }
+    refused = pb.DESCRIPTOR.message_types_by_name["RefusedRequest"]
+    assert [(f.name, f.number) for f in refused.fields] == [("request_id", 1), ("message", 2)]
 
 
 def test_stubs_carry_no_generator_version_guards():

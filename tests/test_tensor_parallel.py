@@ -145,6 +145,7 @@ def test_two_nodes_on_one_machine(tiny_model_dir, tmp_path):
     common = ["--model-id", str(tiny_model_dir), "--nnodes", "2", "--master-port", str(master),
               "--shard-host", "127.0.0.1", "--shard-port-base", str(grpc_base), "--kv-cache-memory", "64MiB",
               "--max-total-tokens", "1024", "--max-batch-prefill-tokens", "128"]  # fmt: skip
+    env = {**os.environ, "SHARD_SECRET": "group-secret"}
     node1 = subprocess.Popen(
         [
             sys.executable,
@@ -157,6 +158,7 @@ def test_two_nodes_on_one_machine(tiny_model_dir, tmp_path):
             str(free_port()),
         ],
         stderr=open(tmp_path / "node1.log", "w"),
+        env=env,
     )
     node0 = subprocess.Popen(
         [
@@ -170,6 +172,7 @@ def test_two_nodes_on_one_machine(tiny_model_dir, tmp_path):
             str(http_port),
         ],
         stderr=open(tmp_path / "node0.log", "w"),
+        env=env,
     )
     try:
         url = f"http://127.0.0.1:{http_port}"
@@ -184,8 +187,27 @@ def test_two_nodes_on_one_machine(tiny_model_dir, tmp_path):
         expected, _ = _single(tiny_model_dir, ["The quick brown fox"], 8)
         assert ids == expected[0]
         assert "the router runs on node 0" in (tmp_path / "node1.log").read_text()
+        assert _health_code(f"127.0.0.1:{grpc_base + 1}", None) == "UNAUTHENTICATED"
+        assert _health_code(f"127.0.0.1:{grpc_base + 1}", "guess") == "UNAUTHENTICATED"
+        assert _health_code(f"127.0.0.1:{grpc_base + 1}", "group-secret") == "OK"
     finally:
         for proc in (node0, node1):
             proc.terminate()
         for proc in (node0, node1):
             proc.wait(timeout=60)
+
+
+def _health_code(address: str, secret: str | None) -> str:
+    """The status of a Health call to a shard's TCP port with this secret."""
+    import grpc
+
+    from common.pb import pb, pb_grpc
+    from common.rpc import secret_metadata
+
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.TextGenerationServiceStub(channel)
+        try:
+            stub.Health(pb.HealthRequest(), timeout=10, metadata=secret_metadata(secret))
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return "OK"
