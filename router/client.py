@@ -71,6 +71,7 @@ def request_pb(request: ShardRequest) -> pb.Request:
         cache_len=request.cache_len,
         add_special_tokens=request.params.add_special_tokens,
         chunk_len=request.chunk_len,
+        input_ids=request.input_ids,
     )
 
 

@@ -173,6 +173,7 @@ class Scheduler:
                     block_size=self.allocator.block_size,
                     cache_len=entry.cache_len,
                     chunk_len=item.chunk_len,
+                    input_ids=entry.input_ids,
                 )
             )
         batch_id = next(self._batch_ids)

@@ -37,6 +37,7 @@ class ShardRequest:
     block_size: int
     cache_len: int = 0
     chunk_len: int | None = None
+    input_ids: list[int] = field(default_factory=list)  # tokenized and truncated; [] unknown
 
     @property
     def slots(self) -> list[int]:

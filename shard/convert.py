@@ -60,6 +60,7 @@ def request_from_pb(request: pb.Request) -> RequestSpec:
         add_special_tokens=request.add_special_tokens,
         chunk_len=request.chunk_len if request.HasField("chunk_len") else None,
         unsupported=_unsupported(request),
+        input_ids=list(request.input_ids) or None,
     )
 
 

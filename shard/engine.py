@@ -323,9 +323,11 @@ class ShardEngine:
         )
 
     def _tokenize(self, spec: RequestSpec) -> list[int]:
+        """The prompt's ids: as sent (the router's tokenization), else from the text."""
         if spec.input_ids is not None:
-            return list(spec.input_ids)
-        ids = self.tokenizer.encode(spec.inputs, add_special_tokens=spec.add_special_tokens).ids
+            ids = list(spec.input_ids)
+        else:
+            ids = self.tokenizer.encode(spec.inputs, add_special_tokens=spec.add_special_tokens).ids
         if spec.truncate and len(ids) > spec.truncate:
             ids = ids[-spec.truncate :]
         return ids
@@ -371,6 +373,11 @@ class ShardEngine:
         spec.sampling.validate()
         prompt = self._tokenize(spec)
         rid = spec.id
+        if prompt and max(prompt) >= self.spec.vocab_size:
+            raise InvalidRequest(
+                f"request {rid}: token id {max(prompt)} is outside the vocabulary of "
+                f"{self.spec.vocab_size}"
+            )
         if spec.top_n_tokens > self.spec.vocab_size:
             raise InvalidRequest(
                 f"request {rid}: top_n_tokens {spec.top_n_tokens} exceeds the vocabulary "

@@ -204,6 +204,7 @@ BAD_REQUESTS = [
     (spec(1, "hi", blocks=[1, 1]), "appears twice"),
     (spec(1, "hi", blocks=[1], slots=[17]), "slots disagree"),
     (spec(1, "hi", top_n_tokens=2**32 - 1), "top_n_tokens"),
+    (spec(1, "hi", input_ids=[5, 2**32 - 1]), "outside the vocabulary"),
     (spec(1, "hi", unsupported="request 1: watermark is not supported"), "watermark"),
 ]
 

@@ -99,6 +99,7 @@ def test_extensions_are_numbered_from_100_on_info_and_prefill():
             ]
         ),
         "PrefillResponse": ["refused"],
+        "Request": ["input_ids"],
     }
     refused = pb.DESCRIPTOR.message_types_by_name["RefusedRequest"]
     assert [(f.name, f.number) for f in refused.fields] == [("request_id", 1), ("message", 2)]

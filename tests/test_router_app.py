@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -102,11 +103,12 @@ async def test_draining_refuses_new_requests_with_503(client_for):
     assert reply.status_code == 503 and reply.json()["error_type"] == "unhealthy"
 
 
-async def test_health_is_503_when_a_shard_fails(client_for):
+async def test_health_is_503_when_a_shard_fails(client_for, caplog):
     state, client = await client_for()
     state.scheduler.client.healthy = False
     reply = await client.get("/health")
-    assert reply.status_code == 503 and "shard 0 is gone" in reply.json()["error"]
+    assert reply.status_code == 503 and reply.json()["error"] == "a shard is not healthy"
+    assert "shard 0 is gone" in caplog.text  # the cause is logged, not returned
 
 
 async def test_unknown_route_and_method_keep_the_error_shape(client_for):
@@ -135,3 +137,68 @@ async def test_completions_usage_counts_every_prompt(client_for):
     import json
 
     assert json.loads(events[-2])["usage"] == usage
+
+
+async def test_bearer_scheme_is_case_insensitive(client_for):
+    state, client = await client_for(api_key="s3cret")
+    body = {"inputs": "a", "parameters": {"max_new_tokens": 1}}
+    for header in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret"):
+        reply = await client.post("/generate", json=body, headers={"authorization": header})
+        assert reply.status_code == 200, header
+    for header in ("Basic s3cret", "s3cret", "Bearer s3cret2", "Bearer"):
+        reply = await client.post("/generate", json=body, headers={"authorization": header})
+        assert reply.status_code == 401, header
+
+
+async def test_json_routes_need_a_json_content_type(client_for):
+    state, client = await client_for()
+    body = json.dumps({"inputs": "a", "parameters": {"max_new_tokens": 1}}).encode()
+    for headers in ({}, {"content-type": "text/plain"}, {"content-type": "multipart/form-data"}):
+        reply = await client.post("/generate", content=body, headers=headers)
+        assert reply.status_code == 415, headers
+        assert reply.json()["error_type"] == "unsupported_media_type"
+    ok = await client.post(
+        "/generate", content=body, headers={"content-type": "application/json; charset=utf-8"}
+    )
+    assert ok.status_code == 200
+
+
+async def test_a_loopback_server_without_a_key_answers_only_loopback_hosts(client_for):
+    from router.startup import LOOPBACK_NAMES, allowed_hosts
+
+    assert allowed_hosts("127.0.0.1", None) == LOOPBACK_NAMES
+    assert allowed_hosts("127.0.0.1", "k") == () and allowed_hosts("0.0.0.0", None) == ()
+    state, client = await client_for(allowed_hosts=LOOPBACK_NAMES)
+    for host in ("localhost:3000", "127.0.0.1:3000", "[::1]:3000", "localhost"):
+        assert (await client.get("/info", headers={"host": host})).status_code == 200, host
+    for host in ("attacker.example:3000", "attacker.example", "127.0.0.1.evil.test", ""):
+        reply = await client.get("/info", headers={"host": host})
+        assert reply.status_code == 421, host
+        assert reply.json()["error_type"] == "misdirected_request"
+
+
+async def test_tokenize_takes_a_slot(client_for):
+    state, client = await client_for(max_concurrent_requests=1)
+    state.acquire()  # the only slot is busy
+    try:
+        reply = await client.post("/tokenize", json={"inputs": "hello world"})
+        assert reply.status_code == 429
+    finally:
+        state.release()
+    reply = await client.post("/tokenize", json={"inputs": "hello world"})
+    assert reply.status_code == 200 and [t["text"] for t in reply.json()] == ["hello", " world"]
+    assert state.in_flight == 0
+
+
+async def test_a_body_slower_than_the_client_timeout_is_408(client_for):
+    state, client = await client_for(client_timeout=0.3)
+
+    async def trickle():
+        yield b'{"inputs": "a",'
+        await asyncio.sleep(1.0)
+        yield b' "parameters": {}}'
+
+    reply = await client.post(
+        "/generate", content=trickle(), headers={"content-type": "application/json"}
+    )
+    assert reply.status_code == 408 and reply.json()["error_type"] == "request_timeout"
