@@ -55,8 +55,12 @@ def hostile_server(tiny_model_dir, tmp_path_factory):
         tiny_model_dir,
         workdir,
         router_args=[
-            "--max-total-tokens", "1024", "--max-input-tokens", "512",
-            "--max-concurrent-requests", "128",
+            "--max-total-tokens",
+            "1024",
+            "--max-input-tokens",
+            "512",
+            "--max-concurrent-requests",
+            "128",
         ],  # fmt: skip
     )
     yield srv
