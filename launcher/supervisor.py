@@ -161,9 +161,7 @@ class Supervisor:
             )
             return
         log.info("starting the router (Warmup sizes the KV cache)")
-        router_env = {"API_KEY": c.api_key} if c.api_key else {}
-        router_env.update(self._secret_env())
-        self.children.append(Child("router", self._router_args(), router_env))
+        self.children.append(Child("router", self._router_args(), self._router_env()))
         self._wait_router()
         log.info(
             "pytgi serving %s on http://%s:%d",
@@ -171,6 +169,11 @@ class Supervisor:
             c.hostname,
             c.port,
         )
+
+    def _router_env(self) -> dict[str, str]:
+        """Secrets travel by environment, never on a command line other users can read."""
+        env = {"API_KEY": self.config.api_key} if self.config.api_key else {}
+        return {**env, **self._secret_env()}
 
     def _secret_env(self) -> dict[str, str]:
         """The children read the secret from their environment, never from argv."""

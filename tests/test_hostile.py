@@ -171,3 +171,45 @@ def test_payload_limit_prompts_in_one_batch_and_tokenize_keep_the_router_answeri
     assert len(replies[-1].json()) == 420_001  # 42,000 x 10 tokens and the last space
     print("slowest health poll", max(polls))
     assert max(polls) < 1.0, polls
+
+
+def test_a_client_that_stops_reading_a_stream_loses_it_and_frees_its_slot(tiny_model_dir, tmp_path):
+    """One slot; a client asks for a stream of ~7 KB events (100 alternatives per token) and
+    reads none of it. Once the socket buffers are full the router's sends block; after
+    --client-timeout the stream is cut, the request cancelled and the slot serves others."""
+    import socket
+
+    srv = Server(
+        tiny_model_dir,
+        tmp_path,
+        router_args=["--max-total-tokens", "1024", "--max-input-tokens", "64",
+                     "--max-concurrent-requests", "1", "--client-timeout", "2",
+                     "--max-top-n-tokens", "100"],
+    )  # fmt: skip
+    try:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", srv.port))
+        body = json.dumps(
+            {"inputs": "x", "parameters": {"max_new_tokens": 950, "ignore_eos": True,
+                                           "top_n_tokens": 100}}
+        ).encode()  # fmt: skip
+        stuck.sendall(
+            b"POST /generate_stream HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        started, status = time.monotonic(), 429
+        small = {"inputs": "y", "parameters": {"max_new_tokens": 1}}
+        while status == 429 and time.monotonic() - started < 60:
+            time.sleep(0.25)
+            status = httpx.post(srv.url + "/generate", json=small, timeout=30).status_code
+        assert status == 200  # the slot came back
+        received = b""
+        stuck.settimeout(10)
+        while chunk := stuck.recv(1 << 20):
+            received += chunk
+        stuck.close()
+        events = received.count(b"\ndata:") + received.startswith(b"data:")
+        assert 0 < events < 950 and b'"finish_reason"' not in received  # cut, not finished
+    finally:
+        srv.stop()

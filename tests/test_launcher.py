@@ -224,3 +224,97 @@ def test_help_explains_every_flag():
         "--graceful-termination-timeout",
     ]:
         assert flag in result.stdout, flag
+
+
+# Launcher flags the launcher itself consumes (or hands over by environment), and flags that
+# reach a child under another name: (child, the child's parameter).
+LAUNCHER_ONLY = {"num_shard", "master_addr", "master_port", "nnodes", "node_rank",
+                 "startup_timeout", "shard_secret", "insecure_shard_ports", "model_id"}  # fmt: skip
+RENAMED = {
+    "shard_uds_path": [("shard", "uds_path"), ("router", "master_shard_uds_path")],
+    "shard_host": [("shard", "grpc_host")],
+    "shard_port_base": [("shard", "grpc_port_base")],
+    "prefix_caching": [("shard", "use_prefix_caching"), ("router", "prefix_caching")],
+}
+
+
+def _unusual_value(param):
+    """A value other than the flag's default that its checks accept."""
+    import click
+
+    if param.is_flag or param.secondary_opts:
+        return not param.default
+    if param.multiple:
+        return ("http://example.test",)
+    if isinstance(param.type, click.Choice):
+        return next(c for c in param.type.choices if c != param.default)
+    special = {"kv_cache_memory": "300MiB", "cuda_graphs": "1,2", "device": "cpu",
+               "cuda_memory_fraction": 0.5, "node_rank": 0, "nnodes": 1, "num_shard": 1,
+               "max_input_tokens": 100, "max_total_tokens": 200, "max_batch_total_tokens": 400}  # fmt: skip
+    if param.name in special:
+        return special[param.name]
+    if param.type.name == "integer":
+        return 7
+    if param.type.name == "float":
+        return 2.5
+    return "value"
+
+
+def _parse(command, args):
+    """The child's own click parser over the arguments the launcher generated."""
+    return command.make_context("child", list(args)).params
+
+
+@pytest.mark.parametrize("name", [p.name for p in __import__("launcher.cli").cli.main.params])
+def test_every_launcher_flag_reaches_its_process_with_its_value(tmp_path, monkeypatch, name):
+    """Each flag in turn set to an unusual value: the generated child command lines parse
+    with the children's own options, and the value arrives (or the launcher keeps it)."""
+    from launcher.cli import main
+    from launcher.config import LauncherConfig
+    from launcher.supervisor import Supervisor
+    from router.cli import main as router_main
+    from shard.cli import serve as shard_serve
+
+    param = next(p for p in main.params if p.name == name)
+    value = _unusual_value(param)
+    options = {name: value}
+    if name in ("shard_host", "shard_port_base"):  # multi-node flags
+        options = {"shard_host": "10.9.8.7", "nnodes": 2, "shard_secret": "s", **options}
+    config = LauncherConfig(**{"model_id": str(tmp_path), **options})
+    config.check_limits()
+    supervisor = Supervisor(config, tmp_path)
+    shard_args = supervisor._shard_args()
+    router_args = supervisor._router_args()
+    for key, env_value in supervisor._router_env().items():
+        monkeypatch.setenv(key, env_value)
+    parsed = {
+        "shard": _parse(shard_serve, shard_args[shard_args.index("serve") + 1 :]),
+        "router": _parse(router_main, router_args[3:]),
+    }
+    if name in LAUNCHER_ONLY:
+        return
+    targets = RENAMED.get(name) or [(c, name) for c in parsed if name in parsed[c]]
+    assert targets, f"--{name} reaches neither the shard nor the router"
+    for child, child_name in targets:
+        got = parsed[child][child_name]
+        if name == "kv_cache_memory" or child_name.endswith("uds_path"):
+            got_ok = got == value
+        elif isinstance(value, tuple):
+            got_ok = tuple(got) == value
+        else:
+            got_ok = got == value or str(got) == str(value)
+        assert got_ok, (name, child, child_name, got, value)
+
+
+def test_no_cpu_gemv_starts(tiny_model_dir, tmp_path):
+    """Once failed at start-up: the launcher passed the shard-only flag to the router."""
+    from tests.conftest import LauncherServer
+
+    args = ["--model-id", str(tiny_model_dir), "--no-cpu-gemv", "--max-total-tokens", "512",
+            "--max-input-tokens", "100"]  # fmt: skip
+    srv = LauncherServer(tmp_path, args)
+    try:
+        body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+        assert httpx.post(srv.url + "/generate", json=body, timeout=60).status_code == 200
+    finally:
+        srv.stop()
