@@ -1,4 +1,5 @@
-"""Soak: many requests of mixed lengths at a fixed concurrency, some cancelled by their clients.
+"""Soak: many requests of mixed lengths at a fixed concurrency, some cancelled by their clients,
+some hostile (values at the edges of their wire types, which must get 422 and hurt nobody).
 
 Every request must end with its full answer or a clear error; afterwards no KV block may be
 held, and the router's and shard's memory must not drift. `run_soak` is used by the test
@@ -26,6 +27,27 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+HOSTILE_PARAMETERS = [
+    {"stop": ["\ud800"]},
+    {"top_k": 2**32},
+    {"top_p": 1e-50},
+    {"temperature": 1e39},
+    {"temperature": 1e-38, "do_sample": True},
+    {"repetition_penalty": 1e39},
+    {"top_n_tokens": 2**32},
+    {"stop": ["s" * 100_000]},
+]
+
+
+async def _hostile(client: httpx.AsyncClient, url: str, rng: random.Random) -> str:
+    body = {"inputs": "hostile", "parameters": rng.choice(HOSTILE_PARAMETERS)}
+    headers = {"content-type": "application/json"}  # json.dumps escapes lone surrogates
+    reply = await client.post(url + "/generate", content=json.dumps(body), headers=headers)
+    if reply.status_code == 422 and reply.json()["error_type"] == "validation":
+        return "hostile refused"
+    return f"hostile answered {reply.status_code}"
 
 
 async def _one(client: httpx.AsyncClient, url: str, rng: random.Random, cancel: bool) -> str:
@@ -57,6 +79,7 @@ async def run_soak(
     seed: int,
     pids: dict[str, int],
     time_limit: float,
+    hostile_fraction: float = 0.05,
 ) -> dict:
     rng = random.Random(seed)
     outcomes: collections.Counter[str] = collections.Counter()
@@ -72,7 +95,12 @@ async def run_soak(
                 for name, pid in pids.items():
                     memory[name].append(rss_mib(pid))
             try:
-                outcomes[await _one(client, url, rng, rng.random() < cancel_fraction)] += 1
+                draw = rng.random()
+                if draw < hostile_fraction:
+                    outcomes[await _hostile(client, url, rng)] += 1
+                    continue
+                cancel = draw < hostile_fraction + cancel_fraction
+                outcomes[await _one(client, url, rng, cancel)] += 1
             except httpx.HTTPError as exc:
                 outcomes[f"transport {type(exc).__name__}"] += 1
 
@@ -112,7 +140,14 @@ def launch_and_soak(args) -> dict:
     with launcher(args.port, *flags) as server:
         pids = {role.split()[0]: pid for pid, role in child_roles(server.process.pid).items()}
         soak = run_soak(
-            server.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600
+            server.url,
+            args.requests,
+            args.concurrency,
+            args.cancel_fraction,
+            0,
+            pids,
+            3600,
+            args.hostile_fraction,
         )
         report = asyncio.run(soak)
         time.sleep(1)
@@ -129,6 +164,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--cancel-fraction", type=float, default=0.1)
+    parser.add_argument("--hostile-fraction", type=float, default=0.05)
     parser.add_argument("--router-pid", type=int, default=None)
     parser.add_argument("--shard-pid", type=int, default=None)
     args = parser.parse_args()
@@ -137,7 +173,16 @@ def main() -> None:
     else:
         pids = {k: v for k, v in (("router", args.router_pid), ("shard", args.shard_pid)) if v}
         report = asyncio.run(
-            run_soak(args.url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600)
+            run_soak(
+                args.url,
+                args.requests,
+                args.concurrency,
+                args.cancel_fraction,
+                0,
+                pids,
+                3600,
+                args.hostile_fraction,
+            )
         )
     print(json.dumps(report, indent=1))
 

@@ -40,6 +40,9 @@ class ShardConfig:
     fault_file: str | None = None
     # Every RPC must carry this secret (common.rpc); None: no check (TGI's routers send none)
     secret: str | None = field(default=None, repr=False)
+    # PEM files: the TCP port (multi-node) speaks TLS with this certificate; None: plaintext
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
 
     @property
     def socket_path(self) -> str:
@@ -100,6 +103,7 @@ class RouterConfig:
         return self.max_connections or 4 * self.max_concurrent_requests + 64
 
     shard_secret: str | None = field(default=None, repr=False)  # sent on every shard call
+    shard_tls_ca_file: str | None = None  # PEM: TCP shard URLs are dialled over TLS, checked
 
     @property
     def master_url(self) -> str:

@@ -152,6 +152,17 @@ def option(name: str, **kwargs):
     "env var: arguments are visible to other users) [default: a new random one per start].",
 )
 @option(
+    "--shard-tls-cert",
+    default=None,
+    help="Multi-node: PEM certificate this node's shard ports present (TLS), with its key.",
+)
+@option("--shard-tls-key", default=None, help="Multi-node: PEM private key of --shard-tls-cert.")
+@option(
+    "--shard-tls-ca",
+    default=None,
+    help="Multi-node: PEM CA the router checks the shards' certificates against (node 0).",
+)
+@option(
     "--insecure-shard-ports",
     is_flag=True,
     help="Multi-node: allow shard TCP ports without --shard-secret (anyone reaching them can "

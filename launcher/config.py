@@ -50,6 +50,9 @@ class LauncherConfig:
     shard_host: str | None = None
     shard_port_base: int = 50051
     shard_secret: str | None = field(default=None, repr=False)
+    shard_tls_cert: str | None = None
+    shard_tls_key: str | None = None
+    shard_tls_ca: str | None = None
     insecure_shard_ports: bool = False
 
     @property
@@ -98,6 +101,8 @@ class LauncherConfig:
                 "every node) so that only this group's router can call them, or pass "
                 "--insecure-shard-ports on a network only you can reach"
             )
+        if bool(self.shard_tls_cert) != bool(self.shard_tls_key):
+            raise LaunchError("--shard-tls-cert and --shard-tls-key go together")
         if not 0 < self.cuda_memory_fraction <= 1:
             raise LaunchError(
                 f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}"

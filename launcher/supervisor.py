@@ -109,6 +109,8 @@ class Supervisor:
             args += ["--max-input-tokens", str(c.max_input_tokens)]
         if c.nnodes > 1:
             args += ["--grpc-host", str(c.shard_host), "--grpc-port-base", str(c.shard_port_base)]
+            if c.shard_tls_cert and c.shard_tls_key:
+                args += ["--tls-cert-file", c.shard_tls_cert, "--tls-key-file", c.shard_tls_key]
         if c.kv_cache_memory:
             args += ["--kv-cache-memory", c.kv_cache_memory]
         args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
@@ -134,6 +136,8 @@ class Supervisor:
                 args += [f"--{name.replace('_', '-')}", str(value)]
         for origin in c.cors_allow_origin:
             args += ["--cors-allow-origin", origin]
+        if c.shard_tls_ca:
+            args += ["--shard-tls-ca-file", c.shard_tls_ca]
         if not c.prefix_caching:
             args.append("--no-prefix-caching")
         return args + (["--json-output"] if c.json_output else [])

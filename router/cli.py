@@ -155,6 +155,11 @@ async def serve(config: RouterConfig) -> None:
     help="Reuse the K/V of cached prompt prefixes (when the shards support it).",
 )
 @click.option(
+    "--shard-tls-ca-file",
+    default=None,
+    help="PEM certificate(s) that TCP shards' TLS certificates must chain to (multi-node).",
+)
+@click.option(
     "--client-timeout",
     type=float,
     default=60.0,

@@ -144,30 +144,42 @@ def _merge_steps(replies) -> StepOut:
     )
 
 
-def _channel(url: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(url, options=list(MESSAGE_OPTIONS))
+def _channel(url: str, tls_ca: bytes | None = None) -> grpc.aio.Channel:
+    """A channel to one shard: Unix sockets in plain, TCP addresses over TLS checked against
+    `tls_ca` when given."""
+    options = list(MESSAGE_OPTIONS)
+    if tls_ca is None or url.startswith("unix:"):
+        return grpc.aio.insecure_channel(url, options=options)
+    credentials = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+    return grpc.aio.secure_channel(url, credentials, options=options)
 
 
 class ShardedClient:
     """One channel per shard; every call fans out to all of them, with the shards' secret."""
 
-    def __init__(self, urls: list[str], secret: str | None = None) -> None:
+    def __init__(
+        self, urls: list[str], secret: str | None = None, tls_ca: bytes | None = None
+    ) -> None:
         self.urls = urls
         self._metadata = secret_metadata(secret)
-        self._channels = [_channel(url) for url in urls]
+        self._channels = [_channel(url, tls_ca) for url in urls]
         self._stubs = [pb_grpc.TextGenerationServiceStub(c) for c in self._channels]
 
     @classmethod
     async def connect(
-        cls, master_url: str, secret: str | None = None, timeout: float = 30.0
+        cls,
+        master_url: str,
+        secret: str | None = None,
+        tls_ca: bytes | None = None,
+        timeout: float = 30.0,
     ) -> ShardedClient:
         """Asks the master shard for every shard's URL (ServiceDiscovery)."""
-        async with _channel(master_url) as channel:
+        async with _channel(master_url, tls_ca) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)
             reply = await stub.ServiceDiscovery(
                 pb.ServiceDiscoveryRequest(), timeout=timeout, metadata=secret_metadata(secret)
             )
-        return cls(list(reply.urls), secret)
+        return cls(list(reply.urls), secret, tls_ca)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._channels))

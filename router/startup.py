@@ -90,7 +90,8 @@ async def build_state(config: RouterConfig) -> RouterState:
     """ServiceDiscovery, ClearCache, Info, Warmup; Warmup's capacity sets the KV budget."""
     tokenizer, template = load_tokenizer(config.tokenizer_name)
     try:
-        client = await ShardedClient.connect(config.master_url, config.shard_secret)
+        tls_ca = Path(config.shard_tls_ca_file).read_bytes() if config.shard_tls_ca_file else None
+        client = await ShardedClient.connect(config.master_url, config.shard_secret, tls_ca)
         await client.wait_until_healthy(SHARD_WAIT_SECONDS)  # ranks on other nodes may lag
         await client.clear_cache(None)
         info = await client.info()

@@ -157,6 +157,14 @@ def main() -> None:
     "are visible to other users].",
 )
 @click.option(
+    "--tls-cert-file",
+    default=None,
+    help="Multi-node: PEM certificate; the TCP port then speaks TLS (with --tls-key-file).",
+)
+@click.option(
+    "--tls-key-file", default=None, help="Multi-node: PEM private key of the certificate."
+)
+@click.option(
     "--fault-file",
     default=None,
     hidden=True,

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -87,6 +88,16 @@ def build_server(service: TextGenerationService, secret: str | None) -> grpc.aio
     server = grpc.aio.server(interceptors=interceptors, options=list(MESSAGE_OPTIONS))
     pb_grpc.add_TextGenerationServiceServicer_to_server(service, server)
     return server
+
+
+def add_tcp_port(server: grpc.aio.Server, config: ShardConfig) -> int:
+    """The multi-node port: TLS when the config names a certificate, else plaintext."""
+    assert config.tcp_address is not None
+    if not config.tls_cert_file or not config.tls_key_file:
+        return server.add_insecure_port(config.tcp_address)
+    key, cert = Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes()
+    credentials = grpc.ssl_server_credentials([(key, cert)])
+    return server.add_secure_port(config.tcp_address, credentials)
 
 
 def engine_thread() -> ThreadPoolExecutor:
@@ -167,9 +178,9 @@ async def serve(
     engine was built on."""
     server = build_server(TextGenerationService(engine, config, urls, worker), config.secret)
     _remove_socket(config.socket_path)  # a stale file from a killed run
-    server.add_insecure_port(config.url)
+    server.add_insecure_port(config.url)  # in a directory only this user can enter
     if config.tcp_address is not None:
-        server.add_insecure_port(config.tcp_address)
+        add_tcp_port(server, config)
     await server.start()
     os.chmod(config.socket_path, 0o600)
     log.info("shard %d/%d serving on %s", config.rank, config.world_size, config.advertised_url)

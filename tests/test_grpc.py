@@ -328,3 +328,46 @@ async def test_with_a_secret_every_call_needs_it(engine, tmp_path):
         assert (await ShardedClient.connect(url, "s3cret")).urls
     finally:
         await server.stop(None)
+
+
+def _self_signed(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key (openssl, on every machine of this project)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+async def test_the_tcp_port_speaks_tls_when_given_a_certificate(engine, tmp_path):
+    """Multi-node ports: with a certificate only TLS clients that trust it get through."""
+    from router.client import ShardedClient
+    from shard.server import add_tcp_port, build_server
+    from tests.conftest import free_port
+
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    config = ShardConfig(
+        model_dir=engine.config.model_dir, grpc_host="127.0.0.1", grpc_port_base=port,
+        tls_cert_file=cert, tls_key_file=key,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    server = build_server(TextGenerationService(engine, config, [address]), "s")
+    add_tcp_port(server, config)
+    await server.start()
+    try:
+        trusted = await ShardedClient.connect(address, "s", (tmp_path / "cert.pem").read_bytes())
+        await trusted.health()
+        await trusted.close()
+        (tmp_path / "other").mkdir()
+        for tls_ca in (None, _self_signed(tmp_path / "other")[0]):
+            client = ShardedClient([address], "s", tls_ca and open(tls_ca, "rb").read())
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.health(timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            await client.close()
+    finally:
+        await server.stop(None)

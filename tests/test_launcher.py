@@ -234,6 +234,9 @@ RENAMED = {
     "shard_uds_path": [("shard", "uds_path"), ("router", "master_shard_uds_path")],
     "shard_host": [("shard", "grpc_host")],
     "shard_port_base": [("shard", "grpc_port_base")],
+    "shard_tls_cert": [("shard", "tls_cert_file")],
+    "shard_tls_key": [("shard", "tls_key_file")],
+    "shard_tls_ca": [("router", "shard_tls_ca_file")],
     "prefix_caching": [("shard", "use_prefix_caching"), ("router", "prefix_caching")],
 }
 
@@ -278,7 +281,9 @@ def test_every_launcher_flag_reaches_its_process_with_its_value(tmp_path, monkey
     param = next(p for p in main.params if p.name == name)
     value = _unusual_value(param)
     options = {name: value}
-    if name in ("shard_host", "shard_port_base"):  # multi-node flags
+    if name in ("shard_tls_cert", "shard_tls_key"):  # they go together
+        options = {"shard_tls_cert": "value", "shard_tls_key": "value"}
+    if name in ("shard_host", "shard_port_base", "shard_tls_cert", "shard_tls_key"):
         options = {"shard_host": "10.9.8.7", "nnodes": 2, "shard_secret": "s", **options}
     config = LauncherConfig(**{"model_id": str(tmp_path), **options})
     config.check_limits()

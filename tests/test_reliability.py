@@ -57,12 +57,18 @@ def _blocks_settle(server, timeout=30.0) -> float:
 
 
 # ---- 1. bad input: property-based fuzzing ----
+# Values at the edges of the wire types (uint32, uint64, float32 after rounding, UTF-8)
+WIRE_EDGES = st.sampled_from(
+    [2**31, 2**32 - 1, 2**32, 2**64, 1e-50, 1e-38, 1.2e-38, 1e39, 3.5e38, "\ud800", "a\udfffb",
+     "s" * 500_000]
+)  # fmt: skip
 json_values = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(min_value=-(2**70), max_value=2**70)
     | st.floats(allow_nan=False)
-    | st.text(max_size=40),
+    | st.text(max_size=40)
+    | WIRE_EDGES,
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
     ),
@@ -86,7 +92,7 @@ OPENAI_KEYS = [
 bodies = st.one_of(
     json_values,
     st.fixed_dictionaries(
-        {"inputs": st.text(max_size=60)},
+        {"inputs": st.text(max_size=60) | st.sampled_from(["x \ud800", "\udc00"])},
         optional={
             "parameters": st.dictionaries(st.sampled_from(PARAM_KEYS), json_values, max_size=5),
             "stream": st.booleans(),
@@ -389,7 +395,9 @@ def test_api_key_on_real_processes(tiny_model_dir, tmp_path):
 
 # ---- 5. soak ----
 @pytest.mark.slow
-def test_soak_2000_requests_concurrency_64_with_cancels(tiny_model_dir, tmp_path):
+def test_soak_2000_requests_concurrency_64_with_cancels_and_hostile_values(
+    tiny_model_dir, tmp_path
+):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from soak import run_soak
 
@@ -412,8 +420,8 @@ def test_soak_2000_requests_concurrency_64_with_cancels(tiny_model_dir, tmp_path
         print(json.dumps(report))
         assert report["sent"] == 2000
         outcomes = report["outcomes"]
-        assert set(outcomes) <= {"ok", "cancelled"}, outcomes
-        assert outcomes.get("cancelled", 0) > 100
+        assert set(outcomes) <= {"ok", "cancelled", "hostile refused"}, outcomes
+        assert outcomes.get("cancelled", 0) > 100 and outcomes.get("hostile refused", 0) > 50
         assert _blocks_settle(srv) == 0
         for name, drift in report["memory"].items():
             assert abs(drift["drift"]) < 0.10, (name, drift)
