@@ -182,7 +182,7 @@ def create_app(state: RouterState) -> FastAPI:
     @app.get("/health", summary="200 when every shard answers Health")
     async def health() -> Response:
         try:
-            await state.scheduler.client.health()  # type: ignore[attr-defined]
+            await state.scheduler.client.health()
         except Exception as exc:  # noqa: BLE001
             log.warning("health: a shard did not answer: %s", exc)
             return error_response(503, "unhealthy", "a shard is not healthy")

@@ -1,10 +1,15 @@
 """Continuous batching by token budget.
 
-One asyncio task owns the running batch. Between steps it admits waiting requests (merged
-into the running batch's forward when the shards support chunking, else as TGI does with
-`waiting_served_ratio` and `max_waiting_tokens`), hands every generation to its request,
-and removes finished and cancelled requests with FilterBatch (ClearCache when none is
-left). A failing shard call fails only the requests of that batch.
+One asyncio task, the loop in `run`, owns the running batch and is the only caller of the
+shards' batch RPCs (Prefill, Decode, FilterBatch, ClearCache, the liveness Prefill): every
+tensor-parallel rank sees them in one order, so their collectives always match. Other tasks
+ask the loop (`confirm_liveness`) instead of calling.
+
+Between steps the loop admits waiting requests (merged into the running batch's forward when
+the shards support chunking, else as TGI does with `waiting_served_ratio` and
+`max_waiting_tokens`), hands every generation to its request, and removes finished and
+cancelled requests with FilterBatch (ClearCache when none is left). A failing shard call
+fails only the requests of that batch.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ GENERATION_FAILED = "Request failed during generation; the server log has the de
 
 
 class ShardClient(Protocol):
+    async def health(self) -> None:
+        """Every shard answers (no forward: any task may call it)."""
+
+    async def liveness_prefill(self) -> None:
+        """A one-token forward on every shard (the loop's call only)."""
+
     async def prefill(
         self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None
     ) -> StepOut: ...
@@ -78,9 +89,7 @@ class Scheduler:
         self.num_failed_steps = 0
         self.num_confirmed_failures = 0  # failures after which a liveness prefill succeeded
         self._pending_clears: list[int] = []
-        # Every call that runs a forward goes out under this lock, so all ranks see the
-        # same order of calls (their collectives must match).
-        self.call_lock = asyncio.Lock()
+        self._liveness_waiters: list[asyncio.Future[bool]] = []  # served by the loop
 
     # ---- used by the HTTP layer ----
     def submit(self, entry: Entry) -> None:
@@ -97,6 +106,7 @@ class Scheduler:
             await self._wake.wait()
             self._wake.clear()
             await self._clear_failed()
+            await self._serve_liveness()
             self._finish_cancelled_waiting()
             batch = await self._admit()
             waiting_steps = 1
@@ -112,6 +122,7 @@ class Scheduler:
     ) -> tuple[CachedBatch | None, bool]:
         """One forward over the running batch, with newly admitted requests when they fit."""
         await self._clear_failed()
+        await self._serve_liveness()
         kept = await self._drop_gone(batch)
         if kept is None:
             return None, False
@@ -250,18 +261,31 @@ class Scheduler:
             return None
 
     async def confirm_liveness(self) -> bool:
-        """After a failed step: True once a one-token prefill succeeds on every shard."""
-        failures = self.num_failed_steps
-        if failures == self.num_confirmed_failures:
+        """After a failed step: True once a one-token prefill succeeds on every shard. The
+        loop runs that prefill between its steps; this only asks and waits."""
+        if self.num_failed_steps == self.num_confirmed_failures:
             return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._liveness_waiters.append(waiter)
+        self._wake.set()
+        return await asyncio.shield(waiter)
+
+    async def _serve_liveness(self) -> None:
+        """Answers every waiting `confirm_liveness` with one liveness prefill."""
+        if not self._liveness_waiters:
+            return
+        waiters, self._liveness_waiters = self._liveness_waiters, []
+        failures = self.num_failed_steps
         try:
-            async with self.call_lock:
-                await self.client.liveness_prefill()  # type: ignore[attr-defined]
+            await self.client.liveness_prefill()
+            self.num_confirmed_failures = failures
+            alive = True
         except Exception as exc:  # noqa: BLE001
             log.warning("liveness prefill failed: %s", _describe(exc))
-            return False
-        self.num_confirmed_failures = failures
-        return True
+            alive = False
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(alive)
 
     # ---- bookkeeping ----
     def _release(self, entry: Entry) -> None:

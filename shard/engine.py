@@ -347,13 +347,6 @@ class ShardEngine:
                 if spec.id in seen:
                     raise InvalidRequest(f"request id {spec.id} is already in use")
                 prompt = self._validate(spec)
-                if not spec.blocks and self._blocks_needed(len(prompt), spec) > len(
-                    self.free_blocks
-                ):
-                    raise OutOfBlocks(
-                        f"request {spec.id} needs {self._blocks_needed(len(prompt), spec)} KV "
-                        f"blocks but the shard has {len(self.free_blocks)} free"
-                    )
             except Exception as exc:  # noqa: BLE001 - any bad value refuses this request only
                 if not isinstance(exc, ShardError):
                     log.warning("request %d refused: %r", spec.id, exc)
@@ -406,6 +399,11 @@ class ShardEngine:
             raise InvalidRequest(f"request {rid}: chunk_len must be at least 1")
         if spec.blocks:
             self._validate_blocks(spec, len(prompt))
+        elif self._blocks_needed(len(prompt), spec) > len(self.free_blocks):
+            raise OutOfBlocks(
+                f"request {rid} needs {self._blocks_needed(len(prompt), spec)} KV blocks but "
+                f"the shard has {len(self.free_blocks)} free"
+            )
         return prompt
 
     def _validate_blocks(self, spec: RequestSpec, prompt_len: int) -> None:

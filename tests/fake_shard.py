@@ -39,10 +39,17 @@ class FakeShard:
     forwards: list[dict] = field(default_factory=list)  # per forward: tokens, request ids
     fail_on: set[str] = field(default_factory=set)  # methods that raise once
     calls: list[str] = field(default_factory=list)
+    in_flight: int = 0  # batch calls running now; above 1, ranks could see two orders
+    max_in_flight: int = 0
 
     async def _enter(self, method: str) -> None:
         """Yields to the event loop, as a real RPC does, then fails if told to."""
-        await asyncio.sleep(0.001)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+        finally:
+            self.in_flight -= 1
         self.calls.append(method)
         if method in self.fail_on:
             self.fail_on.discard(method)
@@ -107,6 +114,12 @@ class FakeShard:
         keep = set(request_ids)
         self.batches[batch_id] = [r for r in self.batches[batch_id] if r.id in keep]
         return self._info(batch_id)
+
+    async def health(self) -> None:
+        await asyncio.sleep(0.001)  # no forward: any task may call it
+
+    async def liveness_prefill(self) -> None:
+        await self._enter("liveness_prefill")
 
     async def clear_cache(self, batch_id: int | None) -> None:
         await self._enter("clear_cache")

@@ -48,16 +48,20 @@ def filter_finished(engine: ShardEngine, batch_info, collector: Collector):
     return batch_info
 
 
+def drive(engine: ShardEngine, collector: Collector, batch) -> None:
+    """Decodes `batch` to the end, filtering finished requests away as the router does."""
+    while batch is not None:
+        batch = filter_finished(engine, batch, collector)
+        result = engine.decode([batch.id])
+        collector.add(result)
+        batch = result.batch
+
+
 def run_to_end(
     engine: ShardEngine, batch_id: int, specs, collector: Collector | None = None
 ) -> Collector:
     collector = collector or Collector()
     result = engine.prefill(batch_id, specs, None)
     collector.add(result)
-    batch = result.batch
-    while batch is not None:
-        batch = filter_finished(engine, batch, collector)
-        result = engine.decode([batch.id])
-        collector.add(result)
-        batch = result.batch
+    drive(engine, collector, result.batch)
     return collector

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import Collector, make_engine, spec
+from tests.helpers import Collector, drive, make_engine, spec
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -74,23 +74,12 @@ def _check(collector: Collector, reference, ids):
         assert max(diffs) < 1e-3
 
 
-def _drive(engine, collector, batch):
-    """Decode to the end, filtering finished requests away as the router does."""
-    while batch is not None:
-        keep = [i for i in batch.request_ids if i not in collector.finished]
-        if len(keep) < len(batch.request_ids):
-            batch = engine.filter(batch.id, keep)
-        result = engine.decode([batch.id])
-        collector.add(result)
-        batch = result.batch
-
-
 def test_each_prompt_alone(engine, prompts, reference):
     for i, text in enumerate(prompts):
         c = Collector()
         result = engine.prefill(100 + i, [spec(i, text, NEW_TOKENS)], None)
         c.add(result)
-        _drive(engine, c, result.batch)
+        drive(engine, c, result.batch)
         _check(c, reference, [i])
 
 
@@ -98,7 +87,7 @@ def test_all_in_one_batch(engine, prompts, reference):
     c = Collector()
     result = engine.prefill(1, [spec(i, t, NEW_TOKENS) for i, t in enumerate(prompts)], None)
     c.add(result)
-    _drive(engine, c, result.batch)
+    drive(engine, c, result.batch)
     _check(c, reference, range(len(prompts)))
     assert len(engine.free_blocks) == engine.kv.num_blocks - 1
 
@@ -116,6 +105,6 @@ def test_requests_join_mid_flight_and_leave(engine, prompts, reference):
     c.add(joined)
     merged = engine.decode([batch.id, joined.batch.id])
     c.add(merged)
-    _drive(engine, c, merged.batch)
+    drive(engine, c, merged.batch)
     _check(c, reference, range(len(prompts)))
     assert not engine.batches

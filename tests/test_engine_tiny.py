@@ -7,7 +7,7 @@ import pytest
 from shard.errors import BatchNotFound, InvalidRequest, NotReady
 from shard.sampling import SamplingParams
 from shard.stopping import FinishReason
-from tests.helpers import Collector, make_engine, run_to_end, spec
+from tests.helpers import Collector, drive, make_engine, run_to_end, spec
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -227,7 +227,7 @@ def test_a_bad_request_is_refused_alone_while_the_running_batch_goes_on(engine, 
     assert message in joined.refused[0].message
     assert 1 not in joined.batch.request_ids and 1 not in [g.request_id for g in joined.generations]
     c.add(joined)
-    run_to_end_from(engine, joined.batch, c)
+    drive(engine, c, joined.batch)
     assert c.tokens[7] == expected and c.tokens[8] == expected_new
     assert not engine.batches
     assert len(engine.free_blocks) == engine.kv.num_blocks - 1
@@ -245,16 +245,6 @@ def test_a_request_id_twice_refuses_the_second(engine):
     assert "already in use" in result.refused[0].message
     assert result.batch.request_ids == [1]
     engine.clear(None)
-
-
-def run_to_end_from(engine, batch, collector):
-    while batch is not None:
-        keep = [i for i in batch.request_ids if i not in collector.finished]
-        if len(keep) < len(batch.request_ids):
-            batch = engine.filter(batch.id, keep)
-        result = engine.decode([batch.id])
-        collector.add(result)
-        batch = result.batch
 
 
 def test_out_of_blocks_and_not_ready(tiny_model_dir):

@@ -67,6 +67,17 @@ def hostile_server(tiny_model_dir, tmp_path_factory):
     srv.stop()
 
 
+async def _poll_health_until(client: httpx.AsyncClient, work: asyncio.Future) -> list[float]:
+    """Seconds each /health took, polled every 100 ms until `work` is done."""
+    polls = []
+    while not work.done():
+        started = time.monotonic()
+        assert (await client.get("/health")).status_code == 200
+        polls.append(time.monotonic() - started)
+        await asyncio.sleep(0.1)
+    return polls
+
+
 async def _steady_stream(client: httpx.AsyncClient, i: int) -> list[int]:
     body = {
         "inputs": f"steady request number {i}",
@@ -129,17 +140,13 @@ def test_huge_stop_sequences_are_refused_and_the_largest_allowed_never_stall(hos
             work = asyncio.ensure_future(
                 asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
             )
-            polls = []
-            while not work.done():
-                started = time.monotonic()
-                assert (await client.get("/health")).status_code == 200
-                polls.append(time.monotonic() - started)
-                await asyncio.sleep(0.1)
+            polls = await _poll_health_until(client, work)
             return await work, polls
 
     replies, polls = asyncio.run(go())
     assert all(r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") for r in replies)
     assert len(polls) >= 5 and max(polls) < 1.0, max(polls)
+    print("slowest health poll", max(polls))
 
 
 def test_payload_limit_prompts_in_one_batch_and_tokenize_keep_the_router_answering(
@@ -158,12 +165,7 @@ def test_payload_limit_prompts_in_one_batch_and_tokenize_keep_the_router_answeri
                     client.post("/tokenize", json={"inputs": BIG}),
                 )
             )
-            polls = []
-            while not work.done():
-                started = time.monotonic()
-                assert (await client.get("/health")).status_code == 200
-                polls.append(time.monotonic() - started)
-                await asyncio.sleep(0.1)
+            polls = await _poll_health_until(client, work)
             return await work, polls
 
     replies, polls = asyncio.run(go())
@@ -173,7 +175,9 @@ def test_payload_limit_prompts_in_one_batch_and_tokenize_keep_the_router_answeri
     assert max(polls) < 1.0, polls
 
 
-def test_a_client_that_stops_reading_a_stream_loses_it_and_frees_its_slot(tiny_model_dir, tmp_path):
+def test_a_client_that_stops_reading_loses_its_stream_and_connections_are_bounded(
+    tiny_model_dir, tmp_path
+):
     """One slot; a client asks for a stream of ~7 KB events (100 alternatives per token) and
     reads none of it. Once the socket buffers are full the router's sends block; after
     --client-timeout the stream is cut, the request cancelled and the slot serves others."""
@@ -184,7 +188,7 @@ def test_a_client_that_stops_reading_a_stream_loses_it_and_frees_its_slot(tiny_m
         tmp_path,
         router_args=["--max-total-tokens", "1024", "--max-input-tokens", "64",
                      "--max-concurrent-requests", "1", "--client-timeout", "2",
-                     "--max-top-n-tokens", "100"],
+                     "--max-top-n-tokens", "100", "--max-connections", "4"],
     )  # fmt: skip
     try:
         stuck = socket.socket()
@@ -211,5 +215,11 @@ def test_a_client_that_stops_reading_a_stream_loses_it_and_frees_its_slot(tiny_m
         stuck.close()
         events = received.count(b"\ndata:") + received.startswith(b"data:")
         assert 0 < events < 950 and b'"finish_reason"' not in received  # cut, not finished
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(3)]
+        assert httpx.get(srv.url + "/info").status_code == 503  # --max-connections reached
+        for connection in idle:
+            connection.close()
+        time.sleep(0.5)
+        assert httpx.get(srv.url + "/info").status_code == 200
     finally:
         srv.stop()

@@ -179,3 +179,31 @@ async def test_max_batch_size_without_chunking():
     shard, scheduler = make(chunking=False, max_batch_size=2)
     await run_all(scheduler, [entry(5, 6) for _ in range(5)])
     assert max(len(f["ids"]) for f in shard.forwards) <= 2
+
+
+async def test_liveness_checks_never_overlap_a_step_and_later_requests_run():
+    """/health after a failure asks for a liveness prefill; hammered while requests run, the
+    loop stays the only caller: never two batch calls in flight, the order ranks would see
+    is one sequence, and every request after the failure completes."""
+    shard, scheduler = make()
+    shard.fail_on.add("decode")
+    task = asyncio.ensure_future(scheduler.run())
+    try:
+        victims = [entry(10, 5), entry(12, 5)]
+        for e in victims:
+            scheduler.submit(e)
+        await asyncio.gather(*(drain(e) for e in victims))
+        later = [entry(8, 30) for _ in range(6)]
+        for e in later:
+            scheduler.submit(e)
+        checks = [scheduler.confirm_liveness() for _ in range(50)]
+        results = await asyncio.gather(*(drain(e) for e in later), *checks)
+        assert all(events[-1].finished.generated_tokens == 30 for events in results[:6])
+        assert all(results[6:]) and scheduler.num_confirmed_failures == 1
+        assert shard.max_in_flight == 1
+        served = shard.calls.count("liveness_prefill")
+        assert served >= 1
+        assert await scheduler.confirm_liveness()  # no new failure: no new call
+        assert shard.calls.count("liveness_prefill") == served
+    finally:
+        task.cancel()
