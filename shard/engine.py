@@ -26,6 +26,7 @@ from shard.batch import (
     RequestState,
     StepResult,
 )
+from shard.claims import BlockClaims
 from shard.cuda_graphs import DecodeGraphs
 from shard.detokenize import IncrementalDetokenizer
 from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks, ShardError
@@ -98,6 +99,7 @@ class ShardEngine:
         self.kv: KVCache | None = None
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self.batches: dict[int, Batch] = {}
+        self.claims = BlockClaims(self.block_size)  # blocks of every live request
         self.free_blocks: list[int] = []  # shard-numbered blocks not in use
         self.max_input_tokens = config.max_input_tokens or self.spec.max_position_embeddings - 1
         self.max_total_tokens = self.spec.max_position_embeddings
@@ -311,8 +313,15 @@ class ShardEngine:
             raise BatchNotFound(f"batch {batch_id} not found")
         return self.batches[batch_id]
 
+    def _unheld_free_blocks(self) -> list[int]:
+        """Shard-numbered candidates, lowest first, that no live request holds (the
+        router's requests may name any block of the pool)."""
+        held = self.claims.held
+        return [b for b in reversed(self.free_blocks) if b not in held]
+
     def _release(self, requests: list[RequestState]) -> None:
         for request in requests:
+            self.claims.remove(request)
             if request.owns_blocks:
                 self.free_blocks.extend(request.blocks)
             request.blocks = []
@@ -347,13 +356,18 @@ class ShardEngine:
                 if spec.id in seen:
                     raise InvalidRequest(f"request id {spec.id} is already in use")
                 prompt = self._validate(spec)
+                clash = spec.blocks != [0] and self.claims.conflict(spec.blocks, spec.cache_len)
+                if clash:
+                    raise InvalidRequest(f"request {spec.id}: {clash}")
             except Exception as exc:  # noqa: BLE001 - any bad value refuses this request only
                 if not isinstance(exc, ShardError):
                     log.warning("request %d refused: %r", spec.id, exc)
                 refused.append(Refusal(spec.id, _refusal_message(spec.id, exc)))
                 continue
             seen.add(spec.id)
-            admitted.append(self._admit(spec, prompt))
+            request = self._admit(spec, prompt)
+            self.claims.add(request)
+            admitted.append(request)
         return admitted, refused
 
     def _blocks_needed(self, prompt_len: int, spec: RequestSpec) -> int:
@@ -399,10 +413,10 @@ class ShardEngine:
             raise InvalidRequest(f"request {rid}: chunk_len must be at least 1")
         if spec.blocks:
             self._validate_blocks(spec, len(prompt))
-        elif self._blocks_needed(len(prompt), spec) > len(self.free_blocks):
+        elif self._blocks_needed(len(prompt), spec) > len(self._unheld_free_blocks()):
             raise OutOfBlocks(
                 f"request {rid} needs {self._blocks_needed(len(prompt), spec)} KV blocks but "
-                f"the shard has {len(self.free_blocks)} free"
+                f"the shard has {len(self._unheld_free_blocks())} free"
             )
         return prompt
 
@@ -435,9 +449,11 @@ class ShardEngine:
 
     def _admit(self, spec: RequestSpec, prompt: list[int]) -> RequestState:
         blocks, owns = list(spec.blocks), False
-        if not blocks:
+        if not blocks:  # shard-numbered (Warmup, a client without an allocator)
             count = self._blocks_needed(len(prompt), spec)
-            blocks = [self.free_blocks.pop() for _ in range(count)]
+            blocks = self._unheld_free_blocks()[:count]
+            taken = set(blocks)
+            self.free_blocks = [b for b in self.free_blocks if b not in taken]
             owns = True
         stopping = StoppingCriteria(
             max_new_tokens=spec.max_new_tokens,

@@ -261,3 +261,27 @@ def test_out_of_blocks_and_not_ready(tiny_model_dir):
     cold = ShardEngine(ShardConfig(model_dir=str(tiny_model_dir)))
     with pytest.raises(NotReady, match="Warmup"):
         cold.prefill(1, [spec(1, "hi")], None)
+
+
+def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_shared(engine):
+    """The router owns the pool; the shard still refuses a Prefill whose blocks would
+    overwrite a live request's K/V, or read K/V a live request has not written yet."""
+    prompt = PROMPTS[3]  # 65 tokens, prefilled 16 at a time: after one step block 1 is done
+    assert len(engine.tokenizer.encode(prompt, add_special_tokens=False).ids) == 65
+    first = engine.prefill(
+        1, [spec(1, prompt, 8, ignore_eos=True, blocks=[1, 2, 3, 4, 5], chunk_len=16)], None
+    )
+    assert not first.refused
+    clash = engine.prefill(2, [spec(2, "hi", 4, blocks=[5])], None)
+    assert "KV block 5 is held by live request 1" in clash.refused[0].message
+    early = engine.prefill(3, [spec(3, prompt, 2, blocks=[1, 2, 6, 7, 8], cache_len=32)], None)
+    assert "KV block 2 is still being written by request 1" in early.refused[0].message
+    shared = engine.prefill(4, [spec(4, prompt, 2, blocks=[1, 6, 7, 8, 9], cache_len=16)], None)
+    assert not shared.refused  # block 1 holds request 1's computed tokens: read-only
+    again = engine.prefill(5, [spec(5, "hi", 4, blocks=[1])], None)
+    assert "KV block 1 is held" in again.refused[0].message  # shared, never writable
+    engine.clear(None)
+    reuse = engine.prefill(6, [spec(6, "hi", 4, blocks=[5])], None)
+    assert not reuse.refused  # released with its request
+    engine.clear(None)
+    assert not engine.claims.held
