@@ -13,6 +13,7 @@ import click
 import grpc
 from tqdm import tqdm
 
+from common.allocator import BlockAllocator
 from common.paths import default_uds_path
 from common.procinfo import peak_rss_mib, pids_with_argument
 from common.rpc import SECRET_ENV
@@ -35,19 +36,35 @@ def shard_memory(uds_path: str) -> dict[int, float]:
     return memory  # one token in Llama-family BPE vocabularies; `truncate` fixes the length
 
 
-async def _prefill_with_warmup(client: ShardedClient, requests, sequence_length: int):
-    """Prefill; a shard set that was never warmed up is warmed up once, then retried."""
-    try:
-        return await client.prefill(1, requests, None)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-            raise
-        await client.warmup(None, max(len(requests) * sequence_length, 1), None)
-        return await client.prefill(1, requests, None)
+async def kv_pool(client: ShardedClient, max_prefill_tokens: int) -> BlockAllocator:
+    """The shards' KV pool, allocated as the router allocates it (block 0 reserved); shards
+    never warmed up are warmed up first. Run this against shards no router is serving: two
+    allocators of one pool would name the same blocks (the shards refuse such requests)."""
+    info = await client.info()
+    if not info.kv_cache_blocks:
+        await client.warmup(None, max(max_prefill_tokens, 1), None)
+        info = await client.info()
+    return BlockAllocator(info.kv_cache_blocks - 1, info.block_size)
+
+
+def _allocate(pool: BlockAllocator, batch_size: int, num_tokens: int) -> list[list[int]]:
+    blocks = []
+    for _ in range(batch_size):
+        got = pool.allocate(num_tokens)
+        if got is None:
+            for held in blocks:
+                pool.free(held)
+            raise click.ClickException(
+                f"the KV cache holds {pool.num_blocks} blocks of {pool.block_size} tokens: too "
+                f"few for {batch_size} requests of {num_tokens} tokens"
+            )
+        blocks.append(got)
+    return blocks
 
 
 async def run_batch(
     client: ShardedClient,
+    pool: BlockAllocator,
     batch_size: int,
     params: Params,
     seq_len: int,
@@ -55,12 +72,16 @@ async def run_batch(
     warmups: int,
     bar,
 ) -> dict:
-    requests = [ShardRequest(i, WORD * (seq_len + 8), params, [], 16) for i in range(batch_size)]
     prefill_ms, decode_ms = [], []
     for run in range(warmups + runs):
         await client.clear_cache(None)
+        blocks = _allocate(pool, batch_size, seq_len + params.max_new_tokens - 1)
+        requests = [
+            ShardRequest(i, WORD * (seq_len + 8), params, held, pool.block_size)
+            for i, held in enumerate(blocks)
+        ]
         start = time.perf_counter()
-        step = await _prefill_with_warmup(client, requests, seq_len)
+        step = await client.prefill(1, requests, None)
         prefill = (time.perf_counter() - start) * 1000
         steps = []
         batch = step.batch
@@ -69,6 +90,8 @@ async def run_batch(
             step = await client.decode([batch])
             steps.append((time.perf_counter() - start) * 1000)
             batch = step.batch
+        for held in blocks:
+            pool.free(held)
         if run >= warmups:
             prefill_ms.append(prefill)
             decode_ms.extend(steps)
@@ -164,11 +187,12 @@ def main(
     async def go():
         client = await ShardedClient.connect(f"unix://{uds_path}-0", shard_secret)
         try:
+            pool = await kv_pool(client, max(sizes) * sequence_length)
             with tqdm(
                 total=len(sizes) * (runs + warmups), desc="benchmarking", file=sys.stderr
             ) as bar:
                 return [
-                    await run_batch(client, b, params, sequence_length, runs, warmups, bar)
+                    await run_batch(client, pool, b, params, sequence_length, runs, warmups, bar)
                     for b in sizes
                 ]
         finally:

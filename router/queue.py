@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 from router.entry import Entry, State
 
 

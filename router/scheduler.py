@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 from router.entry import Entry, Failure
 from router.queue import Admitted, RequestQueue
 from router.types import CachedBatch, ShardRequest, StepOut

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from common.allocator import BlockAllocator
 from common.config import RouterConfig
-from router.allocator import BlockAllocator
 from router.chat import ChatTemplate, load_template
 from router.client import ShardedClient
 from router.core import RouterState, ServerSettings

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 
 
 def test_randomized_invariants():

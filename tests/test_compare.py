@@ -12,6 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
 
+@pytest.mark.slow  # minutes: three systems started and loaded in turn
 def test_compare_small_run():
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--workload", "fixed", "--concurrency", "2", "--requests", "2", "--port", "3996"],

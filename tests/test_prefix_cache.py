@@ -9,7 +9,7 @@ import random
 import httpx
 import pytest
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 from tests.conftest import Server
 
 

@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 from router.app import create_app
 from router.core import RouterState, ServerSettings
 from router.metrics import Metrics

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from router.allocator import BlockAllocator
+from common.allocator import BlockAllocator
 from router.entry import Entry, Failure
 from router.scheduler import BatchingConfig, Scheduler
 from router.types import Params
