@@ -48,7 +48,7 @@ async def kv_pool(client: ShardedClient, max_prefill_tokens: int) -> BlockAlloca
 
 
 def _allocate(pool: BlockAllocator, batch_size: int, num_tokens: int) -> list[list[int]]:
-    blocks = []
+    blocks: list[list[int]] = []
     for _ in range(batch_size):
         got = pool.allocate(num_tokens)
         if got is None:
