@@ -9,6 +9,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -58,19 +59,29 @@ def check_port_free(hostname: str, port: int) -> None:
 
 def resolve_model(model_id: str | None, num_shard: int = 1) -> Path:
     """A local model directory, or the embedded SmolLM2 converted once; checked for support
-    and for splitting over `num_shard` ranks."""
-    from shard.embedded import default_model_dir
+    and for splitting over `num_shard` ranks. Plain Python: the launcher never imports torch
+    (the first conversion of the embedded model runs in a child process)."""
     from shard.errors import ShardError
-    from shard.loader import check_tokenizer, read_spec
-    from shard.models.llama import check_parallel
+    from shard.spec import check_parallel, check_tokenizer, read_spec
 
     try:
-        model_dir = Path(model_id) if model_id else default_model_dir()
+        model_dir = Path(model_id) if model_id else _embedded_model_dir()
         check_parallel(read_spec(model_dir), num_shard)
         check_tokenizer(model_dir)
     except ShardError as exc:
         raise LaunchError(f"the model cannot be served: {exc}.") from exc
     return model_dir
+
+
+def _embedded_model_dir() -> Path:
+    """`pytgi-shard default-model` in a child: converts once, prints the directory."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shard.cli", "default-model"], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        raise LaunchError(f"the embedded model cannot be prepared: {lines[-1]}")
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 class Supervisor:

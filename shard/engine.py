@@ -31,10 +31,11 @@ from shard.cuda_graphs import DecodeGraphs
 from shard.detokenize import IncrementalDetokenizer
 from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks, ShardError
 from shard.kv_cache import KVCache
-from shard.loader import WeightStore, check_tokenizer, read_spec
+from shard.loader import WeightStore
 from shard.models.llama import LlamaModel
 from shard.parallel import Parallel
 from shard.sampling import TokenChooser
+from shard.spec import check_tokenizer, read_spec
 from shard.step import run_step
 from shard.stopping import StoppingCriteria
 
@@ -298,7 +299,7 @@ class ShardEngine:
         if unknown:
             raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
         self._release(batch.keep(set(request_ids)))
-        return self._cached_info(batch)
+        return self.cached_info(batch)
 
     def clear(self, batch_id: int | None) -> None:
         ids = list(self.batches) if batch_id is None else [batch_id]
@@ -326,7 +327,7 @@ class ShardEngine:
                 self.free_blocks.extend(request.blocks)
             request.blocks = []
 
-    def _cached_info(self, batch: Batch) -> CachedBatchInfo:
+    def cached_info(self, batch: Batch) -> CachedBatchInfo:
         return CachedBatchInfo(
             batch.id, batch.request_ids, batch.max_tokens(self.block_size), batch.current_tokens
         )

@@ -1,152 +1,16 @@
-"""Reads a Hugging Face model directory: config, safetensors weights, generation config.
-
-Only safetensors are read (never pickle) and no remote code runs. Every problem is a
-one-line `ModelLoadError` naming what is missing or what is supported.
+"""Reads a model's weights from safetensors (never pickle; no remote code runs). The shape
+and support checks of the model directory are in shard/spec.py (no torch there).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from shard.errors import ModelLoadError
-
-# Architecture name -> whether its q/k/v projections carry a bias.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
-}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSpec:
-    """The shape of a Llama-family decoder, read from config.json."""
-
-    architecture: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    eos_token_ids: tuple[int, ...]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
-
-
-def _eos_ids(model_dir: Path, config: dict) -> tuple[int, ...]:
-    """EOS ids from generation_config.json, falling back to config.json."""
-    gen_path = model_dir / "generation_config.json"
-    source = _read_json(gen_path) if gen_path.exists() else {}
-    eos = source.get("eos_token_id", config.get("eos_token_id"))
-    if eos is None:
-        return ()
-    return tuple(eos) if isinstance(eos, list) else (int(eos),)
-
-
-def _check_sliding_window(config: dict) -> None:
-    window = config.get("sliding_window")
-    uses_window = config.get("use_sliding_window", True)
-    max_pos = config.get("max_position_embeddings", 0)
-    if window and uses_window and window < max_pos:
-        raise ModelLoadError(
-            f"sliding-window attention (sliding_window={window}) is not supported; "
-            "use a model whose sliding_window is null or covers max_position_embeddings"
-        )
-
-
-def _rope(config: dict) -> tuple[float, dict | None]:
-    """(theta, scaling or None) from either config form.
-
-    transformers < 5 writes `rope_theta` and `rope_scaling` (null for plain RoPE);
-    transformers >= 5 writes one `rope_parameters` dict holding `rope_theta`, `rope_type`
-    and the scaling fields. A `rope_type` of "default" means no scaling."""
-    params = config.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        if any(isinstance(v, dict) for v in params.values()):
-            raise ModelLoadError(
-                "per-layer-type rope_parameters are not supported (one RoPE for all layers only)"
-            )
-        theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-        scaling: dict | None = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = config.get("rope_theta", 10000.0)
-        scaling = config.get("rope_scaling")
-    if not scaling:
-        return float(theta), None
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "default":
-        return float(theta), None
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelLoadError(
-            f"unsupported rope_scaling type {rope_type!r}; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    return float(theta), scaling
-
-
-def read_spec(model_dir: str | Path) -> ModelSpec:
-    """Parses config.json; raises ModelLoadError for a missing file or unsupported model."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    config_path = model_dir / "config.json"
-    if not config_path.exists():
-        raise ModelLoadError(f"{model_dir} has no config.json")
-    config = _read_json(config_path)
-    architectures = config.get("architectures") or []
-    arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise ModelLoadError(
-            f"unsupported architecture {architectures or config.get('model_type')}; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    _check_sliding_window(config)
-    rope_theta, rope_scaling = _rope(config)
-    num_heads = config["num_attention_heads"]
-    hidden = config["hidden_size"]
-    return ModelSpec(
-        architecture=arch,
-        hidden_size=hidden,
-        num_layers=config["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=config.get("num_key_value_heads") or num_heads,
-        head_dim=config.get("head_dim") or hidden // num_heads,
-        intermediate_size=config["intermediate_size"],
-        vocab_size=config["vocab_size"],
-        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        max_position_embeddings=config.get("max_position_embeddings", 4096),
-        tie_word_embeddings=config.get("tie_word_embeddings", False),
-        qkv_bias=SUPPORTED_ARCHITECTURES[arch] or config.get("attention_bias", False),
-        eos_token_ids=_eos_ids(model_dir, config),
-    )
-
-
-def check_tokenizer(model_dir: str | Path) -> Path:
-    path = Path(model_dir) / "tokenizer.json"
-    if not path.exists():
-        raise ModelLoadError(f"{model_dir} has no tokenizer.json")
-    return path
+from shard.spec import read_json
 
 
 class WeightStore:
@@ -160,7 +24,7 @@ class WeightStore:
         model_dir = Path(model_dir)
         index_path = model_dir / "model.safetensors.index.json"
         if index_path.exists():
-            weight_map = _read_json(index_path)["weight_map"]
+            weight_map = read_json(index_path)["weight_map"]
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in model_dir.glob("*.safetensors"))

@@ -7,9 +7,9 @@ import torch
 from common.config import ShardConfig
 from shard.errors import OutOfBlocks
 from shard.kv_cache import KVCache
-from shard.loader import ModelSpec
 from shard.parallel import Parallel
 from shard.sampling import SamplingParams
+from shard.spec import ModelSpec
 
 GREEDY = SamplingParams()
 DEFAULT_CPU_FRACTION = 0.25  # of available memory, when --kv-cache-memory is not given

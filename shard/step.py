@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
+from tokenizers import Tokenizer
 
 from shard.batch import (
     Batch,
@@ -17,13 +18,33 @@ from shard.batch import (
     TokenInfo,
 )
 from shard.inputs import prepare_forward
+from shard.kv_cache import KVCache
+from shard.parallel import Parallel
 from shard.sampling import Choice, choose_tokens
 
-if TYPE_CHECKING:
-    from shard.engine import ShardEngine
+
+class StepHost(Protocol):
+    """What a step needs of the engine that holds the batch (ShardEngine is one): the model
+    on its device, the tokenizer, and the batch registry's clear and info."""
+
+    parallel: Parallel
+    block_size: int
+    device: torch.device
+    kv: KVCache | None
+    graphs: Any  # DecodeGraphs | None (CUDA)
+    backend: Any  # the attention backend
+    model: Any  # the model: forward(ids, positions, meta, kv, backend), logits(hidden)
+    tokenizer: Tokenizer
+    special_ids: set[int]
+
+    def check_fault(self) -> None: ...
+
+    def clear(self, batch_id: int | None) -> None: ...
+
+    def cached_info(self, batch: Batch) -> CachedBatchInfo: ...
 
 
-def run_step(engine: ShardEngine, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
+def run_step(engine: StepHost, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
     """Computes the next tokens of every unfinished request; emits a token for each request
     whose computed tokens caught up with its tokens. Drops the batch when all finished."""
     active = [r for r in batch.requests if not r.is_finished]
@@ -54,13 +75,13 @@ def run_step(engine: ShardEngine, batch: Batch, start_ns: int, concat_ns: int | 
     if all(r.is_finished for r in batch.requests):
         engine.clear(batch.id)
     else:
-        cached = engine._cached_info(batch)
+        cached = engine.cached_info(batch)
     total_ns = time.perf_counter_ns() - start_ns
     return StepResult(generations, cached, forward_ns, decode_ns, total_ns, concat_ns)
 
 
 def _forward(
-    engine: ShardEngine, active: list[RequestState]
+    engine: StepHost, active: list[RequestState]
 ) -> tuple[list[RequestState], torch.Tensor]:
     """Runs the model; returns the requests that emit and their logits [N, V] (float32).
     Prompt log-probabilities of requests that asked for them are recorded on the way."""
@@ -88,9 +109,7 @@ def _forward(
     return emitting, logits
 
 
-def _record_prompt_logprobs(
-    engine: ShardEngine, request: RequestState, hidden: torch.Tensor
-) -> None:
+def _record_prompt_logprobs(engine: StepHost, request: RequestState, hidden: torch.Tensor) -> None:
     """hidden [n, H] of the chunk just computed; position p predicts prompt token p + 1."""
     end = request.num_computed
     first = end - hidden.shape[0]
@@ -103,14 +122,14 @@ def _record_prompt_logprobs(
 
 
 def _token_info(
-    engine: ShardEngine, ids: list[int], logprobs: list[float], texts: list[str] | None = None
+    engine: StepHost, ids: list[int], logprobs: list[float], texts: list[str] | None = None
 ) -> TokenInfo:
     if texts is None:
         texts = [engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
     return TokenInfo(ids, logprobs, texts, [i in engine.special_ids for i in ids])
 
 
-def _advance(engine: ShardEngine, request: RequestState, choice: Choice) -> Generation:
+def _advance(engine: StepHost, request: RequestState, choice: Choice) -> Generation:
     """Appends the chosen token, detokenizes it, checks stopping; returns its Generation."""
     prefill = None
     if request.prefill_logprobs and request.num_generated == 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from shard.errors import ModelLoadError
-from shard.loader import read_spec
+from shard.spec import read_spec
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine, run_to_end, spec
 
@@ -243,7 +243,7 @@ def test_sharded_safetensors_with_index(smollm_dir, tmp_path):
 
 
 def test_tensor_parallel_split_error_names_working_counts(smollm_dir):
-    from shard.models.llama import check_parallel
+    from shard.spec import check_parallel
 
     with pytest.raises(ModelLoadError, match="shard counts that work: 1, 3"):
         check_parallel(read_spec(smollm_dir), 2)

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from shard.attention import AttentionBackend
-from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
-from shard.loader import ModelSpec, WeightStore
+from shard.loader import WeightStore
 from shard.models.linear import Linear
 from shard.models.rope import Rotary
 from shard.parallel import Parallel
+from shard.spec import ModelSpec, check_parallel
 
 
 @dataclass(slots=True)
@@ -31,35 +31,6 @@ class _Layer:
     post_norm: torch.Tensor  # [hidden]
     gate_up: Linear  # [2 * intermediate, hidden], this rank's rows
     down: Linear  # [hidden, intermediate], this rank's columns
-
-
-def check_parallel(spec: ModelSpec, world_size: int) -> None:
-    """Raises a clear error when the heads or vocabulary do not split across `world_size`."""
-    if world_size == 1:
-        return
-    bad = []
-    if spec.num_heads % world_size:
-        bad.append(f"{spec.num_heads} attention heads")
-    kv = spec.num_kv_heads
-    if (kv % world_size) and (world_size % kv):
-        bad.append(f"{kv} KV heads")
-    if spec.intermediate_size % world_size:
-        bad.append(f"intermediate size {spec.intermediate_size}")
-    if spec.vocab_size % world_size:
-        bad.append(f"vocabulary {spec.vocab_size}")
-    if bad:
-        fits = [
-            n
-            for n in range(1, 9)
-            if spec.num_heads % n == 0
-            and (kv % n == 0 or n % kv == 0)
-            and spec.intermediate_size % n == 0
-            and spec.vocab_size % n == 0
-        ]
-        raise ModelLoadError(
-            f"cannot shard over {world_size} ranks: {', '.join(bad)} do not divide; "
-            f"shard counts that work: {', '.join(map(str, fits))}"
-        )
 
 
 class LlamaModel:
