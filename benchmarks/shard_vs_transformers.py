@@ -114,7 +114,7 @@ def main() -> None:
     )
     engine.warmup([], None, 512, 2048)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    vocab = engine.spec.vocab_size
+    vocab = engine.model_spec.vocab_size
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = _prompt_ids(batch, args.prompt, vocab, seed=batch)

@@ -16,6 +16,11 @@ from router.types import GenerationOut, ShardInfo, WarmupOut
 from router.validation import Validator, ValidRequest
 
 
+def state_of(request) -> RouterState:
+    """The router state of the application serving `request`."""
+    return request.app.state.router
+
+
 class HTTPError(Exception):
     """Answered as `{"error": message, "error_type": error_type}` with `status`."""
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from router.core import HTTPError, RouterState, collect_or_cancel
+from router.core import HTTPError, RouterState, collect_or_cancel, state_of
 from router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -18,7 +18,7 @@ from router.schemas import (
     _OpenAICommon,
 )
 from router.stops import StopMatcher, trim_at_stop
-from router.tgi_api import finite_or_none, sse, start_stream, state_of
+from router.streaming import finite_or_none, sse, start_stream
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidationError, ValidRequest
 

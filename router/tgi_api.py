@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -11,21 +10,13 @@ from dataclasses import replace
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router.core import HTTPError, RouterState, collect_or_cancel
+from router.core import HTTPError, RouterState, collect_or_cancel, state_of
 from router.schemas import GenerateRequest, TokenizeRequest
+from router.streaming import finite_or_none, sse, start_stream
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidRequest, check_text, encode
 
 api = APIRouter()
-
-
-def state_of(request: Request) -> RouterState:
-    return request.app.state.router
-
-
-def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or infinity: a log-probability without a finite value is null."""
-    return value if math.isfinite(value) else None
 
 
 def token_json(token: TokenOut) -> dict:
@@ -35,11 +26,6 @@ def token_json(token: TokenOut) -> dict:
         "logprob": finite_or_none(token.logprob),
         "special": token.special,
     }
-
-
-def sse(data: dict | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data)
-    return f"data: {payload}\n\n".encode()
 
 
 def _details(generations: list[GenerationOut], input_length: int) -> dict:
@@ -62,7 +48,7 @@ def _details(generations: list[GenerationOut], input_length: int) -> dict:
     }
 
 
-def _sequencefinite_or_none(generations: list[GenerationOut]) -> float:
+def _sequence_logprob(generations: list[GenerationOut]) -> float:
     return sum(t.logprob for g in generations for t in g.tokens)
 
 
@@ -76,7 +62,7 @@ async def run_generate(state: RouterState, request: Request, body: GenerateReque
     for _ in range(valid.best_of - 1):  # best_of: more samples with their own seeds
         entries.append(state.submit(valid, replace(valid.params, seed=random.getrandbits(63))))
     results = await collect_or_cancel(state, request, entries)
-    best = max(range(len(results)), key=lambda i: _sequencefinite_or_none(results[i]))
+    best = max(range(len(results)), key=lambda i: _sequence_logprob(results[i]))
     generations = results[best]
     finished = generations[-1].finished
     assert finished is not None
@@ -125,26 +111,6 @@ async def stream_events(
                 yield sse(event)
     except HTTPError as exc:
         yield sse({"error": exc.message, "error_type": exc.error_type})
-
-
-async def start_stream(state: RouterState, make_events) -> StreamingResponse:
-    """Takes a slot and runs `make_events()` (validation) before any byte is sent, so
-    429/422 keep their status; the slot is held until the stream ends."""
-    state.acquire()
-    try:
-        events = await make_events()
-    except BaseException:
-        state.release()
-        raise
-
-    async def held():
-        try:
-            async for chunk in events:
-                yield chunk
-        finally:
-            state.release()
-
-    return StreamingResponse(held(), media_type="text/event-stream")
 
 
 async def _tgi_stream(state: RouterState, body: GenerateRequest) -> StreamingResponse:

@@ -83,7 +83,7 @@ class DecodeGraphs:
     """Static decode inputs of the largest size, and one graph per size over their prefixes."""
 
     def __init__(self, engine, sizes: tuple[int, ...], factory: type = CudaGraph) -> None:
-        assert sizes and hasattr(engine.backend, "decode_metadata"), "needs a Triton backend"
+        assert sizes and engine.backend.supports_cuda_graphs, "needs a graph-capable backend"
         self.engine, self.sizes, self.factory = engine, sizes, factory
         largest, device = sizes[-1], engine.device
         max_blocks = -(-engine.max_total_tokens // engine.block_size)

@@ -81,14 +81,14 @@ class ShardEngine:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.parallel = Parallel(config.rank, config.world_size)
-        self.spec = read_spec(config.model_dir)
+        self.model_spec = read_spec(config.model_dir)
         self.tokenizer = Tokenizer.from_file(str(check_tokenizer(config.model_dir)))
         self.special_ids = {
             i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
         }
         self.backend = get_backend(resolve_backend_name(config.attention, self.device.type))
         self.model = LlamaModel(
-            self.spec,
+            self.model_spec,
             WeightStore(config.model_dir),
             self.dtype,
             self.device,
@@ -102,8 +102,9 @@ class ShardEngine:
         self.batches: dict[int, Batch] = {}
         self.claims = BlockClaims(self.block_size)  # blocks of every live request
         self.free_blocks: list[int] = []  # shard-numbered blocks not in use
-        self.max_input_tokens = config.max_input_tokens or self.spec.max_position_embeddings - 1
-        self.max_total_tokens = self.spec.max_position_embeddings
+        context = self.model_spec.max_position_embeddings
+        self.max_input_tokens = config.max_input_tokens or context - 1
+        self.max_total_tokens = context
 
     # ---- Info / Health ----
     def info(self) -> EngineInfo:
@@ -141,7 +142,7 @@ class ShardEngine:
         max_total_tokens: int | None,
     ) -> WarmupResult:
         """Runs a maximum-size prefill, then sizes the KV pool; drops every cached batch."""
-        max_pos = self.spec.max_position_embeddings
+        max_pos = self.model_spec.max_position_embeddings
         total = max_total_tokens or min(max_pos, DEFAULT_MAX_TOTAL_TOKENS)
         inputs = max_input_tokens or min(self.max_input_tokens, total - 1)
         if total > max_pos:
@@ -157,7 +158,7 @@ class ShardEngine:
         self.max_input_tokens, self.max_total_tokens = inputs, total
         activations = self._warmup_prefill_measured(specs, max_prefill_tokens)
         num_blocks = memory.num_kv_blocks(
-            self.config, self.spec, self.parallel, self.dtype, reserve=activations
+            self.config, self.model_spec, self.parallel, self.dtype, reserve=activations
         )
         capacity = (num_blocks - 1) * self.block_size
         if capacity < total:
@@ -177,7 +178,7 @@ class ShardEngine:
         sizes = self.config.cuda_graphs
         if self.device.type != "cuda" or not sizes:
             return
-        if not hasattr(self.backend, "decode_metadata"):
+        if not self.backend.supports_cuda_graphs:
             log.warning("CUDA graphs need the triton or flash-attn backend; decoding eagerly")
             return
         self.graphs = DecodeGraphs(self, sizes)
@@ -239,11 +240,11 @@ class ShardEngine:
     def _allocate_kv(self, num_blocks: int) -> None:
         self.kv = None  # free the old pool before allocating the new one
         self.kv = KVCache(
-            self.spec.num_layers,
+            self.model_spec.num_layers,
             num_blocks,
             self.block_size,
             self.model.num_kv_heads,
-            self.spec.head_dim,
+            self.model_spec.head_dim,
             self.dtype,
             self.device,
         )
@@ -381,15 +382,15 @@ class ShardEngine:
         spec.sampling.validate()
         prompt = self._tokenize(spec)
         rid = spec.id
-        if prompt and max(prompt) >= self.spec.vocab_size:
+        if prompt and max(prompt) >= self.model_spec.vocab_size:
             raise InvalidRequest(
                 f"request {rid}: token id {max(prompt)} is outside the vocabulary of "
-                f"{self.spec.vocab_size}"
+                f"{self.model_spec.vocab_size}"
             )
-        if spec.top_n_tokens > self.spec.vocab_size:
+        if spec.top_n_tokens > self.model_spec.vocab_size:
             raise InvalidRequest(
                 f"request {rid}: top_n_tokens {spec.top_n_tokens} exceeds the vocabulary "
-                f"of {self.spec.vocab_size}"
+                f"of {self.model_spec.vocab_size}"
             )
         if not prompt:
             raise InvalidRequest(f"request {rid}: the input is empty")
@@ -459,7 +460,7 @@ class ShardEngine:
         stopping = StoppingCriteria(
             max_new_tokens=spec.max_new_tokens,
             stop_sequences=[s for s in spec.stop_sequences if s],
-            eos_token_ids=frozenset(self.spec.eos_token_ids),
+            eos_token_ids=frozenset(self.model_spec.eos_token_ids),
             ignore_eos=spec.ignore_eos,
         )
         return RequestState(

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shard.attention import cpu_kernels
+from shard import cpu_kernels
 from shard.attention.reference import gather_blocks
 from shard.models.linear import Linear
 from tests.helpers import make_engine, run_to_end, spec

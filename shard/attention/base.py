@@ -39,6 +39,9 @@ class AttentionBackend(ABC):
     """Computes causal attention over the paged cache for every new token of a batch."""
 
     name: str = "abstract"
+    # Whether decode steps can replay as CUDA graphs: the backend then offers
+    # `decode_metadata(...)` over fixed-size tensors (no host work per step).
+    supports_cuda_graphs: bool = False
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:  # one class may serve under several registry names

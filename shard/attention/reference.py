@@ -1,7 +1,7 @@
 """CPU reference backend built on PyTorch's scaled_dot_product_attention.
 
 Decode rows are attended in one batched call: on CPU by the compiled paged-decode kernel
-(cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
+(shard/cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
 K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
 time (plain causal when nothing is cached, masked over the gathered prefix otherwise).
 """
@@ -103,7 +103,7 @@ class ReferenceBackend(AttentionBackend):
     def _kernel_for(self, device: torch.device) -> bool:
         if not self.use_cpu_kernel or device.type != "cpu":
             return False
-        from shard.attention import cpu_kernels  # compiles once per machine
+        from shard import cpu_kernels  # compiles once per machine
 
         return cpu_kernels.load() is not None
 
@@ -144,7 +144,7 @@ class ReferenceBackend(AttentionBackend):
     def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
         if meta.decode_tables is not None and meta.decode_context is not None:
-            from shard.attention import cpu_kernels
+            from shard import cpu_kernels
 
             return cpu_kernels.paged_decode(
                 q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale

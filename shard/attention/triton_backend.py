@@ -41,6 +41,7 @@ class PrefillPlan:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    supports_cuda_graphs = True
 
     def prepare(self, inputs: AttentionInputs) -> TritonMetadata:
         device = inputs.block_tables.device

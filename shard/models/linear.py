@@ -61,7 +61,7 @@ class Linear:
         if not self.is_packed:
             self.weight = weight
         if gemv and weight.device.type == "cpu" and weight.dtype in _PACKABLE:
-            from shard.attention import cpu_kernels
+            from shard import cpu_kernels
 
             self.kernels = cpu_kernels.load()
             if self.kernels is not None:

@@ -3,7 +3,7 @@
 torch's extension builder compiles it with the machine's own instruction set into
 $TORCH_EXTENSIONS_DIR (by default ~/.cache/torch_extensions); the name carries a hash of the
 source and of this CPU's flags, so a change of either builds afresh. `make install` builds it
-ahead (`python -m shard.attention.cpu_kernels`); a shard that finds no compiler logs one
+ahead (`python -m shard.cpu_kernels`); a shard that finds no compiler logs one
 warning and keeps the pure-PyTorch decode path.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 log = logging.getLogger("shard")
-SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cpu_kernels.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}

@@ -1,0 +1,42 @@
+"""What the TGI and OpenAI streams share: the slot a stream holds, Server-Sent Events framing,
+and JSON-safe numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fastapi.responses import StreamingResponse
+
+from router.core import RouterState
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or infinity: a log-probability without a finite value is null."""
+    return value if math.isfinite(value) else None
+
+
+def sse(data: dict | str) -> bytes:
+    """One Server-Sent Event: `data: <json>` and a blank line."""
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return f"data: {payload}\n\n".encode()
+
+
+async def start_stream(state: RouterState, make_events) -> StreamingResponse:
+    """Takes a slot and runs `make_events()` (validation) before any byte is sent, so
+    429/422 keep their status; the slot is held until the stream ends."""
+    state.acquire()
+    try:
+        events = await make_events()
+    except BaseException:
+        state.release()
+        raise
+
+    async def held():
+        try:
+            async for chunk in events:
+                yield chunk
+        finally:
+            state.release()
+
+    return StreamingResponse(held(), media_type="text/event-stream")
