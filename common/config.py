@@ -5,9 +5,11 @@ No module reads the environment at import time; the CLIs build these records.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
 
 DEFAULT_BLOCK_SIZE = 16
+DEFAULT_GRAPH_SIZES = "1,2,4,8,16,32,64,128"  # --cuda-graphs: decode batch sizes captured
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,3 +110,27 @@ class RouterConfig:
     @property
     def master_url(self) -> str:
         return f"unix://{self.master_shard_uds_path}-0"
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, by name: the one place a default is written. The CLIs and the
+    launcher's config read theirs from here."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4), sorted and unique; '0' or '' -> () (graphs disabled)."""
+    sizes = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if not part.isdigit():
+            raise ValueError(f"--cuda-graphs takes batch sizes like 1,2,4,8; got {text!r}")
+        sizes.add(int(part))
+    if sizes == {0}:
+        return ()
+    if 0 in sizes:
+        raise ValueError(
+            f"--cuda-graphs: 0 disables graphs and cannot be mixed with sizes: {text!r}"
+        )
+    return tuple(sorted(sizes))

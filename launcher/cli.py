@@ -10,9 +10,12 @@ import sys
 
 import click
 
+from common.config import defaults
 from common.logs import setup_logging
 from launcher.config import LauncherConfig, LaunchError
 from launcher.supervisor import Supervisor, check_port_free, resolve_model
+
+LAUNCHER_DEFAULTS = defaults(LauncherConfig)
 
 
 def option(name: str, **kwargs):
@@ -27,123 +30,187 @@ def option(name: str, **kwargs):
     default=None,
     help="Local model directory [default: the embedded SmolLM2-135M-Instruct, converted once].",
 )
-@option("--num-shard", type=int, default=1, help="Tensor-parallel shards to start.")
+@option(
+    "--num-shard",
+    type=int,
+    default=LAUNCHER_DEFAULTS["num_shard"],
+    help="Tensor-parallel shards to start.",
+)
 @option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
+    default=LAUNCHER_DEFAULTS["dtype"],
     help="Weights and KV dtype [default: float32 on CPU, bfloat16 on CUDA].",
 )
 @option(
     "--max-input-tokens",
     type=int,
-    default=None,
+    default=LAUNCHER_DEFAULTS["max_input_tokens"],
     help="Longest prompt [default: from the model, at most 4095].",
 )
 @option(
     "--max-total-tokens",
     type=int,
-    default=None,
+    default=LAUNCHER_DEFAULTS["max_total_tokens"],
     help="Longest prompt + output [default: from the model, at most 4096].",
 )
 @option(
     "--max-batch-prefill-tokens",
     type=int,
-    default=None,
+    default=LAUNCHER_DEFAULTS["max_batch_prefill_tokens"],
     help="Prompt tokens per forward (chunks longer prompts) [default: 2048].",
 )
 @option(
     "--max-batch-total-tokens",
     type=int,
-    default=None,
+    default=LAUNCHER_DEFAULTS["max_batch_total_tokens"],
     help="KV tokens of the running batch [default: the capacity Warmup finds].",
 )
-@option("--max-concurrent-requests", type=int, default=128, help="Requests in flight before 429.")
-@option("--max-best-of", type=int, default=2, help="Largest best_of.")
-@option("--max-stop-sequences", type=int, default=4, help="Most stop sequences per request.")
-@option("--max-top-n-tokens", type=int, default=5, help="Largest top_n_tokens.")
+@option(
+    "--max-concurrent-requests",
+    type=int,
+    default=LAUNCHER_DEFAULTS["max_concurrent_requests"],
+    help="Requests in flight before 429.",
+)
+@option(
+    "--max-best-of", type=int, default=LAUNCHER_DEFAULTS["max_best_of"], help="Largest best_of."
+)
+@option(
+    "--max-stop-sequences",
+    type=int,
+    default=LAUNCHER_DEFAULTS["max_stop_sequences"],
+    help="Most stop sequences per request.",
+)
+@option(
+    "--max-top-n-tokens",
+    type=int,
+    default=LAUNCHER_DEFAULTS["max_top_n_tokens"],
+    help="Largest top_n_tokens.",
+)
 @option(
     "--waiting-served-ratio",
     type=float,
-    default=1.2,
+    default=LAUNCHER_DEFAULTS["waiting_served_ratio"],
     help="Without chunking: waiting/running ratio that triggers a prefill.",
 )
 @option(
     "--max-waiting-tokens",
     type=int,
-    default=20,
+    default=LAUNCHER_DEFAULTS["max_waiting_tokens"],
     help="Without chunking: decode steps before waiting requests are forced in.",
 )
 @option(
-    "--max-batch-size", type=int, default=None, help="Most requests per batch [default: no limit]."
+    "--max-batch-size",
+    type=int,
+    default=LAUNCHER_DEFAULTS["max_batch_size"],
+    help="Most requests per batch [default: no limit].",
 )
 @option(
     "--max-client-batch-size",
     type=int,
-    default=4,
+    default=LAUNCHER_DEFAULTS["max_client_batch_size"],
     help="Most prompts in one /v1/completions request.",
 )
-@option("--hostname", default="127.0.0.1", help="Address the HTTP server listens on.")
-@option("--port", type=int, default=3000, help="Port the HTTP server listens on.")
+@option(
+    "--hostname", default=LAUNCHER_DEFAULTS["hostname"], help="Address the HTTP server listens on."
+)
+@option(
+    "--port", type=int, default=LAUNCHER_DEFAULTS["port"], help="Port the HTTP server listens on."
+)
 @option(
     "--shard-uds-path",
-    default=None,
+    default=LAUNCHER_DEFAULTS["shard_uds_path"],
     help="Socket path prefix of the shards [default: in a private temporary directory].",
 )
-@option("--master-addr", default="127.0.0.1", help="torch.distributed rendezvous address.")
-@option("--master-port", type=int, default=29500, help="torch.distributed rendezvous port.")
+@option(
+    "--master-addr",
+    default=LAUNCHER_DEFAULTS["master_addr"],
+    help="torch.distributed rendezvous address.",
+)
+@option(
+    "--master-port",
+    type=int,
+    default=LAUNCHER_DEFAULTS["master_port"],
+    help="torch.distributed rendezvous port.",
+)
 @option(
     "--cuda-memory-fraction",
     type=float,
-    default=0.9,
+    default=LAUNCHER_DEFAULTS["cuda_memory_fraction"],
     help="Fraction of free GPU memory for the KV cache.",
 )
 @option(
     "--kv-cache-memory",
-    default=None,
+    default=LAUNCHER_DEFAULTS["kv_cache_memory"],
     help="KV cache bytes on CPU, e.g. 2GiB [default: 25% of available memory, at most 4GiB].",
 )
-@option("--api-key", default=None, help="Bearer token required on generation routes.")
+@option(
+    "--api-key",
+    default=LAUNCHER_DEFAULTS["api_key"],
+    help="Bearer token required on generation routes.",
+)
 @option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable).")
-@option("--payload-limit", type=int, default=2_000_000, help="Largest request body in bytes.")
+@option(
+    "--payload-limit",
+    type=int,
+    default=LAUNCHER_DEFAULTS["payload_limit"],
+    help="Largest request body in bytes.",
+)
 @option(
     "--prefix-caching/--no-prefix-caching",
-    default=True,
+    default=LAUNCHER_DEFAULTS["prefix_caching"],
     help="Reuse the K/V of cached prompt prefixes; the chunk budget is --max-batch-prefill-tokens.",
 )
 @option(
     "--device",
-    default="auto",
+    default=LAUNCHER_DEFAULTS["device"],
     help="Shard device: auto (a GPU per shard when CUDA is there), cpu, cuda.",
 )
 @option(
     "--attention",
     type=click.Choice(["auto", "reference", "sdpa", "triton", "flash-attn"]),
-    default="auto",
+    default=LAUNCHER_DEFAULTS["attention"],
     help="Attention backend [auto: reference on CPU; flash-attn if installed, else triton].",
 )
 @option(
     "--cuda-graphs",
-    default="1,2,4,8,16,32,64,128",
+    default=LAUNCHER_DEFAULTS["cuda_graphs"],
     help="CUDA: decode batch sizes captured as CUDA graphs; 0 disables.",
 )
 @option(
     "--cpu-gemv/--no-cpu-gemv",
-    default=True,
+    default=LAUNCHER_DEFAULTS["cpu_gemv"],
     help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
 )
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",
     type=float,
-    default=30.0,
+    default=LAUNCHER_DEFAULTS["graceful_termination_timeout"],
     help="Seconds running requests get after SIGTERM.",
 )
-@option("--nnodes", type=int, default=1, help="Machines in the tensor-parallel group.")
-@option("--node-rank", type=int, default=0, help="This machine's index; node 0 runs the router.")
-@option("--shard-host", default=None, help="Multi-node: address node 0 reaches this machine on.")
 @option(
-    "--shard-port-base", type=int, default=50051, help="Multi-node: rank r uses TCP port base + r."
+    "--nnodes",
+    type=int,
+    default=LAUNCHER_DEFAULTS["nnodes"],
+    help="Machines in the tensor-parallel group.",
+)
+@option(
+    "--node-rank",
+    type=int,
+    default=LAUNCHER_DEFAULTS["node_rank"],
+    help="This machine's index; node 0 runs the router.",
+)
+@option(
+    "--shard-host",
+    default=LAUNCHER_DEFAULTS["shard_host"],
+    help="Multi-node: address node 0 reaches this machine on.",
+)
+@option(
+    "--shard-port-base",
+    type=int,
+    default=LAUNCHER_DEFAULTS["shard_port_base"],
+    help="Multi-node: rank r uses TCP port base + r.",
 )
 @option(
     "--shard-secret",
@@ -153,13 +220,17 @@ def option(name: str, **kwargs):
 )
 @option(
     "--shard-tls-cert",
-    default=None,
+    default=LAUNCHER_DEFAULTS["shard_tls_cert"],
     help="Multi-node: PEM certificate this node's shard ports present (TLS), with its key.",
 )
-@option("--shard-tls-key", default=None, help="Multi-node: PEM private key of --shard-tls-cert.")
+@option(
+    "--shard-tls-key",
+    default=LAUNCHER_DEFAULTS["shard_tls_key"],
+    help="Multi-node: PEM private key of --shard-tls-cert.",
+)
 @option(
     "--shard-tls-ca",
-    default=None,
+    default=LAUNCHER_DEFAULTS["shard_tls_ca"],
     help="Multi-node: PEM CA the router checks the shards' certificates against (node 0).",
 )
 @option(
@@ -171,7 +242,7 @@ def option(name: str, **kwargs):
 @option(
     "--startup-timeout",
     type=float,
-    default=600.0,
+    default=LAUNCHER_DEFAULTS["startup_timeout"],
     help="Seconds each stage may take to become ready.",
 )
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+
+from common.config import (
+    DEFAULT_GRAPH_SIZES,
+    RouterConfig,
+    ShardConfig,
+    defaults,
+    parse_batch_sizes,
+)
+
+_ROUTER, _SHARD = defaults(RouterConfig), defaults(ShardConfig)  # where those defaults live
 
 
 class LaunchError(Exception):
@@ -14,37 +23,37 @@ class LaunchError(Exception):
 class LauncherConfig:
     model_id: str | None
     num_shard: int = 1
-    dtype: str | None = None
-    max_input_tokens: int | None = None
-    max_total_tokens: int | None = None
-    max_batch_prefill_tokens: int | None = None
-    max_batch_total_tokens: int | None = None
-    max_concurrent_requests: int = 128
-    max_best_of: int = 2
-    max_stop_sequences: int = 4
-    max_top_n_tokens: int = 5
-    waiting_served_ratio: float = 1.2
-    max_waiting_tokens: int = 20
-    max_batch_size: int | None = None
-    max_client_batch_size: int = 4
-    hostname: str = "127.0.0.1"
-    port: int = 3000
+    dtype: str | None = _SHARD["dtype"]
+    max_input_tokens: int | None = _ROUTER["max_input_tokens"]
+    max_total_tokens: int | None = _ROUTER["max_total_tokens"]
+    max_batch_prefill_tokens: int | None = _ROUTER["max_batch_prefill_tokens"]
+    max_batch_total_tokens: int | None = _ROUTER["max_batch_total_tokens"]
+    max_concurrent_requests: int = _ROUTER["max_concurrent_requests"]
+    max_best_of: int = _ROUTER["max_best_of"]
+    max_stop_sequences: int = _ROUTER["max_stop_sequences"]
+    max_top_n_tokens: int = _ROUTER["max_top_n_tokens"]
+    waiting_served_ratio: float = _ROUTER["waiting_served_ratio"]
+    max_waiting_tokens: int = _ROUTER["max_waiting_tokens"]
+    max_batch_size: int | None = _ROUTER["max_batch_size"]
+    max_client_batch_size: int = _ROUTER["max_client_batch_size"]
+    hostname: str = _ROUTER["hostname"]
+    port: int = _ROUTER["port"]
     shard_uds_path: str | None = None
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    cuda_memory_fraction: float = 0.9
-    device: str = "auto"
-    attention: str = "auto"
-    cuda_graphs: str = "1,2,4,8,16,32,64,128"
-    cpu_gemv: bool = True
-    kv_cache_memory: str | None = None
-    api_key: str | None = None
-    cors_allow_origin: tuple[str, ...] = ()
-    payload_limit: int = 2_000_000
-    json_output: bool = False
-    graceful_termination_timeout: float = 30.0
+    master_addr: str = _SHARD["master_addr"]
+    master_port: int = _SHARD["master_port"]
+    cuda_memory_fraction: float = _SHARD["cuda_memory_fraction"]
+    device: str = "auto"  # a GPU per shard when CUDA is there
+    attention: str = _SHARD["attention"]
+    cuda_graphs: str = DEFAULT_GRAPH_SIZES
+    cpu_gemv: bool = _SHARD["cpu_gemv"]
+    kv_cache_memory: str | None = _SHARD["kv_cache_memory"]
+    api_key: str | None = _ROUTER["api_key"]
+    cors_allow_origin: tuple[str, ...] = _ROUTER["cors_allow_origin"]
+    payload_limit: int = _ROUTER["payload_limit"]
+    json_output: bool = _ROUTER["json_output"]
+    graceful_termination_timeout: float = _ROUTER["graceful_termination_timeout"]
     startup_timeout: float = 600.0
-    prefix_caching: bool = True
+    prefix_caching: bool = _ROUTER["prefix_caching"]
     nnodes: int = 1
     node_rank: int = 0
     shard_host: str | None = None
@@ -107,7 +116,7 @@ class LauncherConfig:
             raise LaunchError(
                 f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}"
             )
-        if not re.fullmatch(r"\d+(,\d+)*", self.cuda_graphs.replace(" ", "")):
-            raise LaunchError(
-                f"--cuda-graphs takes batch sizes like 1,2,4,8 (0: none), got {self.cuda_graphs!r}"
-            )
+        try:
+            parse_batch_sizes(self.cuda_graphs)  # the shard's own parser: one rule
+        except ValueError as exc:
+            raise LaunchError(str(exc)) from None

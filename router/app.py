@@ -54,7 +54,10 @@ class BodyGuard:
                 receive = _replay(body, receive)
         if rejection is not None:
             return await rejection(scope, receive, send)
-        return await self.app(scope, receive, _bounded(send, self.timeout))
+        try:
+            await self.app(scope, receive, _bounded(send, self.timeout))
+        except ClientTooSlow as exc:  # the reply is cut; the server closes the connection
+            log.warning("%s %s: %s", scope["method"], scope["path"], exc)
 
     def _reject_headers(self, scope, headers: dict[str, str]):
         if self.allowed_hosts and _host_name(headers.get("host", "")) not in self.allowed_hosts:

@@ -9,7 +9,7 @@ import sys
 import click
 import uvicorn
 
-from common.config import RouterConfig
+from common.config import RouterConfig, defaults
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
@@ -17,6 +17,7 @@ from router.app import create_app
 from router.startup import StartupError, build_state
 
 log = logging.getLogger("router")
+ROUTER_DEFAULTS = defaults(RouterConfig)
 
 
 async def serve(config: RouterConfig) -> None:
@@ -80,95 +81,122 @@ async def serve(config: RouterConfig) -> None:
 @click.option("--tokenizer-name", required=True, help="Model directory holding tokenizer.json.")
 @click.option(
     "--model-id",
-    default=None,
+    default=ROUTER_DEFAULTS["model_id"],
     help="Name shown in /info and /v1/models [default: the directory name].",
 )
-@click.option("--hostname", default="127.0.0.1", help="Address to listen on.")
-@click.option("--port", type=int, default=3000, help="Port to listen on.")
+@click.option("--hostname", default=ROUTER_DEFAULTS["hostname"], help="Address to listen on.")
+@click.option("--port", type=int, default=ROUTER_DEFAULTS["port"], help="Port to listen on.")
 @click.option(
-    "--max-concurrent-requests", type=int, default=128, help="Requests in flight before 429."
+    "--max-concurrent-requests",
+    type=int,
+    default=ROUTER_DEFAULTS["max_concurrent_requests"],
+    help="Requests in flight before 429.",
 )
-@click.option("--max-best-of", type=int, default=2, help="Largest best_of accepted.")
-@click.option("--max-stop-sequences", type=int, default=4, help="Most stop sequences per request.")
-@click.option("--max-top-n-tokens", type=int, default=5, help="Largest top_n_tokens accepted.")
 @click.option(
-    "--max-input-tokens", type=int, default=None, help="Longest prompt [default: from the shards]."
+    "--max-best-of",
+    type=int,
+    default=ROUTER_DEFAULTS["max_best_of"],
+    help="Largest best_of accepted.",
+)
+@click.option(
+    "--max-stop-sequences",
+    type=int,
+    default=ROUTER_DEFAULTS["max_stop_sequences"],
+    help="Most stop sequences per request.",
+)
+@click.option(
+    "--max-top-n-tokens",
+    type=int,
+    default=ROUTER_DEFAULTS["max_top_n_tokens"],
+    help="Largest top_n_tokens accepted.",
+)
+@click.option(
+    "--max-input-tokens",
+    type=int,
+    default=ROUTER_DEFAULTS["max_input_tokens"],
+    help="Longest prompt [default: from the shards].",
 )
 @click.option(
     "--max-total-tokens",
     type=int,
-    default=None,
+    default=ROUTER_DEFAULTS["max_total_tokens"],
     help="Longest prompt + output [default: from the shards].",
 )
 @click.option(
     "--waiting-served-ratio",
     type=float,
-    default=1.2,
+    default=ROUTER_DEFAULTS["waiting_served_ratio"],
     help="Without chunking: waiting/running ratio that triggers a prefill.",
 )
 @click.option(
     "--max-batch-prefill-tokens",
     type=int,
-    default=None,
+    default=ROUTER_DEFAULTS["max_batch_prefill_tokens"],
     help="Prompt tokens per forward [default: 2048].",
 )
 @click.option(
     "--max-batch-total-tokens",
     type=int,
-    default=None,
+    default=ROUTER_DEFAULTS["max_batch_total_tokens"],
     help="KV tokens of the running batch [default: the capacity Warmup finds].",
 )
 @click.option(
     "--max-waiting-tokens",
     type=int,
-    default=20,
+    default=ROUTER_DEFAULTS["max_waiting_tokens"],
     help="Without chunking: decode steps before waiting requests are forced in.",
 )
 @click.option(
-    "--max-batch-size", type=int, default=None, help="Most requests per batch [default: no limit]."
+    "--max-batch-size",
+    type=int,
+    default=ROUTER_DEFAULTS["max_batch_size"],
+    help="Most requests per batch [default: no limit].",
 )
 @click.option(
     "--max-client-batch-size",
     type=int,
-    default=4,
+    default=ROUTER_DEFAULTS["max_client_batch_size"],
     help="Most prompts in one /v1/completions request.",
 )
 @click.option(
-    "--api-key", default=None, envvar="API_KEY", help="Bearer token required on generation routes."
+    "--api-key",
+    default=ROUTER_DEFAULTS["api_key"],
+    envvar="API_KEY",
+    help="Bearer token required on generation routes.",
 )
 @click.option("--cors-allow-origin", multiple=True, help="Allowed CORS origin (repeatable).")
 @click.option(
     "--payload-limit",
     type=int,
-    default=2_000_000,
+    default=ROUTER_DEFAULTS["payload_limit"],
     help="Largest request body in bytes (413 past it).",
 )
 @click.option(
     "--graceful-termination-timeout",
     type=float,
-    default=30.0,
+    default=ROUTER_DEFAULTS["graceful_termination_timeout"],
     help="Seconds running requests get after SIGTERM.",
 )
 @click.option(
     "--prefix-caching/--no-prefix-caching",
-    default=True,
+    default=ROUTER_DEFAULTS["prefix_caching"],
     help="Reuse the K/V of cached prompt prefixes (when the shards support it).",
 )
 @click.option(
     "--shard-tls-ca-file",
-    default=None,
+    default=ROUTER_DEFAULTS["shard_tls_ca_file"],
     help="PEM certificate(s) that TCP shards' TLS certificates must chain to (multi-node).",
 )
 @click.option(
     "--client-timeout",
     type=float,
-    default=60.0,
+    default=ROUTER_DEFAULTS["client_timeout"],
     help="Seconds a request body may take to arrive, and a client may leave a reply unread.",
 )
 @click.option(
     "--max-connections",
     type=int,
-    default=None,
+    default=ROUTER_DEFAULTS["max_connections"],
     help="Open HTTP connections before 503 [default: 4 x --max-concurrent-requests + 64].",
 )
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")

@@ -8,12 +8,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from common.config import RouterConfig, defaults
 from router.chat import ChatTemplate
 from router.entry import Entry, Failure
 from router.metrics import Metrics
 from router.scheduler import Scheduler
 from router.types import GenerationOut, ShardInfo, WarmupOut
 from router.validation import Validator, ValidRequest
+
+_ROUTER = defaults(RouterConfig)
 
 
 def state_of(request) -> RouterState:
@@ -35,14 +38,16 @@ class HTTPError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
+    """The HTTP layer's settings, taken from RouterConfig (whose defaults these are)."""
+
     model_id: str
-    max_concurrent_requests: int = 128
-    max_client_batch_size: int = 4
+    max_concurrent_requests: int = _ROUTER["max_concurrent_requests"]
+    max_client_batch_size: int = _ROUTER["max_client_batch_size"]
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
-    payload_limit: int = 2_000_000
+    payload_limit: int = _ROUTER["payload_limit"]
     allowed_hosts: tuple[str, ...] = ()  # Host names answered; empty: any (see startup)
-    client_timeout: float = 60.0  # seconds a body may take to arrive, a reply to be read
+    client_timeout: float = _ROUTER["client_timeout"]  # body arrival, unread reply: bound
 
 
 @dataclass(eq=False)

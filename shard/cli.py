@@ -8,14 +8,14 @@ import sys
 
 import click
 
-from common.config import ShardConfig
+from common.config import DEFAULT_GRAPH_SIZES, ShardConfig, defaults, parse_batch_sizes
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
-from shard.cuda_graphs import DEFAULT_SIZES as DEFAULT_GRAPH_SIZES
-from shard.cuda_graphs import parse_batch_sizes
 from shard.errors import ShardError
 from shard.memory import parse_size
+
+SHARD_DEFAULTS = defaults(ShardConfig)
 
 
 @click.group()
@@ -34,7 +34,7 @@ def main() -> None:
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
-    default=None,
+    default=SHARD_DEFAULTS["dtype"],
     help="Weights and KV cache dtype [default: float32 on CPU, bfloat16 on CUDA].",
 )
 @click.option(
@@ -61,7 +61,7 @@ def main() -> None:
 )
 @click.option(
     "--master-addr",
-    default="127.0.0.1",
+    default=SHARD_DEFAULTS["master_addr"],
     envvar="MASTER_ADDR",
     show_default=True,
     help="torch.distributed rendezvous address.",
@@ -69,7 +69,7 @@ def main() -> None:
 @click.option(
     "--master-port",
     type=int,
-    default=29500,
+    default=SHARD_DEFAULTS["master_port"],
     envvar="MASTER_PORT",
     show_default=True,
     help="torch.distributed rendezvous port.",
@@ -77,7 +77,7 @@ def main() -> None:
 @click.option(
     "--max-input-tokens",
     type=int,
-    default=None,
+    default=SHARD_DEFAULTS["max_input_tokens"],
     help="Longest prompt accepted [default: the model's context - 1].",
 )
 @click.option(
@@ -89,14 +89,20 @@ def main() -> None:
 @click.option(
     "--cuda-memory-fraction",
     type=float,
-    default=0.9,
+    default=SHARD_DEFAULTS["cuda_memory_fraction"],
     show_default=True,
     help="Fraction of free GPU memory the KV cache may take (CUDA).",
 )
-@click.option("--block-size", type=int, default=16, show_default=True, help="Tokens per KV block.")
+@click.option(
+    "--block-size",
+    type=int,
+    default=SHARD_DEFAULTS["block_size"],
+    show_default=True,
+    help="Tokens per KV block.",
+)
 @click.option(
     "--attention",
-    default="auto",
+    default=SHARD_DEFAULTS["attention"],
     show_default=True,
     help="Attention backend: reference, sdpa, triton, flash-attn, or auto (reference on CPU; "
     "flash-attn when installed, else triton, on CUDA).",
@@ -107,16 +113,21 @@ def main() -> None:
     show_default=True,
     help="CUDA: decode batch sizes captured as CUDA graphs at Warmup; 0 disables.",
 )
-@click.option("--num-threads", type=int, default=None, help="torch CPU threads [default: all].")
+@click.option(
+    "--num-threads",
+    type=int,
+    default=SHARD_DEFAULTS["num_threads"],
+    help="torch CPU threads [default: all].",
+)
 @click.option(
     "--grpc-host",
-    default=None,
+    default=SHARD_DEFAULTS["grpc_host"],
     help="Multi-node: also listen on TCP at this address (port --grpc-port-base + rank).",
 )
 @click.option(
     "--grpc-port-base",
     type=int,
-    default=50051,
+    default=SHARD_DEFAULTS["grpc_port_base"],
     show_default=True,
     help="Multi-node: rank r listens on this port + r.",
 )
@@ -131,19 +142,19 @@ def main() -> None:
 @click.option(
     "--prefix-caching/--no-prefix-caching",
     "use_prefix_caching",
-    default=True,
+    default=SHARD_DEFAULTS["use_prefix_caching"],
     show_default=True,
     help="Report prefix caching in Info (the router then reuses cached prompt K/V).",
 )
 @click.option(
     "--pack-linear/--no-pack-linear",
-    default=True,
+    default=SHARD_DEFAULTS["pack_linear"],
     show_default=True,
     help="CPU: keep linear weights in oneDNN's packed layout (faster decode).",
 )
 @click.option(
     "--cpu-gemv/--no-cpu-gemv",
-    default=True,
+    default=SHARD_DEFAULTS["cpu_gemv"],
     show_default=True,
     help="CPU: keep plain weights beside the packed ones for faster batch-1 decode steps "
     "(costs the layers' weight memory once more).",
@@ -158,15 +169,17 @@ def main() -> None:
 )
 @click.option(
     "--tls-cert-file",
-    default=None,
+    default=SHARD_DEFAULTS["tls_cert_file"],
     help="Multi-node: PEM certificate; the TCP port then speaks TLS (with --tls-key-file).",
 )
 @click.option(
-    "--tls-key-file", default=None, help="Multi-node: PEM private key of the certificate."
+    "--tls-key-file",
+    default=SHARD_DEFAULTS["tls_key_file"],
+    help="Multi-node: PEM private key of the certificate.",
 )
 @click.option(
     "--fault-file",
-    default=None,
+    default=SHARD_DEFAULTS["fault_file"],
     hidden=True,
     help="Test-only: a forward raises (once) while this file exists.",
 )

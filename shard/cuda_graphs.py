@@ -18,25 +18,6 @@ import torch
 from shard.inputs import ForwardInputs
 
 log = logging.getLogger("shard")
-DEFAULT_SIZES = "1,2,4,8,16,32,64,128"
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """'1,2,4' -> (1, 2, 4), sorted and unique; '0' or '' -> () (graphs disabled)."""
-    sizes = set()
-    for part in text.replace(" ", "").split(","):
-        if not part:
-            continue
-        if not part.isdigit():
-            raise ValueError(f"--cuda-graphs takes batch sizes like 1,2,4,8; got {text!r}")
-        sizes.add(int(part))
-    if sizes == {0}:
-        return ()
-    if 0 in sizes:
-        raise ValueError(
-            f"--cuda-graphs: 0 disables graphs and cannot be mixed with sizes: {text!r}"
-        )
-    return tuple(sorted(sizes))
 
 
 def graph_batch_size(num_rows: int, sizes: tuple[int, ...]) -> int | None:

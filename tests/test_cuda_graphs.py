@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from shard.cuda_graphs import DecodeGraphs, EagerGraph, graph_batch_size, parse_batch_sizes
+from common.config import parse_batch_sizes
+from shard.cuda_graphs import DecodeGraphs, EagerGraph, graph_batch_size
 from tests.helpers import make_engine, run_to_end, spec
 
 pytest.importorskip("triton")

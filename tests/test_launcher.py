@@ -323,3 +323,36 @@ def test_no_cpu_gemv_starts(tiny_model_dir, tmp_path):
         assert httpx.post(srv.url + "/generate", json=body, timeout=60).status_code == 200
     finally:
         srv.stop()
+
+
+def test_each_default_is_written_once():
+    """The CLIs show and use the config dataclasses' defaults (the launcher's derive from the
+    router's and the shard's), so no default can drift between processes."""
+    from common.config import RouterConfig, ShardConfig, defaults
+    from launcher.cli import main as launcher_main
+    from launcher.config import LauncherConfig
+    from router.cli import main as router_main
+    from router.core import ServerSettings
+    from shard.cli import serve
+
+    # CLI values that the CLI turns into the config's type (a size, a list, a device)
+    converted = {"kv_cache_memory", "cuda_graphs", "device", "uds_path"}
+    checked = 0
+    for command, config in ((launcher_main, LauncherConfig), (router_main, RouterConfig),
+                            (serve, ShardConfig)):  # fmt: skip
+        expected = defaults(config)
+        for param in command.params:
+            if param.name in expected and param.name not in converted:
+                default = param.default
+                if param.multiple:  # click's "unset" sentinel stands for an empty list
+                    default = tuple(default) if isinstance(default, list | tuple) else ()
+                elif getattr(param, "is_flag", False) and not isinstance(default, bool):
+                    default = False  # a flag without a default is off
+                assert default == expected[param.name], (command.name, param.name)
+                checked += 1
+    router, launcher = defaults(RouterConfig), defaults(LauncherConfig)
+    for name, value in defaults(ServerSettings).items():
+        assert router.get(name, value) == value, name
+    for name in ("max_concurrent_requests", "payload_limit", "waiting_served_ratio"):
+        assert launcher[name] == router[name]
+    assert checked > 60
