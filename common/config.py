@@ -118,6 +118,27 @@ def defaults(cls: type) -> dict[str, Any]:
     return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
+def config_argv(config: Any, by_environment: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that rebuild `config` in a child whose click options are named
+    after its fields (`--max-batch-size`, `--no-prefix-caching`, a repeated flag per tuple
+    item): fields at their default are left out, and so are those named in `by_environment`
+    (secrets: the child reads them from its environment)."""
+    argv: list[str] = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if f.name in by_environment or value is None or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, tuple):
+            for item in value:
+                argv += [flag, str(item)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4), sorted and unique; '0' or '' -> () (graphs disabled)."""
     sizes = set()

@@ -16,10 +16,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import fields
 from pathlib import Path
 
 import grpc
 
+from common.config import RouterConfig, config_argv
 from common.pb import pb, pb_grpc
 from common.rpc import SECRET_ENV, secret_metadata
 from launcher.config import LauncherConfig, LaunchError
@@ -27,22 +29,6 @@ from launcher.process import Child
 
 log = logging.getLogger("launcher")
 POLL_SECONDS = 0.2
-# LauncherConfig fields passed to the router as --flag-name when set
-ROUTER_FLAGS = (
-    "max_concurrent_requests",
-    "max_best_of",
-    "max_stop_sequences",
-    "max_top_n_tokens",
-    "max_input_tokens",
-    "max_total_tokens",
-    "waiting_served_ratio",
-    "max_batch_prefill_tokens",
-    "max_batch_total_tokens",
-    "max_waiting_tokens",
-    "max_batch_size",
-    "max_client_batch_size",
-    "payload_limit",
-)
 
 
 def check_port_free(hostname: str, port: int) -> None:
@@ -131,27 +117,28 @@ class Supervisor:
             args.append("--no-cpu-gemv")
         return args + (["--json-output"] if c.json_output else [])
 
-    def _router_args(self) -> list[str]:
+    def router_config(self) -> RouterConfig:
+        """The router's config: every field the launcher shares with it, plus where the
+        shards and the tokenizer are."""
         c = self.config
-        args = [
-            sys.executable, "-m", "router.cli",
-            "--master-shard-uds-path", self.uds_path,
-            "--tokenizer-name", str(self.model_dir),
-            "--model-id", c.model_id or self.model_dir.name,
-            "--hostname", c.hostname, "--port", str(c.port),
-            "--graceful-termination-timeout", str(c.graceful_termination_timeout),
-        ]  # fmt: skip
-        for name in ROUTER_FLAGS:
-            value = getattr(c, name)
-            if value is not None:
-                args += [f"--{name.replace('_', '-')}", str(value)]
-        for origin in c.cors_allow_origin:
-            args += ["--cors-allow-origin", origin]
-        if c.shard_tls_ca:
-            args += ["--shard-tls-ca-file", c.shard_tls_ca]
-        if not c.prefix_caching:
-            args.append("--no-prefix-caching")
-        return args + (["--json-output"] if c.json_output else [])
+        given = {
+            "master_shard_uds_path", "tokenizer_name", "shard_tls_ca_file", "shard_secret",
+            "model_id",  # the launcher's is a path; the router's is the name it shows
+        }  # fmt: skip
+        shared = {f.name for f in fields(RouterConfig)} & {f.name for f in fields(c)} - given
+        return RouterConfig(
+            **{name: getattr(c, name) for name in shared},
+            master_shard_uds_path=self.uds_path,
+            tokenizer_name=str(self.model_dir),
+            model_id=c.model_id or self.model_dir.name,
+            shard_tls_ca_file=c.shard_tls_ca,
+            shard_secret=self.secret,
+        )
+
+    def _router_args(self) -> list[str]:
+        """Generated from the router's config; secrets travel by environment."""
+        argv = config_argv(self.router_config(), by_environment=("api_key", "shard_secret"))
+        return [sys.executable, "-m", "router.cli", *argv]
 
     # ---- stages ----
     def start(self) -> None:

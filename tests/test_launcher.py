@@ -356,3 +356,26 @@ def test_each_default_is_written_once():
     for name in ("max_concurrent_requests", "payload_limit", "waiting_served_ratio"):
         assert launcher[name] == router[name]
     assert checked > 60
+
+
+def test_the_router_config_survives_its_generated_command_line(tmp_path, monkeypatch):
+    """The router's argv is generated from its config: parsed back by the router's own CLI
+    (secrets from the environment) it gives the same config."""
+    from common.config import RouterConfig
+    from launcher.config import LauncherConfig
+    from launcher.supervisor import Supervisor
+    from router.cli import main as router_main
+
+    config = LauncherConfig(
+        model_id=str(tmp_path), max_batch_size=9, prefix_caching=False, json_output=True,
+        cors_allow_origin=("http://a.test", "http://b.test"), api_key="k3y", port=4321,
+        waiting_served_ratio=2.5, shard_tls_ca="/etc/ca.pem",
+    )  # fmt: skip
+    supervisor = Supervisor(config, tmp_path)
+    for key, value in supervisor._router_env().items():
+        monkeypatch.setenv(key, value)
+    argv = supervisor._router_args()[3:]
+    assert "k3y" not in argv and supervisor.secret not in argv
+    options = router_main.make_context("router", argv).params
+    options["cors_allow_origin"] = tuple(options["cors_allow_origin"])
+    assert RouterConfig(**options) == supervisor.router_config()
