@@ -28,6 +28,7 @@ from router.types import CachedBatch, ShardRequest, StepOut
 
 log = logging.getLogger("router")
 GENERATION_FAILED = "Request failed during generation; the server log has the details"
+LIVENESS_WAIT_SECONDS = 60.0  # a /health after a failure waits at most this for the loop
 
 
 class ShardClient(Protocol):
@@ -268,7 +269,10 @@ class Scheduler:
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._liveness_waiters.append(waiter)
         self._wake.set()
-        return await asyncio.shield(waiter)
+        try:  # the loop answers between steps; one that never does is not alive either
+            return await asyncio.wait_for(asyncio.shield(waiter), LIVENESS_WAIT_SECONDS)
+        except TimeoutError:
+            return False
 
     async def _serve_liveness(self) -> None:
         """Answers every waiting `confirm_liveness` with one liveness prefill."""

@@ -17,27 +17,22 @@ from tokenizers import Tokenizer
 
 from common.config import ShardConfig
 from shard import memory
+from shard.admission import Admission
 from shard.attention import get_backend, resolve_backend_name
 from shard.batch import (
     Batch,
     CachedBatchInfo,
-    Refusal,
     RequestSpec,
-    RequestState,
     StepResult,
 )
-from shard.claims import BlockClaims
 from shard.cuda_graphs import DecodeGraphs
-from shard.detokenize import IncrementalDetokenizer
-from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks, ShardError
+from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
 from shard.models.llama import LlamaModel
 from shard.parallel import Parallel
-from shard.sampling import TokenChooser
 from shard.spec import check_tokenizer, read_spec
 from shard.step import run_step
-from shard.stopping import StoppingCriteria
 
 log = logging.getLogger("shard")
 DEFAULT_MAX_TOTAL_TOKENS = 4096  # as TGI: the default context is capped for memory
@@ -100,11 +95,15 @@ class ShardEngine:
         self.kv: KVCache | None = None
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self.batches: dict[int, Batch] = {}
-        self.claims = BlockClaims(self.block_size)  # blocks of every live request
-        self.free_blocks: list[int] = []  # shard-numbered blocks not in use
         context = self.model_spec.max_position_embeddings
-        self.max_input_tokens = config.max_input_tokens or context - 1
-        self.max_total_tokens = context
+        self.admission = Admission(
+            self.tokenizer,
+            self.model_spec,
+            self.block_size,
+            self.device,
+            max_input_tokens=config.max_input_tokens or context - 1,
+            max_total_tokens=context,
+        )
 
     # ---- Info / Health ----
     def info(self) -> EngineInfo:
@@ -155,7 +154,7 @@ class ShardEngine:
             )
         self.clear(None)
         self.kv, self.graphs = None, None
-        self.max_input_tokens, self.max_total_tokens = inputs, total
+        self.admission.max_input_tokens, self.admission.max_total_tokens = inputs, total
         activations = self._warmup_prefill_measured(specs, max_prefill_tokens)
         num_blocks = memory.num_kv_blocks(
             self.config, self.model_spec, self.parallel, self.dtype, reserve=activations
@@ -234,7 +233,7 @@ class ShardEngine:
         self.clear(None)
 
     def _prompt_blocks(self, spec: RequestSpec) -> int:
-        prompt_len = len(spec.input_ids) if spec.input_ids else len(self._tokenize(spec))
+        prompt_len = len(self.admission.tokenize(spec))
         return -(-(prompt_len + spec.max_new_tokens) // self.block_size)
 
     def _allocate_kv(self, num_blocks: int) -> None:
@@ -248,7 +247,7 @@ class ShardEngine:
             self.dtype,
             self.device,
         )
-        self.free_blocks = list(range(num_blocks - 1, 0, -1))
+        self.admission.reset_pool(num_blocks)
 
     # ---- Prefill / Decode ----
     def prefill(
@@ -265,7 +264,8 @@ class ShardEngine:
         if not specs:
             raise InvalidRequest("Prefill needs at least one request")
         cached = self._get_batch(cached_batch_id) if cached_batch_id is not None else None
-        requests, refused = self._admit_all(specs, cached)
+        live = {i for batch in self.batches.values() for i in batch.request_ids}
+        requests, refused = self.admission.admit_all(specs, live)
         concat_ns = None
         if cached is not None:
             concat_start = time.perf_counter_ns()
@@ -299,7 +299,7 @@ class ShardEngine:
         unknown = set(request_ids) - set(batch.request_ids)
         if unknown:
             raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
-        self._release(batch.keep(set(request_ids)))
+        self.admission.release(batch.keep(set(request_ids)))
         return self.cached_info(batch)
 
     def clear(self, batch_id: int | None) -> None:
@@ -307,7 +307,7 @@ class ShardEngine:
         for i in ids:
             batch = self.batches.pop(i, None)
             if batch is not None:
-                self._release(batch.requests)
+                self.admission.release(batch.requests)
 
     # ---- internals ----
     def _get_batch(self, batch_id: int) -> Batch:
@@ -315,168 +315,17 @@ class ShardEngine:
             raise BatchNotFound(f"batch {batch_id} not found")
         return self.batches[batch_id]
 
-    def _unheld_free_blocks(self) -> list[int]:
-        """Shard-numbered candidates, lowest first, that no live request holds (the
-        router's requests may name any block of the pool)."""
-        held = self.claims.held
-        return [b for b in reversed(self.free_blocks) if b not in held]
+    @property
+    def max_input_tokens(self) -> int:
+        return self.admission.max_input_tokens
 
-    def _release(self, requests: list[RequestState]) -> None:
-        for request in requests:
-            self.claims.remove(request)
-            if request.owns_blocks:
-                self.free_blocks.extend(request.blocks)
-            request.blocks = []
+    @property
+    def max_total_tokens(self) -> int:
+        return self.admission.max_total_tokens
 
     def cached_info(self, batch: Batch) -> CachedBatchInfo:
         return CachedBatchInfo(
             batch.id, batch.request_ids, batch.max_tokens(self.block_size), batch.current_tokens
-        )
-
-    def _tokenize(self, spec: RequestSpec) -> list[int]:
-        """The prompt's ids: as sent (the router's tokenization), else from the text."""
-        if spec.input_ids is not None:
-            ids = list(spec.input_ids)
-        else:
-            ids = self.tokenizer.encode(spec.inputs, add_special_tokens=spec.add_special_tokens).ids
-        if spec.truncate and len(ids) > spec.truncate:
-            ids = ids[-spec.truncate :]
-        return ids
-
-    def _admit_all(
-        self, specs: list[RequestSpec], cached: Batch | None
-    ) -> tuple[list[RequestState], list[Refusal]]:
-        """Checks each request on its own: the ones that pass are admitted, the others are
-        refused with their reason, and no refused request changes any state."""
-        seen = set(cached.request_ids) if cached else set()
-        for batch in self.batches.values():
-            seen.update(batch.request_ids)
-        admitted: list[RequestState] = []
-        refused: list[Refusal] = []
-        for spec in specs:
-            try:
-                if spec.id in seen:
-                    raise InvalidRequest(f"request id {spec.id} is already in use")
-                prompt = self._validate(spec)
-                clash = spec.blocks != [0] and self.claims.conflict(spec.blocks, spec.cache_len)
-                if clash:
-                    raise InvalidRequest(f"request {spec.id}: {clash}")
-            except Exception as exc:  # noqa: BLE001 - any bad value refuses this request only
-                if not isinstance(exc, ShardError):
-                    log.warning("request %d refused: %r", spec.id, exc)
-                refused.append(Refusal(spec.id, _refusal_message(spec.id, exc)))
-                continue
-            seen.add(spec.id)
-            request = self._admit(spec, prompt)
-            self.claims.add(request)
-            admitted.append(request)
-        return admitted, refused
-
-    def _blocks_needed(self, prompt_len: int, spec: RequestSpec) -> int:
-        # The last generated token is never fed back, so its K/V needs no slot.
-        return -(-(prompt_len + spec.max_new_tokens - 1) // self.block_size)
-
-    def _validate(self, spec: RequestSpec) -> list[int]:
-        if spec.unsupported:
-            raise InvalidRequest(spec.unsupported)
-        spec.sampling.validate()
-        prompt = self._tokenize(spec)
-        rid = spec.id
-        if prompt and max(prompt) >= self.model_spec.vocab_size:
-            raise InvalidRequest(
-                f"request {rid}: token id {max(prompt)} is outside the vocabulary of "
-                f"{self.model_spec.vocab_size}"
-            )
-        if spec.top_n_tokens > self.model_spec.vocab_size:
-            raise InvalidRequest(
-                f"request {rid}: top_n_tokens {spec.top_n_tokens} exceeds the vocabulary "
-                f"of {self.model_spec.vocab_size}"
-            )
-        if not prompt:
-            raise InvalidRequest(f"request {rid}: the input is empty")
-        if spec.max_new_tokens < 1:
-            raise InvalidRequest(f"request {rid}: max_new_tokens must be at least 1")
-        if len(prompt) > self.max_input_tokens:
-            raise InvalidRequest(
-                f"request {rid}: {len(prompt)} input tokens exceed max_input_tokens "
-                f"{self.max_input_tokens}"
-            )
-        if len(prompt) + spec.max_new_tokens > self.max_total_tokens:
-            raise InvalidRequest(
-                f"request {rid}: input + max_new_tokens = {len(prompt) + spec.max_new_tokens} "
-                f"exceeds max_total_tokens {self.max_total_tokens}"
-            )
-        if spec.cache_len >= len(prompt):
-            raise InvalidRequest(
-                f"request {rid}: cache_len {spec.cache_len} must be below the prompt length "
-                f"{len(prompt)} (at least one prompt token is computed)"
-            )
-        if spec.chunk_len is not None and spec.chunk_len < 1:
-            raise InvalidRequest(f"request {rid}: chunk_len must be at least 1")
-        if spec.blocks:
-            self._validate_blocks(spec, len(prompt))
-        elif self._blocks_needed(len(prompt), spec) > len(self._unheld_free_blocks()):
-            raise OutOfBlocks(
-                f"request {rid} needs {self._blocks_needed(len(prompt), spec)} KV blocks but "
-                f"the shard has {len(self._unheld_free_blocks())} free"
-            )
-        return prompt
-
-    def _validate_blocks(self, spec: RequestSpec, prompt_len: int) -> None:
-        assert self.kv is not None
-        rid, blocks = spec.id, spec.blocks
-        if blocks == [0]:  # a liveness prefill: block 0 is reserved for it (and padding)
-            if prompt_len + spec.max_new_tokens - 1 > self.block_size:
-                raise InvalidRequest(
-                    f"request {rid}: a liveness prefill on block 0 must fit one block"
-                )
-            return
-        bad = [b for b in blocks if not 0 < b < self.kv.num_blocks]
-        if bad:
-            raise InvalidRequest(
-                f"request {rid}: block ids {bad[:5]} are outside 1..{self.kv.num_blocks - 1} "
-                "(block 0 is reserved)"
-            )
-        needed = self._blocks_needed(prompt_len, spec)
-        if len(blocks) < needed:
-            raise InvalidRequest(
-                f"request {rid}: {len(blocks)} blocks hold {len(blocks) * self.block_size} "
-                f"tokens but input + max_new_tokens needs {needed} blocks"
-            )
-        if len(set(blocks)) != len(blocks):
-            raise InvalidRequest(f"request {rid}: a block id appears twice")
-        bs = self.block_size
-        if spec.slots and any(s != blocks[p // bs] * bs + p % bs for p, s in enumerate(spec.slots)):
-            raise InvalidRequest(f"request {rid}: slots disagree with blocks")
-
-    def _admit(self, spec: RequestSpec, prompt: list[int]) -> RequestState:
-        blocks, owns = list(spec.blocks), False
-        if not blocks:  # shard-numbered (Warmup, a client without an allocator)
-            count = self._blocks_needed(len(prompt), spec)
-            blocks = self._unheld_free_blocks()[:count]
-            taken = set(blocks)
-            self.free_blocks = [b for b in self.free_blocks if b not in taken]
-            owns = True
-        stopping = StoppingCriteria(
-            max_new_tokens=spec.max_new_tokens,
-            stop_sequences=[s for s in spec.stop_sequences if s],
-            eos_token_ids=frozenset(self.model_spec.eos_token_ids),
-            ignore_eos=spec.ignore_eos,
-        )
-        return RequestState(
-            id=spec.id,
-            prompt_len=len(prompt),
-            all_ids=prompt,
-            blocks=blocks,
-            num_computed=spec.cache_len,
-            chunk_len=spec.chunk_len,
-            chooser=TokenChooser(spec.sampling, self.device),
-            stopping=stopping,
-            detokenizer=IncrementalDetokenizer(len(prompt)),
-            top_n_tokens=spec.top_n_tokens,
-            prefill_logprobs=spec.prefill_logprobs,
-            owns_blocks=owns,
-            prompt_logprobs=[float("nan")] * (spec.cache_len + 1) if spec.prefill_logprobs else [],
         )
 
     def check_fault(self) -> None:
@@ -488,9 +337,3 @@ class ShardEngine:
 
     def _step(self, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
         return run_step(self, batch, start_ns, concat_ns)
-
-
-def _refusal_message(request_id: int, exc: Exception) -> str:
-    if isinstance(exc, ShardError):
-        return str(exc)
-    return f"request {request_id}: its input could not be processed ({type(exc).__name__})"

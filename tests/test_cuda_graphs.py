@@ -72,7 +72,7 @@ def test_graph_replay_gives_the_eager_tokens_and_pads(tiny_model_dir):
     assert 4 in CountingGraph.replays
     graphs = graphed.graphs
     assert graphs.slots[3:].tolist() == [-1] and graphs.context[3:].tolist() == [1]
-    assert not graphed.batches and len(graphed.free_blocks) == graphed.kv.num_blocks - 1
+    assert not graphed.batches and len(graphed.admission.free_blocks) == graphed.kv.num_blocks - 1
 
 
 def test_padding_rows_write_no_kv(tiny_model_dir):

@@ -31,7 +31,7 @@ def test_batch_equals_alone(engine):
     together = run_to_end(engine, 1, [spec(i, p, ignore_eos=True) for i, p in enumerate(PROMPTS)])
     assert [together.tokens[i] for i in range(len(PROMPTS))] == alone
     assert not engine.batches
-    assert len(engine.free_blocks) == engine.kv.num_blocks - 1  # every block came back
+    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1  # every block came back
 
 
 def test_join_mid_flight_and_leave(engine):
@@ -60,7 +60,7 @@ def test_join_mid_flight_and_leave(engine):
     for i in (0, 2, 3):
         assert c.tokens[i] == alone[i]
     assert c.tokens[1] == alone[1][: len(c.tokens[1])]
-    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
 
 
 def test_chunked_prefill_equals_plain(engine):
@@ -186,7 +186,7 @@ def test_bad_call_is_a_clear_error_and_engine_keeps_serving(engine, make_call, e
     with pytest.raises(error, match=message):
         make_call(engine)
     engine.clear(None)
-    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
     assert run_to_end(engine, 5, [spec(5, PROMPTS[1], 2)]).finished[5].generated_tokens == 2
 
 
@@ -230,7 +230,7 @@ def test_a_bad_request_is_refused_alone_while_the_running_batch_goes_on(engine, 
     drive(engine, c, joined.batch)
     assert c.tokens[7] == expected and c.tokens[8] == expected_new
     assert not engine.batches
-    assert len(engine.free_blocks) == engine.kv.num_blocks - 1
+    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
 
 
 def test_a_prefill_whose_requests_are_all_refused_holds_nothing(engine):
@@ -254,7 +254,7 @@ def test_out_of_blocks_and_not_ready(tiny_model_dir):
     assert result.refused and all("free" in r.message for r in result.refused)
     assert len(result.refused) + len(result.batch.request_ids) == blocks
     engine.clear(None)
-    assert len(engine.free_blocks) == blocks - 1
+    assert len(engine.admission.free_blocks) == blocks - 1
     from common.config import ShardConfig
     from shard.engine import ShardEngine
 
@@ -284,4 +284,4 @@ def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_share
     reuse = engine.prefill(6, [spec(6, "hi", 4, blocks=[5])], None)
     assert not reuse.refused  # released with its request
     engine.clear(None)
-    assert not engine.claims.held
+    assert not engine.admission.claims.held
