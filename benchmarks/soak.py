@@ -14,7 +14,9 @@ import collections
 import json
 import random
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 from launched import launcher
@@ -133,23 +135,21 @@ def _metric(url: str, name: str) -> float:
     raise KeyError(name)
 
 
+def _soak_args(url: str, pids: dict[str, int], args) -> Coroutine[Any, Any, dict]:
+    """`run_soak` with the command line's settings (seed 0, at most an hour)."""
+    return run_soak(
+        url, args.requests, args.concurrency, args.cancel_fraction, 0, pids, 3600,
+        args.hostile_fraction,
+    )  # fmt: skip
+
+
 def launch_and_soak(args) -> dict:
     """Starts pytgi-launcher on the embedded model, soaks it, stops it with SIGTERM."""
     flags = ["--max-total-tokens", "512", "--max-input-tokens", "256", "--max-batch-prefill-tokens",
              "512", "--kv-cache-memory", "1GiB", "--max-concurrent-requests", "256"]  # fmt: skip
     with launcher(args.port, *flags) as server:
         pids = {role.split()[0]: pid for pid, role in child_roles(server.process.pid).items()}
-        soak = run_soak(
-            server.url,
-            args.requests,
-            args.concurrency,
-            args.cancel_fraction,
-            0,
-            pids,
-            3600,
-            args.hostile_fraction,
-        )
-        report = asyncio.run(soak)
+        report = asyncio.run(_soak_args(server.url, pids, args))
         time.sleep(1)
         report["kv_blocks_used_after"] = _metric(server.url, "pytgi_kv_blocks_used")
     report["launcher_exit_code"] = server.exit_code
@@ -172,18 +172,7 @@ def main() -> None:
         report = launch_and_soak(args)
     else:
         pids = {k: v for k, v in (("router", args.router_pid), ("shard", args.shard_pid)) if v}
-        report = asyncio.run(
-            run_soak(
-                args.url,
-                args.requests,
-                args.concurrency,
-                args.cancel_fraction,
-                0,
-                pids,
-                3600,
-                args.hostile_fraction,
-            )
-        )
+        report = asyncio.run(_soak_args(args.url, pids, args))
     print(json.dumps(report, indent=1))
 
 

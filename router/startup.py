@@ -86,6 +86,20 @@ async def _info_after_warmup(client: ShardedClient) -> ShardInfo:
         raise StartupError(f"Info after Warmup failed: {exc}") from exc
 
 
+def server_settings(config: RouterConfig) -> ServerSettings:
+    """The HTTP layer's part of the router's config."""
+    return ServerSettings(
+        model_id=config.model_id or Path(config.tokenizer_name).name,
+        max_concurrent_requests=config.max_concurrent_requests,
+        max_client_batch_size=config.max_client_batch_size,
+        api_key=config.api_key,
+        cors_allow_origin=config.cors_allow_origin,
+        payload_limit=config.payload_limit,
+        allowed_hosts=allowed_hosts(config.hostname, config.api_key),
+        client_timeout=config.client_timeout,
+    )
+
+
 async def build_state(config: RouterConfig) -> RouterState:
     """ServiceDiscovery, ClearCache, Info, Warmup; Warmup's capacity sets the KV budget."""
     tokenizer, template = load_tokenizer(config.tokenizer_name)
@@ -148,18 +162,8 @@ async def build_state(config: RouterConfig) -> RouterState:
         max_stop_sequences=config.max_stop_sequences,
         max_top_n_tokens=config.max_top_n_tokens,
     )
-    settings = ServerSettings(
-        model_id=config.model_id or Path(config.tokenizer_name).name,
-        max_concurrent_requests=config.max_concurrent_requests,
-        max_client_batch_size=config.max_client_batch_size,
-        api_key=config.api_key,
-        cors_allow_origin=config.cors_allow_origin,
-        payload_limit=config.payload_limit,
-        allowed_hosts=allowed_hosts(config.hostname, config.api_key),
-        client_timeout=config.client_timeout,
-    )
     return RouterState(
-        settings=settings,
+        settings=server_settings(config),
         validator=Validator(tokenizer, limits),
         scheduler=scheduler,
         metrics=metrics,
