@@ -22,15 +22,16 @@ class Holder(Protocol):
 class BlockClaims:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self._holders: defaultdict[int, list[Holder]] = defaultdict(list)
+        # block -> (holder, the block's index in the holder's blocks)
+        self._holders: defaultdict[int, list[tuple[Holder, int]]] = defaultdict(list)
 
     def add(self, request: Holder) -> None:
-        for block in request.blocks:
-            self._holders[block].append(request)
+        for index, block in enumerate(request.blocks):
+            self._holders[block].append((request, index))
 
     def remove(self, request: Holder) -> None:
         for block in request.blocks:
-            holders = [h for h in self._holders[block] if h is not request]
+            holders = [h for h in self._holders[block] if h[0] is not request]
             if holders:
                 self._holders[block] = holders
             else:
@@ -42,10 +43,10 @@ class BlockClaims:
         first_write = cache_len // self.block_size
         for block in blocks[first_write:]:
             if block in self._holders:
-                return f"KV block {block} is held by live request {self._holders[block][0].id}"
+                return f"KV block {block} is held by live request {self._holders[block][0][0].id}"
         for block in blocks[:first_write]:
-            for holder in self._holders.get(block, ()):
-                if holder.blocks.index(block) >= holder.num_computed // self.block_size:
+            for holder, index in self._holders.get(block, ()):
+                if index >= holder.num_computed // self.block_size:
                     return f"KV block {block} is still being written by request {holder.id}"
         return None
 
