@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# pytgi's GPU check: one script, under 6 minutes on one H100/H200 with no network.
+# pytgi's GPU check: one script, under 8 minutes on one H100/H200 with no network.
 #   bash benchmarks/gpu_check.sh OUT_DIR
 # Prepare first on the development machine: bash benchmarks/gpu_prepare.sh (its header
 # gives the device call). Steps, each time-boxed so a slow one cannot eat the rest:
 #   1. versions of what the machine has; carried wheels installed; stubs import
 #   2. random-weight models of real shapes: SmolLM2-135M, Llama-3.2-1B
-#   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields)
-#   4. decode step in-process: eager vs CUDA graphs vs transformers vs the HBM bound (1B)
+#   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields) and the
+#      fused layer kernels compiled (tests/test_fused_ops.py)
+#   4. decode step in-process: eager vs CUDA graphs (fused or torch element-wise ops) vs
+#      transformers vs the HBM bound (1B); then where a batch-1 step's time goes (profiler)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
 #   7. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
-# The whole script keeps to BUDGET seconds (default 340): a step gets at most its own limit
+# The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
 # Every output lands in OUT_DIR (log, JSON, Markdown summary); exit status 1 if a step failed
 # or was skipped.
@@ -24,7 +26,7 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 PYTGI_TEST_DEVICE=cuda PYTHONPATH=$PWD TOKENIZERS_PARALLELISM=false
 PY=${PY:-python3}
 MODELS=${MODELS:-/tmp/pytgi-models}
-BUDGET=${BUDGET:-340}
+BUDGET=${BUDGET:-460}
 source benchmarks/gpu_steps.sh  # step, left, check; FAILED and SKIPPED
 
 step versions
@@ -48,17 +50,21 @@ print("stubs import: ok")
 PYEOF
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "!!! the environment is not usable"; exit 1; }
 # What comes back from OUT is at most 8 files: versions.txt, gpu_check.log, gpu_tests.xml,
-# decode_1b.json, benchmark_1b.json, compare_1b.json, decode_8b.json, summary.md.
+# decode_1b.json, benchmark_1b.json, compare_1b.json, decode_8b.json, summary.md (the
+# profile's tables are in the log).
 
 check models 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
   --models smollm2-135m,llama-1b
 ls -la "$MODELS"/*
 
-check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest -m gpu -q \
-  -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT/gpu_tests.xml"
+check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest \
+  -m "gpu or not gpu" -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_ops.py \
+  --junitxml="$OUT/gpu_tests.xml"
 
 check decode-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 \
   --json "$OUT/decode_1b.json"
+
+check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
 
 if (( $(left) >= 60 )); then
   step "shard for pytgi-benchmark (1B)"
@@ -76,7 +82,7 @@ else
   step "benchmark skipped: $(left) s of the ${BUDGET} s budget left"; SKIPPED+=(benchmark)
 fi
 
-check compare 150 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --device cuda \
+check compare 200 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --device cuda \
   --dtype bfloat16 --workload varied --concurrency 64 --concurrency 1 --requests 64 --no-cb \
   --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 --json "$OUT/compare_1b.json"
 

@@ -1,5 +1,7 @@
-"""Decode step on a GPU, in one process: pytgi eager, pytgi with CUDA graphs, transformers,
-against the HBM bound (weight bytes / measured copy bandwidth).
+"""Decode step on a GPU, in one process: pytgi eager, pytgi with CUDA graphs, pytgi with CUDA
+graphs but the layer's element-wise steps as torch ops instead of the fused kernels
+(shard/models/fused.py), transformers, against the HBM bound (weight bytes / measured copy
+bandwidth).
 
 Mean milliseconds per `engine.decode` call (forward, sampling, detokenization) over
 `--steps` steps after a 128-token prompt; transformers: `generate` with a static batch of the
@@ -22,6 +24,7 @@ import torch
 from common.config import ShardConfig
 from shard.batch import RequestSpec
 from shard.engine import ShardEngine
+from shard.models.ops import LayerOps, TorchOps
 from shard.sampling import SamplingParams
 
 
@@ -83,13 +86,18 @@ def theirs(model, batch: list[list[int]], steps: int) -> float:
     return (run(steps + 1) - run(1)) / steps * 1000
 
 
-def engine_for(model_dir: Path, graphs: tuple[int, ...], device: str) -> ShardEngine:
+def engine_for(
+    model_dir: Path, graphs: tuple[int, ...], device: str, ops: LayerOps | None = None
+) -> ShardEngine:
     """On CUDA: Triton attention, graphs of the given sizes. On CPU (a smoke test of this
-    script): the reference backend, graphs through EagerGraph."""
+    script): the reference backend, graphs through EagerGraph. `ops`: the model's
+    element-wise ops, when not its device's default (set before the graphs are captured)."""
     config = ShardConfig(model_dir=str(model_dir), device=device, cuda_graphs=graphs,
                          attention="triton" if device == "cuda" else "reference",
                          cuda_memory_fraction=0.3, kv_cache_memory=256 << 20)  # fmt: skip
     engine = ShardEngine(config)
+    if ops is not None:
+        engine.model.ops = ops
     engine.warmup([], None, 2048, 1024)
     return engine
 
@@ -135,14 +143,14 @@ def main() -> None:
     release(eager)
     del eager
     release_memory()
-    graphed = engine_for(
-        args.model_dir, tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes})), args.device
-    )
-    for b in sizes:
-        rows[b]["graphs_ms"] = ours(graphed, prompts(b, 128, vocab), args.steps)
-    release(graphed)
-    del graphed  # its weights go before transformers' copy arrives
-    release_memory()
+    graph_sizes = tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes}))
+    for column, ops in [("graphs_ms", None), ("torch_ops_ms", TorchOps())]:
+        graphed = engine_for(args.model_dir, graph_sizes, args.device, ops)
+        for b in sizes:
+            rows[b][column] = ours(graphed, prompts(b, 128, vocab), args.steps)
+        release(graphed)
+        del graphed  # its weights go before the next copy arrives
+        release_memory()
     if not args.no_transformers:
         from transformers import AutoModelForCausalLM
 
@@ -157,14 +165,15 @@ def main() -> None:
         f"{args.model_dir.name} on {name}: weights {weight_bytes / 2**30:.2f} GiB, copy "
         f"bandwidth {bandwidth / 1e12:.2f} TB/s (read+write), HBM bound {bound_ms:.3f} ms/step",
         "",
-        "| batch | pytgi eager ms | pytgi CUDA graphs ms | transformers ms | graphs / bound |",
-        "|---:|---:|---:|---:|---:|",
+        "| batch | pytgi eager ms | pytgi CUDA graphs ms | graphs, torch ops ms | transformers ms "
+        "| graphs / bound |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for b in sizes:
         r = rows[b]
         hf_ms = f"{r['transformers_ms']:.3f}" if "transformers_ms" in r else "-"
         lines.append(
-            f"| {b} | {r['eager_ms']:.3f} | {r['graphs_ms']:.3f} | {hf_ms} | "
+            f"| {b} | {r['eager_ms']:.3f} | {r['graphs_ms']:.3f} | {r['torch_ops_ms']:.3f} | {hf_ms} | "
             f"{r['graphs_ms'] / bound_ms:.2f}x |"
         )
     print("\n".join(lines))

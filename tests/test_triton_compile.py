@@ -59,3 +59,16 @@ def test_write_kv_compiles(compiled, model, dtype):
     case = compiled[f"write_kv/{model}/{dtype}/sm_90"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("model", SHAPES)
+@pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm", "rotary", "silu_mul"])
+def test_layer_kernel_compiles(compiled, kernel, model, dtype, arch):
+    """The fused layer kernels (shard/models/fused.py): element-wise, no shared-memory tiles
+    beyond the norm's reduction."""
+    case = compiled[f"{kernel}/{model}/{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    assert case["shared"] <= SHARED_MEMORY_LIMIT

@@ -18,9 +18,12 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shard.attention import triton_kernels as tk  # noqa: E402
+from shard.models import fused  # noqa: E402
 
 # (heads, KV heads, head_dim) of the models gpu_check.sh runs
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}
+# (hidden, intermediate) of the same models, for the fused layer kernels
+LAYERS = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ARCHS = (90, 80)
 
@@ -131,7 +134,35 @@ def main() -> None:
             results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(
                 tk._write_kv_kernel, write_signature(pointer), constants, 90
             )
+            for arch in ARCHS:
+                results.update(compile_layer_kernels(model, name, pointer, head_dim, arch))
     print(json.dumps(results))
+
+
+def compile_layer_kernels(model: str, dtype: str, pointer: str, head_dim: int, arch: int):
+    """shard/models/fused.py's kernels at this model's sizes."""
+    hidden, inter = LAYERS[model]
+    norm = {
+        **dict.fromkeys(["x_ptr", "delta_ptr", "weight_ptr", "sum_ptr", "out_ptr"], pointer),
+        "eps": "fp32",
+        **dict.fromkeys(["stride_x", "stride_delta", "stride_sum", "stride_out"], "i32"),
+    }
+    rotary = {"x_ptr": pointer, "positions_ptr": "*i64", "cos_ptr": pointer,
+              "sin_ptr": pointer, "stride_token": "i32", "stride_head": "i32"}  # fmt: skip
+    silu = {"gate_up_ptr": pointer, "out_ptr": pointer, "stride_in": "i32", "stride_out": "i32"}
+    block = triton.next_power_of_2(hidden)
+    half = head_dim // 2
+    cases = {
+        "rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": False}),
+        "add_rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": True}),
+        "rotary": (fused._rotary_kernel, rotary,
+                   {"HALF": half, "BLOCK": triton.next_power_of_2(half)}),
+        "silu_mul": (fused._silu_mul_kernel, silu, {"INTER": inter, "BLOCK": fused.SILU_BLOCK}),
+    }  # fmt: skip
+    return {
+        f"{name}/{model}/{dtype}/sm_{arch}": compile_kernel(kernel, signature, constants, arch)
+        for name, (kernel, signature, constants) in cases.items()
+    }
 
 
 if __name__ == "__main__":

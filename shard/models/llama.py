@@ -18,6 +18,7 @@ from shard.attention import AttentionBackend
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
 from shard.models.linear import Linear
+from shard.models.ops import LayerOps, ops_for
 from shard.models.rope import Rotary
 from shard.parallel import Parallel
 from shard.spec import ModelSpec, check_parallel
@@ -43,8 +44,10 @@ class LlamaModel:
         parallel: Parallel,
         pack_linear: bool = True,
         gemv: bool = False,
+        ops: LayerOps | None = None,
     ) -> None:
         check_parallel(spec, parallel.world_size)
+        self.ops = ops if ops is not None else ops_for(device)
         self.spec = spec
         self.dtype = dtype
         self.device = device
@@ -129,13 +132,6 @@ class LlamaModel:
         )
 
     # ---- math ----
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """RMSNorm computed in float32, as Hugging Face's Llama does."""
-        eps = self.spec.rms_norm_eps
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), weight, eps)  # one fused op
-        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
             return F.embedding(input_ids, self.embed)
@@ -157,28 +153,32 @@ class LlamaModel:
 
         `meta` is `backend.prepare(...)` of this forward's layout. No host work happens
         here beyond launching ops, so a decode forward can be captured in a CUDA graph."""
-        cos, sin = self.rotary.tables(positions)  # [T, 1, D/2]
-        hidden = self._embed(input_ids)  # [T, hidden]
+        ops, eps = self.ops, self.spec.rms_norm_eps
+        rotary = ops.rotary_state(positions, self.rotary)
+        hidden = self._embed(input_ids)  # [T, hidden]: the residual stream
         num_q = self.num_heads * self.head_dim
         num_kv = self.num_kv_heads * self.head_dim
         num_tokens = input_ids.shape[0]
+        pending = None  # the last MLP's output, added to the residual by the next norm
         for index, layer in enumerate(self.layers):
-            x = self._norm(hidden, layer.input_norm)
+            if pending is None:
+                x = ops.norm(hidden, layer.input_norm, eps)
+            else:
+                hidden, x = ops.add_norm(hidden, pending, layer.input_norm, eps)
             qkv = layer.qkv(x)  # [T, (H + 2 KVH) D]
             qk, v = qkv.split([num_q + num_kv, num_kv], dim=-1)
-            qk = Rotary.apply(qk.view(num_tokens, -1, self.head_dim), cos, sin)  # q and k heads
+            qk = ops.rotate(qk.view(num_tokens, -1, self.head_dim), rotary)  # q and k heads
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.layer(index)
             backend.store_kv(k_cache, v_cache, k, v, meta)
             attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
             out = layer.o_proj(attn.reshape(num_tokens, num_q))
-            hidden = hidden + self.parallel.all_reduce(out)
-            x = self._norm(hidden, layer.post_norm)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            out = layer.down(F.silu(gate) * up)
-            hidden = hidden + self.parallel.all_reduce(out)
-        return self._norm(hidden, self.norm)
+            hidden, x = ops.add_norm(hidden, self.parallel.all_reduce(out), layer.post_norm, eps)
+            pending = self.parallel.all_reduce(layer.down(ops.silu_mul(layer.gate_up(x))))
+        if pending is None:
+            return ops.norm(hidden, self.norm, eps)
+        return ops.add_norm(hidden, pending, self.norm, eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] over the whole vocabulary."""
