@@ -73,7 +73,7 @@ class RouterConfig:
 
     master_shard_uds_path: str
     tokenizer_name: str
-    hostname: str = "127.0.0.1"
+    hostname: str = "0.0.0.0"  # as TGI: reachable in a container; warned of without a key
     port: int = 3000
     model_id: str | None = None  # name shown in /info and /v1/models; default: tokenizer dir
     max_concurrent_requests: int = 128

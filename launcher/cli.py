@@ -14,17 +14,23 @@ from common.config import defaults
 from common.logs import setup_logging
 from launcher.config import LauncherConfig, LaunchError
 from launcher.supervisor import Supervisor, check_port_free, resolve_model
+from launcher.tgi_flags import TgiCompatibleCommand
 
 LAUNCHER_DEFAULTS = defaults(LauncherConfig)
 
 
-def option(name: str, **kwargs):
+def option(name: str, *short: str, **kwargs):
     envvar = name.split("/")[0].lstrip("-").replace("-", "_").upper()  # on/off pair: the "on"
     kwargs.setdefault("show_default", True)
-    return click.option(name, envvar=envvar, show_envvar=True, **kwargs)
+    return click.option(name, *short, envvar=envvar, show_envvar=True, **kwargs)
 
 
-@click.command()
+@click.command(
+    cls=TgiCompatibleCommand,
+    epilog="TGI's flags that pytgi does not support stop the start with a message, also when "
+    "set as environment variables (QUANTIZE, REVISION, ...). --version prints the version; "
+    "-e/--env prints the environment.",
+)
 @option(
     "--model-id",
     default=None,
@@ -115,7 +121,11 @@ def option(name: str, **kwargs):
     "--hostname", default=LAUNCHER_DEFAULTS["hostname"], help="Address the HTTP server listens on."
 )
 @option(
-    "--port", type=int, default=LAUNCHER_DEFAULTS["port"], help="Port the HTTP server listens on."
+    "--port",
+    "-p",
+    type=int,
+    default=LAUNCHER_DEFAULTS["port"],
+    help="Port the HTTP server listens on.",
 )
 @option(
     "--shard-uds-path",
@@ -185,6 +195,7 @@ def option(name: str, **kwargs):
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",
+    "-g",
     type=float,
     default=LAUNCHER_DEFAULTS["graceful_termination_timeout"],
     help="Seconds running requests get after SIGTERM.",

@@ -208,7 +208,9 @@ class Supervisor:
 
     def _wait_router(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout
-        url = f"http://{self.config.hostname}:{self.config.port}/health"
+        hostname = self.config.hostname
+        host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(hostname, hostname)  # wildcards
+        url = f"http://{host}:{self.config.port}/health"
         while True:
             self._deadline_check(deadline, "the router")
             try:

@@ -12,12 +12,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router import openai_api, tgi_api
+from router import cloud_api, openai_api, tgi_api
 from router.core import HTTPError, RouterState, ServerSettings
 from router.validation import ValidationError
 
 log = logging.getLogger("router")
-OPEN_PATHS = {"/health", "/metrics", "/info", "/docs", "/openapi.json", "/docs/oauth2-redirect"}
+OPEN_PATHS = {
+    "/health", "/ping", "/metrics", "/info", "/docs", "/openapi.json", "/api-doc/openapi.json",
+    "/docs/oauth2-redirect",
+}  # fmt: skip
+# GET / is TGI's health check; POST / generates (and needs the key like every generation route)
+
+
+def _is_open(method: str, path: str) -> bool:
+    return path in OPEN_PATHS or (path == "/" and method == "GET")
 
 
 def error_response(status: int, error_type: str, message: str) -> JSONResponse:
@@ -64,7 +72,7 @@ class BodyGuard:
             return error_response(
                 421, "misdirected_request", "this server answers only to its loopback names"
             )
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        if self.api_key and not _is_open(scope["method"], scope["path"]):
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode(), self.api_key.encode()
@@ -183,6 +191,8 @@ def create_app(state: RouterState) -> FastAPI:
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
     @app.get("/health", summary="200 when every shard answers Health")
+    @app.get("/ping", summary="Health, as SageMaker asks for it")
+    @app.get("/", summary="Health (TGI answers GET / as /health)")
     async def health() -> Response:
         try:
             await state.scheduler.client.health()
@@ -197,8 +207,14 @@ def create_app(state: RouterState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/api-doc/openapi.json", include_in_schema=False)
+    async def openapi_document() -> JSONResponse:
+        """The OpenAPI document where TGI serves it (also at /openapi.json)."""
+        return JSONResponse(app.openapi())
+
     app.include_router(tgi_api.api)
     app.include_router(openai_api.api)
+    app.include_router(cloud_api.api)
     app.add_middleware(BodyGuard, settings=state.settings)
     if state.settings.cors_allow_origin:
         app.add_middleware(

@@ -14,7 +14,7 @@ from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
 from router.app import create_app
-from router.startup import StartupError, build_state
+from router.startup import StartupError, build_state, exposure_warning
 
 log = logging.getLogger("router")
 ROUTER_DEFAULTS = defaults(RouterConfig)
@@ -55,6 +55,9 @@ async def serve(config: RouterConfig) -> None:
 
     server.handle_exit = on_exit  # type: ignore[method-assign]
     log.info("router listening on http://%s:%d", config.hostname, config.port)
+    warning = exposure_warning(config.hostname, config.api_key)
+    if warning:
+        log.warning(warning)
     try:
         await server.serve()
     finally:

@@ -1,14 +1,16 @@
-"""OpenAI's HTTP API: /v1/chat/completions, /v1/completions, /v1/models."""
+"""OpenAI's HTTP API: /v1/chat/completions, /v1/completions, /v1/models; and TGI's
+/chat_tokenize (the chat template's prompt, tokenized)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from router.core import HTTPError, RouterState, collect_or_cancel, state_of
 from router.schemas import (
@@ -19,6 +21,7 @@ from router.schemas import (
 )
 from router.stops import StopMatcher, trim_at_stop
 from router.streaming import finite_or_none, sse, start_stream
+from router.tgi_api import tokenized_json
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidationError, ValidRequest
 
@@ -103,7 +106,8 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
-async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> ValidRequest:
+async def _templated(state: RouterState, body: ChatCompletionRequest) -> str:
+    """The chat request's prompt: its messages through the model's chat template."""
     if not body.messages:
         raise ValidationError("`messages` cannot be empty")
     if body.tools:
@@ -112,12 +116,29 @@ async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> Val
         raise ValidationError("`response_format` (grammar) is not supported by this server")
     if state.chat_template is None:
         raise ValidationError("this model has no chat template; use /v1/completions")
+    return await state.validator.run(state.chat_template.render, _messages(body))
+
+
+async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> ValidRequest:
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`top_logprobs` requires `logprobs` to be true")
     params = _parameters(body, body.max_completion_tokens or body.max_tokens, top_n)
-    prompt = await state.validator.run(state.chat_template.render, _messages(body))
+    prompt = await _templated(state, body)
     return await state.validator.validate(prompt, params, add_special_tokens=False)
+
+
+@api.post("/chat_tokenize", summary="The chat template's prompt for these messages, tokenized")
+async def chat_tokenize(request: Request, body: ChatCompletionRequest) -> Response:
+    """TGI's reply: `{"tokenize_response": [{id, text, start, stop}...], "templated_text"}`.
+    The template already holds the special tokens, so none are added."""
+    state = state_of(request)
+    async with state.slot():
+        prompt = await _templated(state, body)
+        validator = state.validator
+        tokens = await validator.run(tokenized_json, validator.tokenizer, prompt, False)
+    content = b'{"tokenize_response": ' + tokens + b', "templated_text": '
+    return Response(content + json.dumps(prompt).encode() + b"}", media_type="application/json")
 
 
 def _base(kind: str, state: RouterState, request_id: str) -> dict:
@@ -142,6 +163,14 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
             return _chat_stream(state, body, valid, request_id, stops)
 
         return await start_stream(state, make)
+    return JSONResponse(await run_chat(state, request, body, request_id))
+
+
+async def run_chat(
+    state: RouterState, request: Request, body: ChatCompletionRequest, request_id: str
+) -> dict:
+    """A non-streamed chat completion, as its JSON object."""
+    stops = _stops(body.stop)
     async with state.slot():
         valid = await _validate_chat(state, body)
         [generations] = await collect_or_cancel(state, request, [state.submit(valid)])
@@ -157,7 +186,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         }
     ]
     response["usage"] = _usage([valid], finished.generated_tokens)
-    return JSONResponse(response)
+    return response
 
 
 async def _chat_stream(

@@ -60,6 +60,16 @@ def allowed_hosts(hostname: str, api_key: str | None) -> tuple[str, ...]:
     return ()
 
 
+def exposure_warning(hostname: str, api_key: str | None) -> str | None:
+    """The start-up warning of a server that answers beyond this machine with no API key."""
+    if api_key is not None or hostname in LOOPBACK_NAMES:
+        return None
+    return (
+        f"listening on {hostname} without --api-key: anyone who can reach this port can "
+        "generate (set --api-key, or --hostname 127.0.0.1 to answer this machine only)"
+    )
+
+
 def _check_limits(config: RouterConfig, prefill_tokens: int, chunking: bool) -> None:
     if config.max_input_tokens is not None and config.max_total_tokens is not None:
         if config.max_input_tokens >= config.max_total_tokens:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -11,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router.core import HTTPError, RouterState, collect_or_cancel, state_of
+from router.entry import Entry
 from router.schemas import GenerateRequest, TokenizeRequest
 from router.streaming import finite_or_none, sse, start_stream
 from router.types import GenerationOut, TokenOut
@@ -56,8 +58,39 @@ async def _validated(state: RouterState, body: GenerateRequest) -> ValidRequest:
     return await state.validator.validate(body.inputs, body.parameters)
 
 
-async def run_generate(state: RouterState, request: Request, body: GenerateRequest) -> dict:
+def timing_headers(state: RouterState, inputs: str, entry: Entry, started: float,
+                   validated: float) -> dict[str, str]:  # fmt: skip
+    """TGI's x-* headers of a finished generation: times in milliseconds (x-compute-time in
+    seconds), measured from the handler's start (`started`, monotonic) and validation's end."""
+    assert entry.started_at is not None and entry.finished_at is not None
+    total = entry.finished_at - started
+    inference = entry.finished_at - entry.started_at
+    per_token = inference / entry.num_generated if entry.num_generated else 0.0
+
+    def ms(seconds: float) -> str:
+        return str(int(seconds * 1000))
+
+    return {
+        "x-compute-type": f"{state.num_shards}-{state.shard_info.device_type}",
+        "x-compute-time": f"{total:.6f}",
+        "x-compute-characters": str(len(inputs)),
+        "x-total-time": ms(total),
+        "x-validation-time": ms(validated - started),
+        "x-queue-time": ms(entry.started_at - entry.queued_at),
+        "x-inference-time": ms(inference),
+        "x-time-per-token": ms(per_token),
+        "x-prompt-tokens": str(entry.input_length),
+        "x-generated-tokens": str(entry.num_generated),
+    }
+
+
+async def run_generate(
+    state: RouterState, request: Request, body: GenerateRequest
+) -> tuple[dict, dict[str, str]]:
+    """The /generate reply and its timing headers (those of the best of `best_of` runs)."""
+    started = time.monotonic()
     valid = await _validated(state, body)
+    validated = time.monotonic()
     entries = [state.submit(valid)]
     for _ in range(valid.best_of - 1):  # best_of: more samples with their own seeds
         entries.append(state.submit(valid, replace(valid.params, seed=random.getrandbits(63))))
@@ -76,7 +109,7 @@ async def run_generate(state: RouterState, request: Request, body: GenerateReque
                 for i, r in enumerate(results)
                 if i != best
             ]
-    return response
+    return response, timing_headers(state, body.inputs, entries[best], started, validated)
 
 
 async def stream_events(
@@ -127,7 +160,8 @@ async def _tgi_stream(state: RouterState, body: GenerateRequest) -> StreamingRes
 async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
     state = state_of(request)
     async with state.slot():
-        return JSONResponse(await run_generate(state, request, body))
+        response, headers = await run_generate(state, request, body)
+    return JSONResponse(response, headers=headers)
 
 
 @api.post("/generate_stream", summary="Generate a stream of tokens (Server-Sent Events)")
@@ -141,10 +175,11 @@ async def compat_generate(request: Request, body: GenerateRequest):
     if body.stream:
         return await _tgi_stream(state, body)
     async with state.slot():
-        return JSONResponse([await run_generate(state, request, body)])
+        response, headers = await run_generate(state, request, body)
+    return JSONResponse([response], headers=headers)  # a list, as TGI's / answers
 
 
-def _tokenized_json(tokenizer, text: str, add_special_tokens: bool) -> bytes:
+def tokenized_json(tokenizer, text: str, add_special_tokens: bool) -> bytes:
     """The /tokenize reply, built in slices: json.dumps holds the GIL for its whole call, so
     one call over 400k tokens would stall the event loop for about half a second."""
     encoding = encode(tokenizer, text, add_special_tokens)
@@ -172,7 +207,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> Response:
     async with state.slot():
         validator = state.validator
         content = await validator.run(
-            _tokenized_json, validator.tokenizer, body.inputs, body.add_special_tokens
+            tokenized_json, validator.tokenizer, body.inputs, body.add_special_tokens
         )
     return Response(content, media_type="application/json")
 

@@ -81,7 +81,8 @@ def test_serve_generate_and_sigterm(tmp_path):
             timeout=60,
         )
         assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"]
-        assert "pytgi serving SmolLM2-135M-Instruct on http://127.0.0.1:" in log.read_text()
+        assert "pytgi serving SmolLM2-135M-Instruct on http://0.0.0.0:" in log.read_text()
+        assert "listening on 0.0.0.0 without --api-key" in log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         time.sleep(0.5)
@@ -166,14 +167,14 @@ def test_startup_errors_are_one_clear_paragraph(tmp_path, make_args, message):
 
 def test_port_in_use(tmp_path):
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
+        busy.bind(("0.0.0.0", 0))  # the default --hostname, as TGI's
         busy.listen()
         port = busy.getsockname()[1]
         result = subprocess.run(
             [*LAUNCHER, "--port", str(port)], capture_output=True, text=True, timeout=60
         )
     assert result.returncode == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "--port" in result.stderr
+    assert f"cannot listen on 0.0.0.0:{port}" in result.stderr and "--port" in result.stderr
 
 
 def test_flags_read_from_environment():

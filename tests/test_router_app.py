@@ -202,3 +202,12 @@ async def test_a_body_slower_than_the_client_timeout_is_408(client_for):
         "/generate", content=trickle(), headers={"content-type": "application/json"}
     )
     assert reply.status_code == 408 and reply.json()["error_type"] == "request_timeout"
+
+
+def test_a_server_beyond_loopback_without_a_key_is_warned_of():
+    from router.startup import exposure_warning
+
+    assert exposure_warning("0.0.0.0", None) is not None
+    assert "--api-key" in exposure_warning("10.1.2.3", None)
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
