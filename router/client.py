@@ -140,6 +140,7 @@ def _merge_steps(replies) -> StepOut:
         forward_ns=max(r.forward_ns for r in replies),
         decode_ns=max(r.decode_ns for r in replies),
         total_ns=max(r.total_ns for r in replies),
+        concat_ns=max((r.concat_ns for r in replies if r.HasField("concat_ns")), default=None),
         refused=refused,
     )
 

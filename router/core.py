@@ -87,6 +87,9 @@ class RouterState:
             self.release()
 
     def submit(self, valid: ValidRequest, params=None) -> Entry:
+        """Queues one run of `valid` (`params`: best_of's further runs, with their seeds)."""
+        if params is None:
+            self.metrics.on_validated(valid.validation_seconds, valid.params.max_new_tokens)
         entry = Entry(
             id=next(self._ids),
             inputs=valid.inputs,

@@ -76,6 +76,7 @@ class Metrics:
         self.batch_inference_count = Gauge(
             "tgi_batch_inference_count", "Steps run", ["method"], registry=r
         )
+        self._add_batch_outcomes(r)
         self.ttft = Histogram(
             "pytgi_request_time_to_first_token",
             "Seconds to first token",
@@ -83,6 +84,50 @@ class Metrics:
             registry=r,
         )
         self._add_cache_gauges(r)
+
+    def _add_batch_outcomes(self, r: CollectorRegistry) -> None:
+        """TGI's step outcomes, batch shapes and validation (its Grafana dashboard's panels)."""
+        self.batch_success = Gauge(
+            "tgi_batch_inference_success", "Steps that succeeded", ["method"], registry=r
+        )
+        self.batch_failure = Gauge(
+            "tgi_batch_inference_failure", "Steps that failed", ["method"], registry=r
+        )
+        self.filter_duration = Histogram(
+            "tgi_batch_filter_duration",
+            "FilterBatch seconds",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_concat = Gauge(
+            "tgi_batch_concat", "New requests joined to the running batch", ["reason"], registry=r
+        )
+        self.concat_duration = Histogram(
+            "tgi_batch_concat_duration",
+            "Shard seconds joining batches",
+            ["method"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.batch_max_total_tokens = Gauge(
+            "tgi_batch_max_total_tokens", "KV token budget of the running batch", registry=r
+        )
+        self.batch_next_size = Histogram(
+            "tgi_batch_next_size", "Requests per new prefill", buckets=_TOKEN_BUCKETS, registry=r
+        )
+        self.max_new_tokens = Histogram(
+            "tgi_request_max_new_tokens", "Requested max_new_tokens", buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.skipped_tokens = Histogram(
+            "tgi_request_skipped_tokens", "Tokens past the first per step (speculation)",
+            buckets=(0, 1, 2, 4, 8), registry=r,
+        )  # fmt: skip
+        self.validation_duration = Histogram(
+            "tgi_request_validation_duration", "Validation and tokenization seconds",
+            buckets=_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
 
     def _add_cache_gauges(self, r: CollectorRegistry) -> None:
         """pytgi's own: KV blocks, prefix cache, device memory (Info fields 100+)."""
@@ -123,6 +168,27 @@ class Metrics:
         self.decode_duration.labels(method).observe(step.decode_ns / 1e9)
         self.batch_inference_duration.labels(method).observe(seconds)
         self.batch_inference_count.labels(method).inc()
+        self.batch_success.labels(method).inc()
+        if step.concat_ns is not None:
+            self.concat_duration.labels(method).observe(step.concat_ns / 1e9)
+
+    def on_step_failure(self, method: str) -> None:
+        self.batch_inference_count.labels(method).inc()
+        self.batch_failure.labels(method).inc()
+
+    def on_new_batch(self, size: int, joins_running: bool, chunked: bool) -> None:
+        """A prefill of `size` new requests; joined to the running batch, it is a concat
+        (TGI's reasons: chunking, or backpressure when requests waited for room)."""
+        self.batch_next_size.observe(size)
+        if joins_running:
+            self.batch_concat.labels("chunking" if chunked else "backpressure").inc()
+
+    def on_filter(self, method: str, seconds: float) -> None:
+        self.filter_duration.labels(method).observe(seconds)
+
+    def on_validated(self, seconds: float, max_new_tokens: int) -> None:
+        self.validation_duration.observe(seconds)
+        self.max_new_tokens.observe(max_new_tokens)
 
     def on_batch(self, batch: CachedBatch | None, queue_size: int) -> None:
         self.batch_size.set(batch.size if batch else 0)
@@ -160,6 +226,7 @@ class Metrics:
             self.time_per_token.observe(inference / entry.num_generated)
         self.input_length.observe(entry.input_length)
         self.generated_tokens.observe(entry.num_generated)
+        self.skipped_tokens.observe(0)  # one token per request per step: nothing speculated
         if entry.first_token_at is not None:
             self.ttft.observe(entry.first_token_at - entry.queued_at)
 

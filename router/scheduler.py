@@ -62,6 +62,12 @@ class BatchingConfig:
 class SchedulerMetrics(Protocol):
     def on_step(self, method: str, step: StepOut, seconds: float) -> None: ...
 
+    def on_step_failure(self, method: str) -> None: ...
+
+    def on_new_batch(self, size: int, joins_running: bool, chunked: bool) -> None: ...
+
+    def on_filter(self, method: str, seconds: float) -> None: ...
+
     def on_batch(self, batch: CachedBatch | None, queue_size: int) -> None: ...
 
     def on_blocks(self, free: int, used: int) -> None: ...
@@ -83,6 +89,7 @@ class Scheduler:
         self.allocator = allocator
         self.config = config
         self.metrics = metrics
+        self._last_method = "prefill"  # the last step's RPC, labelling the filter after it
         self.queue = RequestQueue()
         self.running: dict[int, Entry] = {}  # request id -> entry, for the running batch
         self._wake = asyncio.Event()
@@ -164,12 +171,14 @@ class Scheduler:
         )
         if not admitted:
             return None
-        return await self._prefill(admitted, None)
+        return await self._prefill(admitted, None, joins_running=False)
 
     # ---- shard calls ----
     async def _prefill(
-        self, admitted: list[Admitted], cached: CachedBatch | None
+        self, admitted: list[Admitted], cached: CachedBatch | None, joins_running: bool = True
     ) -> CachedBatch | None:
+        """Prefill of `admitted`, merged with `cached` when given; `joins_running`: the new
+        requests join a running batch (in this call, or in the next Decode's merge)."""
         now = time.monotonic()
         requests = []
         for item in admitted:
@@ -194,6 +203,9 @@ class Scheduler:
         if cached is not None:
             involved += cached.request_ids
             batch_ids.append(cached.id)
+        if self.metrics:
+            chunked = any(item.chunk_len is not None for item in admitted)
+            self.metrics.on_new_batch(len(admitted), joins_running, chunked)
         call = self.client.prefill(batch_id, requests, cached)
         return await self._call("prefill", involved, batch_ids, call)
 
@@ -207,9 +219,12 @@ class Scheduler:
         self, method: str, involved: list[int], batch_ids: list[int], call
     ) -> CachedBatch | None:
         start = time.monotonic()
+        self._last_method = method
         try:
             step: StepOut = await call
         except Exception as exc:  # noqa: BLE001 - any shard failure fails this batch only
+            if self.metrics:
+                self.metrics.on_step_failure(method)
             self._fail_batch(involved, batch_ids, exc)
             return None
         if self.metrics:
@@ -256,7 +271,11 @@ class Scheduler:
             if not keep:
                 await self.client.clear_cache(batch.id)
                 return None
-            return await self.client.filter_batch(batch.id, keep)
+            start = time.monotonic()
+            kept = await self.client.filter_batch(batch.id, keep)
+            if self.metrics:  # labelled with the step whose results it filters, as TGI does
+                self.metrics.on_filter(self._last_method, time.monotonic() - start)
+            return kept
         except Exception as exc:  # noqa: BLE001
             self._fail_batch(keep, [batch.id], exc)
             return None

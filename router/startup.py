@@ -165,6 +165,7 @@ async def build_state(config: RouterConfig) -> RouterState:
     )
     metrics.on_blocks(num_blocks, 0)
     metrics.on_shard_info(info)
+    metrics.batch_max_total_tokens.set(total_budget)
     limits = Limits(
         max_input_tokens=warm.max_input_tokens,
         max_total_tokens=warm.max_total_tokens,

@@ -89,6 +89,7 @@ class StepOut:
     forward_ns: int = 0
     decode_ns: int = 0
     total_ns: int = 0
+    concat_ns: int | None = None  # shard time joining batches; None when none were joined
     # Prefill: new requests the shards refused (request id -> reason); the rest ran
     refused: dict[int, str] = field(default_factory=dict)
 

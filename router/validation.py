@@ -6,6 +6,7 @@ import asyncio
 import math
 import random
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ class ValidRequest:
     params: Params
     best_of: int
     input_ids: tuple[int, ...] = ()  # after truncation, as the shard will tokenize them
+    validation_seconds: float = 0.0  # checks and tokenization (tgi_request_validation_duration)
 
 
 def _check_range(name: str, value: float | None, low: float, high: float) -> None:
@@ -181,6 +183,7 @@ class Validator:
     async def validate(
         self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True
     ) -> ValidRequest:
+        started = time.monotonic()
         p, best_of = self._check_parameters(p)
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
@@ -218,4 +221,5 @@ class Validator:
             top_n_tokens=p.top_n_tokens or 0,
             add_special_tokens=add_special_tokens,
         )
-        return ValidRequest(inputs, input_length, params, best_of, tuple(ids))
+        seconds = time.monotonic() - started
+        return ValidRequest(inputs, input_length, params, best_of, tuple(ids), seconds)

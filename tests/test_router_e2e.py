@@ -208,6 +208,7 @@ def test_info_tokenize_metrics_docs(server):
     capacity = server.metric("pytgi_kv_cache_capacity_tokens")
     assert capacity == info["max_supported_total_tokens"]
     assert server.metric("pytgi_device_memory_total_bytes") == 0
+    assert server.metric("tgi_batch_max_total_tokens") == info["max_batch_total_tokens"] > 0
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/generate"]
     assert httpx.get(server.url + "/docs").status_code == 200
 
