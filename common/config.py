@@ -75,6 +75,7 @@ class RouterConfig:
     tokenizer_name: str
     hostname: str = "0.0.0.0"  # as TGI: reachable in a container; warned of without a key
     port: int = 3000
+    prometheus_port: int | None = None  # /metrics alone on this port too (TGI's 9000); None: off
     model_id: str | None = None  # name shown in /info and /v1/models; default: tokenizer dir
     max_concurrent_requests: int = 128
     max_best_of: int = 2

@@ -128,6 +128,12 @@ def option(name: str, *short: str, **kwargs):
     help="Port the HTTP server listens on.",
 )
 @option(
+    "--prometheus-port",
+    type=int,
+    default=LAUNCHER_DEFAULTS["prometheus_port"],
+    help="Also serve /metrics (alone) on this port, as TGI does on 9000 [default: off].",
+)
+@option(
     "--shard-uds-path",
     default=LAUNCHER_DEFAULTS["shard_uds_path"],
     help="Socket path prefix of the shards [default: in a private temporary directory].",

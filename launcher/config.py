@@ -38,6 +38,7 @@ class LauncherConfig:
     max_client_batch_size: int = _ROUTER["max_client_batch_size"]
     hostname: str = _ROUTER["hostname"]
     port: int = _ROUTER["port"]
+    prometheus_port: int | None = _ROUTER["prometheus_port"]
     shard_uds_path: str | None = None
     master_addr: str = _SHARD["master_addr"]
     master_port: int = _SHARD["master_port"]

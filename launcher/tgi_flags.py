@@ -31,7 +31,6 @@ UNSUPPORTED = {
     "--speculate": "speculative decoding is not supported",
     "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--trust-remote-code": "pytgi runs only its own model code",
-    "--prometheus-port": "/metrics is served on --port",
     "--huggingface-hub-cache": "models are not downloaded: pass a local --model-id",
     "--weights-cache-override": "pass the weights' directory as --model-id",
     "--disable-custom-kernels": "not supported yet (on CPU, --no-cpu-gemv turns off the "

@@ -226,4 +226,17 @@ def create_app(state: RouterState) -> FastAPI:
     return app
 
 
-__all__ = ["create_app", "error_response"]
+def create_metrics_app(metrics):
+    """The --prometheus-port server: GET /metrics, nothing else (no key, as on the API port)."""
+
+    async def app(scope, receive, send) -> None:
+        if scope["path"] == "/metrics" and scope["method"] in ("GET", "HEAD"):
+            response: Response = Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        else:
+            response = error_response(404, "not_found", "this port serves GET /metrics only")
+        await response(scope, receive, send)
+
+    return app
+
+
+__all__ = ["create_app", "create_metrics_app", "error_response"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import sys
+import threading
 
 import click
 import uvicorn
@@ -13,7 +15,7 @@ from common.config import RouterConfig, defaults
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
-from router.app import create_app
+from router.app import create_app, create_metrics_app
 from router.startup import StartupError, build_state, exposure_warning
 
 log = logging.getLogger("router")
@@ -54,6 +56,7 @@ async def serve(config: RouterConfig) -> None:
         loop.call_soon_threadsafe(lambda: asyncio.ensure_future(drain_then_exit()))
 
     server.handle_exit = on_exit  # type: ignore[method-assign]
+    metrics_server = start_metrics_server(state, config) if config.prometheus_port else None
     log.info("router listening on http://%s:%d", config.hostname, config.port)
     warning = exposure_warning(config.hostname, config.api_key)
     if warning:
@@ -62,10 +65,34 @@ async def serve(config: RouterConfig) -> None:
         await server.serve()
     finally:
         loop_task.cancel()
+        if metrics_server is not None:
+            metrics_server.should_exit = True
     if not server.started:
         raise StartupError(
             f"cannot listen on {config.hostname}:{config.port} (is the port in use?)"
         )
+
+
+def start_metrics_server(state, config: RouterConfig) -> uvicorn.Server:
+    """/metrics alone on --prometheus-port, served from a thread of its own (uvicorn takes
+    signals only in the main thread, where the API server drains on SIGTERM). The socket is
+    bound here, so a port in use fails the start at once."""
+    sock = socket.socket(socket.AF_INET6 if ":" in config.hostname else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.hostname.strip("[]"), config.prometheus_port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"cannot listen on {config.hostname}:{config.prometheus_port} for "
+            f"--prometheus-port: {exc.strerror}"
+        ) from exc
+    server = uvicorn.Server(
+        uvicorn.Config(create_metrics_app(state.metrics), log_level="warning", lifespan="off")
+    )
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", config.hostname, config.prometheus_port)
+    return server
 
 
 @click.command(context_settings={"show_default": True})
@@ -89,6 +116,12 @@ async def serve(config: RouterConfig) -> None:
 )
 @click.option("--hostname", default=ROUTER_DEFAULTS["hostname"], help="Address to listen on.")
 @click.option("--port", type=int, default=ROUTER_DEFAULTS["port"], help="Port to listen on.")
+@click.option(
+    "--prometheus-port",
+    type=int,
+    default=ROUTER_DEFAULTS["prometheus_port"],
+    help="Also serve /metrics (alone) on this port, as TGI does on 9000 [default: off].",
+)
 @click.option(
     "--max-concurrent-requests",
     type=int,

@@ -107,6 +107,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         uds = str(workdir / "shard")
         self.logs = workdir
+        self.metrics_port: int | None = None  # --prometheus-port, when the caller gives one
         self.shard = subprocess.Popen(
             [
                 sys.executable,
@@ -178,7 +179,13 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(smollm_dir, tmp_path_factory):
-    srv = Server(smollm_dir, tmp_path_factory.mktemp("server"))
+    metrics_port = free_port()
+    srv = Server(
+        smollm_dir,
+        tmp_path_factory.mktemp("server"),
+        router_args=("--prometheus-port", str(metrics_port)),
+    )
+    srv.metrics_port = metrics_port
     yield srv
     srv.stop()
 

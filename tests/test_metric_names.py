@@ -93,3 +93,37 @@ async def test_joins_filters_and_failed_steps_are_counted(client_for):  # noqa: 
     assert failed.status_code == 424
     text = (await client.get("/metrics")).text
     assert _value(text, 'tgi_batch_inference_failure{method="decode"}') == 1
+
+
+async def test_the_prometheus_port_app_serves_metrics_only():
+    import httpx
+
+    from router.app import create_metrics_app
+    from router.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.request_count.inc()
+    transport = httpx.ASGITransport(app=create_metrics_app(metrics))
+    async with httpx.AsyncClient(transport=transport, base_url="http://m") as client:
+        reply = await client.get("/metrics")
+        assert reply.status_code == 200 and "tgi_request_count 1.0" in reply.text
+        assert (await client.get("/health")).status_code == 404
+        assert (await client.post("/metrics", json={})).status_code == 404
+
+
+def test_a_prometheus_port_in_use_fails_the_start():
+    import socket
+
+    import pytest
+
+    from common.config import RouterConfig
+    from router.cli import start_metrics_server
+    from router.startup import StartupError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = RouterConfig("uds", "tok", hostname="127.0.0.1", prometheus_port=port)
+        with pytest.raises(StartupError, match=f"127.0.0.1:{port} for --prometheus-port"):
+            start_metrics_server(None, config)

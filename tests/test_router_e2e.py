@@ -209,6 +209,10 @@ def test_info_tokenize_metrics_docs(server):
     assert capacity == info["max_supported_total_tokens"]
     assert server.metric("pytgi_device_memory_total_bytes") == 0
     assert server.metric("tgi_batch_max_total_tokens") == info["max_batch_total_tokens"] > 0
+    # --prometheus-port: the same registry alone on its own port (TGI serves it on 9000)
+    alone = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics")
+    assert alone.status_code == 200 and "tgi_batch_max_total_tokens" in alone.text
+    assert httpx.get(f"http://127.0.0.1:{server.metrics_port}/generate").status_code == 404
     assert httpx.get(server.url + "/openapi.json").json()["paths"]["/generate"]
     assert httpx.get(server.url + "/docs").status_code == 200
 
