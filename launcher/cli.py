@@ -128,6 +128,12 @@ def option(name: str, *short: str, **kwargs):
     help="Port the HTTP server listens on.",
 )
 @option(
+    "--validation-workers",
+    type=click.IntRange(min=1),
+    default=LAUNCHER_DEFAULTS["validation_workers"],
+    help="Router threads that tokenize prompts and render chat templates.",
+)
+@option(
     "--prometheus-port",
     type=int,
     default=LAUNCHER_DEFAULTS["prometheus_port"],

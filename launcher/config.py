@@ -36,6 +36,7 @@ class LauncherConfig:
     max_waiting_tokens: int = _ROUTER["max_waiting_tokens"]
     max_batch_size: int | None = _ROUTER["max_batch_size"]
     max_client_batch_size: int = _ROUTER["max_client_batch_size"]
+    validation_workers: int = _ROUTER["validation_workers"]
     hostname: str = _ROUTER["hostname"]
     port: int = _ROUTER["port"]
     prometheus_port: int | None = _ROUTER["prometheus_port"]

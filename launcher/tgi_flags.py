@@ -24,7 +24,6 @@ VERSION = "0.1.0"
 # flag -> what to do instead (each flag takes a value unless listed in _SWITCHES)
 UNSUPPORTED = {
     "--revision": "pytgi serves a local model directory: check the revision out there",
-    "--validation-workers": "tokenization runs in the router's worker pool, not configurable yet",
     "--sharded": "use --num-shard",
     "--quantize": "quantized weights are not supported yet (the model would load unquantized, "
     "at several times the memory planned)",

@@ -195,6 +195,12 @@ def start_metrics_server(state, config: RouterConfig) -> uvicorn.Server:
     help="Most prompts in one /v1/completions request.",
 )
 @click.option(
+    "--validation-workers",
+    type=click.IntRange(min=1),
+    default=ROUTER_DEFAULTS["validation_workers"],
+    help="Threads that tokenize prompts and render chat templates.",
+)
+@click.option(
     "--api-key",
     default=ROUTER_DEFAULTS["api_key"],
     envvar="API_KEY",

@@ -175,7 +175,7 @@ async def build_state(config: RouterConfig) -> RouterState:
     )
     return RouterState(
         settings=server_settings(config),
-        validator=Validator(tokenizer, limits),
+        validator=Validator(tokenizer, limits, config.validation_workers),
         scheduler=scheduler,
         metrics=metrics,
         shard_info=info,

@@ -229,7 +229,7 @@ async def info(request: Request) -> JSONResponse:
             "max_input_tokens": lim.max_input_tokens,
             "max_total_tokens": lim.max_total_tokens,
             "max_client_batch_size": s.max_client_batch_size,
-            "validation_workers": 2,
+            "validation_workers": state.validator.workers,
             "router": "pytgi-router",
             "version": "0.1.0",
             "sha": None,

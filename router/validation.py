@@ -93,6 +93,7 @@ class Validator:
     def __init__(self, tokenizer: Tokenizer, limits: Limits, workers: int = 2) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
     async def run(self, fn, *args):

@@ -257,7 +257,7 @@ def _unusual_value(param):
                "max_input_tokens": 100, "max_total_tokens": 200, "max_batch_total_tokens": 400}  # fmt: skip
     if param.name in special:
         return special[param.name]
-    if param.type.name == "integer":
+    if param.type.name in ("integer", "integer range"):
         return 7
     if param.type.name == "float":
         return 2.5

@@ -211,3 +211,10 @@ def test_a_server_beyond_loopback_without_a_key_is_warned_of():
     assert "--api-key" in exposure_warning("10.1.2.3", None)
     assert exposure_warning("0.0.0.0", "k") is None
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+
+
+async def test_info_reports_the_validation_workers(client_for):
+    state, client = await client_for()
+    state.validator = Validator(state.validator.tokenizer, state.validator.limits, workers=3)
+    assert (await client.get("/info")).json()["validation_workers"] == 3
+    assert state.validator._pool._max_workers == 3
