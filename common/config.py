@@ -45,6 +45,8 @@ class ShardConfig:
     # PEM files: the TCP port (multi-node) speaks TLS with this certificate; None: plaintext
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
+    otlp_endpoint: str | None = None  # OTLP gRPC collector for traces; None: no tracing
+    otlp_service_name: str = "pytgi.shard"
 
     @property
     def socket_path(self) -> str:
@@ -100,6 +102,8 @@ class RouterConfig:
     prefix_caching: bool = True  # effective only when the shards report use_prefix_caching
     client_timeout: float = 60.0  # a body slower than this, or a reply unread this long, ends
     max_connections: int | None = None  # open HTTP connections; None: see connection_limit
+    otlp_endpoint: str | None = None  # OTLP gRPC collector for traces; None: no tracing
+    otlp_service_name: str = "pytgi.router"
 
     @property
     def connection_limit(self) -> int:

@@ -134,6 +134,17 @@ def option(name: str, *short: str, **kwargs):
     help="Router threads that tokenize prompts and render chat templates.",
 )
 @option(
+    "--otlp-endpoint",
+    default=LAUNCHER_DEFAULTS["otlp_endpoint"],
+    help="OTLP gRPC collector (e.g. http://127.0.0.1:4317): the router's and the shards' "
+    "spans, one trace context across them [default: no tracing].",
+)
+@option(
+    "--otlp-service-name",
+    default=LAUNCHER_DEFAULTS["otlp_service_name"],
+    help="Service name of the router's spans (the shards': its stem + .shard).",
+)
+@option(
     "--prometheus-port",
     type=int,
     default=LAUNCHER_DEFAULTS["prometheus_port"],

@@ -40,6 +40,8 @@ class LauncherConfig:
     hostname: str = _ROUTER["hostname"]
     port: int = _ROUTER["port"]
     prometheus_port: int | None = _ROUTER["prometheus_port"]
+    otlp_endpoint: str | None = _ROUTER["otlp_endpoint"]
+    otlp_service_name: str = _ROUTER["otlp_service_name"]  # the shards': its stem + ".shard"
     shard_uds_path: str | None = None
     master_addr: str = _SHARD["master_addr"]
     master_port: int = _SHARD["master_port"]

@@ -115,6 +115,9 @@ class Supervisor:
             args.append("--no-prefix-caching")
         if not c.cpu_gemv:
             args.append("--no-cpu-gemv")
+        if c.otlp_endpoint:
+            service = c.otlp_service_name.removesuffix(".router") + ".shard"
+            args += ["--otlp-endpoint", c.otlp_endpoint, "--otlp-service-name", service]
         return args + (["--json-output"] if c.json_output else [])
 
     def router_config(self) -> RouterConfig:

@@ -36,8 +36,6 @@ UNSUPPORTED = {
     "single-row kernel)",
     "--rope-scaling": "the model's config.json rope_scaling is used",
     "--rope-factor": "the model's config.json rope_scaling is used",
-    "--otlp-endpoint": "OpenTelemetry tracing is not supported yet",
-    "--otlp-service-name": "OpenTelemetry tracing is not supported yet",
     "--watermark-gamma": "watermarking is not supported",
     "--watermark-delta": "watermarking is not supported",
     "--ngrok": "ngrok tunnels are not supported",

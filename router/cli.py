@@ -15,6 +15,7 @@ from common.config import RouterConfig, defaults
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
+from common.tracing import setup_tracing
 from router.app import create_app, create_metrics_app
 from router.startup import StartupError, build_state, exposure_warning
 
@@ -241,6 +242,16 @@ def start_metrics_server(state, config: RouterConfig) -> uvicorn.Server:
     default=ROUTER_DEFAULTS["max_connections"],
     help="Open HTTP connections before 503 [default: 4 x --max-concurrent-requests + 64].",
 )
+@click.option(
+    "--otlp-endpoint",
+    default=ROUTER_DEFAULTS["otlp_endpoint"],
+    help="OTLP gRPC collector (e.g. http://127.0.0.1:4317) for traces [default: none].",
+)
+@click.option(
+    "--otlp-service-name",
+    default=ROUTER_DEFAULTS["otlp_service_name"],
+    help="Service name of the router's spans.",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's and OpenAI's HTTP APIs over the shards at --master-shard-uds-path."""
@@ -248,6 +259,7 @@ def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     try:
         options["master_shard_uds_path"] = options["master_shard_uds_path"] or default_uds_path()
         config = RouterConfig(cors_allow_origin=tuple(cors_allow_origin), **options)
+        setup_tracing(config.otlp_service_name, config.otlp_endpoint)
         asyncio.run(serve(config))
     except (StartupError, UnsafeDirectory) as exc:
         log.error("%s", exc)

@@ -13,6 +13,7 @@ import grpc
 
 from common.pb import pb, pb_grpc
 from common.rpc import MESSAGE_OPTIONS, secret_metadata
+from common.tracing import context_metadata
 from router.types import (
     CachedBatch,
     FinishedOut,
@@ -186,9 +187,10 @@ class ShardedClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def _all(self, method: str, message, timeout: float | None = None, **options) -> list:
+        metadata = (self._metadata or ()) + context_metadata() or None  # secret, traceparent
         return await asyncio.gather(
             *(
-                getattr(s, method)(message, timeout=timeout, metadata=self._metadata, **options)
+                getattr(s, method)(message, timeout=timeout, metadata=metadata, **options)
                 for s in self._stubs
             )
         )

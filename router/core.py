@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from common.config import RouterConfig, defaults
+from common.tracing import epoch_ns
 from router.chat import ChatTemplate
 from router.entry import Entry, Failure
 from router.metrics import Metrics
@@ -91,6 +95,7 @@ class RouterState:
         if params is None:
             self.metrics.on_validated(valid.validation_seconds, valid.params.max_new_tokens)
         entry = Entry(
+            span_context=trace.get_current_span().get_span_context(),
             id=next(self._ids),
             inputs=valid.inputs,
             input_length=valid.input_length,
@@ -110,11 +115,13 @@ class RouterState:
                 if isinstance(event, Failure):
                     self.metrics.on_failure(event.error_type)
                     finished = True
+                    record_request_spans(entry, event.error_type)
                     raise HTTPError.from_failure(event)
                 yield event
                 if event.finished is not None:
                     finished = True
                     self.metrics.on_success(entry)
+                    record_request_spans(entry, None)
                     return
         finally:
             if not finished:
@@ -123,6 +130,27 @@ class RouterState:
 
     async def collect(self, entry: Entry) -> list[GenerationOut]:
         return [g async for g in self.stream(entry)]
+
+
+_tracer = trace.get_tracer("pytgi.router")
+
+
+def record_request_spans(entry: Entry, error_type: str | None) -> None:
+    """The request's time in the queue and in batches, as child spans of its HTTP span
+    (stamped afterwards from the entry's timings)."""
+    if not entry.span_context or not entry.span_context.is_valid:
+        return
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(entry.span_context))
+    end = entry.finished_at or time.monotonic()
+    started = entry.started_at or end
+    for name, start, stop in (("queue", entry.queued_at, started), ("infer", started, end)):
+        span = _tracer.start_span(name, context=parent, start_time=epoch_ns(start))
+        span.set_attribute("request_id", entry.id)
+        if name == "infer":
+            span.set_attribute("generated_tokens", entry.num_generated)
+            if error_type is not None:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error_type))
+        span.end(end_time=epoch_ns(stop))
 
 
 async def until_disconnected(request, poll_seconds: float = 0.1) -> None:

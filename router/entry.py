@@ -6,6 +6,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from router.types import GenerationOut, Params
 
@@ -42,6 +43,8 @@ class Entry:
     first_token_at: float | None = None
     finished_at: float | None = None
     num_generated: int = 0
+    # the HTTP request's span (tracing): parent of its queue/infer spans, linked from batches
+    span_context: Any = None
     # Stream of GenerationOut, ended by one whose `finished` is set or by a Failure.
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 

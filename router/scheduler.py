@@ -21,12 +21,15 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry import trace
+
 from common.allocator import BlockAllocator
 from router.entry import Entry, Failure
 from router.queue import Admitted, RequestQueue
 from router.types import CachedBatch, ShardRequest, StepOut
 
 log = logging.getLogger("router")
+_tracer = trace.get_tracer("pytgi.router")  # batch spans, linked to their requests' spans
 GENERATION_FAILED = "Request failed during generation; the server log has the details"
 LIVENESS_WAIT_SECONDS = 60.0  # a /health after a failure waits at most this for the loop
 
@@ -220,8 +223,15 @@ class Scheduler:
     ) -> CachedBatch | None:
         start = time.monotonic()
         self._last_method = method
+        links = [
+            trace.Link(e.span_context)
+            for i in involved
+            if (e := self.running.get(i)) is not None and e.span_context and e.span_context.is_valid
+        ]
         try:
-            step: StepOut = await call
+            with _tracer.start_as_current_span(method, links=links) as span:
+                span.set_attribute("batch_size", len(involved))
+                step: StepOut = await call  # the client carries this span's context
         except Exception as exc:  # noqa: BLE001 - any shard failure fails this batch only
             if self.metrics:
                 self.metrics.on_step_failure(method)

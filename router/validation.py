@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from opentelemetry import trace
 from tokenizers import Tokenizer
 
 from router.schemas import GenerateParameters
@@ -87,6 +88,9 @@ def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool):
 
 
 FLOAT_FIELDS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+
+
+_tracer = trace.get_tracer("pytgi.router")
 
 
 class Validator:
@@ -183,6 +187,12 @@ class Validator:
 
     async def validate(
         self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True
+    ) -> ValidRequest:
+        with _tracer.start_as_current_span("validation"):
+            return await self._validate(inputs, p, add_special_tokens)
+
+    async def _validate(
+        self, inputs: str, p: GenerateParameters, add_special_tokens: bool
     ) -> ValidRequest:
         started = time.monotonic()
         p, best_of = self._check_parameters(p)

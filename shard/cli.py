@@ -12,6 +12,7 @@ from common.config import DEFAULT_GRAPH_SIZES, ShardConfig, defaults, parse_batc
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
+from common.tracing import setup_tracing
 from shard.errors import ShardError
 from shard.memory import parse_size
 
@@ -183,6 +184,16 @@ def main() -> None:
     hidden=True,
     help="Test-only: a forward raises (once) while this file exists.",
 )
+@click.option(
+    "--otlp-endpoint",
+    default=SHARD_DEFAULTS["otlp_endpoint"],
+    help="OTLP gRPC collector (e.g. http://127.0.0.1:4317) for traces [default: none].",
+)
+@click.option(
+    "--otlp-service-name",
+    default=SHARD_DEFAULTS["otlp_service_name"],
+    help="Service name of this shard's spans.",
+)
 @click.option("--json-output", is_flag=True, help="Log JSON lines instead of text.")
 def serve(
     model_dir: str, json_output: bool, kv_cache_memory: str | None, dist_timeout: float, **options
@@ -201,6 +212,7 @@ def serve(
         from shard.server import engine_thread
         from shard.server import serve as serve_async
 
+        setup_tracing(options["otlp_service_name"], options["otlp_endpoint"])
         options["uds_path"] = options["uds_path"] or default_uds_path()
         local_rank = int(os.environ.get("LOCAL_RANK", options["rank"]))
         options["device"] = resolve_device(options["device"], local_rank)

@@ -19,15 +19,18 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
 from common.config import ShardConfig
 from common.pb import pb, pb_grpc
 from common.rpc import MESSAGE_OPTIONS, SECRET_HEADER
+from common.tracing import context_from_metadata
 from shard import convert
 from shard.engine import ShardEngine
 from shard.errors import ShardError
 
 log = logging.getLogger("shard")
+_tracer = trace.get_tracer("pytgi.shard")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -56,6 +59,40 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         )
 
 
+class TraceInterceptor(grpc.aio.ServerInterceptor):
+    """A server span per call, the child of the caller's span sent in its metadata (the
+    router's batch span). Installed only when this shard exports traces."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        inner = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        parent = context_from_metadata(handler_call_details.invocation_metadata)
+
+        async def traced(request, context):
+            with _tracer.start_as_current_span(
+                method, context=parent, kind=trace.SpanKind.SERVER
+            ) as span:
+                if method in ("Prefill", "Decode"):
+                    span.set_attribute("batch_size", _batch_size(request))
+                return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            traced,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _batch_size(request) -> int:
+    if hasattr(request, "batches"):  # Decode
+        return sum(b.size for b in request.batches)
+    cached = request.cached_batch.size if request.HasField("cached_batch") else 0
+    return request.batch.size + cached
+
+
 class SecretInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call that does not carry the shards' secret (UNAUTHENTICATED) before
     its message is read: without it, anyone reaching a shard port could read other users'
@@ -79,10 +116,14 @@ async def _deny(request, context) -> None:
 _DENIED = grpc.unary_unary_rpc_method_handler(_deny)
 
 
-def build_server(service: TextGenerationService, secret: str | None) -> grpc.aio.Server:
-    """A gRPC server for `service`: message limits lifted, the secret checked when set,
-    exceptions turned into statuses."""
+def build_server(
+    service: TextGenerationService, secret: str | None, tracing: bool = False
+) -> grpc.aio.Server:
+    """A gRPC server for `service`: message limits lifted, the secret checked when set, a
+    span per call when tracing, exceptions turned into statuses (outermost first)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
+    if tracing:
+        interceptors.insert(0, TraceInterceptor())
     if secret:
         interceptors.insert(0, SecretInterceptor(secret))
     server = grpc.aio.server(interceptors=interceptors, options=list(MESSAGE_OPTIONS))
@@ -176,7 +217,8 @@ async def serve(
     """Serves until SIGTERM or SIGINT, then stops and removes the socket file. `urls` are
     every rank's advertised URLs, returned by ServiceDiscovery; `worker` is the thread the
     engine was built on."""
-    server = build_server(TextGenerationService(engine, config, urls, worker), config.secret)
+    service = TextGenerationService(engine, config, urls, worker)
+    server = build_server(service, config.secret, tracing=config.otlp_endpoint is not None)
     _remove_socket(config.socket_path)  # a stale file from a killed run
     server.add_insecure_port(config.url)  # in a directory only this user can enter
     if config.tcp_address is not None:

@@ -238,6 +238,7 @@ RENAMED = {
     "shard_tls_cert": [("shard", "tls_cert_file")],
     "shard_tls_key": [("shard", "tls_key_file")],
     "shard_tls_ca": [("router", "shard_tls_ca_file")],
+    "otlp_service_name": [("router", "otlp_service_name")],  # the shards': see below
     "prefix_caching": [("shard", "use_prefix_caching"), ("router", "prefix_caching")],
 }
 
@@ -310,6 +311,21 @@ def test_every_launcher_flag_reaches_its_process_with_its_value(tmp_path, monkey
         else:
             got_ok = got == value or str(got) == str(value)
         assert got_ok, (name, child, child_name, got, value)
+
+
+def test_shards_trace_under_the_routers_service_name_stem(tmp_path):
+    from launcher.config import LauncherConfig
+    from launcher.supervisor import Supervisor
+    from shard.cli import serve
+
+    for name, expected in (("pytgi.router", "pytgi.shard"), ("my-llm", "my-llm.shard")):
+        config = LauncherConfig(
+            str(tmp_path), otlp_endpoint="http://c:4317", otlp_service_name=name
+        )
+        args = Supervisor(config, tmp_path)._shard_args()
+        parsed = _parse(serve, args[args.index("serve") + 1 :])
+        assert parsed["otlp_service_name"] == expected
+        assert parsed["otlp_endpoint"] == "http://c:4317"
 
 
 def test_no_cpu_gemv_starts(tiny_model_dir, tmp_path):
