@@ -32,6 +32,8 @@ class ShardConfig:
     cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs (CUDA only)
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
     cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
+    # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
+    disable_custom_kernels: bool = False
     use_prefix_caching: bool = True  # reported by Info; the router shares cached prefixes
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address

@@ -215,6 +215,12 @@ def option(name: str, *short: str, **kwargs):
     default=LAUNCHER_DEFAULTS["cpu_gemv"],
     help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
 )
+@option(
+    "--disable-custom-kernels",
+    is_flag=True,
+    help="PyTorch's ops only in the shards: no C++ GEMV, no Triton kernels (attention auto "
+    "becomes reference on CPU, sdpa on CUDA).",
+)
 @option("--json-output", is_flag=True, help="Log JSON lines.")
 @option(
     "--graceful-termination-timeout",

@@ -50,6 +50,7 @@ class LauncherConfig:
     attention: str = _SHARD["attention"]
     cuda_graphs: str = DEFAULT_GRAPH_SIZES
     cpu_gemv: bool = _SHARD["cpu_gemv"]
+    disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
     kv_cache_memory: str | None = _SHARD["kv_cache_memory"]
     api_key: str | None = _ROUTER["api_key"]
     cors_allow_origin: tuple[str, ...] = _ROUTER["cors_allow_origin"]

@@ -115,6 +115,8 @@ class Supervisor:
             args.append("--no-prefix-caching")
         if not c.cpu_gemv:
             args.append("--no-cpu-gemv")
+        if c.disable_custom_kernels:
+            args.append("--disable-custom-kernels")
         if c.otlp_endpoint:
             service = c.otlp_service_name.removesuffix(".router") + ".shard"
             args += ["--otlp-endpoint", c.otlp_endpoint, "--otlp-service-name", service]

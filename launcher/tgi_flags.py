@@ -32,8 +32,6 @@ UNSUPPORTED = {
     "--trust-remote-code": "pytgi runs only its own model code",
     "--huggingface-hub-cache": "models are not downloaded: pass a local --model-id",
     "--weights-cache-override": "pass the weights' directory as --model-id",
-    "--disable-custom-kernels": "not supported yet (on CPU, --no-cpu-gemv turns off the "
-    "single-row kernel)",
     "--rope-scaling": "the model's config.json rope_scaling is used",
     "--rope-factor": "the model's config.json rope_scaling is used",
     "--watermark-gamma": "watermarking is not supported",
@@ -44,7 +42,7 @@ UNSUPPORTED = {
     "--tokenizer-config-path": "the model directory's tokenizer_config.json is used",
     "--lora-adapters": "LoRA adapters are not supported",
 }
-_SWITCHES = {"--trust-remote-code", "--disable-custom-kernels", "--ngrok"}
+_SWITCHES = {"--trust-remote-code", "--ngrok"}
 # flag -> why setting it changes nothing (a switch, or a value that is already the case)
 ALREADY = {
     "--disable-grammar-support": "pytgi has no grammar support to disable",

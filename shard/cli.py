@@ -185,6 +185,11 @@ def main() -> None:
     help="Test-only: a forward raises (once) while this file exists.",
 )
 @click.option(
+    "--disable-custom-kernels",
+    is_flag=True,
+    help="PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels.",
+)
+@click.option(
     "--otlp-endpoint",
     default=SHARD_DEFAULTS["otlp_endpoint"],
     help="OTLP gRPC collector (e.g. http://127.0.0.1:4317) for traces [default: none].",

@@ -30,6 +30,7 @@ from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
 from shard.models.llama import LlamaModel
+from shard.models.ops import TorchOps
 from shard.parallel import Parallel
 from shard.spec import check_tokenizer, read_spec
 from shard.step import run_step
@@ -61,6 +62,24 @@ class WarmupResult:
     max_total_tokens: int
 
 
+PLAIN_BACKENDS = ("reference", "sdpa")  # PyTorch ops only
+
+
+def _backend_name(attention: str, device_type: str, plain: bool) -> str:
+    """The attention backend; with --disable-custom-kernels, auto picks a PyTorch one and a
+    Triton or flash-attn choice is refused."""
+    if not plain:
+        return resolve_backend_name(attention, device_type)
+    if attention == "auto":
+        return "sdpa" if device_type == "cuda" else "reference"
+    if attention not in PLAIN_BACKENDS:
+        raise InvalidRequest(
+            f"--attention {attention} uses custom kernels, which --disable-custom-kernels "
+            f"turns off; choose {' or '.join(PLAIN_BACKENDS)}"
+        )
+    return attention
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -81,7 +100,8 @@ class ShardEngine:
         self.special_ids = {
             i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special
         }
-        self.backend = get_backend(resolve_backend_name(config.attention, self.device.type))
+        plain = config.disable_custom_kernels
+        self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
         self.model = LlamaModel(
             self.model_spec,
             WeightStore(config.model_dir),
@@ -89,7 +109,8 @@ class ShardEngine:
             self.device,
             self.parallel,
             pack_linear=config.pack_linear,
-            gemv=config.cpu_gemv,
+            gemv=config.cpu_gemv and not plain,
+            ops=TorchOps() if plain else None,
         )
         self.block_size = config.block_size
         self.kv: KVCache | None = None

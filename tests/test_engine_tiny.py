@@ -285,3 +285,17 @@ def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_share
     assert not reuse.refused  # released with its request
     engine.clear(None)
     assert not engine.admission.claims.held
+
+
+def test_disable_custom_kernels_takes_pytorch_paths_to_the_same_tokens(tiny_model_dir):
+    from shard.errors import InvalidRequest
+    from shard.models.ops import TorchOps
+
+    plain = make_engine(tiny_model_dir, disable_custom_kernels=True)
+    assert isinstance(plain.model.ops, TorchOps) and plain.info().attention_impl == "reference"
+    assert all(layer.qkv.kernels is None for layer in plain.model.layers)  # no C++ GEMV
+    default = make_engine(tiny_model_dir)
+    specs = [spec(0, "The quick brown fox", 6, ignore_eos=True)]
+    assert run_to_end(plain, 1, specs).tokens == run_to_end(default, 1, specs).tokens
+    with pytest.raises(InvalidRequest, match="--disable-custom-kernels"):
+        make_engine(tiny_model_dir, disable_custom_kernels=True, attention="triton")
