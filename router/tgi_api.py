@@ -58,10 +58,11 @@ async def _validated(state: RouterState, body: GenerateRequest) -> ValidRequest:
     return await state.validator.validate(body.inputs, body.parameters)
 
 
-def timing_headers(state: RouterState, inputs: str, entry: Entry, started: float,
-                   validated: float) -> dict[str, str]:  # fmt: skip
+def timing_headers(
+    state: RouterState, valid: ValidRequest, entry: Entry, started: float
+) -> dict[str, str]:
     """TGI's x-* headers of a finished generation: times in milliseconds (x-compute-time in
-    seconds), measured from the handler's start (`started`, monotonic) and validation's end."""
+    seconds), the total from the handler's start (`started`, monotonic)."""
     assert entry.started_at is not None and entry.finished_at is not None
     total = entry.finished_at - started
     inference = entry.finished_at - entry.started_at
@@ -73,9 +74,9 @@ def timing_headers(state: RouterState, inputs: str, entry: Entry, started: float
     return {
         "x-compute-type": f"{state.num_shards}-{state.shard_info.device_type}",
         "x-compute-time": f"{total:.6f}",
-        "x-compute-characters": str(len(inputs)),
+        "x-compute-characters": str(len(valid.inputs)),
         "x-total-time": ms(total),
-        "x-validation-time": ms(validated - started),
+        "x-validation-time": ms(valid.validation_seconds),
         "x-queue-time": ms(entry.started_at - entry.queued_at),
         "x-inference-time": ms(inference),
         "x-time-per-token": ms(per_token),
@@ -90,7 +91,6 @@ async def run_generate(
     """The /generate reply and its timing headers (those of the best of `best_of` runs)."""
     started = time.monotonic()
     valid = await _validated(state, body)
-    validated = time.monotonic()
     entries = [state.submit(valid)]
     for _ in range(valid.best_of - 1):  # best_of: more samples with their own seeds
         entries.append(state.submit(valid, replace(valid.params, seed=random.getrandbits(63))))
@@ -109,7 +109,7 @@ async def run_generate(
                 for i, r in enumerate(results)
                 if i != best
             ]
-    return response, timing_headers(state, body.inputs, entries[best], started, validated)
+    return response, timing_headers(state, valid, entries[best], started)
 
 
 async def stream_events(
