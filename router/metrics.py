@@ -1,7 +1,9 @@
 """Prometheus metrics under TGI's names, plus pytgi's own (time to first token, KV blocks).
 
-TGI's counters are exposed without prometheus-client's `_total` suffix, so dashboards built
-for TGI read them unchanged (they are monotonic; the exposition type is gauge).
+TGI's counters are exposed as TGI exposes them: type counter, under their plain names
+(`tgi_request_count 3`). prometheus-client would name a counter's samples `..._total`, which
+TGI's dashboards do not query, so these are kept in unregistered gauges and written out by
+`_counter_text`.
 """
 
 from __future__ import annotations
@@ -15,12 +17,31 @@ _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _counter_text(counters: list[Gauge]) -> bytes:
+    """Text exposition (0.0.4) of `counters` as type counter, samples under the plain name."""
+    lines = []
+    for counter in counters:
+        for family in counter.collect():
+            lines.append(f"# HELP {family.name} {family.documentation}")
+            lines.append(f"# TYPE {family.name} counter")
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{_label_value(v)}"' for k, v in sample.labels.items())
+                lines.append(f"{sample.name}{{{labels}}} {sample.value!r}" if labels
+                             else f"{sample.name} {sample.value!r}")  # fmt: skip
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.request_count = Gauge("tgi_request_count", "Requests received", registry=r)
-        self.request_success = Gauge("tgi_request_success", "Requests that succeeded", registry=r)
-        self.request_failure = Gauge("tgi_request_failure", "Failed requests", ["err"], registry=r)
+        self._counters: list[Gauge] = []
+        self.request_count = self._counter("tgi_request_count", "Requests received")
+        self.request_success = self._counter("tgi_request_success", "Requests that succeeded")
+        self.request_failure = self._counter("tgi_request_failure", "Failed requests", ["err"])
         self.request_duration = Histogram(
             "tgi_request_duration", "End-to-end seconds", buckets=_DURATION_BUCKETS, registry=r
         )
@@ -73,8 +94,8 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
-        self.batch_inference_count = Gauge(
-            "tgi_batch_inference_count", "Steps run", ["method"], registry=r
+        self.batch_inference_count = self._counter(
+            "tgi_batch_inference_count", "Steps run", ["method"]
         )
         self._add_batch_outcomes(r)
         self.ttft = Histogram(
@@ -87,11 +108,11 @@ class Metrics:
 
     def _add_batch_outcomes(self, r: CollectorRegistry) -> None:
         """TGI's step outcomes, batch shapes and validation (its Grafana dashboard's panels)."""
-        self.batch_success = Gauge(
-            "tgi_batch_inference_success", "Steps that succeeded", ["method"], registry=r
+        self.batch_success = self._counter(
+            "tgi_batch_inference_success", "Steps that succeeded", ["method"]
         )
-        self.batch_failure = Gauge(
-            "tgi_batch_inference_failure", "Steps that failed", ["method"], registry=r
+        self.batch_failure = self._counter(
+            "tgi_batch_inference_failure", "Steps that failed", ["method"]
         )
         self.filter_duration = Histogram(
             "tgi_batch_filter_duration",
@@ -100,8 +121,8 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
-        self.batch_concat = Gauge(
-            "tgi_batch_concat", "New requests joined to the running batch", ["reason"], registry=r
+        self.batch_concat = self._counter(
+            "tgi_batch_concat", "New requests joined to the running batch", ["reason"]
         )
         self.concat_duration = Histogram(
             "tgi_batch_concat_duration",
@@ -159,8 +180,14 @@ class Metrics:
             "pytgi_kv_cache_capacity_tokens", "Tokens the KV cache holds", registry=r
         )
 
+    def _counter(self, name: str, documentation: str, labels: tuple[str, ...] | list[str] = ()):
+        """A TGI counter: monotonic, exposed with type counter under its plain name."""
+        gauge = Gauge(name, documentation, labels, registry=None)
+        self._counters.append(gauge)
+        return gauge
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + _counter_text(self._counters)
 
     # ---- scheduler hooks ----
     def on_step(self, method: str, step: StepOut, seconds: float) -> None:

@@ -8,8 +8,8 @@ import re
 from tests.test_router_app import client_for  # noqa: F401 - the fixture
 
 # TGI's metrics (router/src and backends/v3/src of text-generation-inference, read
-# 2026-11-28): name -> its kind there. TGI's counters are exposed here as gauges without the
-# `_total` suffix prometheus-client would add, so queries by their plain names still work.
+# 2026-11-28): name -> its kind there, which is also its exposed type here (counters under
+# their plain names, as TGI's exporter writes them, not prometheus-client's `..._total`).
 TGI_METRICS = {
     "tgi_request_count": "counter",
     "tgi_request_success": "counter",
@@ -38,7 +38,6 @@ TGI_METRICS = {
     "tgi_batch_inference_duration": "histogram",
     "tgi_queue_size": "gauge",
 }
-EXPOSED_AS = {"counter": "gauge", "gauge": "gauge", "histogram": "histogram"}
 
 
 def _types(text: str) -> dict[str, str]:
@@ -55,7 +54,20 @@ async def test_every_tgi_metric_is_exported_with_its_kind(client_for):  # noqa: 
     _, client = await client_for()
     types = _types((await client.get("/metrics")).text)
     for name, kind in TGI_METRICS.items():
-        assert types.get(name) == EXPOSED_AS[kind], (name, types.get(name))
+        assert types.get(name) == kind, (name, types.get(name))
+
+
+def test_counters_are_written_as_tgi_writes_them():
+    from router.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.request_count.inc()
+    metrics.request_failure.labels('odd"type').inc(2)
+    text = metrics.render().decode()
+    assert "# TYPE tgi_request_count counter\ntgi_request_count 1.0\n" in text
+    assert 'tgi_request_failure{err="odd\\"type"} 2.0' in text
+    assert not re.search(r"^\w+_total[{ ]", text, re.M)  # no prometheus-client counter names
+    assert text.count("# TYPE tgi_request_count ") == 1
 
 
 async def test_the_new_metrics_move_with_their_events(client_for):  # noqa: F811
