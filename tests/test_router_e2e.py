@@ -263,3 +263,30 @@ def test_disconnected_non_streaming_request_is_cancelled(server):
         time.sleep(0.2)
     assert server.metric("pytgi_kv_blocks_used") == 0
     assert server.metric("tgi_batch_current_size") == 0
+
+
+def test_platform_routes_and_headers_on_real_processes(server):
+    """SageMaker's, Vertex AI's and TGI's extra routes, and TGI's timing headers, served by
+    a real router over a real shard (tests/test_cloud_routes.py covers their edge cases)."""
+    url = server.url
+    tgi = {"inputs": "Hello", "parameters": {"max_new_tokens": 3, "ignore_eos": True}}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+    for path in ("/ping", "/"):
+        assert httpx.get(url + path).status_code == 200, path
+    invoked = httpx.post(url + "/invocations", json=tgi, timeout=60)
+    generated = httpx.post(url + "/generate", json=tgi, timeout=60)
+    assert invoked.status_code == generated.status_code == 200
+    assert invoked.json() == [generated.json()]  # greedy: the same text by either route
+    for name in ("x-compute-type", "x-total-time", "x-validation-time", "x-queue-time",
+                 "x-inference-time", "x-time-per-token", "x-compute-characters"):  # fmt: skip
+        assert name in invoked.headers and name in generated.headers, name
+    assert generated.headers["x-generated-tokens"] == "3"
+    assert generated.headers["x-compute-type"] == "1-cpu"
+    chat_reply = httpx.post(url + "/invocations", json=chat, timeout=60).json()
+    assert chat_reply["object"] == "chat.completion"
+    vertex = httpx.post(url + "/vertex", json={"instances": [tgi, chat]}, timeout=60).json()
+    assert vertex["predictions"][0] == generated.json()["generated_text"]
+    assert vertex["predictions"][1] == chat_reply["choices"][0]["message"]["content"]
+    tokens = httpx.post(url + "/chat_tokenize", json=chat, timeout=60).json()
+    assert "Hi" in tokens["templated_text"] and tokens["tokenize_response"]
+    assert "/vertex" in httpx.get(url + "/api-doc/openapi.json").json()["paths"]
