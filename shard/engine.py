@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from common.config import ShardConfig
-from shard import memory
+from shard import cpu_kernels, memory
 from shard.admission import Admission
 from shard.attention import get_backend, resolve_backend_name
 from shard.batch import (
@@ -112,6 +112,13 @@ class ShardEngine:
             gemv=config.cpu_gemv and not plain,
             ops=TorchOps() if plain else None,
         )
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            if not cpu_kernels.has_bf16_instructions():
+                log.warning(
+                    "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
+                    "each matrix product converts to float32 first; --dtype float32 is faster"
+                )
+        log.info("kernels: %s", self.kernel_report())
         self.block_size = config.block_size
         self.kv: KVCache | None = None
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
@@ -124,6 +131,23 @@ class ShardEngine:
             self.device,
             max_input_tokens=config.max_input_tokens or context - 1,
             max_total_tokens=context,
+        )
+
+    def kernel_report(self) -> str:
+        """Which code paths this shard runs, for its start-up log."""
+        layer = self.model.layers[0].qkv
+        if layer.is_packed:
+            gemm = "oneDNN packed weights"
+        elif self.device.type == "cpu":
+            gemm = "PyTorch linear (oneDNN cannot pack this dtype here)"
+        else:
+            gemm = "PyTorch linear"
+        gemv = "C++ single-row kernel" if layer.kernels is not None else "as the batched path"
+        ops = type(self.model.ops).__name__
+        return (
+            f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
+            f"element-wise layer steps: {ops}; {str(self.dtype).removeprefix('torch.')} on "
+            f"{self.device.type}"
         )
 
     # ---- Info / Health ----

@@ -299,3 +299,32 @@ def test_disable_custom_kernels_takes_pytorch_paths_to_the_same_tokens(tiny_mode
     assert run_to_end(plain, 1, specs).tokens == run_to_end(default, 1, specs).tokens
     with pytest.raises(InvalidRequest, match="--disable-custom-kernels"):
         make_engine(tiny_model_dir, disable_custom_kernels=True, attention="triton")
+
+
+def test_cpu_bf16_support_is_read_from_the_cpu_flags():
+    from shard.cpu_kernels import has_bf16_instructions
+
+    assert has_bf16_instructions("flags : fpu avx2 avx512f avx512_bf16 amx_tile")
+    assert has_bf16_instructions("flags : fpu avx2 amx_bf16")
+    assert not has_bf16_instructions("flags : fpu avx2 fma avx512f avx512bw")
+
+
+def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, caplog, monkeypatch):
+    import logging
+
+    from shard import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: False)
+    with caplog.at_level(logging.INFO, logger="shard"):
+        engine = make_engine(tiny_model_dir, dtype="bfloat16")
+    report = engine.kernel_report()
+    assert f"kernels: {report}" in caplog.text
+    assert "attention reference" in report and "TorchOps" in report and "bfloat16 on cpu" in report
+    assert "--dtype float32 is faster" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: True)
+    with caplog.at_level(logging.INFO, logger="shard"):
+        make_engine(tiny_model_dir, dtype="bfloat16")
+    assert "float32 is faster" not in caplog.text
+    plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).kernel_report()
+    assert "batch-1 rows: as the batched path" in plain and "PyTorch linear" in plain
