@@ -33,6 +33,15 @@ log = logging.getLogger("shard")
 _tracer = trace.get_tracer("pytgi.shard")
 
 
+def _replace_unary(handler, function) -> grpc.RpcMethodHandler:
+    """`handler` (unary-unary) answering through `function` instead, same (de)serializers."""
+    return grpc.unary_unary_rpc_method_handler(
+        function,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Turns exceptions from any handler into a gRPC status with a clear message."""
 
@@ -52,11 +61,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s failed", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed: {exc!r}")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _replace_unary(handler, guarded)
 
 
 class TraceInterceptor(grpc.aio.ServerInterceptor):
@@ -79,11 +84,7 @@ class TraceInterceptor(grpc.aio.ServerInterceptor):
                     span.set_attribute("batch_size", _batch_size(request))
                 return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            traced,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return _replace_unary(handler, traced)
 
 
 def _batch_size(request) -> int:
