@@ -97,13 +97,13 @@ def engine_for(
                          cuda_memory_fraction=0.3, kv_cache_memory=256 << 20)  # fmt: skip
     engine = ShardEngine(config)
     if ops is not None:
-        engine.model.ops = ops
+        engine.runner.model.ops = ops
     engine.warmup([], None, 2048, 1024)
     return engine
 
 
 def release(engine: ShardEngine) -> None:
-    engine.graphs, engine.kv = None, None
+    engine.runner.free_kv()
     release_memory()
 
 
@@ -128,14 +128,15 @@ def main() -> None:
     eager = engine_for(args.model_dir, (), args.device)
     weight_bytes = sum(
         t.numel() * t.element_size()
-        for t in [eager.model.embed, eager.model.norm]
-        + [w for layer in eager.model.layers for w in (layer.input_norm, layer.post_norm)]
-        + [lin.weight for layer in eager.model.layers
+        for t in [eager.runner.model.embed, eager.runner.model.norm]
+        + [w for layer in eager.runner.model.layers for w in (layer.input_norm, layer.post_norm)]
+        + [lin.weight for layer in eager.runner.model.layers
            for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
     )  # fmt: skip
-    if eager.model.lm_head.weight is not eager.model.embed:
+    if eager.runner.model.lm_head.weight is not eager.runner.model.embed:
         weight_bytes += (
-            eager.model.lm_head.weight.numel() * eager.model.lm_head.weight.element_size()
+            eager.runner.model.lm_head.weight.numel()
+            * eager.runner.model.lm_head.weight.element_size()
         )
     vocab = eager.model_spec.vocab_size
     for b in sizes:

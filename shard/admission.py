@@ -2,8 +2,14 @@
 
 Checks each request on its own (values, lengths, token ids, KV blocks) in the limits Warmup
 set, and records which live request holds each KV block (`BlockClaims`), so a request that
-would overwrite another's K/V is refused. Requests that name no blocks (Warmup, a client
-without an allocator) get shard-numbered ones that no live request holds.
+would overwrite another's K/V is refused.
+
+One owner numbers the blocks of a pool: the router (a request names its blocks, as the
+router's allocator gave them) or the shard itself (a request names none: Warmup, and
+clients without an allocator such as TGI's `text-generation-benchmark`). Invariant: once a
+request has named blocks, the pool is the router's until the next Warmup, and a request
+naming none is refused, so shard numbers never land on a block the router's prefix cache
+keeps. Block 0 is reserved (liveness prefills and padding) and owned by neither.
 """
 
 from __future__ import annotations
@@ -43,12 +49,14 @@ class Admission:
         self.num_blocks = 0  # the KV pool's blocks, block 0 reserved
         self.claims = BlockClaims(block_size)  # blocks of every live request
         self.free_blocks: list[int] = []  # shard-numbered blocks not in use
+        self.router_numbered = False  # a request named its blocks since the last Warmup
 
     def reset_pool(self, num_blocks: int) -> None:
         """A new KV pool (Warmup): no live request, every block but 0 free."""
         self.num_blocks = num_blocks
         self.claims = BlockClaims(self.block_size)
         self.free_blocks = list(range(num_blocks - 1, 0, -1))
+        self.router_numbered = False
 
     def admit_all(
         self, specs: list[RequestSpec], live_ids: set[int]
@@ -74,6 +82,7 @@ class Admission:
             seen.add(spec.id)
             request = self._admit(spec, prompt)
             self.claims.add(request)
+            self.router_numbered |= bool(spec.blocks) and spec.blocks != [0]
             admitted.append(request)
         return admitted, refused
 
@@ -130,6 +139,11 @@ class Admission:
             raise InvalidRequest(f"request {rid}: chunk_len must be at least 1")
         if spec.blocks:
             self._validate_blocks(spec, len(prompt))
+        elif self.router_numbered:
+            raise InvalidRequest(
+                f"request {rid} names no KV blocks, but this shard's blocks are numbered by "
+                "the router that named them (until the next Warmup); send blocks and slots"
+            )
         elif self._blocks_needed(len(prompt), spec) > len(self._unheld_free_blocks()):
             raise OutOfBlocks(
                 f"request {rid} needs {self._blocks_needed(len(prompt), spec)} KV blocks but "

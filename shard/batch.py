@@ -2,8 +2,9 @@
 
 Invariant (vLLM's "computed tokens catch up with total tokens"): `all_ids` holds the prompt
 and every generated token; the K/V of `all_ids[:num_computed]` are in the request's blocks.
-A forward computes the next `tokens_this_step` tokens; when `num_computed` reaches
-`len(all_ids)` the request emits a new token. Prefill, chunked prefill, a prefix-cache hit
+A forward computes the next `query_len` tokens ("new tokens this step": one name, here and
+in `AttentionInputs.query_lens`); when `num_computed` reaches `len(all_ids)` the request
+emits a new token. Prefill, chunked prefill, a prefix-cache hit
 and decode are the same loop.
 """
 
@@ -68,7 +69,7 @@ class RequestState:
         return len(self.all_ids) - self.prompt_len
 
     @property
-    def tokens_this_step(self) -> int:
+    def query_len(self) -> int:
         """New tokens the next forward computes for this request (0 once finished)."""
         if self.is_finished:
             return 0
@@ -93,7 +94,7 @@ class Batch:
 
     @property
     def current_tokens(self) -> int:
-        return sum(r.tokens_this_step for r in self.requests)
+        return sum(r.query_len for r in self.requests)
 
     def keep(self, request_ids: set[int]) -> list[RequestState]:
         """Keeps only `request_ids`; returns the requests that left."""

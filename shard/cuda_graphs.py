@@ -63,11 +63,14 @@ class EagerGraph:
 class DecodeGraphs:
     """Static decode inputs of the largest size, and one graph per size over their prefixes."""
 
-    def __init__(self, engine, sizes: tuple[int, ...], factory: type = CudaGraph) -> None:
-        assert sizes and engine.backend.supports_cuda_graphs, "needs a graph-capable backend"
-        self.engine, self.sizes, self.factory = engine, sizes, factory
-        largest, device = sizes[-1], engine.device
-        max_blocks = -(-engine.max_total_tokens // engine.block_size)
+    def __init__(
+        self, runner, sizes: tuple[int, ...], max_total_tokens: int, factory: type = CudaGraph
+    ) -> None:
+        """`runner`: the ModelRunner whose model and KV pool the graphs read."""
+        assert sizes and runner.backend.supports_cuda_graphs, "needs a graph-capable backend"
+        self.runner, self.sizes, self.factory = runner, sizes, factory
+        largest, device = sizes[-1], runner.device
+        max_blocks = -(-max_total_tokens // runner.block_size)
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)  # [B]
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)  # [B]
         self.slots = torch.full((largest,), -1, dtype=torch.int64, device=device)  # [B]
@@ -83,15 +86,15 @@ class DecodeGraphs:
         log.info("decode graphs captured for batch sizes %s", ",".join(map(str, self.sizes)))
 
     def _forward_fn(self, size: int) -> Callable[[], torch.Tensor]:
-        engine = self.engine
-        meta = engine.backend.decode_metadata(
+        runner = self.runner
+        meta = runner.backend.decode_metadata(
             self.slots[:size], self.tables[:size], self.context[:size]
         )
 
         def forward() -> torch.Tensor:
             with torch.inference_mode():
-                return engine.model.forward(
-                    self.input_ids[:size], self.positions[:size], meta, engine.kv, engine.backend
+                return runner.model.forward(
+                    self.input_ids[:size], self.positions[:size], meta, runner.kv, runner.backend
                 )
 
         return forward

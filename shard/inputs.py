@@ -15,7 +15,6 @@ class ForwardInputs:
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attention: AttentionInputs
-    step_lens: list[int]  # [B] new tokens per request
 
 
 def prepare_forward(
@@ -25,11 +24,11 @@ def prepare_forward(
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    starts, step_lens, cache_lens = [], [], []
+    starts, query_lens, cache_lens = [], [], []
     for request in requests:
-        start, count = request.num_computed, request.tokens_this_step
+        start, count = request.num_computed, request.query_len
         starts.append(len(ids))
-        step_lens.append(count)
+        query_lens.append(count)
         cache_lens.append(start)
         ids.extend(request.all_ids[start : start + count])
         positions.extend(range(start, start + count))
@@ -42,7 +41,7 @@ def prepare_forward(
     table = [r.blocks + [0] * (max_blocks - len(r.blocks)) for r in requests]
     attention = AttentionInputs(
         query_starts=starts,
-        query_lens=step_lens,
+        query_lens=query_lens,
         cache_lens=cache_lens,
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
         block_tables=torch.tensor(table, dtype=torch.int64, device=device),
@@ -52,5 +51,4 @@ def prepare_forward(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         attention=attention,
-        step_lens=step_lens,
     )

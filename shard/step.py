@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -18,42 +18,34 @@ from shard.batch import (
     TokenInfo,
 )
 from shard.inputs import prepare_forward
-from shard.kv_cache import KVCache
-from shard.parallel import Parallel
+from shard.runner import ModelRunner
 from shard.sampling import Choice, choose_tokens
 
 
-class StepHost(Protocol):
-    """What a step needs of the engine that holds the batch (ShardEngine is one): the model
-    on its device, the tokenizer, and the batch registry's clear and info."""
+class BatchHost(Protocol):
+    """What a step needs of the batch registry that holds the batch (ShardEngine is one):
+    the tokenizer, and the registry's clear and info."""
 
-    parallel: Parallel
-    block_size: int
-    device: torch.device
-    kv: KVCache | None
-    graphs: Any  # DecodeGraphs | None (CUDA)
-    backend: Any  # the attention backend
-    model: Any  # the model: forward(ids, positions, meta, kv, backend), logits(hidden)
     tokenizer: Tokenizer
     special_ids: set[int]
-
-    def check_fault(self) -> None: ...
 
     def clear(self, batch_id: int | None) -> None: ...
 
     def cached_info(self, batch: Batch) -> CachedBatchInfo: ...
 
 
-def run_step(engine: StepHost, batch: Batch, start_ns: int, concat_ns: int | None) -> StepResult:
+def run_step(
+    runner: ModelRunner, host: BatchHost, batch: Batch, start_ns: int, concat_ns: int | None
+) -> StepResult:
     """Computes the next tokens of every unfinished request; emits a token for each request
     whose computed tokens caught up with its tokens. Drops the batch when all finished."""
     active = [r for r in batch.requests if not r.is_finished]
-    engine.check_fault()
+    runner.check_fault()
     forward_start = time.perf_counter_ns()
     emitting: list[RequestState] = []
     with torch.inference_mode():
         if active:
-            emitting, logits = _forward(engine, active)
+            emitting, logits = _forward(runner, active)
         forward_ns = time.perf_counter_ns() - forward_start
         decode_start = time.perf_counter_ns()
         choices = []
@@ -65,91 +57,86 @@ def run_step(engine: StepHost, batch: Batch, start_ns: int, concat_ns: int | Non
                 [r.top_n_tokens for r in emitting],
             )
     generations = []
-    parallel = engine.parallel
+    parallel = runner.parallel
     for request, choice in zip(emitting, choices, strict=True):
-        generation = _advance(engine, request, choice)
+        generation = _advance(host, request, choice)
         if request.id % parallel.world_size == parallel.rank:
             generations.append(generation)
     decode_ns = time.perf_counter_ns() - decode_start
     cached: CachedBatchInfo | None = None
     if all(r.is_finished for r in batch.requests):
-        engine.clear(batch.id)
+        host.clear(batch.id)
     else:
-        cached = engine.cached_info(batch)
+        cached = host.cached_info(batch)
     total_ns = time.perf_counter_ns() - start_ns
     return StepResult(generations, cached, forward_ns, decode_ns, total_ns, concat_ns)
 
 
 def _forward(
-    engine: StepHost, active: list[RequestState]
+    runner: ModelRunner, active: list[RequestState]
 ) -> tuple[list[RequestState], torch.Tensor]:
     """Runs the model; returns the requests that emit and their logits [N, V] (float32).
     Prompt log-probabilities of requests that asked for them are recorded on the way."""
-    inputs = prepare_forward(active, engine.block_size, engine.device)
-    assert engine.kv is not None
-    hidden = None
-    if engine.graphs is not None and all(n == 1 for n in inputs.step_lens):
-        hidden = engine.graphs.run(inputs)  # None when no captured size holds the batch
-    if hidden is None:
-        meta = engine.backend.prepare(inputs.attention)
-        hidden = engine.model.forward(
-            inputs.input_ids, inputs.positions, meta, engine.kv, engine.backend
-        )
+    inputs = prepare_forward(active, runner.block_size, runner.device)
+    hidden = runner.forward(inputs)
     emitting, rows = [], []
+    attention = inputs.attention
     for request, start, count in zip(
-        active, inputs.attention.query_starts, inputs.step_lens, strict=True
+        active, attention.query_starts, attention.query_lens, strict=True
     ):
         request.num_computed += count
         if request.prefill_logprobs and request.num_generated == 0:
-            _record_prompt_logprobs(engine, request, hidden[start : start + count])
+            _record_prompt_logprobs(runner, request, hidden[start : start + count])
         if request.num_computed == len(request.all_ids):
             emitting.append(request)
             rows.append(start + count - 1)
-    logits = engine.model.logits(hidden[rows]) if rows else hidden.new_empty(0)
+    logits = runner.logits(hidden[rows]) if rows else hidden.new_empty(0)
     return emitting, logits
 
 
-def _record_prompt_logprobs(engine: StepHost, request: RequestState, hidden: torch.Tensor) -> None:
+def _record_prompt_logprobs(
+    runner: ModelRunner, request: RequestState, hidden: torch.Tensor
+) -> None:
     """hidden [n, H] of the chunk just computed; position p predicts prompt token p + 1."""
     end = request.num_computed
     first = end - hidden.shape[0]
     targets = request.all_ids[first + 1 : min(end + 1, request.prompt_len)]
     if not targets:
         return
-    logprobs = engine.model.logits(hidden[: len(targets)]).log_softmax(-1)
+    logprobs = runner.logits(hidden[: len(targets)]).log_softmax(-1)
     picked = logprobs.gather(1, torch.tensor(targets, device=logprobs.device).unsqueeze(1))
     request.prompt_logprobs.extend(picked.squeeze(1).tolist())
 
 
 def _token_info(
-    engine: StepHost, ids: list[int], logprobs: list[float], texts: list[str] | None = None
+    host: BatchHost, ids: list[int], logprobs: list[float], texts: list[str] | None = None
 ) -> TokenInfo:
     if texts is None:
-        texts = [engine.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
-    return TokenInfo(ids, logprobs, texts, [i in engine.special_ids for i in ids])
+        texts = [host.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+    return TokenInfo(ids, logprobs, texts, [i in host.special_ids for i in ids])
 
 
-def _advance(engine: StepHost, request: RequestState, choice: Choice) -> Generation:
+def _advance(host: BatchHost, request: RequestState, choice: Choice) -> Generation:
     """Appends the chosen token, detokenizes it, checks stopping; returns its Generation."""
     prefill = None
     if request.prefill_logprobs and request.num_generated == 0:
         prompt = request.all_ids[: request.prompt_len]
-        prefill = _token_info(engine, prompt, request.prompt_logprobs[: len(prompt)])
+        prefill = _token_info(host, prompt, request.prompt_logprobs[: len(prompt)])
     request.all_ids.append(choice.token_id)
-    text = request.detokenizer.step(engine.tokenizer, request.all_ids)
+    text = request.detokenizer.step(host.tokenizer, request.all_ids)
     reason = request.stopping.step(choice.token_id, text)
     generation = Generation(
         request_id=request.id,
-        tokens=_token_info(engine, [choice.token_id], [choice.logprob], [text]),
+        tokens=_token_info(host, [choice.token_id], [choice.logprob], [text]),
         prefill_tokens=prefill,
     )
     if request.top_n_tokens:
-        generation.top_tokens = [_token_info(engine, choice.top_ids, choice.top_logprobs)]
+        generation.top_tokens = [_token_info(host, choice.top_ids, choice.top_logprobs)]
     if reason is not None:
         request.finish_reason = reason
         params = request.chooser.params
         generation.finished = FinishedText(
-            text=engine.tokenizer.decode(
+            text=host.tokenizer.decode(
                 request.all_ids[request.prompt_len :], skip_special_tokens=True
             ),
             generated_tokens=request.num_generated,

@@ -79,7 +79,7 @@ PROMPTS = ["The quick brown fox", "Hello", "In a hole in the ground there lived 
 
 def test_engine_tokens_with_and_without_kernels(tiny_model_dir, kernels):
     plain = make_engine(tiny_model_dir, cpu_gemv=False)
-    plain.backend.use_cpu_kernel = False
+    plain.runner.backend.use_cpu_kernel = False
     fast = make_engine(tiny_model_dir)
     for batch in ([PROMPTS[0]], PROMPTS):
         specs = [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(batch)]

@@ -59,8 +59,8 @@ PROMPTS = [
 def test_graph_replay_gives_the_eager_tokens_and_pads(tiny_model_dir):
     eager = make_engine(tiny_model_dir, attention="triton")
     graphed = make_engine(tiny_model_dir, attention="triton")
-    graphed.graphs = DecodeGraphs(graphed, (1, 2, 4), factory=CountingGraph)
-    graphed.graphs.capture()
+    graphed.runner.graphs = DecodeGraphs(graphed.runner, (1, 2, 4), 1024, factory=CountingGraph)
+    graphed.runner.graphs.capture()
     CountingGraph.replays.clear()
     for count in (1, 3, 5):  # one graph exactly, a padded graph, too many for any graph
         specs = [spec(i, p, 5 + i, ignore_eos=True) for i, p in enumerate(PROMPTS[:count])]
@@ -70,18 +70,18 @@ def test_graph_replay_gives_the_eager_tokens_and_pads(tiny_model_dir):
     # replays ran at padded sizes: 3 rows in the size-4 graph, never the 5-row batches
     assert CountingGraph.replays and set(CountingGraph.replays) <= {1, 2, 4}
     assert 4 in CountingGraph.replays
-    graphs = graphed.graphs
+    graphs = graphed.runner.graphs
     assert graphs.slots[3:].tolist() == [-1] and graphs.context[3:].tolist() == [1]
-    assert not graphed.batches and len(graphed.admission.free_blocks) == graphed.kv.num_blocks - 1
+    assert not graphed.batches and graphed.blocks_all_back()
 
 
 def test_padding_rows_write_no_kv(tiny_model_dir):
     engine = make_engine(tiny_model_dir, attention="triton")
-    graphs = DecodeGraphs(engine, (4,), factory=EagerGraph)
+    graphs = DecodeGraphs(engine.runner, (4,), 1024, factory=EagerGraph)
     graphs.capture()
-    before = [t.clone() for t in engine.kv.keys]
+    before = [t.clone() for t in engine.runner.kv.keys]
     graphs.graphs[4].replay()  # all four rows are padding
-    assert all(torch.equal(a, b) for a, b in zip(before, engine.kv.keys, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.runner.kv.keys, strict=True))
 
 
 class HostSyncRecorder(TorchDispatchMode):
@@ -134,7 +134,7 @@ def test_graphed_decode_forward_never_syncs_with_the_host(tiny_model_dir):
     """Every op of the captured forward (embedding, RoPE lookup, Triton K/V write and
     split-context decode, linears, norms) runs on device values alone."""
     engine = make_engine(tiny_model_dir, attention="triton")
-    graphs = DecodeGraphs(engine, (1, 4), factory=EagerGraph)
+    graphs = DecodeGraphs(engine.runner, (1, 4), 1024, factory=EagerGraph)
     graphs.capture()
     for size in (1, 4):
         with HostSyncRecorder() as recorder:

@@ -89,7 +89,7 @@ def test_all_in_one_batch(engine, prompts, reference):
     c.add(result)
     drive(engine, c, result.batch)
     _check(c, reference, range(len(prompts)))
-    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
+    assert engine.blocks_all_back()
 
 
 def test_requests_join_mid_flight_and_leave(engine, prompts, reference):

@@ -31,7 +31,7 @@ def test_batch_equals_alone(engine):
     together = run_to_end(engine, 1, [spec(i, p, ignore_eos=True) for i, p in enumerate(PROMPTS)])
     assert [together.tokens[i] for i in range(len(PROMPTS))] == alone
     assert not engine.batches
-    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1  # every block came back
+    assert engine.blocks_all_back()  # every block came back
 
 
 def test_join_mid_flight_and_leave(engine):
@@ -60,7 +60,7 @@ def test_join_mid_flight_and_leave(engine):
     for i in (0, 2, 3):
         assert c.tokens[i] == alone[i]
     assert c.tokens[1] == alone[1][: len(c.tokens[1])]
-    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
+    assert engine.blocks_all_back()
 
 
 def test_chunked_prefill_equals_plain(engine):
@@ -168,7 +168,7 @@ def test_only_own_requests_answered(tiny_model_dir):
     from shard.parallel import Parallel
 
     engine = make_engine(tiny_model_dir)
-    engine.parallel = Parallel(rank=1, world_size=2)
+    engine.runner.parallel = Parallel(rank=1, world_size=2)
     result = engine.prefill(1, [spec(i, PROMPTS[i], 2) for i in range(4)], None)
     assert sorted(g.request_id for g in result.generations) == [1, 3]
     assert result.batch.request_ids == [0, 1, 2, 3]
@@ -186,7 +186,7 @@ def test_bad_call_is_a_clear_error_and_engine_keeps_serving(engine, make_call, e
     with pytest.raises(error, match=message):
         make_call(engine)
     engine.clear(None)
-    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
+    assert engine.blocks_all_back()
     assert run_to_end(engine, 5, [spec(5, PROMPTS[1], 2)]).finished[5].generated_tokens == 2
 
 
@@ -230,7 +230,7 @@ def test_a_bad_request_is_refused_alone_while_the_running_batch_goes_on(engine, 
     drive(engine, c, joined.batch)
     assert c.tokens[7] == expected and c.tokens[8] == expected_new
     assert not engine.batches
-    assert len(engine.admission.free_blocks) == engine.kv.num_blocks - 1
+    assert engine.blocks_all_back()
 
 
 def test_a_prefill_whose_requests_are_all_refused_holds_nothing(engine):
@@ -248,8 +248,9 @@ def test_a_request_id_twice_refuses_the_second(engine):
 
 
 def test_out_of_blocks_and_not_ready(tiny_model_dir):
-    engine = make_engine(tiny_model_dir, kv_bytes=1 << 20)
-    blocks = engine.kv.num_blocks
+    """Shard-numbered blocks (a client without an allocator) run out with a clear refusal."""
+    engine = make_engine(tiny_model_dir, kv_bytes=1 << 20).engine
+    blocks = engine.runner.kv.num_blocks
     result = engine.prefill(1, [spec(i, "hi", 1000) for i in range(blocks)], None)
     assert result.refused and all("free" in r.message for r in result.refused)
     assert len(result.refused) + len(result.batch.request_ids) == blocks
@@ -263,9 +264,15 @@ def test_out_of_blocks_and_not_ready(tiny_model_dir):
         cold.prefill(1, [spec(1, "hi")], None)
 
 
-def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_shared(engine):
+def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_shared(
+    tiny_model_dir,
+):
     """The router owns the pool; the shard still refuses a Prefill whose blocks would
     overwrite a live request's K/V, or read K/V a live request has not written yet."""
+    engine = make_engine(tiny_model_dir).engine  # blocks named by hand below
+    alone = engine.prefill(9, [spec(9, "hi", 2)], None)  # shard-numbered: a fresh pool
+    assert not alone.refused
+    engine.clear(None)
     prompt = PROMPTS[3]  # 65 tokens, prefilled 16 at a time: after one step block 1 is done
     assert len(engine.tokenizer.encode(prompt, add_special_tokens=False).ids) == 65
     first = engine.prefill(
@@ -285,6 +292,11 @@ def test_blocks_a_live_request_writes_are_refused_and_a_computed_prefix_is_share
     assert not reuse.refused  # released with its request
     engine.clear(None)
     assert not engine.admission.claims.held
+    # once the router named blocks, the shard numbers none (they could be its cached prefix)
+    unnamed = engine.prefill(7, [spec(7, "hi", 2)], None)
+    assert "names no KV blocks" in unnamed.refused[0].message
+    engine.warmup([], None, 256, 1024)  # a new pool: no owner yet
+    assert not engine.prefill(8, [spec(8, "hi", 2)], None).refused
 
 
 def test_disable_custom_kernels_takes_pytorch_paths_to_the_same_tokens(tiny_model_dir):
@@ -292,8 +304,10 @@ def test_disable_custom_kernels_takes_pytorch_paths_to_the_same_tokens(tiny_mode
     from shard.models.ops import TorchOps
 
     plain = make_engine(tiny_model_dir, disable_custom_kernels=True)
-    assert isinstance(plain.model.ops, TorchOps) and plain.info().attention_impl == "reference"
-    assert all(layer.qkv.kernels is None for layer in plain.model.layers)  # no C++ GEMV
+    assert (
+        isinstance(plain.runner.model.ops, TorchOps) and plain.info().attention_impl == "reference"
+    )
+    assert all(layer.qkv.kernels is None for layer in plain.runner.model.layers)  # no C++ GEMV
     default = make_engine(tiny_model_dir)
     specs = [spec(0, "The quick brown fox", 6, ignore_eos=True)]
     assert run_to_end(plain, 1, specs).tokens == run_to_end(default, 1, specs).tokens
@@ -317,7 +331,7 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: False)
     with caplog.at_level(logging.INFO, logger="shard"):
         engine = make_engine(tiny_model_dir, dtype="bfloat16")
-    report = engine.kernel_report()
+    report = engine.runner.kernel_report()
     assert f"kernels: {report}" in caplog.text
     assert "attention reference" in report and "TorchOps" in report and "bfloat16 on cpu" in report
     assert "--dtype float32 is faster" in caplog.text
@@ -326,5 +340,5 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     with caplog.at_level(logging.INFO, logger="shard"):
         make_engine(tiny_model_dir, dtype="bfloat16")
     assert "float32 is faster" not in caplog.text
-    plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).kernel_report()
+    plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).runner.kernel_report()
     assert "batch-1 rows: as the batched path" in plain and "PyTorch linear" in plain

@@ -113,7 +113,7 @@ def test_model_tokens_match_with_either_ops(model_dir, dtype):
     results = []
     for ops in (TorchOps(), TritonOps()):
         engine = make_engine(model_dir, device=DEVICE, dtype=dtype, attention="reference")
-        engine.model.ops = ops
+        engine.runner.model.ops = ops
         specs = [spec(0, "The quick brown fox", 6, ignore_eos=True),
                  spec(1, "Hello there, how are", 6, ignore_eos=True)]  # fmt: skip
         results.append(run_to_end(engine, 1, specs))

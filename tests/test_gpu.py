@@ -66,8 +66,7 @@ def _engine(model_dir, **options) -> ShardEngine:
 
 
 def _release(engine: ShardEngine) -> None:
-    engine.graphs = None
-    engine.kv = None
+    engine.runner.free_kv()
     del engine
     gc.collect()
     torch.cuda.empty_cache()
@@ -117,10 +116,18 @@ def test_backend_matches_transformers(model_dir, hf_model, attention):
 
 def test_cuda_graphs_match_eager(model_dir, hf_model):
     engine = _engine(model_dir, attention="triton", cuda_graphs=(1, 2, 4, 8, 16))
-    assert engine.graphs is not None and engine.info().cuda_graph_batch_sizes == (1, 2, 4, 8, 16)
+    assert engine.runner.graphs is not None and engine.info().cuda_graph_batch_sizes == (
+        1,
+        2,
+        4,
+        8,
+        16,
+    )
     replays = []
-    run = engine.graphs.run
-    engine.graphs.run = lambda inputs: replays.append(inputs.input_ids.shape[0]) or run(inputs)
+    run = engine.runner.graphs.run
+    engine.runner.graphs.run = lambda inputs: (
+        replays.append(inputs.input_ids.shape[0]) or run(inputs)
+    )
     tokens, logprobs = _generate(engine)
     assert replays and max(replays) == len(PROMPTS)  # decode steps went through the graphs
     _check_against_transformers(engine, hf_model, tokens, logprobs)
@@ -134,7 +141,7 @@ def test_info_reports_gpu_memory_and_kv(model_dir):
     info = engine.info()
     assert info.device_type == "cuda" and info.device_name != "cpu"
     assert info.device_memory_total > info.device_memory_used > info.kv_cache_bytes > 0
-    assert info.kv_cache_blocks == engine.kv.num_blocks
+    assert info.kv_cache_blocks == engine.runner.kv.num_blocks
     _release(engine)
 
 

@@ -66,7 +66,7 @@ def test_family_matches_transformers(family, overrides, smollm_dir, tmp_path):
 def test_qwen2_has_qkv_bias(smollm_dir, tmp_path):
     model_dir = build_tiny_model(tmp_path / "q", smollm_dir, "qwen2")
     assert read_spec(model_dir).qkv_bias
-    assert make_engine(model_dir).model.layers[0].qkv.bias is not None
+    assert make_engine(model_dir).runner.model.layers[0].qkv.bias is not None
 
 
 def _write_config(path, **fields):

@@ -1,0 +1,194 @@
+"""The model runner: the model on its device, its attention backend, the KV pool and the
+decode graphs. It knows tokens and positions, never requests or batches: `forward` takes a
+laid-out `ForwardInputs` and gives hidden states [T, H], `logits` turns rows into [N, V].
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from common.config import ShardConfig
+from shard import cpu_kernels, memory
+from shard.attention import get_backend, resolve_backend_name
+from shard.cuda_graphs import DecodeGraphs
+from shard.errors import InvalidRequest, OutOfBlocks
+from shard.inputs import ForwardInputs
+from shard.kv_cache import KVCache
+from shard.loader import WeightStore
+from shard.models.llama import LlamaModel
+from shard.models.ops import TorchOps
+from shard.parallel import Parallel
+from shard.spec import ModelSpec
+
+log = logging.getLogger("shard")
+PLAIN_BACKENDS = ("reference", "sdpa")  # PyTorch ops only
+
+
+def _backend_name(attention: str, device_type: str, plain: bool) -> str:
+    """The attention backend; with --disable-custom-kernels, auto picks a PyTorch one and a
+    Triton or flash-attn choice is refused."""
+    if not plain:
+        return resolve_backend_name(attention, device_type)
+    if attention == "auto":
+        return "sdpa" if device_type == "cuda" else "reference"
+    if attention not in PLAIN_BACKENDS:
+        raise InvalidRequest(
+            f"--attention {attention} uses custom kernels, which --disable-custom-kernels "
+            f"turns off; choose {' or '.join(PLAIN_BACKENDS)}"
+        )
+    return attention
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise InvalidRequest(f"unsupported dtype {name!r}; supported: {', '.join(dtypes)}")
+    return dtypes[name]
+
+
+class ModelRunner:
+    def __init__(self, config: ShardConfig, model_spec: ModelSpec, parallel: Parallel) -> None:
+        self.config = config
+        self.model_spec = model_spec
+        self.parallel = parallel
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        plain = config.disable_custom_kernels
+        self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
+        self.model = LlamaModel(
+            model_spec,
+            WeightStore(config.model_dir),
+            self.dtype,
+            self.device,
+            parallel,
+            pack_linear=config.pack_linear,
+            gemv=config.cpu_gemv and not plain,
+            ops=TorchOps() if plain else None,
+        )
+        self.kv: KVCache | None = None  # allocated by Warmup
+        self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            if not cpu_kernels.has_bf16_instructions():
+                log.warning(
+                    "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
+                    "each matrix product converts to float32 first; --dtype float32 is faster"
+                )
+        log.info("kernels: %s", self.kernel_report())
+
+    def kernel_report(self) -> str:
+        """Which code paths this shard runs, for its start-up log."""
+        layer = self.model.layers[0].qkv
+        if layer.is_packed:
+            gemm = "oneDNN packed weights"
+        elif self.device.type == "cpu":
+            gemm = "PyTorch linear (oneDNN cannot pack this dtype here)"
+        else:
+            gemm = "PyTorch linear"
+        gemv = "C++ single-row kernel" if layer.kernels is not None else "as the batched path"
+        ops = type(self.model.ops).__name__
+        return (
+            f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
+            f"element-wise layer steps: {ops}; {self.dtype_name} on {self.device.type}"
+        )
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def device_memory(self) -> tuple[int, int, str]:
+        """(bytes reserved, bytes in total, device name); zeros and "cpu" off CUDA."""
+        if self.device.type != "cuda":
+            return 0, 0, "cpu"
+        props = torch.cuda.get_device_properties(self.device)
+        return torch.cuda.memory_reserved(self.device), props.total_memory, props.name
+
+    def health(self) -> None:
+        """Runs one tiny op on the device; raises if the device is broken."""
+        (torch.ones(1, device=self.device) + 1).item()
+
+    def check_fault(self) -> None:
+        """The test-only fault hook (--fault-file): raise inside this forward, once. A file
+        named `<path>.rank<r>` fires on rank r only (a tensor-parallel fault on one rank)."""
+        base = self.config.fault_file
+        if not base:
+            return
+        for path in (base, f"{base}.rank{self.parallel.rank}"):
+            if os.path.exists(path):
+                os.unlink(path)
+                raise RuntimeError(f"injected fault ({path})")
+
+    # ---- the KV pool and graphs ----
+    def allocate_kv(self, num_blocks: int) -> None:
+        self.graphs = None  # captured over the old pool
+        self.kv = None  # free the old pool before allocating the new one
+        self.kv = KVCache(
+            self.model_spec.num_layers,
+            num_blocks,
+            self.block_size,
+            self.model.num_kv_heads,
+            self.model_spec.head_dim,
+            self.dtype,
+            self.device,
+        )
+
+    def free_kv(self) -> None:
+        self.kv, self.graphs = None, None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # what a prefill cached goes back to the free memory
+
+    def kv_blocks_that_fit(self, reserve: int) -> int:
+        """Blocks (block 0 included) the KV budget holds, `reserve` bytes left free."""
+        return memory.num_kv_blocks(
+            self.config, self.model_spec, self.parallel, self.dtype, reserve=reserve
+        )
+
+    def peak_activation_bytes(self, run: Callable[[], None], what: str) -> int:
+        """Runs `run` (a prefill); returns its peak bytes on CUDA above the weights (0 on
+        CPU), which the KV pool must leave free. Running out of memory is a clear error."""
+        if self.device.type != "cuda":
+            run()
+            return 0
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        baseline = torch.cuda.memory_allocated(self.device)
+        try:
+            run()
+        except torch.cuda.OutOfMemoryError as exc:
+            self.free_kv()
+            raise OutOfBlocks(
+                f"{what} does not fit in GPU memory after the weights; lower "
+                "--max-batch-prefill-tokens or use more shards"
+            ) from exc
+        return torch.cuda.max_memory_allocated(self.device) - baseline
+
+    def capture_graphs(self, max_total_tokens: int) -> None:
+        sizes = self.config.cuda_graphs
+        if self.device.type != "cuda" or not sizes:
+            return
+        if not self.backend.supports_cuda_graphs:
+            log.warning("CUDA graphs need the triton or flash-attn backend; decoding eagerly")
+            return
+        self.graphs = DecodeGraphs(self, sizes, max_total_tokens)
+        self.graphs.capture()
+
+    # ---- forwards ----
+    def forward(self, inputs: ForwardInputs) -> torch.Tensor:
+        """hidden [T, H] for the laid-out tokens; writes their K/V into the pool."""
+        assert self.kv is not None, "the KV pool is allocated at Warmup"
+        if self.graphs is not None and all(n == 1 for n in inputs.attention.query_lens):
+            hidden = self.graphs.run(inputs)  # None when no captured size holds the batch
+            if hidden is not None:
+                return hidden
+        meta = self.backend.prepare(inputs.attention)
+        return self.model.forward(inputs.input_ids, inputs.positions, meta, self.kv, self.backend)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] float32."""
+        return self.model.logits(hidden)
