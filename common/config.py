@@ -12,6 +12,17 @@ DEFAULT_BLOCK_SIZE = 16
 DEFAULT_GRAPH_SIZES = "1,2,4,8,16,32,64,128"  # --cuda-graphs: decode batch sizes captured
 
 
+def graph_sizes_text(sizes: tuple[int, ...]) -> str:
+    """(1, 2, 4) -> '1,2,4'; () -> '0' (graphs disabled): what --cuda-graphs parses."""
+    return ",".join(map(str, sizes)) or "0"
+
+
+# How config_argv writes a field (dataclass field metadata):
+ALWAYS = "argv_always"  # written even at the dataclass default (the CLI's default differs)
+FLAG = "argv_flag"  # the option's name when it is not the field's
+TEXT = "argv_text"  # value -> the option's text
+
+
 @dataclass(frozen=True, slots=True)
 class ShardConfig:
     """Everything one shard process needs; one per rank."""
@@ -19,7 +30,7 @@ class ShardConfig:
     model_dir: str
     uds_path: str = "/tmp/pytgi-server"
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
-    device: str = "cpu"
+    device: str = field(default="cpu", metadata={ALWAYS: True})  # the CLI's default: auto
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
@@ -29,12 +40,16 @@ class ShardConfig:
     cuda_memory_fraction: float = 0.9
     block_size: int = DEFAULT_BLOCK_SIZE
     attention: str = "auto"  # auto: reference on CPU; flash-attn, else triton, on CUDA
-    cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs (CUDA only)
+    # decode batch sizes captured as CUDA graphs (CUDA only); the CLI's default: all sizes
+    cuda_graphs: tuple[int, ...] = field(
+        default=(), metadata={ALWAYS: True, TEXT: graph_sizes_text}
+    )
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
     cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
     # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
     disable_custom_kernels: bool = False
-    use_prefix_caching: bool = True  # reported by Info; the router shares cached prefixes
+    # reported by Info; the router shares cached prefixes
+    use_prefix_caching: bool = field(default=True, metadata={FLAG: "prefix-caching"})
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     # Multi-node: also listen on TCP at {grpc_host}:{grpc_port_base + rank}, the address
     # the router on node 0 uses to reach this rank. None: Unix socket only (one machine).
@@ -126,18 +141,25 @@ def defaults(cls: type) -> dict[str, Any]:
     return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
 
 
-def config_argv(config: Any, by_environment: tuple[str, ...] = ()) -> list[str]:
-    """The command-line flags that rebuild `config` in a child whose click options are named
-    after its fields (`--max-batch-size`, `--no-prefix-caching`, a repeated flag per tuple
-    item): fields at their default are left out, and so are those named in `by_environment`
-    (secrets: the child reads them from its environment)."""
-    argv: list[str] = []
+def config_argv(
+    config: Any, by_environment: tuple[str, ...] = (), positional: tuple[str, ...] = ()
+) -> list[str]:
+    """The command-line arguments that rebuild `config` in a child whose click options are
+    named after its fields (`--max-batch-size`, `--no-prefix-caching`, a repeated flag per
+    tuple item; field metadata FLAG and TEXT where the option differs): the `positional`
+    fields first, then the flags. Fields at their default are left out (unless marked
+    ALWAYS), and so are those in `by_environment` (secrets: the child reads its environment)."""
+    argv = [str(getattr(config, name)) for name in positional]
     for f in fields(config):
         value = getattr(config, f.name)
-        if f.name in by_environment or value is None or value == f.default:
+        if f.name in by_environment or f.name in positional or value is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
+        if value == f.default and not f.metadata.get(ALWAYS):
+            continue
+        flag = "--" + f.metadata.get(FLAG, f.name.replace("_", "-"))
+        if TEXT in f.metadata:
+            argv += [flag, f.metadata[TEXT](value)]
+        elif isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, tuple):
             for item in value:
@@ -145,6 +167,21 @@ def config_argv(config: Any, by_environment: tuple[str, ...] = ()) -> list[str]:
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes; ValueError naming the text otherwise."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "b": 1}  # fmt: skip
+    lowered = text.strip().lower()
+    unit = next((u for u in units if lowered.endswith(u)), "")
+    try:
+        size = int(float(lowered.removesuffix(unit)) * units.get(unit, 1))
+    except ValueError:
+        raise ValueError(f"a size like 512MiB, 2GiB or 1000000 (bytes); got {text!r}") from None
+    if size <= 0:
+        raise ValueError(f"a size must be positive; got {text!r}")
+    return size
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -10,6 +10,7 @@ from common.config import (
     ShardConfig,
     defaults,
     parse_batch_sizes,
+    parse_size,
 )
 
 _ROUTER, _SHARD = defaults(RouterConfig), defaults(ShardConfig)  # where those defaults live
@@ -122,6 +123,11 @@ class LauncherConfig:
                 f"--cuda-memory-fraction must be in (0, 1], got {self.cuda_memory_fraction}"
             )
         try:
-            parse_batch_sizes(self.cuda_graphs)  # the shard's own parser: one rule
+            parse_batch_sizes(self.cuda_graphs)  # the shard's own parsers: one rule
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
+        try:
+            if self.kv_cache_memory:
+                parse_size(self.kv_cache_memory)
+        except ValueError as exc:
+            raise LaunchError(f"--kv-cache-memory takes {exc}") from None

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import grpc
 
-from common.config import RouterConfig, config_argv
+from common.config import (
+    RouterConfig,
+    ShardConfig,
+    config_argv,
+    parse_batch_sizes,
+    parse_size,
+)
 from common.pb import pb, pb_grpc
 from common.rpc import SECRET_ENV, secret_metadata
 from launcher.config import LauncherConfig, LaunchError
@@ -88,39 +94,43 @@ class Supervisor:
             self.uds_path = str(self.socket_dir / "shard")
 
     # ---- commands for the children ----
-    def _shard_args(self) -> list[str]:
+    def shard_config(self, rank: int) -> ShardConfig:
+        """Rank `rank`'s config: every field the launcher sets for its shards."""
         c = self.config
-        args = [
-            sys.executable,
-            "-m",
-            "shard.cli",
-            "serve",
-            str(self.model_dir),
-            "--uds-path",
-            self.uds_path,
-        ]
-        if c.dtype:
-            args += ["--dtype", c.dtype]
-        args += ["--device", c.device, "--attention", c.attention, "--cuda-graphs", c.cuda_graphs]
-        if c.max_input_tokens:
-            args += ["--max-input-tokens", str(c.max_input_tokens)]
-        if c.nnodes > 1:
-            args += ["--grpc-host", str(c.shard_host), "--grpc-port-base", str(c.shard_port_base)]
-            if c.shard_tls_cert and c.shard_tls_key:
-                args += ["--tls-cert-file", c.shard_tls_cert, "--tls-key-file", c.shard_tls_key]
-        if c.kv_cache_memory:
-            args += ["--kv-cache-memory", c.kv_cache_memory]
-        args += ["--cuda-memory-fraction", str(c.cuda_memory_fraction)]
-        if not c.prefix_caching:
-            args.append("--no-prefix-caching")
-        if not c.cpu_gemv:
-            args.append("--no-cpu-gemv")
-        if c.disable_custom_kernels:
-            args.append("--disable-custom-kernels")
-        if c.otlp_endpoint:
-            service = c.otlp_service_name.removesuffix(".router") + ".shard"
-            args += ["--otlp-endpoint", c.otlp_endpoint, "--otlp-service-name", service]
-        return args + (["--json-output"] if c.json_output else [])
+        multi_node = c.nnodes > 1
+        tls = multi_node and bool(c.shard_tls_cert and c.shard_tls_key)
+        return ShardConfig(
+            model_dir=str(self.model_dir),
+            uds_path=self.uds_path,
+            dtype=c.dtype,
+            device=c.device,
+            rank=rank,
+            world_size=c.world_size,
+            master_addr=c.master_addr,
+            master_port=c.master_port,
+            max_input_tokens=c.max_input_tokens or None,
+            kv_cache_memory=parse_size(c.kv_cache_memory) if c.kv_cache_memory else None,
+            cuda_memory_fraction=c.cuda_memory_fraction,
+            attention=c.attention,
+            cuda_graphs=parse_batch_sizes(c.cuda_graphs),
+            cpu_gemv=c.cpu_gemv,
+            disable_custom_kernels=c.disable_custom_kernels,
+            use_prefix_caching=c.prefix_caching,
+            grpc_host=c.shard_host if multi_node else None,
+            grpc_port_base=c.shard_port_base,
+            secret=self.secret,
+            tls_cert_file=c.shard_tls_cert if tls else None,
+            tls_key_file=c.shard_tls_key if tls else None,
+            otlp_endpoint=c.otlp_endpoint,
+            otlp_service_name=c.otlp_service_name.removesuffix(".router") + ".shard",
+        )
+
+    def _shard_args(self, rank: int | None = None) -> list[str]:
+        """Generated from the shard's config; the secret travels by environment."""
+        config = self.shard_config(self.config.ranks.start if rank is None else rank)
+        argv = config_argv(config, by_environment=("secret",), positional=("model_dir",))
+        json = ["--json-output"] if self.config.json_output else []
+        return [sys.executable, "-m", "shard.cli", "serve", *argv, *json]
 
     def router_config(self) -> RouterConfig:
         """The router's config: every field the launcher shares with it, plus where the
@@ -158,7 +168,7 @@ class Supervisor:
                 "MASTER_PORT": str(c.master_port),
                 **self._secret_env(),
             }
-            self.children.append(Child(f"shard {rank}", self._shard_args(), env))
+            self.children.append(Child(f"shard {rank}", self._shard_args(rank), env))
         for rank in c.ranks:
             self._wait_shard(rank)
             log.info("shard %d is ready", rank)

@@ -8,13 +8,18 @@ import sys
 
 import click
 
-from common.config import DEFAULT_GRAPH_SIZES, ShardConfig, defaults, parse_batch_sizes
+from common.config import (
+    DEFAULT_GRAPH_SIZES,
+    ShardConfig,
+    defaults,
+    parse_batch_sizes,
+    parse_size,
+)
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
 from common.tracing import setup_tracing
 from shard.errors import ShardError
-from shard.memory import parse_size
 
 SHARD_DEFAULTS = defaults(ShardConfig)
 
@@ -206,10 +211,6 @@ def serve(
     """Serve MODEL_DIR (a Hugging Face directory with safetensors) until SIGTERM/SIGINT."""
     log = setup_logging(f"shard-{options['rank']}", json_output)
     try:
-        graph_sizes = parse_batch_sizes(options.pop("cuda_graphs"))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc)) from exc
-    try:
         import torch
 
         from shard.engine import ShardEngine
@@ -221,12 +222,7 @@ def serve(
         options["uds_path"] = options["uds_path"] or default_uds_path()
         local_rank = int(os.environ.get("LOCAL_RANK", options["rank"]))
         options["device"] = resolve_device(options["device"], local_rank)
-        config = ShardConfig(
-            model_dir=model_dir,
-            kv_cache_memory=parse_size(kv_cache_memory) if kv_cache_memory else None,
-            cuda_graphs=graph_sizes,
-            **options,
-        )
+        config = shard_config(model_dir, kv_cache_memory, **options)
 
         threads = config.num_threads
         if threads is None and config.world_size > 1 and config.device == "cpu":
@@ -248,6 +244,19 @@ def serve(
     except (ShardError, UnsafeDirectory) as exc:
         log.error("%s", exc)
         sys.exit(1)
+
+
+def shard_config(model_dir: str, kv_cache_memory: str | None, **options) -> ShardConfig:
+    """The config `serve`'s options describe (the device already resolved): a size with
+    units becomes bytes, the graph sizes a tuple."""
+    try:
+        graph_sizes = parse_batch_sizes(options.pop("cuda_graphs"))
+        kv_bytes = parse_size(kv_cache_memory) if kv_cache_memory else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    return ShardConfig(
+        model_dir=model_dir, kv_cache_memory=kv_bytes, cuda_graphs=graph_sizes, **options
+    )
 
 
 @main.command("default-model")

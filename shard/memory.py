@@ -28,24 +28,6 @@ def available_memory() -> int:
     return 0
 
 
-def parse_size(text: str) -> int:
-    """'512MiB', '2GiB', '1.5GB', '1000000' -> bytes."""
-    units = {
-        "kib": 1 << 10,
-        "mib": 1 << 20,
-        "gib": 1 << 30,
-        "kb": 10**3,
-        "mb": 10**6,
-        "gb": 10**9,
-        "b": 1,
-    }
-    lowered = text.strip().lower()
-    for unit, factor in units.items():
-        if lowered.endswith(unit):
-            return int(float(lowered[: -len(unit)]) * factor)
-    return int(float(lowered))
-
-
 def kv_budget_bytes(config: ShardConfig, reserve: int = 0) -> int:
     """Bytes the KV pool may take. CUDA: the free memory's `--cuda-memory-fraction`, less
     `reserve` (the activations of a maximum-size prefill, measured at Warmup)."""

@@ -274,6 +274,7 @@ def _parse(command, args):
 def test_every_launcher_flag_reaches_its_process_with_its_value(tmp_path, monkeypatch, name):
     """Each flag in turn set to an unusual value: the generated child command lines parse
     with the children's own options, and the value arrives (or the launcher keeps it)."""
+    from common.config import parse_size
     from launcher.cli import main
     from launcher.config import LauncherConfig
     from launcher.supervisor import Supervisor
@@ -304,7 +305,9 @@ def test_every_launcher_flag_reaches_its_process_with_its_value(tmp_path, monkey
     assert targets, f"--{name} reaches neither the shard nor the router"
     for child, child_name in targets:
         got = parsed[child][child_name]
-        if name == "kv_cache_memory" or child_name.endswith("uds_path"):
+        if name == "kv_cache_memory":  # travels as bytes
+            got_ok = parse_size(got) == parse_size(value)
+        elif child_name.endswith("uds_path"):
             got_ok = got == value
         elif isinstance(value, tuple):
             got_ok = tuple(got) == value
@@ -396,3 +399,39 @@ def test_the_router_config_survives_its_generated_command_line(tmp_path, monkeyp
     options = router_main.make_context("router", argv).params
     options["cors_allow_origin"] = tuple(options["cors_allow_origin"])
     assert RouterConfig(**options) == supervisor.router_config()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # the defaults: device auto and every graph size reach the shard as such
+        dict(dtype="bfloat16", device="cpu", max_input_tokens=99, kv_cache_memory="3MiB",
+             cuda_memory_fraction=0.5, attention="sdpa", cuda_graphs="0", cpu_gemv=False,
+             disable_custom_kernels=True, prefix_caching=False, master_port=29999,
+             otlp_endpoint="http://c:4317", num_shard=3),
+        dict(nnodes=2, node_rank=1, num_shard=4, shard_host="10.9.8.7", shard_port_base=6000,
+             shard_secret="s3cret", shard_tls_cert="/c.pem", shard_tls_key="/k.pem",
+             cuda_graphs="4,1"),
+    ],
+)  # fmt: skip
+def test_each_shard_config_survives_its_generated_command_line(tmp_path, monkeypatch, options):
+    """The shards' argv is generated from each rank's ShardConfig: parsed back by the
+    shard's own CLI (the secret from the environment) it gives the same config."""
+    from common.rpc import SECRET_ENV
+    from launcher.config import LauncherConfig
+    from launcher.supervisor import Supervisor
+    from shard.cli import serve, shard_config
+
+    config = LauncherConfig(model_id=str(tmp_path), **options)
+    config.check_limits()
+    supervisor = Supervisor(config, tmp_path)
+    if supervisor.secret:
+        monkeypatch.setenv(SECRET_ENV, supervisor.secret)
+    for rank in config.ranks:
+        expected = supervisor.shard_config(rank)
+        argv = supervisor._shard_args(rank)
+        assert not supervisor.secret or supervisor.secret not in " ".join(argv)
+        params = serve.make_context("shard", argv[argv.index("serve") + 1 :]).params
+        params.pop("json_output"), params.pop("dist_timeout")
+        assert shard_config(**params) == expected, rank
+        assert expected.rank == rank and expected.world_size == config.world_size
