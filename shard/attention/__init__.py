@@ -8,12 +8,12 @@ import importlib.util
 from shard.attention.base import AttentionBackend, AttentionInputs
 from shard.errors import ModelLoadError
 
-# name -> (module, class); a module is imported only when its backend is chosen.
+# name -> (module, class or constructor); a module is imported only when its backend is chosen.
 _REGISTRY = {
     "reference": ("shard.attention.reference", "ReferenceBackend"),  # CPU default
     "sdpa": ("shard.attention.reference", "ReferenceBackend"),  # the same, portable
     "triton": ("shard.attention.triton_backend", "TritonBackend"),
-    "flash-attn": ("shard.attention.flash_backend", "FlashAttnBackend"),
+    "flash-attn": ("shard.attention.flash_backend", "flash_attn_backend"),
 }
 
 

@@ -1,5 +1,5 @@
-"""flash-attn backend: variable-length prefill through `flash_attn_varlen_func`, decode and
-K/V writes through the Triton kernels (the paged cache read in place).
+"""flash-attn backend: the Triton backend (K/V writes, paged decode, CUDA graphs) composed
+with a prefill path through `flash_attn_varlen_func`.
 
 flash-attn 2 reads paged K/V only when a block holds a multiple of 256 tokens: with such
 blocks the prefill passes the block tables and reads the cache in place; with smaller ones
@@ -16,7 +16,7 @@ from flash_attn import flash_attn_varlen_func
 
 from shard.attention.base import AttentionInputs
 from shard.attention.reference import gather_blocks
-from shard.attention.triton_backend import TritonBackend, TritonMetadata
+from shard.attention.triton_backend import TritonBackend
 
 PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2's page size requirement
 
@@ -33,10 +33,15 @@ class _FlashPlan:
     sources: list[tuple[int, int, int, torch.Tensor | None]]
 
 
-class FlashAttnBackend(TritonBackend):
-    name = "flash-attn"
+def flash_attn_backend(name: str | None = None) -> TritonBackend:
+    """The registry's constructor: Triton's decode with flash-attn's prefill."""
+    return TritonBackend(name or "flash-attn", prefill_path=FlashPrefill())
 
-    def plan_prefill(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> _FlashPlan:
+
+class FlashPrefill:
+    """Prefill rows through flash-attn's variable-length kernel (a PrefillPath)."""
+
+    def plan(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> _FlashPlan:
         device, bs = inputs.block_tables.device, inputs.block_size
         new = [inputs.query_lens[i] for i in idx]
         context = [inputs.context_lens[i] for i in idx]
@@ -63,8 +68,7 @@ class FlashAttnBackend(TritonBackend):
             q_index, offsets(new), offsets(context), max(new), max(context), table, sources
         )
 
-    def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
-        plan: _FlashPlan = metadata.prefill
+    def attend(self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale: float, out) -> None:
         q_p = q if plan.q_index is None else q[plan.q_index]
         if plan.block_table is not None:
             k_p, v_p = k_cache, v_cache  # [N, bs, KVH, D], read through the block table

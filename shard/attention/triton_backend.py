@@ -5,12 +5,16 @@ layer, whatever the mix of requests.
 
 Decode metadata is plain device tensors (block tables, context lengths), so a decode
 forward can also be captured in a CUDA graph (see shard/cuda_graphs.py).
+
+The prefill rows go through a `PrefillPath` the backend is built with: Triton's paged
+prefill kernel here; flash-attn's varlen kernel in the flash-attn backend, which is this
+backend composed with that path (shard/attention/flash_backend.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,7 +34,7 @@ class TritonMetadata:
     decode_rows: torch.Tensor | None  # [Bd] rows of q that decode; None when all rows do
     block_tables: torch.Tensor | None  # [Bd, max_blocks] int32; None: no decode rows
     context_lens: torch.Tensor | None  # [Bd] int32, each >= 1
-    prefill: Any = None  # the backend's plan for prefill rows (plan_prefill); None: none
+    prefill: Any = None  # the prefill path's plan for the prefill rows; None: none
 
 
 @dataclass(slots=True)
@@ -39,9 +43,44 @@ class PrefillPlan:
     block_tables: torch.Tensor  # int32 [B, max_blocks], the whole batch's
 
 
+class PrefillPath(Protocol):
+    """How the prefill rows of a forward are attended (their K/V already in the cache)."""
+
+    def plan(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> Any:
+        """Host work for the prefilling requests `idx`, once per forward."""
+        ...
+
+    def attend(self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out) -> None:
+        """Writes the prefill rows of `out` [T, heads, D]."""
+        ...
+
+
+class TritonPrefill:
+    """Triton's paged prefill kernel: blocks of new tokens, causal over any cached prefix."""
+
+    def plan(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> PrefillPlan:
+        programs = prefill_programs(
+            inputs.query_starts, inputs.query_lens, inputs.cache_lens, idx, PREFILL_TOKENS
+        )
+        device = inputs.block_tables.device
+        return PrefillPlan(
+            torch.tensor(programs, dtype=torch.int32, device=device).view(-1, 4),
+            inputs.block_tables.to(torch.int32),
+        )
+
+    def attend(self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale: float, out) -> None:
+        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out)
+
+
 class TritonBackend(AttentionBackend):
+    """Triton K/V writes and paged decode; prefill rows through `prefill_path`."""
+
     name = "triton"
     supports_cuda_graphs = True
+
+    def __init__(self, name: str | None = None, prefill_path: PrefillPath | None = None) -> None:
+        super().__init__(name)
+        self.prefill_path = prefill_path or TritonPrefill()
 
     def prepare(self, inputs: AttentionInputs) -> TritonMetadata:
         device = inputs.block_tables.device
@@ -56,19 +95,8 @@ class TritonBackend(AttentionBackend):
                 rows = [inputs.query_starts[i] for i in decode_idx]
                 meta.decode_rows = torch.tensor(rows, device=device)
         if prefill_idx:
-            meta.prefill = self.plan_prefill(inputs, prefill_idx, bool(decode_idx))
+            meta.prefill = self.prefill_path.plan(inputs, prefill_idx, bool(decode_idx))
         return meta
-
-    def plan_prefill(self, inputs: AttentionInputs, idx: list[int], has_decode: bool) -> Any:
-        """Host work for the prefilling requests `idx`, once per forward."""
-        programs = prefill_programs(
-            inputs.query_starts, inputs.query_lens, inputs.cache_lens, idx, PREFILL_TOKENS
-        )
-        device = inputs.block_tables.device
-        return PrefillPlan(
-            torch.tensor(programs, dtype=torch.int32, device=device).view(-1, 4),
-            inputs.block_tables.to(torch.int32),
-        )
 
     @staticmethod
     def decode_metadata(
@@ -89,10 +117,5 @@ class TritonBackend(AttentionBackend):
         if tables is not None and context is not None:
             rows = metadata.decode_rows
             out[rows] = paged_decode(q[rows], k_cache, v_cache, tables, context, scale)
-        self.attend_prefill(q, k, v, k_cache, v_cache, metadata, scale, out)
+        self.prefill_path.attend(q, k, v, k_cache, v_cache, metadata.prefill, scale, out)
         return out
-
-    def attend_prefill(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, out):
-        """Prefill rows through the paged prefill kernel (their K/V are in the cache)."""
-        plan: PrefillPlan = metadata.prefill
-        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out)
