@@ -55,7 +55,8 @@ class ShardConfig:
     # the router on node 0 uses to reach this rank. None: Unix socket only (one machine).
     grpc_host: str | None = None
     grpc_port_base: int = 50051
-    # Test-only fault hook: when this file exists at a forward, the forward raises (once).
+    # Test-only fault hook (ModelRunner.check_fault): an empty file fails the next forward;
+    # a file holding a marker fails the Prefill of a prompt containing it on every rank.
     fault_file: str | None = None
     # Every RPC must carry this secret (common.rpc); None: no check (TGI's routers send none)
     secret: str | None = field(default=None, repr=False)

@@ -181,7 +181,10 @@ class Scheduler:
         self, admitted: list[Admitted], cached: CachedBatch | None, joins_running: bool = True
     ) -> CachedBatch | None:
         """Prefill of `admitted`, merged with `cached` when given; `joins_running`: the new
-        requests join a running batch (in this call, or in the next Decode's merge)."""
+        requests join a running batch (in this call, or in the next Decode's merge).
+        Invariant: the shards have dropped every failed batch first, since the blocks its
+        requests held may already be the admitted requests'."""
+        await self._clear_failed()
         now = time.monotonic()
         requests = []
         for item in admitted:

@@ -187,7 +187,8 @@ def main() -> None:
     "--fault-file",
     default=SHARD_DEFAULTS["fault_file"],
     hidden=True,
-    help="Test-only: a forward raises (once) while this file exists.",
+    help="Test-only: an empty file fails the next forward; one holding a marker fails the "
+    "Prefill of a prompt containing it, on every rank.",
 )
 @click.option(
     "--disable-custom-kernels",

@@ -192,6 +192,7 @@ class ShardEngine:
         if not specs:
             raise InvalidRequest("Prefill needs at least one request")
         cached = self._get_batch(cached_batch_id) if cached_batch_id is not None else None
+        self.runner.check_fault(tuple(s.inputs for s in specs))
         live = {i for batch in self.batches.values() for i in batch.request_ids}
         requests, refused = self.admission.admit_all(specs, live)
         concat_ns = None

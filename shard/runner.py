@@ -74,6 +74,7 @@ class ModelRunner:
         )
         self.kv: KVCache | None = None  # allocated by Warmup
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
+        self._faults_fired: set[str] = set()  # markers of the test-only fault hook
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
             if not cpu_kernels.has_bf16_instructions():
                 log.warning(
@@ -113,16 +114,27 @@ class ModelRunner:
         """Runs one tiny op on the device; raises if the device is broken."""
         (torch.ones(1, device=self.device) + 1).item()
 
-    def check_fault(self) -> None:
-        """The test-only fault hook (--fault-file): raise inside this forward, once. A file
-        named `<path>.rank<r>` fires on rank r only (a tensor-parallel fault on one rank)."""
+    def check_fault(self, prompts: tuple[str, ...] = ()) -> None:
+        """The test-only fault hook (--fault-file). An empty file: the next forward raises,
+        once (the file is removed; `<path>.rank<r>` fires on rank r only). A file of marker
+        lines: a Prefill of a prompt containing a marker raises on every rank alike, once
+        per marker and rank (ranks stay in step: none of them reaches a collective)."""
         base = self.config.fault_file
         if not base:
             return
         for path in (base, f"{base}.rank{self.parallel.rank}"):
-            if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    markers = f.read().split()
+            except OSError:
+                continue
+            if not markers:
                 os.unlink(path)
                 raise RuntimeError(f"injected fault ({path})")
+            for marker in markers:
+                if marker not in self._faults_fired and any(marker in p for p in prompts):
+                    self._faults_fired.add(marker)
+                    raise RuntimeError(f"injected fault ({marker!r} in a prompt)")
 
     # ---- the KV pool and graphs ----
     def allocate_kv(self, num_blocks: int) -> None:

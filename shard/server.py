@@ -66,7 +66,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
 class TraceInterceptor(grpc.aio.ServerInterceptor):
     """A server span per call, the child of the caller's span sent in its metadata (the
-    router's batch span). Installed only when this shard exports traces."""
+    router's batch span), carrying this shard's rank and the batches the call names.
+    Installed only when this shard exports traces."""
+
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -80,11 +84,29 @@ class TraceInterceptor(grpc.aio.ServerInterceptor):
             with _tracer.start_as_current_span(
                 method, context=parent, kind=trace.SpanKind.SERVER
             ) as span:
+                span.set_attribute("shard.rank", self.rank)
                 if method in ("Prefill", "Decode"):
                     span.set_attribute("batch_size", _batch_size(request))
+                batches = _batch_ids(method, request)
+                if batches is not None:
+                    span.set_attribute("batch_ids", [str(i) for i in batches])  # uint64
                 return await inner(request, context)
 
         return _replace_unary(handler, traced)
+
+
+def _batch_ids(method: str, request) -> list[int] | None:
+    """The batches a batch RPC names (new batch first); None for the others."""
+    if method == "Prefill":
+        cached = [request.cached_batch.id] if request.HasField("cached_batch") else []
+        return [request.batch.id, *cached]
+    if method == "Decode":
+        return [b.id for b in request.batches]
+    if method == "FilterBatch":
+        return [request.batch_id]
+    if method == "ClearCache":
+        return [request.id] if request.HasField("id") else []
+    return None
 
 
 def _batch_size(request) -> int:
@@ -118,13 +140,13 @@ _DENIED = grpc.unary_unary_rpc_method_handler(_deny)
 
 
 def build_server(
-    service: TextGenerationService, secret: str | None, tracing: bool = False
+    service: TextGenerationService, secret: str | None, tracing: bool = False, rank: int = 0
 ) -> grpc.aio.Server:
     """A gRPC server for `service`: message limits lifted, the secret checked when set, a
     span per call when tracing, exceptions turned into statuses (outermost first)."""
     interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
     if tracing:
-        interceptors.insert(0, TraceInterceptor())
+        interceptors.insert(0, TraceInterceptor(rank))
     if secret:
         interceptors.insert(0, SecretInterceptor(secret))
     server = grpc.aio.server(interceptors=interceptors, options=list(MESSAGE_OPTIONS))
@@ -219,7 +241,8 @@ async def serve(
     every rank's advertised URLs, returned by ServiceDiscovery; `worker` is the thread the
     engine was built on."""
     service = TextGenerationService(engine, config, urls, worker)
-    server = build_server(service, config.secret, tracing=config.otlp_endpoint is not None)
+    tracing = config.otlp_endpoint is not None
+    server = build_server(service, config.secret, tracing=tracing, rank=config.rank)
     _remove_socket(config.socket_path)  # a stale file from a killed run
     server.add_insecure_port(config.url)  # in a directory only this user can enter
     if config.tcp_address is not None:

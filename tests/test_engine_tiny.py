@@ -342,3 +342,30 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     assert "float32 is faster" not in caplog.text
     plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).runner.kernel_report()
     assert "batch-1 rows: as the batched path" in plain and "PyTorch linear" in plain
+
+
+def test_fault_hook_files(engine, tmp_path):
+    """Test-only hook: an empty file fails the next check once; `.rank<r>` only rank r's; a
+    file of markers fails a prompt containing one, once per marker (the file stays)."""
+    import dataclasses
+
+    runner = engine.runner
+    saved = runner.config
+    runner.config = dataclasses.replace(saved, fault_file=str(tmp_path / "f"))
+    try:
+        (tmp_path / "f.rank0").write_text("")
+        (tmp_path / "f.rank1").write_text("")
+        with pytest.raises(RuntimeError, match="injected fault"):
+            runner.check_fault()
+        runner.check_fault()  # once: the file is gone
+        assert (tmp_path / "f.rank1").exists()  # another rank's
+        (tmp_path / "f").write_text("MARK-A\nMARK-B\n")
+        runner.check_fault(("no marker here",))
+        with pytest.raises(RuntimeError, match="MARK-B"):
+            runner.check_fault(("x MARK-B y",))
+        runner.check_fault(("x MARK-B y",))  # fired once for this marker
+        with pytest.raises(RuntimeError, match="MARK-A"):
+            runner.check_fault(("MARK-A",))
+        assert (tmp_path / "f").exists()
+    finally:
+        runner.config = saved

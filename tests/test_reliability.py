@@ -269,7 +269,7 @@ def test_hundred_cut_streams_free_every_block_and_spare_the_others(tiny_server):
 
 # ---- 4. faults ----
 def test_fault_in_a_forward_fails_its_batch_with_424_then_recovers(tiny_server):
-    tiny_server.fault_file.write_text("boom")
+    tiny_server.fault_file.write_text("")  # empty: the next forward fails
 
     async def go():
         async with httpx.AsyncClient(base_url=tiny_server.url, timeout=60) as client:
