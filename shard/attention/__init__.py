@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-from shard.attention.base import AttentionBackend, AttentionInputs
+from shard.attention.base import AttentionBackend, AttentionInputs, AttentionMetadata
 from shard.errors import ModelLoadError
 
 # name -> (module, class or constructor); a module is imported only when its backend is chosen.
@@ -49,6 +49,7 @@ def get_backend(name: str) -> AttentionBackend:
 __all__ = [
     "AttentionBackend",
     "AttentionInputs",
+    "AttentionMetadata",
     "available_backends",
     "get_backend",
     "resolve_backend_name",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -35,11 +35,21 @@ class AttentionInputs:
         return [c + q for c, q in zip(self.cache_lens, self.query_lens, strict=True)]
 
 
-class AttentionBackend(ABC):
-    """Computes causal attention over the paged cache for every new token of a batch."""
+class AttentionMetadata(Protocol):
+    """What every backend's per-forward metadata carries (the rest is the backend's own)."""
+
+    slot_mapping: torch.Tensor  # [T] int64: cache slot of each new token; -1 writes nothing
+
+
+M = TypeVar("M", bound=AttentionMetadata)
+
+
+class AttentionBackend(ABC, Generic[M]):
+    """Computes causal attention over the paged cache for every new token of a batch; `M`
+    is the backend's metadata type, built once per forward by `prepare`."""
 
     name: str = "abstract"
-    # Whether decode steps can replay as CUDA graphs: the backend then offers
+    # Whether decode steps can replay as CUDA graphs: the backend then implements
     # `decode_metadata(...)` over fixed-size tensors (no host work per step).
     supports_cuda_graphs: bool = False
 
@@ -48,8 +58,16 @@ class AttentionBackend(ABC):
             self.name = name
 
     @abstractmethod
-    def prepare(self, inputs: AttentionInputs) -> Any:
+    def prepare(self, inputs: AttentionInputs) -> M:
         """Builds backend metadata once per forward (gather indices, masks, ...)."""
+
+    def decode_metadata(
+        self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    ) -> M:
+        """Metadata of an all-decode batch over static tensors (slot_mapping [B], block
+        tables [B, max_blocks] int32, context_lens [B] int32): backends with
+        `supports_cuda_graphs` implement it."""
+        raise NotImplementedError(f"the {self.name} backend cannot decode in CUDA graphs")
 
     def store_kv(
         self,
@@ -57,7 +75,7 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        metadata: Any,
+        metadata: M,
     ) -> None:
         """Writes new K/V [T, kv_heads, D] into their slots (`metadata.slot_mapping` [T])."""
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
@@ -73,7 +91,7 @@ class AttentionBackend(ABC):
         v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        metadata: Any,
+        metadata: M,
         scale: float,
     ) -> torch.Tensor:
         """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D]."""

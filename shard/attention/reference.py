@@ -94,7 +94,7 @@ def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
     return out[0].transpose(0, 1)
 
 
-class ReferenceBackend(AttentionBackend):
+class ReferenceBackend(AttentionBackend[_Metadata]):
     """Runs wherever PyTorch does; registered as "reference" (CPU default) and "sdpa"."""
 
     name = "reference"

@@ -72,7 +72,7 @@ class TritonPrefill:
         paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out)
 
 
-class TritonBackend(AttentionBackend):
+class TritonBackend(AttentionBackend[TritonMetadata]):
     """Triton K/V writes and paged decode; prefill rows through `prefill_path`."""
 
     name = "triton"
@@ -98,9 +98,8 @@ class TritonBackend(AttentionBackend):
             meta.prefill = self.prefill_path.plan(inputs, prefill_idx, bool(decode_idx))
         return meta
 
-    @staticmethod
     def decode_metadata(
-        slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+        self, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
     ) -> TritonMetadata:
         """Metadata of an all-decode batch over the given (static) tensors: no host work
         per forward, as CUDA-graph capture needs."""

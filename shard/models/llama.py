@@ -9,12 +9,11 @@ embedding and LM head by vocabulary.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from shard.attention import AttentionBackend
+from shard.attention import AttentionBackend, AttentionMetadata
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
 from shard.models.linear import Linear
@@ -145,7 +144,7 @@ class LlamaModel:
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: Any,
+        meta: AttentionMetadata,
         kv_cache: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
