@@ -95,33 +95,31 @@ class Supervisor:
 
     # ---- commands for the children ----
     def shard_config(self, rank: int) -> ShardConfig:
-        """Rank `rank`'s config: every field the launcher sets for its shards."""
+        """Rank `rank`'s config: every field the launcher shares with it (by name), the
+        ones it writes otherwise (sizes with units, graph sizes as text), and where."""
         c = self.config
         multi_node = c.nnodes > 1
         tls = multi_node and bool(c.shard_tls_cert and c.shard_tls_key)
+        given = {
+            "model_dir", "uds_path", "rank", "max_input_tokens", "kv_cache_memory", "cuda_graphs",
+            "secret", "otlp_service_name",
+        }  # fmt: skip
+        shared = {f.name for f in fields(ShardConfig)} & {f.name for f in fields(c)} - given
         return ShardConfig(
+            **{name: getattr(c, name) for name in shared},
             model_dir=str(self.model_dir),
             uds_path=self.uds_path,
-            dtype=c.dtype,
-            device=c.device,
             rank=rank,
             world_size=c.world_size,
-            master_addr=c.master_addr,
-            master_port=c.master_port,
             max_input_tokens=c.max_input_tokens or None,
             kv_cache_memory=parse_size(c.kv_cache_memory) if c.kv_cache_memory else None,
-            cuda_memory_fraction=c.cuda_memory_fraction,
-            attention=c.attention,
             cuda_graphs=parse_batch_sizes(c.cuda_graphs),
-            cpu_gemv=c.cpu_gemv,
-            disable_custom_kernels=c.disable_custom_kernels,
             use_prefix_caching=c.prefix_caching,
             grpc_host=c.shard_host if multi_node else None,
             grpc_port_base=c.shard_port_base,
             secret=self.secret,
             tls_cert_file=c.shard_tls_cert if tls else None,
             tls_key_file=c.shard_tls_key if tls else None,
-            otlp_endpoint=c.otlp_endpoint,
             otlp_service_name=c.otlp_service_name.removesuffix(".router") + ".shard",
         )
 
