@@ -112,6 +112,7 @@ class RouterConfig:
     max_batch_size: int | None = None
     max_client_batch_size: int = 4
     validation_workers: int = 2  # threads that tokenize and render chat templates
+    disable_grammar_support: bool = False  # TGI's flag: requests with a grammar get 422
     api_key: str | None = None
     cors_allow_origin: tuple[str, ...] = ()
     payload_limit: int = 2_000_000

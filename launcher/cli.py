@@ -134,6 +134,12 @@ def option(name: str, *short: str, **kwargs):
     help="Router threads that tokenize prompts and render chat templates.",
 )
 @option(
+    "--disable-grammar-support",
+    is_flag=True,
+    default=LAUNCHER_DEFAULTS["disable_grammar_support"],
+    help="Refuse requests with a grammar, response_format or tools (422), as TGI's flag.",
+)
+@option(
     "--otlp-endpoint",
     default=LAUNCHER_DEFAULTS["otlp_endpoint"],
     help="OTLP gRPC collector (e.g. http://127.0.0.1:4317): the router's and the shards' "

@@ -38,6 +38,7 @@ class LauncherConfig:
     max_batch_size: int | None = _ROUTER["max_batch_size"]
     max_client_batch_size: int = _ROUTER["max_client_batch_size"]
     validation_workers: int = _ROUTER["validation_workers"]
+    disable_grammar_support: bool = _ROUTER["disable_grammar_support"]
     hostname: str = _ROUTER["hostname"]
     port: int = _ROUTER["port"]
     prometheus_port: int | None = _ROUTER["prometheus_port"]

@@ -45,11 +45,10 @@ UNSUPPORTED = {
 _SWITCHES = {"--trust-remote-code", "--ngrok"}
 # flag -> why setting it changes nothing (a switch, or a value that is already the case)
 ALREADY = {
-    "--disable-grammar-support": "pytgi has no grammar support to disable",
     "--enable-prefill-logprobs": "prefill log-probabilities (decoder_input_details) are on",
     "--usage-stats": "pytgi sends no usage statistics",
 }
-_ALREADY_SWITCHES = {"--disable-grammar-support", "--enable-prefill-logprobs"}
+_ALREADY_SWITCHES = {"--enable-prefill-logprobs"}
 ATTENTION_NAMES = {"paged": "auto", "flashdecoding": "auto", "flashinfer": "auto"}
 _FALSE = {"", "0", "false", "no", "off"}
 

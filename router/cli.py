@@ -202,6 +202,12 @@ def start_metrics_server(state, config: RouterConfig) -> uvicorn.Server:
     help="Threads that tokenize prompts and render chat templates.",
 )
 @click.option(
+    "--disable-grammar-support",
+    is_flag=True,
+    default=ROUTER_DEFAULTS["disable_grammar_support"],
+    help="Refuse requests with a grammar, response_format or tools (422), as TGI's flag.",
+)
+@click.option(
     "--api-key",
     default=ROUTER_DEFAULTS["api_key"],
     envvar="API_KEY",

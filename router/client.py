@@ -11,6 +11,7 @@ import asyncio
 
 import grpc
 
+from common.grammar import JSON, LARK, REGEX
 from common.pb import pb, pb_grpc
 from common.rpc import MESSAGE_OPTIONS, secret_metadata
 from common.tracing import context_metadata
@@ -48,6 +49,12 @@ def _params_pb(
             seed=params.seed,
             repetition_penalty=params.repetition_penalty,
             frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+            logit_bias=dict(params.logit_bias),
+            grammar=params.grammar.text if params.grammar else "",
+            grammar_type=(
+                _GRAMMAR_TYPES[params.grammar.kind] if params.grammar else pb.GRAMMAR_TYPE_NONE
+            ),
         ),
         pb.StoppingCriteriaParameters(
             max_new_tokens=params.max_new_tokens,
@@ -55,6 +62,13 @@ def _params_pb(
             ignore_eos_token=params.ignore_eos,
         ),
     )
+
+
+_GRAMMAR_TYPES = {
+    JSON: pb.GRAMMAR_TYPE_JSON,
+    REGEX: pb.GRAMMAR_TYPE_REGEX,
+    LARK: pb.GRAMMAR_TYPE_LARK,
+}
 
 
 def request_pb(request: ShardRequest) -> pb.Request:

@@ -7,7 +7,7 @@ import itertools
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
@@ -104,6 +104,19 @@ class RouterState:
         )
         self.scheduler.submit(entry)
         return entry
+
+    async def submit_n(self, valid: ValidRequest, n: int) -> list[Entry]:
+        """`n` runs of `valid` (seeds seed, seed + 1, ...). With prefix caching the others
+        wait for the first one's prompt, then read its cached blocks instead of computing
+        the prompt again."""
+        first = self.submit(valid)
+        if n == 1:
+            return [first]
+        if self.scheduler.allocator.prefix_caching:
+            await first.prompt_done.wait()
+        seed = valid.params.seed
+        more = [replace(valid.params, seed=(seed + i) % 2**64) for i in range(1, n)]
+        return [first] + [self.submit(valid, params) for params in more]
 
     async def stream(self, entry: Entry) -> AsyncIterator[GenerationOut]:
         """Yields the entry's generations; raises HTTPError on failure. If the consumer goes

@@ -47,6 +47,8 @@ class Entry:
     span_context: Any = None
     # Stream of GenerationOut, ended by one whose `finished` is set or by a Failure.
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # set at its first token (its prompt's K/V are then in the prefix cache) or its failure
+    prompt_done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def max_total_tokens(self) -> int:
@@ -61,6 +63,7 @@ class Entry:
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
+            self.prompt_done.set()
         self.num_generated += len(generation.tokens)
         if generation.finished is not None:
             self.state, self.finished_at = State.DONE, now
@@ -70,6 +73,7 @@ class Entry:
         if self.state is State.DONE:
             return
         self.state, self.finished_at = State.DONE, time.monotonic()
+        self.prompt_done.set()
         self.events.put_nowait(failure)
 
     def cancel(self) -> None:

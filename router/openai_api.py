@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from router.core import HTTPError, RouterState, collect_or_cancel, state_of
+from router.entry import Entry
 from router.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -20,8 +21,9 @@ from router.schemas import (
     _OpenAICommon,
 )
 from router.stops import StopMatcher, trim_at_stop
-from router.streaming import finite_or_none, sse, start_stream
+from router.streaming import finite_or_none, merged, sse, start_stream
 from router.tgi_api import tokenized_json
+from router.tools import CallStreamer, ToolPlan, parse_call, plan_tools, tools_in_prompt
 from router.types import GenerationOut, TokenOut
 from router.validation import ValidationError, ValidRequest
 
@@ -38,10 +40,6 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 def _parameters(body: _OpenAICommon, max_tokens: int | None, top_n: int) -> GenerateParameters:
     """OpenAI fields -> TGI parameters. As TGI: temperature 0 is greedy, otherwise sample."""
-    if body.n not in (None, 1):
-        raise ValidationError("`n` > 1 is not supported; send several requests")
-    if body.presence_penalty:
-        raise ValidationError("`presence_penalty` is not supported; use `frequency_penalty`")
     temperature = body.temperature
     do_sample = temperature != 0.0
     return GenerateParameters(
@@ -53,10 +51,42 @@ def _parameters(body: _OpenAICommon, max_tokens: int | None, top_n: int) -> Gene
         seed=body.seed,
         stop=_stops(body.stop),
         frequency_penalty=body.frequency_penalty or None,
+        presence_penalty=body.presence_penalty or None,
+        logit_bias=body.logit_bias or None,
         repetition_penalty=body.repetition_penalty,
         top_n_tokens=top_n or None,
         ignore_eos=body.ignore_eos,
     )
+
+
+def response_grammar(fmt: object) -> dict | None:
+    """Chat `response_format` -> TGI's grammar object. OpenAI's forms: {"type": "text"},
+    {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name", "schema",
+    "strict"}}; TGI's: {"type": "json" | "json_object" | "json_schema" | "regex", "value"}."""
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise ValidationError('`response_format` must be an object with a "type"')
+    kind = fmt["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object" and "value" not in fmt:
+        return {"type": "json", "value": {"type": "object"}}  # any JSON object
+    if kind == "json_schema" and "value" not in fmt:
+        return {"type": "json_schema", "value": fmt.get("json_schema")}
+    return fmt
+
+
+def _choices_per_prompt(state: RouterState, body: _OpenAICommon, prompts: int = 1) -> int:
+    """`n`: completions per prompt; prompts x n at most --max-client-batch-size."""
+    n = 1 if body.n is None else body.n
+    limit = state.settings.max_client_batch_size
+    if n < 1 or n * prompts > limit:
+        raise ValidationError(
+            f"`n` must be at least 1, and `n` x prompts at most {limit} "
+            f"(--max-client-batch-size). Given: n={n} for {prompts} prompt(s)"
+        )
+    return n
 
 
 def _usage(valids: list[ValidRequest], generated: int) -> dict:
@@ -102,30 +132,50 @@ def _messages(body: ChatCompletionRequest) -> list[dict]:
                     )
                 parts.append(part.get("text", ""))
             content = "".join(parts)
-        messages.append({"role": m.role, "content": content or ""})
+        message: dict = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            message["name"] = m.name
+        if m.tool_calls:  # an assistant's calls reach the template as sent
+            message["tool_calls"] = m.tool_calls
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
     return messages
 
 
-async def _templated(state: RouterState, body: ChatCompletionRequest) -> str:
-    """The chat request's prompt: its messages through the model's chat template."""
+async def _templated(
+    state: RouterState, body: ChatCompletionRequest, plan: ToolPlan | None = None
+) -> str:
+    """The chat request's prompt: its messages (and tools) through the model's chat template."""
     if not body.messages:
         raise ValidationError("`messages` cannot be empty")
-    if body.tools:
-        raise ValidationError("`tools` are not supported by this server")
-    if body.response_format is not None:
-        raise ValidationError("`response_format` (grammar) is not supported by this server")
-    if state.chat_template is None:
+    template = state.chat_template
+    if template is None:
         raise ValidationError("this model has no chat template; use /v1/completions")
-    return await state.validator.run(state.chat_template.render, _messages(body))
+    messages = _messages(body)
+    if plan is not None and template.takes_tools:
+        return await state.validator.run(template.render, messages, plan.tools)
+    if plan is not None:
+        tools_in_prompt(messages, plan, body.tool_prompt)
+    return await state.validator.run(template.render, messages)
 
 
-async def _validate_chat(state: RouterState, body: ChatCompletionRequest) -> ValidRequest:
+async def _validate_chat(
+    state: RouterState, body: ChatCompletionRequest
+) -> tuple[ValidRequest, ToolPlan | None]:
     top_n = (body.top_logprobs or 0) if body.logprobs else 0
     if body.top_logprobs and not body.logprobs:
         raise ValidationError("`top_logprobs` requires `logprobs` to be true")
     params = _parameters(body, body.max_completion_tokens or body.max_tokens, top_n)
-    prompt = await _templated(state, body)
-    return await state.validator.validate(prompt, params, add_special_tokens=False)
+    params.grammar = response_grammar(body.response_format)
+    plan = plan_tools(body.tools, body.tool_choice)
+    if plan is not None:
+        if params.grammar is not None:
+            raise ValidationError("use `tools` or `response_format`, not both")
+        params.grammar = plan.grammar
+    prompt = await _templated(state, body, plan)
+    valid = await state.validator.validate(prompt, params, add_special_tokens=False)
+    return valid, plan
 
 
 @api.post("/chat_tokenize", summary="The chat template's prompt for these messages, tokenized")
@@ -134,7 +184,7 @@ async def chat_tokenize(request: Request, body: ChatCompletionRequest) -> Respon
     The template already holds the special tokens, so none are added."""
     state = state_of(request)
     async with state.slot():
-        prompt = await _templated(state, body)
+        prompt = await _templated(state, body, plan_tools(body.tools, body.tool_choice))
         validator = state.validator
         tokens = await validator.run(tokenized_json, validator.tokenizer, prompt, False)
     content = b'{"tokenize_response": ' + tokens + b', "templated_text": '
@@ -159,8 +209,9 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if body.stream:
 
         async def make():
-            valid = await _validate_chat(state, body)
-            return _chat_stream(state, body, valid, request_id, stops)
+            n = _choices_per_prompt(state, body)
+            valid, plan = await _validate_chat(state, body)
+            return _chat_stream(state, body, valid, plan, n, request_id, stops)
 
         return await start_stream(state, make)
     return JSONResponse(await run_chat(state, request, body, request_id))
@@ -169,61 +220,117 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 async def run_chat(
     state: RouterState, request: Request, body: ChatCompletionRequest, request_id: str
 ) -> dict:
-    """A non-streamed chat completion, as its JSON object."""
+    """A non-streamed chat completion (its `n` choices), as its JSON object."""
     stops = _stops(body.stop)
     async with state.slot():
-        valid = await _validate_chat(state, body)
-        [generations] = await collect_or_cancel(state, request, [state.submit(valid)])
-    finished = generations[-1].finished
-    assert finished is not None
+        n = _choices_per_prompt(state, body)
+        valid, plan = await _validate_chat(state, body)
+        results = await collect_or_cancel(state, request, await state.submit_n(valid, n))
     response = _base("chat.completion", state, request_id)
     response["choices"] = [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": trim_at_stop(finished.text, stops)},
-            "logprobs": _chat_logprobs(generations) if body.logprobs else None,
-            "finish_reason": FINISH[finished.finish_reason],
-        }
+        _chat_choice(index, generations, body, plan, stops)
+        for index, generations in enumerate(results)
     ]
-    response["usage"] = _usage([valid], finished.generated_tokens)
+    generated = sum(g[-1].finished.generated_tokens for g in results if g[-1].finished)
+    response["usage"] = _usage([valid], generated)
     return response
+
+
+def _chat_choice(
+    index: int,
+    generations: list[GenerationOut],
+    body: ChatCompletionRequest,
+    plan: ToolPlan | None,
+    stops: list[str],
+) -> dict:
+    finished = generations[-1].finished
+    assert finished is not None
+    message: dict = {"role": "assistant", "content": trim_at_stop(finished.text, stops)}
+    finish_reason = FINISH[finished.finish_reason]
+    call = parse_call(finished.text) if plan is not None else None
+    if call is not None:  # OpenAI's shape: no content, the call, finish "tool_calls"
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        finish_reason = "tool_calls"
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": _chat_logprobs(generations) if body.logprobs else None,
+        "finish_reason": finish_reason,
+    }
 
 
 async def _chat_stream(
     state: RouterState,
     body: ChatCompletionRequest,
     valid: ValidRequest,
+    plan: ToolPlan | None,
+    n: int,
     request_id: str,
     stops: list[str],
 ) -> AsyncIterator[bytes]:
+    """The chunks of every choice as they come, then the usage (if asked) and [DONE]."""
     base = _base("chat.completion.chunk", state, request_id)
+    entries = await state.submit_n(valid, n)
+    generated = [0] * len(entries)
+    choices = [
+        _chat_choice_chunks(state, body, entry, index, plan, stops, generated)
+        for index, entry in enumerate(entries)
+    ]
+    async for chunk in merged(choices):
+        yield sse({**base, "choices": [chunk], "usage": None} if "index" in chunk else chunk)
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": _usage([valid], sum(generated))})
+    yield sse("[DONE]")
+
+
+async def _chat_choice_chunks(
+    state: RouterState,
+    body: ChatCompletionRequest,
+    entry: Entry,
+    index: int,
+    plan: ToolPlan | None,
+    stops: list[str],
+    generated: list[int],
+) -> AsyncIterator[dict]:
+    """One choice's chunks (an error ends it with the error's own event)."""
     matcher = StopMatcher(stops)  # OpenAI leaves stop sequences out of the text
+    calls = CallStreamer() if plan is not None else None
     try:
-        async for generation in state.stream(state.submit(valid)):
+        async for generation in state.stream(entry):
             finished = generation.finished
             for i, token in enumerate(generation.tokens):
                 piece = "" if token.special else token.text  # EOS and friends never reach text
-                text = matcher.push(piece, finished is not None)
+                reason = FINISH[finished.finish_reason] if finished else None
+                if calls is not None:
+                    for delta in calls.push(piece, finished is not None):
+                        yield {"index": index, "delta": {"role": "assistant", **delta},
+                               "logprobs": None, "finish_reason": None}  # fmt: skip
+                    if finished is None:
+                        continue
+                    reason = "tool_calls" if calls.is_call else reason
+                    text = ""
+                else:
+                    text = matcher.push(piece, finished is not None)
                 choice = {
-                    "index": 0,
+                    "index": index,
                     "delta": {"role": "assistant", "content": text},
                     "logprobs": None,
-                    "finish_reason": FINISH[finished.finish_reason] if finished else None,
+                    "finish_reason": reason,
                 }
                 if body.logprobs:
                     top = generation.top_tokens[i] if i < len(generation.top_tokens) else []
                     choice["logprobs"] = {"content": [_chat_logprob(token, top)]}
-                yield sse({**base, "choices": [choice], "usage": None})
-            if finished is not None and body.stream_options and body.stream_options.include_usage:
-                yield sse(
-                    {**base, "choices": [], "usage": _usage([valid], finished.generated_tokens)}
-                )
-        yield sse("[DONE]")
+                yield choice
+            if finished is not None:
+                generated[index] = finished.generated_tokens
     except HTTPError as exc:
-        yield sse({"error": exc.message, "error_type": exc.error_type})
+        yield {"error": exc.message, "error_type": exc.error_type}
 
 
-async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list[ValidRequest]:
+async def _validate_prompts(
+    state: RouterState, body: CompletionRequest
+) -> tuple[list[ValidRequest], int]:
+    """The prompts, validated, and `n` (completions per prompt)."""
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise ValidationError("`prompt` cannot be empty")
@@ -232,19 +339,27 @@ async def _validate_prompts(state: RouterState, body: CompletionRequest) -> list
             f"`prompt` holds {len(prompts)} prompts; "
             f"at most {state.settings.max_client_batch_size} are allowed"
         )
+    if body.suffix:
+        raise ValidationError(
+            "`suffix` is not supported; put the text around the prompt yourself (as TGI)"
+        )
     if body.best_of not in (None, 1):
         raise ValidationError("`best_of` is not supported on /v1/completions")
+    n = _choices_per_prompt(state, body, len(prompts))
     params = _parameters(body, body.max_tokens or 16, body.logprobs or 0)
-    return list(await asyncio.gather(*(state.validator.validate(p, params) for p in prompts)))
+    valids = await asyncio.gather(*(state.validator.validate(p, params) for p in prompts))
+    return list(valids), n
 
 
-def _completion_logprobs(generations: list[GenerationOut]) -> dict:
+def _completion_logprobs(generations: list[GenerationOut], position: int = 0) -> dict:
+    """OpenAI's legacy logprobs of these generations' tokens; `position`: the text offset of
+    the first one (a stream's chunks continue where the last left off)."""
     tokens = [t for g in generations for t in g.tokens]
     top = [
         {t.text: finite_or_none(t.logprob) for t in g.top_tokens[0]} if g.top_tokens else None
         for g in generations
     ]
-    offsets, position = [], 0
+    offsets = []
     for t in tokens:
         offsets.append(position)
         position += len(t.text)
@@ -264,15 +379,17 @@ async def completions(request: Request, body: CompletionRequest):
     if body.stream:
 
         async def make():
-            valids = await _validate_prompts(state, body)
-            return _completion_stream(state, body, valids, request_id, stops)
+            valids, n = await _validate_prompts(state, body)
+            return _completion_stream(state, body, valids, n, request_id, stops)
 
         return await start_stream(state, make)
     async with state.slot():
-        valids = await _validate_prompts(state, body)
-        results = await collect_or_cancel(state, request, [state.submit(v) for v in valids])
+        valids, n = await _validate_prompts(state, body)
+        entries = await _submit_each(state, valids, n)
+        results = await collect_or_cancel(state, request, entries)
     choices, generated = [], 0
-    for index, (valid, generations) in enumerate(zip(valids, results, strict=True)):
+    for index, generations in enumerate(results):
+        valid = valids[index // n]  # choices: n per prompt, in prompt order
         finished = generations[-1].finished
         assert finished is not None
         generated += finished.generated_tokens
@@ -291,55 +408,67 @@ async def completions(request: Request, body: CompletionRequest):
     return JSONResponse(response)
 
 
+async def _submit_each(state: RouterState, valids: list[ValidRequest], n: int) -> list[Entry]:
+    """`n` runs of each prompt, n per prompt in prompt order."""
+    groups = await asyncio.gather(*(state.submit_n(v, n) for v in valids))
+    return [entry for group in groups for entry in group]
+
+
 async def _completion_stream(
     state: RouterState,
     body: CompletionRequest,
     valids: list[ValidRequest],
+    n: int,
     request_id: str,
     stops: list[str],
 ) -> AsyncIterator[bytes]:
     base = _base("text_completion", state, request_id)
-    queue: asyncio.Queue = asyncio.Queue()
+    entries = await _submit_each(state, valids, n)
+    generated = [0] * len(entries)
+    choices = [
+        _completion_chunks(state, body, valids[i // n], entry, i, stops, generated)
+        for i, entry in enumerate(entries)
+    ]
+    async for chunk in merged(choices):
+        yield sse({**base, "choices": [chunk], "usage": None} if "index" in chunk else chunk)
+    if body.stream_options and body.stream_options.include_usage:
+        yield sse({**base, "choices": [], "usage": _usage(valids, sum(generated))})
+    yield sse("[DONE]")
 
-    async def pump(index: int, valid: ValidRequest) -> None:
-        matcher = StopMatcher(stops)
-        try:
-            async for generation in state.stream(state.submit(valid)):
-                finished = generation.finished
-                piece = "".join(t.text for t in generation.tokens if not t.special)
-                text = matcher.push(piece, finished is not None)
-                choice = {
-                    "index": index,
-                    "text": text,
-                    "logprobs": None,
-                    "finish_reason": FINISH[finished.finish_reason] if finished else None,
-                }
-                await queue.put((choice, finished.generated_tokens if finished else 0))
-        except HTTPError as exc:
-            await queue.put(exc)
-        finally:
-            await queue.put(None)
 
-    tasks = [asyncio.ensure_future(pump(i, v)) for i, v in enumerate(valids)]
+async def _completion_chunks(
+    state: RouterState,
+    body: CompletionRequest,
+    valid: ValidRequest,
+    entry: Entry,
+    index: int,
+    stops: list[str],
+    generated: list[int],
+) -> AsyncIterator[dict]:
+    """One choice's chunks (an error ends it with the error's own event)."""
+    matcher = StopMatcher(stops)
+    echo, position = body.echo, 0  # the prompt opens the first chunk when echoed
     try:
-        remaining, generated = len(tasks), 0
-        while remaining:
-            item = await queue.get()
-            if item is None:
-                remaining -= 1
-                continue
-            if isinstance(item, HTTPError):
-                yield sse({"error": item.message, "error_type": item.error_type})
-                continue
-            choice, count = item
-            generated += count
-            yield sse({**base, "choices": [choice], "usage": None})
-        if body.stream_options and body.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": _usage(valids, generated)})
-        yield sse("[DONE]")
-    finally:
-        for task in tasks:
-            task.cancel()
+        async for generation in state.stream(entry):
+            finished = generation.finished
+            piece = "".join(t.text for t in generation.tokens if not t.special)
+            text = matcher.push(piece, finished is not None)
+            if echo:
+                text, echo = valid.inputs + text, False
+            logprobs = None
+            if body.logprobs:  # as in the whole reply: offsets within the completion
+                logprobs = _completion_logprobs([generation], position)
+                position += sum(len(t.text) for t in generation.tokens)
+            if finished is not None:
+                generated[index] = finished.generated_tokens
+            yield {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": FINISH[finished.finish_reason] if finished else None,
+            }
+    except HTTPError as exc:
+        yield {"error": exc.message, "error_type": exc.error_type}
 
 
 @api.get("/v1/models", summary="The served model")

@@ -33,9 +33,19 @@ class GenerateParameters(_Body):
     truncate: int | None = Field(None, description="Keep only the last truncate prompt tokens")
     typical_p: float | None = Field(None, description="Typical sampling, 0 < typical_p < 1")
     watermark: bool = Field(False, description="Not supported: rejected when true")
-    grammar: Any | None = Field(None, description="Not supported: rejected when set")
+    grammar: Any | None = Field(
+        None,
+        description='{"type": "json" | "json_schema" | "regex", "value": ...}: the output'
+        " follows this JSON schema or regex",
+    )
     adapter_id: str | None = Field(None, description="Not supported: rejected when set")
     ignore_eos: bool = Field(False, description="Keep generating past EOS (extension, as vLLM)")
+    presence_penalty: float | None = Field(
+        None, description="OpenAI's presence penalty, -2..2 (extension: the chat APIs' field)"
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="OpenAI's token id -> bias in -100..100 (extension)"
+    )
 
 
 class GenerateRequest(_Body):
@@ -57,6 +67,8 @@ class ChatMessage(_Body):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a "tool" message: the call it answers
 
 
 class _OpenAICommon(_Body):
@@ -70,6 +82,7 @@ class _OpenAICommon(_Body):
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as text) -> bias, -100..100
     n: int | None = None
     ignore_eos: bool = False
     top_k: int | None = None
@@ -82,11 +95,14 @@ class ChatCompletionRequest(_OpenAICommon):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any | None = None  # "auto" (default with tools), "none", "required", a name
+    tool_prompt: str | None = None  # TGI's: put before the tools when the template takes none
     response_format: Any | None = None
 
 
 class CompletionRequest(_OpenAICommon):
     prompt: str | list[str]
+    suffix: str | None = None  # refused (422), as TGI
     logprobs: int | None = None
     echo: bool = False
     best_of: int | None = None

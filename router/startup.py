@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from jinja2.exceptions import TemplateError
 from tokenizers import Tokenizer
 
 from common.allocator import BlockAllocator
@@ -44,7 +45,12 @@ def load_tokenizer(name: str) -> tuple[Tokenizer, ChatTemplate | None]:
     if not path.exists():
         raise StartupError(f"--tokenizer-name {name}: no tokenizer.json there")
     source = load_template(directory)
-    template = ChatTemplate(source, _special_tokens(directory)) if source else None
+    try:
+        template = ChatTemplate(source, _special_tokens(directory)) if source else None
+    except TemplateError as exc:
+        line = getattr(exc, "lineno", "?")
+        message = f"the chat template of {name} does not compile: {exc} (line {line})"
+        raise StartupError(message) from None
     return Tokenizer.from_file(str(path)), template
 
 
@@ -172,6 +178,7 @@ async def build_state(config: RouterConfig) -> RouterState:
         max_best_of=config.max_best_of,
         max_stop_sequences=config.max_stop_sequences,
         max_top_n_tokens=config.max_top_n_tokens,
+        grammar_support=not config.disable_grammar_support,
     )
     return RouterState(
         settings=server_settings(config),

@@ -148,6 +148,12 @@ async def stream_events(
 
 async def _tgi_stream(state: RouterState, body: GenerateRequest) -> StreamingResponse:
     async def make():
+        if body.parameters is not None and body.parameters.decoder_input_details:
+            raise HTTPError(  # as TGI: a stream has no place for the prompt's details
+                422,
+                "validation",
+                "`decoder_input_details` == true is not supported when streaming tokens",
+            )
         valid = await _validated(state, body)
         if valid.best_of > 1:
             raise HTTPError(422, "validation", "`best_of` != 1 is not allowed for this endpoint")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.grammar import GrammarSpec
+
 
 @dataclass(frozen=True, slots=True)
 class Params:
@@ -18,12 +20,15 @@ class Params:
     seed: int = 0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     truncate: int = 0  # 0: off
     prefill_logprobs: bool = False
     top_n_tokens: int = 0
     add_special_tokens: bool = True
+    grammar: GrammarSpec | None = None  # the output's JSON schema or regex
 
 
 @dataclass(slots=True)

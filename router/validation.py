@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from tokenizers import Tokenizer
 
+from common.grammar import REGEX, GrammarCache, GrammarSpec, json_schema_spec
 from router.schemas import GenerateParameters
 from router.types import Params
 
@@ -34,6 +35,7 @@ class Limits:
     max_top_n_tokens: int = 5
     # Characters per stop sequence: the stream's hold-back and the shard's check scale with it.
     max_stop_sequence_length: int = 1024
+    grammar_support: bool = True  # False: --disable-grammar-support
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,30 @@ def _check_uint32(name: str, value: int | None) -> None:
         raise ValidationError(f"`{name}` must be < 2^32. Given: {value}")
 
 
+def parse_grammar(value: object) -> GrammarSpec:
+    """A grammar object as TGI takes it (`parameters.grammar`, chat `response_format`)."""
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ValidationError(
+            'grammar must be {"type": "json" | "json_schema" | "regex", "value": ...}'
+        )
+    kind, content = value["type"], value.get("value")
+    try:
+        if kind in ("json", "json_object"):
+            return json_schema_spec({"type": "object"} if content is None else content)
+        if kind == "json_schema":  # {"name": ..., "schema": {...}, "strict": ...}
+            if not isinstance(content, dict) or "schema" not in content:
+                raise ValueError('a json_schema grammar\'s value is {"name", "schema"}')
+            return json_schema_spec(content["schema"])
+    except ValueError as exc:
+        raise ValidationError(f"invalid grammar: {exc}") from None
+    if kind == "regex":
+        if not isinstance(content, str) or not content:
+            raise ValidationError("a regex grammar's value must be a non-empty string")
+        check_text("grammar", content)
+        return GrammarSpec(REGEX, content)
+    raise ValidationError(f"unknown grammar type {kind!r}: json, json_schema or regex")
+
+
 def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool):
     """The tokenizer's encoding of `text`. Through `encode_batch`, which lets go of the GIL
     while it works: `encode` held it for the whole of a 2 MB prompt (~2 s during which the
@@ -87,7 +113,15 @@ def encode(tokenizer: Tokenizer, text: str, add_special_tokens: bool):
     return tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]
 
 
-FLOAT_FIELDS = ("temperature", "top_p", "typical_p", "repetition_penalty", "frequency_penalty")
+FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
+MAX_LOGIT_BIAS = 1024  # entries in one request's logit_bias
 
 
 _tracer = trace.get_tracer("pytgi.router")
@@ -98,6 +132,7 @@ class Validator:
         self.tokenizer = tokenizer
         self.limits = limits
         self.workers = workers
+        self._grammars = GrammarCache(tokenizer, None, [])
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize")
 
     async def run(self, fn, *args):
@@ -142,9 +177,10 @@ class Validator:
             raise ValidationError(
                 f"`repetition_penalty` must be strictly positive. Given: {p.repetition_penalty}"
             )
-        fp = p.frequency_penalty
-        if fp is not None and not -2.0 <= fp <= 2.0:
-            raise ValidationError(f"`frequency_penalty` must be >= -2.0 and <= 2.0. Given: {fp}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(p, name)
+            if value is not None and not -2.0 <= value <= 2.0:
+                raise ValidationError(f"`{name}` must be >= -2.0 and <= 2.0. Given: {value}")
         _check_range("top_p", p.top_p, 0.0, 1.0)
         _check_range("typical_p", p.typical_p, 0.0, 1.0)
         if p.top_k is not None and p.top_k <= 0:
@@ -179,11 +215,42 @@ class Validator:
             raise ValidationError(f"`seed` must be >= 0 and < 2^64. Given: {p.seed}")
         if p.watermark:
             raise ValidationError("`watermark` is not supported by this server")
-        if p.grammar is not None:
-            raise ValidationError("`grammar` is not supported by this server")
         if p.adapter_id:
             raise ValidationError("`adapter_id` is not supported by this server (no LoRA adapters)")
         return p, best_of
+
+    def _logit_bias(self, given: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (id, float32 bias) pairs, ids ascending."""
+        if not given:
+            return ()
+        if len(given) > MAX_LOGIT_BIAS:
+            raise ValidationError(f"`logit_bias` holds at most {MAX_LOGIT_BIAS} tokens")
+        vocab = self.tokenizer.get_vocab_size()
+        pairs = []
+        for key, bias in given.items():
+            token = int(key) if str(key).isdigit() else -1
+            if not 0 <= token < vocab:
+                raise ValidationError(f"`logit_bias` keys are token ids below {vocab}: {key!r}")
+            value = as_float32("logit_bias", bias)
+            if value is None or not -100 <= value <= 100:
+                raise ValidationError(f"`logit_bias` values are in [-100, 100]. Given: {bias}")
+            pairs.append((token, value))
+        return tuple(sorted(pairs))
+
+    async def check_grammar(self, value: object) -> GrammarSpec | None:
+        """TGI's `grammar` ({"type": "json" | "json_object" | "json_schema" | "regex",
+        "value": ...}) as a spec the engine compiles (in a worker thread: a large schema
+        takes milliseconds); 422 with the engine's reason when it cannot be used."""
+        if value is None:
+            return None
+        if not self.limits.grammar_support:
+            raise ValidationError("grammar is not supported (--disable-grammar-support)")
+        spec = value if isinstance(value, GrammarSpec) else parse_grammar(value)
+        try:
+            await self.run(self._grammars.matcher, spec)
+        except ValueError as exc:
+            raise ValidationError(f"invalid grammar: {exc}") from None
+        return spec
 
     async def validate(
         self, inputs: str, p: GenerateParameters, add_special_tokens: bool = True
@@ -196,6 +263,7 @@ class Validator:
     ) -> ValidRequest:
         started = time.monotonic()
         p, best_of = self._check_parameters(p)
+        grammar = await self.check_grammar(p.grammar)
         if not inputs:
             raise ValidationError("`inputs` cannot be empty")
         check_text("inputs", inputs)
@@ -215,6 +283,7 @@ class Validator:
                 f"Given: {input_length} `inputs` tokens and {max_new} `max_new_tokens`"
             )
         seed = p.seed if p.seed is not None else random.getrandbits(63)
+        logit_bias = self._logit_bias(p.logit_bias)
         params = Params(
             max_new_tokens=max_new,
             temperature=p.temperature if p.temperature is not None else 1.0,
@@ -225,12 +294,15 @@ class Validator:
             seed=seed,
             repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
             frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            logit_bias=logit_bias,
             stop=tuple(p.stop),
             ignore_eos=p.ignore_eos,
             truncate=p.truncate or 0,
             prefill_logprobs=p.decoder_input_details,
             top_n_tokens=p.top_n_tokens or 0,
             add_special_tokens=add_special_tokens,
+            grammar=grammar,
         )
         seconds = time.monotonic() - started
         return ValidRequest(inputs, input_length, params, best_of, tuple(ids), seconds)

@@ -23,6 +23,7 @@ from shard.batch import Refusal, RequestSpec, RequestState
 from shard.claims import BlockClaims
 from shard.detokenize import IncrementalDetokenizer
 from shard.errors import InvalidRequest, OutOfBlocks, ShardError
+from shard.grammar import Grammar, GrammarCompiler
 from shard.sampling import TokenChooser
 from shard.spec import ModelSpec
 from shard.stopping import StoppingCriteria
@@ -49,6 +50,9 @@ class Admission:
         self.num_blocks = 0  # the KV pool's blocks, block 0 reserved
         self.claims = BlockClaims(block_size)  # blocks of every live request
         self.free_blocks: list[int] = []  # shard-numbered blocks not in use
+        self.grammars = GrammarCompiler(
+            tokenizer, model_spec.vocab_size, list(model_spec.eos_token_ids)
+        )
         self.router_numbered = False  # a request named its blocks since the last Warmup
 
     def reset_pool(self, num_blocks: int) -> None:
@@ -71,6 +75,7 @@ class Admission:
                 if spec.id in seen:
                     raise InvalidRequest(f"request id {spec.id} is already in use")
                 prompt = self._validate(spec)
+                grammar = self.grammars.compile(spec.grammar) if spec.grammar else None
                 clash = spec.blocks != [0] and self.claims.conflict(spec.blocks, spec.cache_len)
                 if clash:
                     raise InvalidRequest(f"request {spec.id}: {clash}")
@@ -80,7 +85,7 @@ class Admission:
                 refused.append(Refusal(spec.id, _refusal_message(spec.id, exc)))
                 continue
             seen.add(spec.id)
-            request = self._admit(spec, prompt)
+            request = self._admit(spec, prompt, grammar)
             self.claims.add(request)
             self.router_numbered |= bool(spec.blocks) and spec.blocks != [0]
             admitted.append(request)
@@ -110,6 +115,12 @@ class Admission:
             raise InvalidRequest(
                 f"request {rid}: token id {max(prompt)} is outside the vocabulary of "
                 f"{self.model_spec.vocab_size}"
+            )
+        biased = [t for t, _ in spec.sampling.logit_bias if t >= self.model_spec.vocab_size]
+        if biased:
+            raise InvalidRequest(
+                f"request {rid}: logit_bias names token {biased[0]}, outside the vocabulary "
+                f"of {self.model_spec.vocab_size}"
             )
         if spec.top_n_tokens > self.model_spec.vocab_size:
             raise InvalidRequest(
@@ -177,7 +188,7 @@ class Admission:
         if spec.slots and any(s != blocks[p // bs] * bs + p % bs for p, s in enumerate(spec.slots)):
             raise InvalidRequest(f"request {rid}: slots disagree with blocks")
 
-    def _admit(self, spec: RequestSpec, prompt: list[int]) -> RequestState:
+    def _admit(self, spec: RequestSpec, prompt: list[int], grammar: Grammar | None) -> RequestState:
         blocks, owns = list(spec.blocks), False
         if not blocks:  # shard-numbered (Warmup, a client without an allocator)
             count = self._blocks_needed(len(prompt), spec)
@@ -198,7 +209,7 @@ class Admission:
             blocks=blocks,
             num_computed=spec.cache_len,
             chunk_len=spec.chunk_len,
-            chooser=TokenChooser(spec.sampling, self.device),
+            chooser=TokenChooser(spec.sampling, self.device, grammar),
             stopping=stopping,
             detokenizer=IncrementalDetokenizer(len(prompt)),
             top_n_tokens=spec.top_n_tokens,

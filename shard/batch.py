@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from common.grammar import GrammarSpec
 from shard.detokenize import IncrementalDetokenizer
 from shard.sampling import SamplingParams, TokenChooser
 from shard.stopping import FinishReason, StoppingCriteria
@@ -36,6 +37,7 @@ class RequestSpec:
     add_special_tokens: bool = True
     chunk_len: int | None = None
     input_ids: list[int] | None = None  # pre-tokenized prompt (warmup); skips `inputs`
+    grammar: GrammarSpec | None = None  # output constrained to a JSON schema or a regex
     unsupported: str | None = None  # set at the wire edge: why this request is refused
 
 

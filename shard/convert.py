@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from common.grammar import JSON, LARK, REGEX, GrammarSpec
 from common.pb import pb
 from shard.batch import CachedBatchInfo, Generation, RequestSpec, StepResult, TokenInfo
 from shard.engine import EngineInfo, WarmupResult
@@ -23,11 +24,24 @@ def _unsupported(request: pb.Request) -> str | None:
         return f"request {request.id}: image inputs are not supported"
     if params.watermark:
         return f"request {request.id}: watermark is not supported"
-    if params.grammar or params.grammar_type != pb.GRAMMAR_TYPE_NONE:
-        return f"request {request.id}: grammar-constrained decoding is not supported"
+    if params.grammar_type not in _GRAMMAR_KINDS:
+        return f"request {request.id}: unknown grammar type {params.grammar_type}"
     if request.HasField("adapter_id") and request.adapter_id:
         return f"request {request.id}: LoRA adapters (adapter_id) are not supported"
     return None
+
+
+_GRAMMAR_KINDS = {
+    pb.GRAMMAR_TYPE_NONE: None,
+    pb.GRAMMAR_TYPE_JSON: JSON,
+    pb.GRAMMAR_TYPE_REGEX: REGEX,
+    pb.GRAMMAR_TYPE_LARK: LARK,
+}
+
+
+def _grammar(params: pb.NextTokenChooserParameters) -> GrammarSpec | None:
+    kind = _GRAMMAR_KINDS.get(params.grammar_type)
+    return GrammarSpec(kind, params.grammar) if kind is not None else None
 
 
 def request_from_pb(request: pb.Request) -> RequestSpec:
@@ -47,6 +61,8 @@ def request_from_pb(request: pb.Request) -> RequestSpec:
             seed=p.seed,
             repetition_penalty=p.repetition_penalty,
             frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
+            logit_bias=tuple(sorted(p.logit_bias.items())),
         ),
         max_new_tokens=stop.max_new_tokens,
         stop_sequences=list(stop.stop_sequences),
@@ -59,6 +75,7 @@ def request_from_pb(request: pb.Request) -> RequestSpec:
         cache_len=request.cache_len,
         add_special_tokens=request.add_special_tokens,
         chunk_len=request.chunk_len if request.HasField("chunk_len") else None,
+        grammar=_grammar(p),
         unsupported=_unsupported(request),
         input_ids=list(request.input_ids) or None,
     )

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shard.errors import InvalidRequest
+from shard.grammar import Grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,8 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0  # OpenAI's: once per token already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias): OpenAI's logit_bias
 
     def validate(self) -> None:
         """Raises InvalidRequest naming the first bad value.
@@ -37,6 +40,7 @@ class SamplingParams:
             "typical_p",
             "repetition_penalty",
             "frequency_penalty",
+            "presence_penalty",
         ):
             if not math.isfinite(getattr(self, name)):
                 raise InvalidRequest(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -48,10 +52,18 @@ class SamplingParams:
             raise InvalidRequest(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.repetition_penalty <= 0:
             raise InvalidRequest(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for token, bias in self.logit_bias:
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise InvalidRequest(f"logit_bias of token {token} must be in [-100, 100]")
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or bool(self.logit_bias)
+        )
 
     @property
     def is_sampling(self) -> bool:
@@ -75,10 +87,17 @@ class Choice:
 
 
 class TokenChooser:
-    """Per-request chooser: holds the generator and the counts for the frequency penalty."""
+    """Per-request chooser: holds the generator, the counts for the frequency penalty and
+    the request's grammar, if any."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        params: SamplingParams,
+        device: torch.device | str = "cpu",
+        grammar: Grammar | None = None,
+    ) -> None:
         self.params = params
+        self.grammar = grammar
         self.generator: torch.Generator | None = None
         if params.is_sampling:
             self.generator = torch.Generator(device=device)
@@ -86,10 +105,15 @@ class TokenChooser:
         self.generated_counts: Counter[int] = Counter()
 
     def apply_penalties(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
-        """logits [V] -> penalised copy. Repetition: HF's rule over prompt + output;
-        frequency: OpenAI's rule, minus penalty x count over generated tokens."""
+        """logits [V] -> penalised copy. Logit bias first (OpenAI: before anything else);
+        repetition: HF's rule over prompt + output; frequency and presence: OpenAI's rule,
+        minus penalty x count, and minus penalty once, over generated tokens."""
         p = self.params
         logits = logits.clone()
+        if p.logit_bias:
+            ids = torch.tensor([t for t, _ in p.logit_bias], device=logits.device)
+            biases = torch.tensor([b for _, b in p.logit_bias], dtype=logits.dtype)
+            logits[ids] += biases.to(logits.device)
         if p.repetition_penalty != 1.0 and history:
             ids = torch.tensor(sorted(set(history)), device=logits.device)
             picked = logits[ids]
@@ -102,6 +126,9 @@ class TokenChooser:
                 list(self.generated_counts.values()), dtype=logits.dtype, device=logits.device
             )
             logits[ids] -= p.frequency_penalty * counts
+        if p.presence_penalty != 0.0 and self.generated_counts:
+            ids = torch.tensor(list(self.generated_counts), device=logits.device)
+            logits[ids] -= p.presence_penalty
         return logits
 
     def warp(self, logits: torch.Tensor) -> torch.Tensor:
@@ -126,8 +153,20 @@ class TokenChooser:
             logits = _typical(logits, p.typical_p)
         return logits
 
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [V] -> -inf wherever the grammar forbids the token."""
+        assert self.grammar is not None
+        allowed = self.grammar.allowed().to(logits.device)
+        return logits.masked_fill(~allowed, float("-inf"))
+
     def record(self, token_id: int) -> None:
         self.generated_counts[token_id] += 1
+        if self.grammar is not None:
+            self.grammar.advance(token_id)
+
+    @property
+    def grammar_complete(self) -> bool:
+        return self.grammar is not None and self.grammar.is_complete
 
 
 def _typical(logits: torch.Tensor, mass: float) -> torch.Tensor:
@@ -158,6 +197,8 @@ def choose_tokens(
     rows, changed = [], False
     for i, chooser in enumerate(choosers):
         row = logits[i]
+        if chooser.grammar is not None:
+            row, changed = chooser.constrain(row), True
         if chooser.params.has_penalties:
             row, changed = chooser.apply_penalties(row, histories[i]), True
         if chooser.params.is_sampling:

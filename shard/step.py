@@ -20,6 +20,7 @@ from shard.batch import (
 from shard.inputs import prepare_forward
 from shard.runner import ModelRunner
 from shard.sampling import Choice, choose_tokens
+from shard.stopping import FinishReason
 
 
 class BatchHost(Protocol):
@@ -125,6 +126,8 @@ def _advance(host: BatchHost, request: RequestState, choice: Choice) -> Generati
     request.all_ids.append(choice.token_id)
     text = request.detokenizer.step(host.tokenizer, request.all_ids)
     reason = request.stopping.step(choice.token_id, text)
+    if reason is None and request.chooser.grammar_complete:
+        reason = FinishReason.EOS_TOKEN  # the grammar allows nothing more: as at EOS
     generation = Generation(
         request_id=request.id,
         tokens=_token_info(host, [choice.token_id], [choice.logprob], [text]),

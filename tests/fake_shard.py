@@ -39,6 +39,7 @@ class FakeShard:
     forwards: list[dict] = field(default_factory=list)  # per forward: tokens, request ids
     fail_on: set[str] = field(default_factory=set)  # methods that raise once
     calls: list[str] = field(default_factory=list)
+    requests: list[ShardRequest] = field(default_factory=list)  # every request prefilled
     in_flight: int = 0  # batch calls running now; above 1, ranks could see two orders
     max_in_flight: int = 0
 
@@ -90,6 +91,7 @@ class FakeShard:
         self, batch_id: int, requests: list[ShardRequest], cached: CachedBatch | None
     ) -> StepOut:
         await self._enter("prefill")
+        self.requests.extend(requests)
         new = [
             _Req(r.id, len(r.inputs.split()), r.params.max_new_tokens, r.chunk_len, list(r.blocks))
             for r in requests

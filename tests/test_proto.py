@@ -98,6 +98,7 @@ def test_extensions_are_numbered_from_100_on_info_and_prefill():
                 "cuda_graph_batch_sizes",
             ]
         ),
+        "NextTokenChooserParameters": ["logit_bias", "presence_penalty"],
         "PrefillResponse": ["refused"],
         "Request": ["input_ids"],
     }
@@ -145,6 +146,7 @@ def test_enums_and_oneof():
         "GRAMMAR_TYPE_NONE": 0,
         "GRAMMAR_TYPE_JSON": 1,
         "GRAMMAR_TYPE_REGEX": 2,
+        "GRAMMAR_TYPE_LARK": 100,  # pytgi's extension, numbered 100+ as its fields
     }
     assert dict(pb.FinishReason.items()) == {
         "FINISH_REASON_LENGTH": 0,

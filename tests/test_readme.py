@@ -23,7 +23,7 @@ def test_curl_examples(server):
         for c in block.replace("\\\n", " ").splitlines()
         if c.strip()
     ]
-    assert len(commands) == 3
+    assert len(commands) == 4
     for command in commands:
         command = command.replace("localhost:3000", server.url.removeprefix("http://"))
         result = subprocess.run(

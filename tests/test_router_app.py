@@ -27,7 +27,7 @@ class HealthyFake(FakeShard):
             raise RuntimeError("shard 0 is gone")
 
 
-def make_state(tokenizer_dir, **settings) -> RouterState:
+def make_state(tokenizer_dir, grammar_support: bool = True, **settings) -> RouterState:
     tokenizer, template = load_tokenizer(str(tokenizer_dir))
     metrics = Metrics()
     scheduler = Scheduler(
@@ -35,7 +35,10 @@ def make_state(tokenizer_dir, **settings) -> RouterState:
     )
     return RouterState(
         settings=ServerSettings(model_id="fake", **settings),
-        validator=Validator(tokenizer, Limits(max_input_tokens=1000, max_total_tokens=2000)),
+        validator=Validator(
+            tokenizer,
+            Limits(max_input_tokens=1000, max_total_tokens=2000, grammar_support=grammar_support),
+        ),
         scheduler=scheduler,
         metrics=metrics,
         shard_info=ShardInfo("float32", "cpu", 16, True, True, "reference"),
@@ -218,3 +221,114 @@ async def test_info_reports_the_validation_workers(client_for):
     state.validator = Validator(state.validator.tokenizer, state.validator.limits, workers=3)
     assert (await client.get("/info")).json()["validation_workers"] == 3
     assert state.validator._pool._max_workers == 3
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    "path, extra, expected",
+    [
+        ("/generate", {"parameters": {"grammar": {"type": "json", "value": SCHEMA}}}, SCHEMA),
+        ("/generate", {"parameters": {"grammar": {"type": "json", "value": json.dumps(SCHEMA)}}},
+         SCHEMA),
+        ("/generate", {"parameters": {"grammar": {"type": "json_schema",
+                                                   "value": {"name": "n", "schema": SCHEMA}}}},
+         SCHEMA),
+        ("/generate", {"parameters": {"grammar": {"type": "regex", "value": "[0-9]+"}}},
+         "[0-9]+"),
+        ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "n", "schema": SCHEMA, "strict": True}}}, SCHEMA),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}},
+         {"type": "object"}),
+        ("/v1/chat/completions", {"response_format": {"type": "json", "value": SCHEMA}}, SCHEMA),
+        ("/v1/chat/completions", {"response_format": {"type": "regex", "value": "a+"}}, "a+"),
+        ("/v1/chat/completions", {"response_format": {"type": "text"}}, None),
+    ],
+)  # fmt: skip
+async def test_each_grammar_form_reaches_the_shards_as_its_schema_or_regex(
+    client_for, path, extra, expected
+):
+    from common.grammar import JSON, REGEX
+
+    state, client = await client_for()
+    body = {"inputs": "a b"} if path == "/generate" else {"messages": [{"role": "user",
+                                                                        "content": "hi"}]}  # fmt: skip
+    body = {**body, **extra}
+    body.setdefault("parameters", {})["max_new_tokens"] = 2
+    if path != "/generate":
+        body["max_tokens"] = 2
+    reply = await client.post(path, json=body)
+    assert reply.status_code == 200, reply.text
+    grammar = state.scheduler.client.requests[-1].params.grammar
+    if expected is None:
+        assert grammar is None
+    elif isinstance(expected, str):
+        assert grammar.kind == REGEX and grammar.text == expected
+    else:
+        assert grammar.kind == JSON and json.loads(grammar.text) == expected
+
+
+async def test_disable_grammar_support_refuses_grammars_and_response_formats(client_for):
+    state, client = await client_for(grammar_support=False)
+    grammar = {"type": "regex", "value": "a+"}
+    reply = await client.post("/generate", json={"inputs": "x", "parameters": {"grammar": grammar}})
+    assert reply.status_code == 422 and "--disable-grammar-support" in reply.json()["error"]
+    chat = {"messages": [{"role": "user", "content": "hi"}], "response_format": grammar}
+    reply = await client.post("/v1/chat/completions", json=chat)
+    assert reply.status_code == 422 and "--disable-grammar-support" in reply.json()["error"]
+    plain = await client.post(
+        "/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}}
+    )
+    assert plain.status_code == 200
+
+
+async def test_presence_penalty_and_logit_bias_reach_the_shards(client_for):
+    state, client = await client_for()
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "presence_penalty": 0.5, "logit_bias": {"42": -100, "7": 2.5}}  # fmt: skip
+    reply = await client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 200, reply.text
+    params = state.scheduler.client.requests[-1].params
+    assert params.presence_penalty == 0.5 and params.logit_bias == ((7, 2.5), (42, -100.0))
+    completion = {"prompt": "hi", "max_tokens": 2, "logit_bias": {"3": 1}}
+    assert (await client.post("/v1/completions", json=completion)).status_code == 200
+    assert state.scheduler.client.requests[-1].params.logit_bias == ((3, 1.0),)
+
+
+async def test_n_choices_for_chat_and_completions_streamed_or_not(client_for):
+    state, client = await client_for()
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 3,
+            "temperature": 0.8, "seed": 5}  # fmt: skip
+    reply = (await client.post("/v1/chat/completions", json=chat)).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2]
+    assert reply["usage"]["completion_tokens"] == 9
+    seeds = [r.params.seed for r in state.scheduler.client.requests[-3:]]
+    assert seeds == [5, 6, 7]  # each choice its own seed
+    lines = []
+    async with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True,
+                             "stream_options": {"include_usage": True}}) as stream:  # fmt: skip
+        async for line in stream.aiter_lines():
+            if line.startswith("data: {"):
+                lines.append(json.loads(line[6:]))
+    finishes = [c["index"] for x in lines for c in x["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [0, 1, 2] and lines[-1]["usage"]["completion_tokens"] == 9
+    completion = {"prompt": ["a b", "c d"], "max_tokens": 2, "n": 2}
+    reply = (await client.post("/v1/completions", json=completion)).json()
+    assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
+    assert reply["usage"]["completion_tokens"] == 8 and reply["usage"]["prompt_tokens"] > 0
+    chunks = []
+    async with client.stream("POST", "/v1/completions", json={**completion, "stream": True}) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"]) == [
+        0, 1, 2, 3]  # fmt: skip
+
+
+async def test_chat_without_max_tokens_may_use_the_context_left(client_for):
+    state, client = await client_for()
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    request = state.scheduler.client.requests[-1]
+    assert request.params.max_new_tokens == 2000 - len(request.input_ids)  # max_total_tokens

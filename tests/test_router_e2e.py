@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import httpx
 import pytest
@@ -290,3 +291,199 @@ def test_platform_routes_and_headers_on_real_processes(server):
     tokens = httpx.post(url + "/chat_tokenize", json=chat, timeout=60).json()
     assert "Hi" in tokens["templated_text"] and tokens["tokenize_response"]
     assert "/vertex" in httpx.get(url + "/api-doc/openapi.json").json()["paths"]
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "city": {"enum": ["Paris", "London", "Rome"]},
+    },
+    "required": ["name", "age", "city"],
+}
+
+
+def test_structured_output_through_the_real_clients(server):
+    """TGI's grammar (text-generation), response_format (openai, huggingface_hub), streamed
+    and not: every output parses and validates; the grammar's end ends the request."""
+    import json
+
+    import jsonschema
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+    from text_generation import Client
+    from text_generation.types import Grammar, GrammarType
+
+    def check(text: str) -> None:
+        jsonschema.validate(json.loads(text), PERSON)
+
+    tgi = Client(server.url, timeout=120)
+    prompt = "Describe a person as JSON:"
+    reply = tgi.generate(prompt, max_new_tokens=100, grammar=Grammar(type=GrammarType.Json,
+                                                                     value=PERSON))  # fmt: skip
+    check(reply.generated_text)
+    assert reply.details.finish_reason.value == "eos_token"
+    regex = Grammar(type=GrammarType.Regex, value=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+    streamed = list(tgi.generate_stream("Today's date:", max_new_tokens=20, grammar=regex))
+    assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", streamed[-1].generated_text)
+    messages = [{"role": "user", "content": "Give me a person as JSON."}]
+    openai = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    schema_format = {"type": "json_schema",
+                     "json_schema": {"name": "person", "schema": PERSON, "strict": True}}  # fmt: skip
+    chat = openai.chat.completions.create(
+        model="x", messages=messages, max_tokens=100, temperature=0, response_format=schema_format
+    )
+    check(chat.choices[0].message.content)
+    assert chat.choices[0].finish_reason == "stop"
+    stream = openai.chat.completions.create(
+        model="x", messages=messages, max_tokens=100, temperature=0, stream=True,
+        response_format=schema_format,
+    )  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == (
+        chat.choices[0].message.content
+    )
+    anything = openai.chat.completions.create(
+        model="x", messages=messages, max_tokens=100, temperature=0.7, seed=3,
+        response_format={"type": "json_object"},
+    )  # fmt: skip
+    content = anything.choices[0].message.content  # any object: it may run past max_tokens
+    assert content.startswith("{")
+    if anything.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(content), dict)
+    hub = InferenceClient(model=server.url, timeout=120)
+    out = hub.chat_completion(
+        messages, max_tokens=100, temperature=0, response_format=schema_format
+    )
+    assert out.choices[0].message.content == chat.choices[0].message.content
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30},
+                           "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+        },
+    },
+}  # fmt: skip
+
+
+def test_tool_calls_through_the_real_clients(server):
+    """tools with tool_choice required and named: OpenAI's tool_calls, streamed as OpenAI
+    streams them; the call and the tool's answer go back in the next turn; a name that is
+    not a tool is a 422; huggingface_hub's client reads the same call."""
+    import json
+
+    import jsonschema
+    import openai as openai_module
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    arguments_schema = WEATHER_TOOL["function"]["parameters"]
+    reply = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=60, temperature=0, tools=[WEATHER_TOOL],
+        tool_choice="required",
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    jsonschema.validate(json.loads(call.function.arguments), arguments_schema)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=60, temperature=0, tools=[WEATHER_TOOL],
+        tool_choice=named, stream=True,
+    )  # fmt: skip
+    chunks = [c for c in stream if c.choices]
+    deltas = [d for c in chunks for d in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    streamed = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(streamed) == json.loads(call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    follow_up = messages + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21}'},
+    ]
+    answer = client.chat.completions.create(
+        model="x", messages=follow_up, max_tokens=20, temperature=0, tools=[WEATHER_TOOL],
+        tool_choice="none",
+    )  # fmt: skip
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+    with pytest.raises(openai_module.UnprocessableEntityError):
+        client.chat.completions.create(
+            model="x", messages=messages, max_tokens=10, tools=[WEATHER_TOOL],
+            tool_choice={"type": "function", "function": {"name": "get_stock"}},
+        )  # fmt: skip
+    hub = InferenceClient(model=server.url, timeout=120)
+    out = hub.chat_completion(messages, max_tokens=60, temperature=0, tools=[WEATHER_TOOL],
+                              tool_choice="required")  # fmt: skip
+    hub_call = out.choices[0].message.tool_calls[0]
+    assert hub_call.function.name == "get_weather"
+    hub_arguments = hub_call.function.arguments  # OpenAI's JSON string (TGI sent an object)
+    assert json.loads(hub_arguments) == json.loads(call.function.arguments)
+
+
+def test_logit_bias_and_presence_penalty_through_the_openai_client(server, smollm_dir):
+    from openai import OpenAI
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(smollm_dir / "tokenizer.json"))
+    forced = tokenizer.token_to_id("Ġbanana")
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": QUESTION}]
+    reply = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=3, temperature=0, logit_bias={str(forced): 100}
+    )
+    assert reply.choices[0].message.content == " banana banana banana"
+    penalised = client.chat.completions.create(
+        model="x", messages=messages, max_tokens=3, temperature=0, logit_bias={str(forced): 100},
+        presence_penalty=2.0,
+    )  # fmt: skip
+    assert penalised.choices[0].message.content == " banana banana banana"  # +100 outweighs -2
+    plain = client.completions.create(
+        model="x", prompt="The capital of France is", max_tokens=2, temperature=0,
+        logit_bias={str(forced): -100, str(tokenizer.token_to_id("ĠParis")): -100},
+    )  # fmt: skip
+    assert "Paris" not in plain.choices[0].text
+
+
+def test_streamed_completions_honour_logprobs_and_echo(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    options = dict(model="x", prompt="The three primary colors are", max_tokens=6,
+                   temperature=0, logprobs=2, echo=True)  # fmt: skip
+    whole = client.completions.create(**options).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(**options, stream=True)]
+    assert "".join(c.text for c in chunks) == whole.text
+    assert whole.text.startswith("The three primary colors are")
+    tokens = [t for c in chunks for t in c.logprobs.tokens]
+    assert tokens == whole.logprobs.tokens
+    streamed = [x for c in chunks for x in c.logprobs.token_logprobs]
+    assert streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    assert [x for c in chunks for x in c.logprobs.text_offset] == whole.logprobs.text_offset
+    assert all(len(top) == 2 for c in chunks for top in c.logprobs.top_logprobs)
+
+
+def test_n_choices_share_the_prompt_blocks(server):
+    """n = 3: the second and third choices read the first one's cached prompt."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    before = server.metric("pytgi_prefix_cache_hits")
+    prompt = "Write one sentence about the sea, the wind and the stars over the harbour tonight."
+    reply = client.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": prompt}], max_tokens=8,
+        temperature=0.9, seed=11, n=3,
+    )  # fmt: skip
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert len({c.message.content for c in reply.choices}) > 1  # their own seeds
+    assert reply.usage.completion_tokens == 24
+    assert server.metric("pytgi_prefix_cache_hits") - before >= 2

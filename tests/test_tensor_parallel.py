@@ -7,9 +7,11 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import pytest
 
+from common.grammar import GrammarSpec
 from router.client import ShardedClient
 from router.types import Params, ShardRequest
 from tests.conftest import free_port
@@ -39,12 +41,18 @@ class ShardGroup:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
 
-    def generate(self, prompts: list[str], new_tokens: int) -> tuple[dict, dict]:
+    def generate(self, prompts: list[str], new_tokens: int, grammars=None) -> tuple[dict, dict]:
+        """`grammars`: request index -> GrammarSpec for constrained rows."""
+        grammars = grammars or {}
+
         async def go():
             client = await ShardedClient.connect(f"unix://{self.uds}-0")
             await client.warmup(None, 64, 1024)
             params = Params(max_new_tokens=new_tokens, ignore_eos=True, add_special_tokens=False)
-            requests = [ShardRequest(i, p, params, [], 16) for i, p in enumerate(prompts)]
+            requests = [
+                ShardRequest(i, p, replace(params, grammar=grammars.get(i)), [], 16)
+                for i, p in enumerate(prompts)
+            ]
             tokens, logprobs = {}, {}
             step = await client.prefill(1, requests, None)
             while True:
@@ -66,11 +74,14 @@ class ShardGroup:
             p.wait(timeout=30)
 
 
-def _single(model_dir, prompts, new_tokens):
+def _single(model_dir, prompts, new_tokens, grammars=None):
+    grammars = grammars or {}
     engine = make_engine(model_dir)
-    c = run_to_end(
-        engine, 1, [spec(i, p, new_tokens, ignore_eos=True) for i, p in enumerate(prompts)]
-    )
+    specs = [
+        spec(i, p, new_tokens, ignore_eos=True, grammar=grammars.get(i))
+        for i, p in enumerate(prompts)
+    ]
+    c = run_to_end(engine, 1, specs)
     return c.tokens, c.logprobs
 
 
@@ -99,11 +110,17 @@ def test_smollm_three_shards_equal_one(smollm_dir, tmp_path):
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tiny_model_equal_tokens_at_2_and_4_shards(tiny_model_dir, tmp_path, world_size):
+    """Constrained rows too: every rank runs the same grammar and masks alike."""
+    from common.grammar import REGEX, json_schema_spec
+
     prompts = ["The quick brown fox", "Hello there", "1 2 3 4 5 6 7", "In a hole in the ground"]
-    expected, _ = _single(tiny_model_dir, prompts, 8)
+    prompts += ["A record:", "A code:"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    grammars = {4: json_schema_spec(schema), 5: GrammarSpec(REGEX, "[A-Z]{3}-[0-9]{2}")}
+    expected, _ = _single(tiny_model_dir, prompts, 8, grammars)
     group = ShardGroup(tiny_model_dir, world_size, tmp_path)
     try:
-        tokens, _ = group.generate(prompts, 8)
+        tokens, _ = group.generate(prompts, 8, grammars)
     finally:
         group.stop()
     assert tokens == expected

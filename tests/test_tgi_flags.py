@@ -50,10 +50,10 @@ def test_switches_set_false_in_the_environment_are_not_set():
 
 def test_settings_that_change_nothing_are_logged_and_dropped():
     notes: list[str] = []
-    args = translate(["--disable-grammar-support", "--usage-stats", "off", "--port", "1"],
+    args = translate(["--usage-stats", "off", "--port", "1"],
                      {"ENABLE_PREFILL_LOGPROBS": "true"}, notes.append)  # fmt: skip
     assert args == ["--port", "1"]
-    assert len(notes) == 3 and all("changes nothing" in n for n in notes)
+    assert len(notes) == 2 and all("changes nothing" in n for n in notes)
 
 
 def test_max_input_length_is_the_alias_of_max_input_tokens():

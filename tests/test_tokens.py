@@ -41,6 +41,21 @@ def test_frequency_penalty_counts_generated_tokens():
     assert out.tolist() == [-0.5, 0.0, -1.0]
 
 
+def test_presence_penalty_counts_each_generated_token_once_and_logit_bias_comes_first():
+    chooser = TokenChooser(SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
+    for token in (2, 2, 0):
+        chooser.record(token)
+    out = chooser.apply_penalties(torch.zeros(3), [])
+    assert out.tolist() == [-0.75, 0.0, -1.0]
+    biased = SamplingParams(logit_bias=((0, -100.0), (2, 5.0)))
+    assert _choose(torch.tensor([3.0, 1.0, 0.0]), biased).token_id == 2
+    assert TokenChooser(biased).apply_penalties(torch.zeros(3), []).tolist() == [-100.0, 0.0, 5.0]
+    with pytest.raises(InvalidRequest, match="logit_bias"):
+        SamplingParams(logit_bias=((1, 101.0),)).validate()
+    with pytest.raises(InvalidRequest, match="presence_penalty"):
+        SamplingParams(presence_penalty=math.inf).validate()
+
+
 def test_top_k_top_p_typical_filter():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     assert torch.isinf(TokenChooser(SamplingParams(do_sample=True, top_k=2)).warp(logits)[2:]).all()
