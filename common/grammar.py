@@ -149,8 +149,13 @@ class GrammarCache:
                 eos_token=self._eos or None,
             )
         matcher = llguidance.LLMatcher(self._lltok, grammar_source(spec), log_level=0)
+        mask = matcher.compute_bitmask()  # some errors (an empty language) show only here
         if matcher.is_error():
-            raise ValueError(f"the grammar cannot be used: {matcher.get_error().strip()}")
-        if not any(matcher.compute_bitmask()):
+            reason = " ".join(matcher.get_error().split("<state>")[0].split())[:500]
+            if reason == "NoExtensionBias":  # llguidance's word for an empty language
+                reason = "no text matches it"
+            raise ValueError(f"the grammar cannot be used: {reason}")
+        size = self._vocab_size
+        if not any(mask[i // 8] >> (i % 8) & 1 for i in range(size)):
             raise ValueError("the grammar cannot be used: it allows no output")
         return matcher

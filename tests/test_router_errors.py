@@ -45,6 +45,7 @@ CASES = [
     (G, gen(grammar={"type": "json", "value": "{not json"}), 422, "validation"),
     (G, gen(grammar={"type": "regex", "value": "(a|b"}), 422, "validation"),
     (G, gen(grammar={"type": "regex", "value": ""}), 422, "validation"),
+    (G, gen(grammar={"type": "regex", "value": "[^\\s\\S]"}), 422, "validation"),  # matches nothing
     (G, gen(grammar={"type": "yaml", "value": "a"}), 422, "validation"),
     (G, gen(grammar={"type": "json_schema", "value": {"name": "x"}}), 422, "validation"),
     (G, gen(grammar="json"), 422, "validation"),

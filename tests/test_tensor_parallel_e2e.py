@@ -1,4 +1,5 @@
-"""The router issue's real-client tests, through the launcher with 3 tensor-parallel shards."""
+"""The real-client tests (router, structured output, tool calls), through the launcher on the
+default model with 3 tensor-parallel shards."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from tests.test_router_e2e import (  # noqa: F401 - collected again here with th
     test_openai_client,
     test_sixteen_concurrent_equal_alone,
     test_stop_sequence_is_trimmed_for_openai_and_kept_for_tgi,
+    test_structured_output_through_the_real_clients,
     test_text_generation_client,
+    test_tool_calls_through_the_real_clients,
 )
 
 

@@ -146,3 +146,15 @@ def test_chat_templates_get_the_environment_transformers_gives_them(tmp_path, sm
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m }")
     with pytest.raises(StartupError, match="chat template .* does not compile"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "pattern, reason",
+    [(r"[^\s\S]", "no text matches it"), ("(a|b", "unclosed group"), ("a{0}", "no output")],
+)
+def test_a_grammar_without_output_is_refused_with_its_reason(grammars, pattern, reason):
+    from common.grammar import REGEX, GrammarSpec
+
+    tokenizer, _ = grammars
+    with pytest.raises(ValueError, match=reason):
+        GrammarCache(tokenizer, None, []).matcher(GrammarSpec(REGEX, pattern))
