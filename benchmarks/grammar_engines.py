@@ -75,22 +75,14 @@ def measure_llguidance(tokenizer: Tokenizer, ids: list[int]) -> None:
 
 
 def byte_level_vocabulary(tokenizer: Tokenizer) -> dict[bytes, list[int]]:
-    """GPT-2 byte-level tokens ('Ġ' for a space) back to their bytes."""
-    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + extra)] = b
-            extra += 1
+    """outlines-core's vocabulary: each token's bytes (as pytgi reads them) -> its ids."""
+    from common.grammar import token_bytes
+
+    tokens, special = token_bytes(tokenizer, tokenizer.get_vocab_size())
     vocab: dict[bytes, list[int]] = {}
-    for token, token_id in tokenizer.get_vocab(with_added_tokens=False).items():
-        try:
-            raw = bytes(table[c] for c in token)
-        except KeyError:
-            continue
-        vocab.setdefault(raw, []).append(token_id)
+    for token_id, raw in enumerate(tokens):
+        if token_id not in special and raw:
+            vocab.setdefault(raw, []).append(token_id)
     return vocab
 
 
