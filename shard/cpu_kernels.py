@@ -2,14 +2,17 @@
 
 torch's extension builder compiles it with the machine's own instruction set into
 $TORCH_EXTENSIONS_DIR (by default ~/.cache/torch_extensions); the name carries a hash of the
-source and of this CPU's flags, so a change of either builds afresh. `make install` builds it
-ahead (`python -m shard.cpu_kernels`); a shard that finds no compiler logs one
-warning and keeps the pure-PyTorch decode path.
+source, this CPU's flags, the compiler flags and torch's version, so a change of any builds
+afresh. A module already built under that name is imported directly: torch's builder would
+compile again whenever the source sits at another path (another checkout, a worktree), as
+its build file names the path. `make install` builds it ahead (`python -m shard.cpu_kernels`);
+a shard that finds no compiler logs one warning and keeps the pure-PyTorch decode path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import platform
 import threading
@@ -43,8 +46,25 @@ def has_bf16_instructions(flags: str | None = None) -> bool:
 
 
 def _name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + str(FLAGS).encode())
+    key = SOURCE.read_bytes() + _cpu_flags().encode() + str(FLAGS).encode()
+    digest = hashlib.sha256(key + torch.__version__.encode())
     return f"pytgi_cpu_kernels_{digest.hexdigest()[:12]}"
+
+
+def _built(name: str) -> Any | None:
+    """The module built earlier under `name`, imported without torch's builder; None if
+    there is none."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    library = Path(_get_build_directory(name, False)) / f"{name}.so"
+    if not library.exists():
+        return None
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load() -> Any | None:
@@ -55,8 +75,9 @@ def load() -> Any | None:
             try:
                 from torch.utils.cpp_extension import load as build
 
-                _state["module"] = build(
-                    name=_name(),
+                name = _name()
+                _state["module"] = _built(name) or build(
+                    name=name,
                     sources=[str(SOURCE)],
                     extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"],

@@ -104,6 +104,7 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, caplog):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(cpu_kernels, "_state", {})  # forget the module built earlier
+    monkeypatch.setattr(cpu_kernels, "_built", lambda name: None)  # a machine with none built
     monkeypatch.setattr(extension, "load", no_compiler)
     assert cpu_kernels.load() is None
     assert "CPU decode kernel unavailable" in caplog.text and "no C++ compiler" in caplog.text
@@ -111,3 +112,27 @@ def test_without_a_compiler_the_torch_path_serves(monkeypatch, caplog):
     meta = ReferenceBackend().prepare(decode)
     assert meta.decode_tables is None and meta.decode_blocks is not None  # gather + SDPA
     assert Linear(torch.randn(8, 4), gemv=True).plain is None
+
+
+def test_a_built_kernel_loads_from_another_checkout_without_a_compiler(kernels, tmp_path):
+    """The module `make install` built is imported as it is: a shard whose source sits at
+    another path (another checkout, a worktree) and that has no compiler still gets it (torch's
+    builder alone compiled again there: ~50 s at a fresh checkout's first start)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "csrc" / "cpu_kernels.cpp"
+    copy.parent.mkdir()
+    shutil.copy(cpu_kernels.SOURCE, copy)
+    code = (
+        "import pathlib, shard.cpu_kernels as k; "
+        f"k.SOURCE = pathlib.Path({str(copy)!r}); "
+        "print('loaded' if k.load() is not None else 'none')"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "CXX": "/no/c++", "CC": "/no/cc"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout.strip() == "loaded", result.stderr[-2000:]

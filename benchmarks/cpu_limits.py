@@ -1,0 +1,217 @@
+"""pytgi on CPU against this machine's own limits, measured in one run (issue 20).
+
+The machine: read bandwidth (a sum over a 512 MiB float32 tensor, best of 5) and the
+matrix-multiply rate of torch's linear at the model's decode shapes (every layer's products
+at M = 1, 8 and 32 rows) and a prefill shape (M = 128), float32 and, where the CPU has bf16
+instructions, bfloat16; all with the shard's thread count. Then pytgi through
+`pytgi-launcher`, streaming (TGI's API, EOS ignored, prefix cache off): TPOT p50 at
+concurrency 1, output tok/s at 8 and 32 on the fixed and varied workloads, TTFT p50.
+
+Bounds, per figure:
+- TPOT at concurrency 1 >= bytes of the weights a step streams / read bandwidth;
+- a decode step of 32 rows (ITL p50 at concurrency 32, fixed) >= its FLOPs / the rate at
+  M = 32 (the ratio is the share of the machine's matrix-multiply rate the step reaches);
+- a 128-token prefill (TTFT p50 at concurrency 1, fixed) >= its FLOPs / the rate at M = 128.
+
+    .venv/bin/python benchmarks/cpu_limits.py [--model-id DIR] [--dtype float32] [--append]
+
+Run with nothing else on the machine (../shared/BENCHMARKING.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from launched import launcher  # noqa: E402
+from loadgen import run_load, summarize  # noqa: E402
+from workloads import WORKLOADS, Request, single_token_words  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The model's matrix products: (in, out) per layer, the number of layers, the head."""
+
+    layer: list[tuple[int, int]]
+    layers: int
+    head: tuple[int, int]  # hidden -> vocabulary
+
+    @property
+    def params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.layer) + self.head[0] * self.head[1]
+
+    def flops(self, rows: int) -> float:
+        return 2.0 * self.params * rows
+
+
+def model_shapes(model_dir: Path) -> Shapes:
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    dim = config.get("head_dim") or hidden // heads
+    layer = [(hidden, (heads + 2 * kv) * dim), (heads * dim, hidden), (hidden, 2 * inner),
+             (inner, hidden)]  # fmt: skip
+    return Shapes(layer, config["num_hidden_layers"], (hidden, config["vocab_size"]))
+
+
+def cpu_line() -> str:
+    """The CPU's model, cores and the instruction sets that matter here."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = line
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    present = [f for f in wanted if f in flags.split()]
+    return f"{model}, {os.cpu_count()} cores, {' '.join(present) or 'no AVX2'}"
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second read by a sum over 512 MiB (best of 5)."""
+    torch.set_num_threads(threads)
+    data = torch.ones(128 << 20, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum().item()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def matmul_rate(shapes: Shapes, rows: int, dtype: torch.dtype, threads: int) -> float:
+    """FLOP/s of torch's linear over one layer's products and the head at `rows` rows."""
+    torch.set_num_threads(threads)
+    products = [*shapes.layer, shapes.head]
+    weights = [torch.randn(o, i, dtype=dtype) for i, o in products]
+    inputs = [torch.randn(rows, i, dtype=dtype) for i, _ in products]
+    flops = sum(2.0 * rows * i * o for i, o in products)
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(5):
+                for x, w in zip(inputs, weights, strict=True):
+                    F.linear(x, w)
+            best = min(best, (time.perf_counter() - start) / 5)
+    return flops / best
+
+
+def _shorter(request: Request, prompt: int, new: int) -> Request:
+    """The request with at most `prompt` prompt tokens (its words are single tokens)."""
+    words = request.prompt.split()[:prompt]
+    return Request("".join(" " + w for w in words), min(new, request.max_new_tokens), len(words))
+
+
+def serve(model_dir: Path, dtype: str, port: int, scale: float) -> dict:
+    """The end-to-end figures through pytgi-launcher."""
+    words = single_token_words(model_dir)
+    n = lambda count: max(2, int(count * scale))  # noqa: E731
+    new = max(4, int(128 * scale)) if scale < 1 else 128
+    prompt = max(8, int(128 * scale)) if scale < 1 else 128
+    flags = ["--model-id", str(model_dir), "--dtype", dtype, "--no-prefix-caching",
+             "--max-total-tokens", "1024", "--max-input-tokens", "768",
+             "--max-batch-prefill-tokens", "1024", "--kv-cache-memory", "2GiB"]  # fmt: skip
+    runs = {
+        "c1": (1, WORKLOADS["fixed"](n(4), words=words, prompt=prompt, new=new)),
+        "c8": (8, WORKLOADS["fixed"](n(16), words=words, prompt=prompt, new=new)),
+        "c32": (32, WORKLOADS["fixed"](n(64), words=words, prompt=prompt, new=new)),
+        "c32 varied": (32, WORKLOADS["varied"](n(64), words=words)),
+    }
+    if scale < 1:  # a quick run: the varied requests cut to the fixed ones' sizes
+        runs["c32 varied"] = (32, [_shorter(r, prompt, new) for r in runs["c32 varied"][1]])
+    out = {}
+    with launcher(port, *flags) as server:
+        for name, (concurrency, requests) in runs.items():
+            results, seconds = asyncio.run(
+                run_load(server.url, "tgi", requests, concurrency, None, 3600)
+            )
+            out[name] = summarize(results, seconds, name)
+    return out
+
+
+def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) -> str:
+    shapes = model_shapes(model_dir)
+    torch_dtype = getattr(torch, dtype)
+    bandwidth = read_bandwidth(threads)
+    rates = {rows: matmul_rate(shapes, rows, torch_dtype, threads) for rows in (1, 8, 32, 128)}
+    served = serve(model_dir, dtype, port, scale)
+    weight_bytes = shapes.params * BYTES[dtype]
+    prompt = 128 if scale >= 1 else max(8, int(128 * scale))
+    rows = [
+        ("read bandwidth", f"{bandwidth / 1e9:.1f} GB/s", "", "", ""),
+        *[
+            (f"matmul rate, M = {m}", f"{r / 1e9:.1f} GFLOP/s", "", "", "")
+            for m, r in rates.items()
+        ],
+    ]
+    tpot = served["c1"]["tpot_s"]["median"]
+    bound = weight_bytes / bandwidth
+    rows.append(("TPOT p50, concurrency 1", f"{tpot * 1e3:.1f} ms", f"{bound * 1e3:.1f} ms",
+                 f"{tpot / bound:.2f}x", "<= 1.25x"))  # fmt: skip
+    itl = served["c32"]["itl_s"]["median"]
+    bound = shapes.flops(32) / rates[32]
+    rows.append(("decode step of 32 (ITL p50, c=32)", f"{itl * 1e3:.1f} ms",
+                 f"{bound * 1e3:.1f} ms", f"{bound / itl:.0%} of rate", ">= 60%"))  # fmt: skip
+    ttft = served["c1"]["ttft_s"]["median"]
+    bound = shapes.flops(prompt) / rates[128]
+    rows.append((f"prefill of {prompt} (TTFT p50, c=1)", f"{ttft * 1e3:.1f} ms",
+                 f"{bound * 1e3:.1f} ms", f"{bound / ttft:.0%} of rate", ">= 60%"))  # fmt: skip
+    for name in ("c8", "c32", "c32 varied"):
+        s = served[name]
+        rows.append((f"output tok/s, {name}", f"{s['output_token_throughput']:.1f}", "", "",
+                     f"TTFT p50 {s['ttft_s']['median']:.2f} s"))  # fmt: skip
+    failures = sum(sum(s["failures"].values()) for s in served.values())
+    lines = [
+        f"{cpu_line()}; {threads} threads; {model_dir.name}, {dtype}; "
+        f"{shapes.params / 1e6:.0f}M matmul parameters ({weight_bytes / 1e6:.0f} MB); "
+        f"failures {failures}",
+        "",
+        "| figure | measured | bound | ratio | goal |",
+        "|---|---:|---:|---:|---|",
+        *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    from shard.embedded import default_model_dir
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-id", default=None, help="model directory [default: SmolLM2]")
+    parser.add_argument("--dtype", choices=sorted(BYTES), default="float32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--port", type=int, default=3017)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of the requests and tokens (tests use a small one)")  # fmt: skip
+    parser.add_argument("--append", action="store_true", help="add the table to RESULTS.md")
+    args = parser.parse_args()
+    model_dir = Path(args.model_id) if args.model_id else default_model_dir()
+    text = table(model_dir, args.dtype, args.threads, args.port, args.scale)
+    print(text)
+    if args.append:
+        with RESULTS.open("a") as f:
+            f.write(f"\n### cpu_limits.py ({time.strftime('%Y-%m-%d')})\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
