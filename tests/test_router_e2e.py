@@ -304,29 +304,39 @@ PERSON = {
 }
 
 
-def test_structured_output_through_the_real_clients(server):
-    """TGI's grammar (text-generation), response_format (openai, huggingface_hub), streamed
-    and not: every output parses and validates; the grammar's end ends the request."""
+def _check_person(text: str) -> None:
     import json
 
     import jsonschema
-    from huggingface_hub import InferenceClient
-    from openai import OpenAI
+
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_grammar_through_the_text_generation_client(server):
+    """TGI's grammar: a JSON schema, then a streamed regex; the grammar's end ends the request."""
     from text_generation import Client
     from text_generation.types import Grammar, GrammarType
-
-    def check(text: str) -> None:
-        jsonschema.validate(json.loads(text), PERSON)
 
     tgi = Client(server.url, timeout=120)
     prompt = "Describe a person as JSON:"
     reply = tgi.generate(prompt, max_new_tokens=100, grammar=Grammar(type=GrammarType.Json,
                                                                      value=PERSON))  # fmt: skip
-    check(reply.generated_text)
+    _check_person(reply.generated_text)
     assert reply.details.finish_reason.value == "eos_token"
     regex = Grammar(type=GrammarType.Regex, value=r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
     streamed = list(tgi.generate_stream("Today's date:", max_new_tokens=20, grammar=regex))
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", streamed[-1].generated_text)
+
+
+def test_structured_output_through_the_real_clients(server):
+    """response_format through openai and huggingface_hub, streamed and not: every output
+    parses and validates; the grammar's end ends the request."""
+    import json
+
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+
+    check = _check_person
     messages = [{"role": "user", "content": "Give me a person as JSON."}]
     openai = OpenAI(base_url=server.url + "/v1", api_key="unused")
     schema_format = {"type": "json_schema",

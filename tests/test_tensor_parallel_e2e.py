@@ -9,6 +9,7 @@ from tests.conftest import LauncherServer
 from tests.test_router_e2e import (  # noqa: F401 - collected again here with the 3-shard server
     reference,
     test_disconnected_streams_free_their_blocks,
+    test_grammar_through_the_text_generation_client,
     test_huggingface_hub_inference_client,
     test_openai_client,
     test_sixteen_concurrent_equal_alone,
