@@ -2,8 +2,8 @@
 
 The machine: read bandwidth (a sum over a 512 MiB float32 tensor, best of 5) and the
 matrix-multiply rate of torch's linear at the model's decode shapes (every layer's products
-at M = 1, 8 and 32 rows) and a prefill shape (M = 128), float32 and, where the CPU has bf16
-instructions, bfloat16; all with the shard's thread count. Then pytgi through
+at M = 1, 8 and 32 rows) and a prefill shape (M = 128), in the served `--dtype` (run again
+with `--dtype bfloat16` on a CPU with bf16 instructions); all with the shard's threads. Then pytgi through
 `pytgi-launcher`, streaming (TGI's API, EOS ignored, prefix cache off): TPOT p50 at
 concurrency 1, output tok/s at 8 and 32 on the fixed and varied workloads, TTFT p50.
 
@@ -72,13 +72,14 @@ def model_shapes(model_dir: Path) -> Shapes:
 
 def cpu_line() -> str:
     """The CPU's model, cores and the instruction sets that matter here."""
-    model, flags = platform.processor() or platform.machine(), ""
+    from shard.cpu_kernels import cpu_flags
+
+    model, flags = platform.processor() or platform.machine(), cpu_flags()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = line
+                break
     except OSError:
         pass
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")

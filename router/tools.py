@@ -28,6 +28,7 @@ _CALL_HEAD = re.compile(r'\s*\{"name":"((?:[^"\\]|\\.)*)","arguments":')
 @dataclass(frozen=True, slots=True)
 class ToolPlan:
     tools: list[dict]  # as OpenAI sends them: {"type": "function", "function": {...}}
+    functions: list[dict]  # their `function` parts, checked, with `parameters` filled in
     grammar: GrammarSpec
     text_allowed: bool  # tool_choice "auto"
 
@@ -100,21 +101,20 @@ def plan_tools(tools: list | None, tool_choice: object) -> ToolPlan | None:
     used, text_allowed = chosen
     schema = json.dumps(call_schema(used))
     if not text_allowed:
-        return ToolPlan(tools, GrammarSpec(JSON, schema), False)
+        return ToolPlan(tools, functions, GrammarSpec(JSON, schema), False)
     # text that does not open with "{" (after any spaces), or a call
     lark = (
         "start: text | call\n"
         r"text: /\s*[^{\s][\s\S]*/" + "\n"
         'call: %json { "x-guidance": {"whitespace_flexible": false}, "allOf": [' + schema + "] }\n"
     )
-    return ToolPlan(tools, GrammarSpec(LARK, lark), True)
+    return ToolPlan(tools, functions, GrammarSpec(LARK, lark), True)
 
 
 def tools_in_prompt(messages: list[dict], plan: ToolPlan, tool_prompt: str | None) -> None:
     """For a template that does not take `tools`: the tools, after the tool prompt, at the
     end of the last message (TGI's way)."""
-    functions = [_function(t) for t in plan.tools]
-    listing = "\n".join(json.dumps(f) for f in functions)
+    listing = "\n".join(json.dumps(f) for f in plan.functions)
     last = messages[-1]
     last["content"] = (
         f"{last.get('content') or ''}\n\n{tool_prompt or DEFAULT_TOOL_PROMPT}\n{listing}"

@@ -28,7 +28,8 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """This CPU's flags line from /proc/cpuinfo (the processor's name elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -41,12 +42,12 @@ def _cpu_flags() -> str:
 def has_bf16_instructions(flags: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Without, every
     bfloat16 matrix product converts to float32 on the way, and float32 is faster."""
-    names = set((flags if flags is not None else _cpu_flags()).split())
+    names = set((flags if flags is not None else cpu_flags()).split())
     return bool(names & {"avx512_bf16", "amx_bf16"})
 
 
 def _name() -> str:
-    key = SOURCE.read_bytes() + _cpu_flags().encode() + str(FLAGS).encode()
+    key = SOURCE.read_bytes() + cpu_flags().encode() + str(FLAGS).encode()
     digest = hashlib.sha256(key + torch.__version__.encode())
     return f"pytgi_cpu_kernels_{digest.hexdigest()[:12]}"
 
