@@ -126,18 +126,7 @@ def main() -> None:
     bandwidth = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 64 << 20)
     rows: dict[int, dict] = {b: {} for b in sizes}
     eager = engine_for(args.model_dir, (), args.device)
-    weight_bytes = sum(
-        t.numel() * t.element_size()
-        for t in [eager.runner.model.embed, eager.runner.model.norm]
-        + [w for layer in eager.runner.model.layers for w in (layer.input_norm, layer.post_norm)]
-        + [lin.weight for layer in eager.runner.model.layers
-           for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-    )  # fmt: skip
-    if eager.runner.model.lm_head.weight is not eager.runner.model.embed:
-        weight_bytes += (
-            eager.runner.model.lm_head.weight.numel()
-            * eager.runner.model.lm_head.weight.element_size()
-        )
+    weight_bytes = eager.runner.model.weight_bytes  # every tensor the shard loaded, once
     vocab = eager.model_spec.vocab_size
     for b in sizes:
         rows[b]["eager_ms"] = ours(eager, prompts(b, 128, vocab), args.steps)

@@ -201,13 +201,22 @@ class ShardedClient:
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def _all(self, method: str, message, timeout: float | None = None, **options) -> list:
+        """Every shard's reply, in rank order. Returns (or raises the first rank's error)
+        only once every shard has answered: a call that failed on one rank may still run on
+        another, and the next call sent before it ends could reach that rank first (a small
+        ClearCache overtakes a large Prefill), so ranks would see different call orders."""
         metadata = (self._metadata or ()) + context_metadata() or None  # secret, traceparent
-        return await asyncio.gather(
+        replies = await asyncio.gather(
             *(
                 getattr(s, method)(message, timeout=timeout, metadata=metadata, **options)
                 for s in self._stubs
-            )
+            ),
+            return_exceptions=True,
         )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     async def info(self) -> ShardInfo:
         replies = await self._all("Info", pb.InfoRequest(), timeout=30)

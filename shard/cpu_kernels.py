@@ -96,11 +96,13 @@ def paged_decode(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """q [B, H, D], caches [N, BS, KVH, D], block_tables [B, W], context_lens [B] -> [B, H, D]."""
+    """q [B, H, D], caches [N, BS, KVH, D], block_tables [B, W], context_lens [B] -> [B, H, D];
+    `window` > 0: each row sees only its last `window` keys."""
     module = load()
     assert module is not None, "call load() first and keep the torch path when it is None"
-    return module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class WeightStore:
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        return list(self._handle(name).get_slice(name).get_shape())
+
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (dim=0) or columns (dim=1) `start:stop` of a tensor, read lazily."""
         view = self._handle(name).get_slice(name)

@@ -19,7 +19,7 @@ from shard.errors import InvalidRequest, OutOfBlocks
 from shard.inputs import ForwardInputs
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
-from shard.models.llama import LlamaModel
+from shard.models import build_model
 from shard.models.ops import TorchOps
 from shard.parallel import Parallel
 from shard.spec import ModelSpec
@@ -62,7 +62,7 @@ class ModelRunner:
         self.block_size = config.block_size
         plain = config.disable_custom_kernels
         self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
-        self.model = LlamaModel(
+        self.model = build_model(
             model_spec,
             WeightStore(config.model_dir),
             self.dtype,

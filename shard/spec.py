@@ -7,25 +7,31 @@ Every problem is a one-line `ModelLoadError` naming what is missing or what is s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shard.errors import ModelLoadError
 
-# Architecture name -> whether its q/k/v projections carry a bias.
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
+# The registry: architecture name -> the module of shard/models that implements it.
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
 }
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+# Architectures whose q/k/v projections always carry a bias (others: `attention_bias`).
+QKV_BIAS = ("Qwen2ForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass(frozen=True, slots=True)
 class ModelSpec:
-    """The shape of a Llama-family decoder, read from config.json."""
+    """The shape of a decoder, read from config.json (`config`, whole, for the settings
+    only one family reads)."""
 
     architecture: str
+    family: str  # the module of shard/models
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -40,6 +46,8 @@ class ModelSpec:
     tie_word_embeddings: bool
     qkv_bias: bool
     eos_token_ids: tuple[int, ...]
+    layer_windows: tuple[int, ...] = ()  # per layer: sliding window in keys, 0 for none
+    config: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def read_json(path: Path) -> dict:
@@ -59,15 +67,23 @@ def _eos_ids(model_dir: Path, config: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else (int(eos),)
 
 
-def _check_sliding_window(config: dict) -> None:
-    window = config.get("sliding_window")
-    uses_window = config.get("use_sliding_window", True)
-    max_pos = config.get("max_position_embeddings", 0)
-    if window and uses_window and window < max_pos:
-        raise ModelLoadError(
-            f"sliding-window attention (sliding_window={window}) is not supported; "
-            "use a model whose sliding_window is null or covers max_position_embeddings"
-        )
+def layer_windows(config: dict, num_layers: int) -> tuple[int, ...]:
+    """Each layer's sliding window in keys (0: full attention), as transformers reads them:
+    `layer_types` naming each layer "sliding_attention" or "full_attention" (Qwen2/3,
+    Gemma 2/3); else, when `sliding_window` is set (and `use_sliding_window` not false),
+    every layer (Mistral, Phi-3), or the layers from `max_window_layers` on (older Qwen2)."""
+    window = config.get("sliding_window") or 0
+    if not window or not config.get("use_sliding_window", True):
+        window = 0
+    types = config.get("layer_types")
+    if types is not None:
+        if len(types) != num_layers:
+            raise ModelLoadError(
+                f"layer_types names {len(types)} layers, the model has {num_layers}"
+            )
+        return tuple(window if t == "sliding_attention" else 0 for t in types)
+    first = config.get("max_window_layers", 0) if "use_sliding_window" in config else 0
+    return tuple(window if i >= first else 0 for i in range(num_layers))
 
 
 def _rope(config: dict) -> tuple[float, dict | None]:
@@ -116,12 +132,12 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             f"unsupported architecture {architectures or config.get('model_type')}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    _check_sliding_window(config)
     rope_theta, rope_scaling = _rope(config)
     num_heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
     return ModelSpec(
         architecture=arch,
+        family=FAMILIES[arch],
         hidden_size=hidden,
         num_layers=config["num_hidden_layers"],
         num_heads=num_heads,
@@ -134,8 +150,10 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         rope_scaling=rope_scaling,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
-        qkv_bias=SUPPORTED_ARCHITECTURES[arch] or config.get("attention_bias", False),
+        qkv_bias=arch in QKV_BIAS or bool(config.get("attention_bias", False)),
         eos_token_ids=_eos_ids(model_dir, config),
+        layer_windows=layer_windows(config, config["num_hidden_layers"]),
+        config=config,
     )
 
 

@@ -51,12 +51,8 @@ def build_tiny_model(
         bos_token_id=1,
     )
     settings.update(overrides)
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-    }[architecture]
-    model = model_cls(config_cls(**settings)).eval()
+    config = transformers.CONFIG_MAPPING[architecture](**settings)  # by model_type
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.save_pretrained(target, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():

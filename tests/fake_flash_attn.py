@@ -1,5 +1,6 @@
 """A stand-in for the `flash_attn` package on machines without it: the same
-`flash_attn_varlen_func` contract (bottom-right causal, GQA, optional block table),
+`flash_attn_varlen_func` contract (bottom-right causal, GQA, optional block table, a left
+window),
 computed with PyTorch SDPA one sequence at a time. Tests install it in sys.modules."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def flash_attn_varlen_func(
     softmax_scale=None,
     causal=False,
     block_table=None,
+    window_size=(-1, -1),
     **_ignored,
 ):
     calls.append({"paged": block_table is not None, "rows": q.shape[0]})
@@ -38,7 +40,10 @@ def flash_attn_varlen_func(
             blocks = block_table[i, : -(-ctx // bs)].long()
             keys = k[blocks].reshape(-1, k.shape[2], k.shape[3])[:ctx]
             values = v[blocks].reshape(-1, v.shape[2], v.shape[3])[:ctx]
-        visible = torch.arange(ctx)[None, :] <= torch.arange(ctx - n, ctx)[:, None]
+        key_pos, query_pos = torch.arange(ctx)[None, :], torch.arange(ctx - n, ctx)[:, None]
+        visible = key_pos <= query_pos
+        if window_size[0] >= 0:  # keys at most window_size[0] to the left of the query
+            visible &= key_pos >= query_pos - window_size[0]
         group = q.shape[1] // keys.shape[1]
         result = F.scaled_dot_product_attention(
             q[q0:q1].transpose(0, 1).float(),

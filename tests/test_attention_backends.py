@@ -20,13 +20,14 @@ from shard.attention.triton_kernels import paged_decode, write_kv  # noqa: E402
 BLOCK = 16
 
 
-def _reference_decode(q, k_cache, v_cache, tables, context):
-    """float64 attention of each row over its first `context` slots."""
+def _reference_decode(q, k_cache, v_cache, tables, context, window=0):
+    """float64 attention of each row over its first `context` slots (the last `window`)."""
     outs = []
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // num_kv_heads
     for i, ctx in enumerate(context.tolist()):
-        slots = [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(ctx)]
+        first = max(0, ctx - window) if window else 0
+        slots = [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(first, ctx)]
         keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].double()
         values = v_cache.view(-1, num_kv_heads, head_dim)[slots].double()
         out = F.scaled_dot_product_attention(
@@ -43,10 +44,13 @@ def _relative_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.parametrize("window", [0, 20])  # 20: short of most contexts, across blocks
 @pytest.mark.parametrize("splits", [None, 3, 12])  # 12: most splits past every context
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_dim, splits):
+def test_paged_decode_matches_reference(
+    dtype, tolerance, heads, kv_heads, head_dim, splits, window
+):
     """Contexts at block and split edges (1, 16/17, 64/65 keys), scattered blocks; one pass
     or the context cut into splits (64 keys each here) merged by log-sum-exp."""
     gen = torch.Generator().manual_seed(heads * 100 + head_dim)
@@ -59,13 +63,16 @@ def test_paged_decode_matches_reference(dtype, tolerance, heads, kv_heads, head_
         tables[i] = torch.randperm(num_blocks - 1, generator=gen)[:12] + 1
     q = torch.randn(len(context), heads, head_dim, generator=gen).to(dtype)
     out = torch.full_like(q, float("nan"))  # every element must be written
-    paged_decode(q, k_cache, v_cache, tables, context, head_dim**-0.5, out=out, splits=splits)
+    scale = head_dim**-0.5
+    paged_decode(q, k_cache, v_cache, tables, context, scale, out=out, splits=splits, window=window)
     assert not out.isnan().any()
-    ref = _reference_decode(q, k_cache, v_cache, tables, context)
+    ref = _reference_decode(q, k_cache, v_cache, tables, context, window)
     assert _relative_error(out, ref) < tolerance
 
 
-def check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance, device="cpu"):
+def check_paged_prefill(
+    shapes, heads, kv_heads, head_dim, dtype, tolerance, device="cpu", window=0
+):
     """paged_prefill over requests of (cached, new) tokens in scattered blocks, on `device`,
     against float64 attention; a foreign row after each request must stay untouched."""
     from shard.attention.triton_kernels import PREFILL_TOKENS, paged_prefill, prefill_programs
@@ -90,7 +97,7 @@ def check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance, dev
     out = torch.full_like(q, float("nan")).to(device)
     on_device = [t.to(device) for t in (q, k_cache, v_cache, tables.to(torch.int32))]
     programs_t = torch.tensor(programs, dtype=torch.int32, device=device)
-    paged_prefill(*on_device, programs_t, head_dim**-0.5, out)
+    paged_prefill(*on_device, programs_t, head_dim**-0.5, out, window)
     out = out.cpu()
     for i, (cached, new) in enumerate(shapes):
         rows = slice(starts[i], starts[i] + new)
@@ -102,6 +109,7 @@ def check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance, dev
                     v_cache,
                     tables[i : i + 1],
                     torch.tensor([cached + t + 1]),
+                    window,
                 )[0]
                 for t in range(new)
             ]
@@ -116,6 +124,12 @@ def test_paged_prefill_matches_reference(dtype, tolerance, heads, kv_heads, head
     """No prefix, a prefix inside a block, new tokens across several 16-token programs."""
     shapes = [(0, 17), (5, 16), (33, 40), (0, 2), (70, 3)]  # (cached, new) per request
     check_paged_prefill(shapes, heads, kv_heads, head_dim, dtype, tolerance)
+
+
+@pytest.mark.parametrize("window", [1, 7, 20])
+def test_paged_prefill_with_a_sliding_window(window):
+    shapes = [(0, 17), (5, 16), (33, 40), (70, 3)]
+    check_paged_prefill(shapes, 4, 2, 32, torch.float32, 1e-5, window=window)
 
 
 @pytest.mark.parametrize(
@@ -185,12 +199,38 @@ def _mixed_batch(block_size: int):
     return inputs, q, k, v, caches
 
 
-def _run_backend(backend, inputs, q, k, v, caches):
+def _run_backend(backend, inputs, q, k, v, caches, window=0):
     k_cache, v_cache = (c.clone() for c in caches)
     meta = backend.prepare(inputs)
     backend.store_kv(k_cache, v_cache, k, v, meta)
-    out = backend.attend(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
+    out = backend.attend(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5, window=window)
     return out, k_cache, v_cache
+
+
+def _brute_force(inputs, q, k_cache, v_cache, window):
+    """float64: each new token at position p against the cache's keys up to p (the last
+    `window`), one at a time."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for i, start in enumerate(inputs.query_starts):
+        for t in range(inputs.query_lens[i]):
+            position = inputs.cache_lens[i] + t
+            table = inputs.block_tables[i : i + 1]
+            row = q[start + t : start + t + 1]
+            context = torch.tensor([position + 1])
+            out[start + t] = _reference_decode(row, k_cache, v_cache, table, context, window)[0]
+    return out
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize("name", ["reference", "reference-torch", "triton", "flash-attn"])
+def test_sliding_window_in_every_backend(name, window, fake_flash):
+    """Decode, plain prefill and prefill after a prefix, each with keys past the window."""
+    inputs, q, k, v, caches = _mixed_batch(BLOCK)
+    backend = get_backend(name.removesuffix("-torch"))
+    backend.use_cpu_kernel = not name.endswith("-torch")  # the reference's torch decode path
+    out, k_cache, v_cache = _run_backend(backend, inputs, q, k, v, caches, window)
+    expected = _brute_force(inputs, q, k_cache, v_cache, window)
+    assert _relative_error(out, expected) < 1e-5
 
 
 @pytest.fixture

@@ -112,6 +112,21 @@ def _settled_calls(
     return _calls_by_rank(spans_in, world_size)
 
 
+def _first_difference(calls: dict[int, list[tuple]]) -> str:
+    """Where the ranks' records part: each rank's count and its calls around that point."""
+    first = calls[0]
+    at = min(
+        next(
+            (i for i, (a, b) in enumerate(zip(first, seq, strict=False)) if a != b),
+            min(len(first), len(seq)),
+        )
+        for seq in calls.values()
+    )
+    lines = [f"calls per rank {[len(seq) for seq in calls.values()]}; they differ at #{at}"]
+    lines += [f"rank {rank}: {seq[max(0, at - 3) : at + 3]}" for rank, seq in calls.items()]
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def model_dirs(tiny_model_dir, smollm_dir, tmp_path_factory) -> dict:
     """Tiny models whose heads divide over 2 ranks, and over 3 (6 heads, 3 KV heads)."""
@@ -174,7 +189,7 @@ def test_ranks_see_one_call_order_while_health_is_hammered_after_a_failure(
         stop.set()
         cluster.stop()
     sequences = list(calls.values())
-    assert all(seq == sequences[0] for seq in sequences), calls
+    assert all(seq == sequences[0] for seq in sequences), _first_difference(calls)
     failed = [c for c in sequences[0] if c[2]]
     assert len(failed) == ROUNDS and all(name == "Prefill" for name, _, _ in failed)
     assert any(name == "Prefill" and ids[0] == str(LIVENESS_ID) for name, ids, _ in sequences[0])

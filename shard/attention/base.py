@@ -93,5 +93,9 @@ class AttentionBackend(ABC, Generic[M]):
         v_cache: torch.Tensor,
         metadata: M,
         scale: float,
+        window: int = 0,
     ) -> torch.Tensor:
-        """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D]."""
+        """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D].
+
+        `window` > 0 (a sliding-window layer): the query at position p sees the keys at
+        positions p - window + 1 .. p only, as transformers' sliding-window mask."""

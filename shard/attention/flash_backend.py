@@ -68,7 +68,9 @@ class FlashPrefill:
             q_index, offsets(new), offsets(context), max(new), max(context), table, sources
         )
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale: float, out) -> None:
+    def attend(
+        self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale: float, out, window: int = 0
+    ) -> None:
         q_p = q if plan.q_index is None else q[plan.q_index]
         if plan.block_table is not None:
             k_p, v_p = k_cache, v_cache  # [N, bs, KVH, D], read through the block table
@@ -87,6 +89,7 @@ class FlashPrefill:
             plan.max_k,
             softmax_scale=scale,
             causal=True,  # aligned bottom-right: new tokens see the whole cached prefix
+            window_size=(window - 1, 0) if window > 0 else (-1, -1),  # keys left of a query
             block_table=plan.block_table,
         )
         if plan.q_index is None:

@@ -3,12 +3,13 @@
 Decode rows are attended in one batched call: on CPU by the compiled paged-decode kernel
 (shard/cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
 K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
-time (plain causal when nothing is cached, masked over the gathered prefix otherwise).
+time (plain causal when nothing is cached, masked over the gathered prefix otherwise). A
+sliding window (`attend(..., window=w)`, per layer) narrows every mask to the last w keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,25 @@ class PrefillRow:
     length: int  # new tokens
     context_blocks: torch.Tensor | None  # [nb] blocks of prefix + new tokens; None: no prefix
     mask: torch.Tensor | None  # [length, nb * block_size] bool, True where a key is visible
+    cached: int = 0  # tokens before this forward's (the first query's position)
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> its mask
+
+    def mask_for(self, window: int, device: torch.device) -> torch.Tensor | None:
+        """The visibility mask [length, keys] with keys beyond `window` back hidden too
+        (None: plain causal); keys are the gathered blocks', or the new tokens' alone."""
+        if window <= 0 or window >= self.cached + self.length:
+            return self.mask
+        if window not in self.windowed:
+            keys = self.length if self.mask is None else self.mask.shape[1]
+            query_pos = torch.arange(self.cached, self.cached + self.length, device=device)
+            key_pos = torch.arange(keys, device=device) + (
+                0 if self.mask is not None else self.cached
+            )
+            seen = (key_pos[None, :] <= query_pos[:, None]) & (
+                key_pos[None, :] > query_pos[:, None] - window
+            )
+            self.windowed[window] = seen
+        return self.windowed[window]
 
 
 @dataclass(slots=True)
@@ -33,7 +53,18 @@ class _Metadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, nb * block_size] bool, True where valid
     prefill_rows: list[PrefillRow]
     decode_tables: torch.Tensor | None = None  # [Bd, nb] block ids, for the CPU kernel
-    decode_context: torch.Tensor | None = None  # [Bd] int64 context lengths, for the kernel
+    decode_context: torch.Tensor | None = None  # [Bd] int64 context lengths
+    decode_windowed: dict[int, torch.Tensor] = field(default_factory=dict)  # window -> mask
+
+    def decode_mask_for(self, window: int) -> torch.Tensor | None:
+        """decode_mask with keys before each row's last `window` hidden too."""
+        if window <= 0 or self.decode_mask is None or self.decode_context is None:
+            return self.decode_mask
+        if window not in self.decode_windowed:
+            positions = torch.arange(self.decode_mask.shape[-1], device=self.decode_mask.device)
+            recent = positions >= (self.decode_context - window).unsqueeze(1)
+            self.decode_windowed[window] = self.decode_mask & recent[:, None, None, :]
+        return self.decode_windowed[window]
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -56,10 +87,12 @@ def prefill_row(inputs: AttentionInputs, i: int) -> PrefillRow:
     query_pos = torch.arange(cached, cached + length, device=device).unsqueeze(1)
     key_pos = torch.arange(num_blocks * bs, device=device).unsqueeze(0)
     mask = key_pos <= query_pos  # causal, hides padding
-    return PrefillRow(start, length, blocks, mask)
+    return PrefillRow(start, length, blocks, mask, cached)
 
 
-def attend_prefill_rows(q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out) -> None:
+def attend_prefill_rows(
+    q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window: int = 0
+) -> None:
     """Fills the `out` rows of each prefilling request, one SDPA call per request."""
     group = q.shape[1] // k.shape[1]
     for row in rows:
@@ -70,9 +103,8 @@ def attend_prefill_rows(q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale
         else:
             k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
             v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
-        out[row.start : row.start + row.length] = _prefill(
-            q_row, k_row, v_row, row.mask, scale, group
-        )
+        mask = row.mask_for(window, q.device)
+        out[row.start : row.start + row.length] = _prefill(q_row, k_row, v_row, mask, scale, group)
 
 
 def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
@@ -116,8 +148,9 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
             ctx = torch.tensor([inputs.context_lens[i] for i in decode_idx], device=device)
             num_blocks = -(-max(inputs.context_lens[i] for i in decode_idx) // bs)
             tables = inputs.block_tables[decode_idx, :num_blocks]
+            meta.decode_context = ctx
             if self._kernel_for(device):
-                meta.decode_tables, meta.decode_context = tables, ctx
+                meta.decode_tables = tables
             else:
                 meta.decode_blocks = tables.flatten()
                 positions = torch.arange(num_blocks * bs, device=device)
@@ -128,26 +161,27 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
         return meta
 
-    def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale: float):
+    def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale: float, window=0):
         out = torch.empty_like(q)
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
             q_dec = q if metadata.decode_is_all else q[rows]
-            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale)
+            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale, window)
             if metadata.decode_is_all:
                 return out_dec
             out[rows] = out_dec
-        attend_prefill_rows(q, k, v, k_cache, v_cache, metadata.prefill_rows, scale, out)
+        rows_p = metadata.prefill_rows
+        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float) -> torch.Tensor:
+    def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float, window: int) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
         if meta.decode_tables is not None and meta.decode_context is not None:
             from shard import cpu_kernels
 
             return cpu_kernels.paged_decode(
-                q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale
+                q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale, window
             )
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
@@ -159,6 +193,6 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
             1, 2
         )  # [Bd, KVH, L, D]
         out = F.scaled_dot_product_attention(
-            q_grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
+            q_grouped, keys, values, attn_mask=meta.decode_mask_for(window), scale=scale
         )
         return out.reshape(num_rows, num_heads, head_dim)

@@ -50,8 +50,10 @@ class PrefillPath(Protocol):
         """Host work for the prefilling requests `idx`, once per forward."""
         ...
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out) -> None:
-        """Writes the prefill rows of `out` [T, heads, D]."""
+    def attend(
+        self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out, window: int = 0
+    ) -> None:
+        """Writes the prefill rows of `out` [T, heads, D] (`window`: as AttentionBackend's)."""
         ...
 
 
@@ -68,8 +70,10 @@ class TritonPrefill:
             inputs.block_tables.to(torch.int32),
         )
 
-    def attend(self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale: float, out) -> None:
-        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out)
+    def attend(
+        self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale: float, out, window: int = 0
+    ) -> None:
+        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out, window)
 
 
 class TritonBackend(AttentionBackend[TritonMetadata]):
@@ -108,13 +112,16 @@ class TritonBackend(AttentionBackend[TritonMetadata]):
     def store_kv(self, k_cache, v_cache, k, v, metadata: TritonMetadata) -> None:
         write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
 
-    def attend(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale: float):
+    def attend(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale: float, window=0):
         tables, context = metadata.block_tables, metadata.context_lens
         if tables is not None and context is not None and metadata.prefill is None:
-            return paged_decode(q, k_cache, v_cache, tables, context, scale)  # all decode
+            return paged_decode(q, k_cache, v_cache, tables, context, scale, window=window)
         out = torch.empty_like(q)
         if tables is not None and context is not None:
             rows = metadata.decode_rows
-            out[rows] = paged_decode(q[rows], k_cache, v_cache, tables, context, scale)
-        self.prefill_path.attend(q, k, v, k_cache, v_cache, metadata.prefill, scale, out)
+            out[rows] = paged_decode(
+                q[rows], k_cache, v_cache, tables, context, scale, window=window
+            )
+        meta = metadata.prefill
+        self.prefill_path.attend(q, k, v, k_cache, v_cache, meta, scale, out, window)
         return out

@@ -120,6 +120,7 @@ def _paged_decode_kernel(
     stride_out_head,
     stride_table,
     split_len,  # keys per split, a multiple of TOKENS (the whole context without SPLIT)
+    window,  # > 0: only the last `window` keys of each context are seen
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 and a power of two (tl.dot's smallest tile)
@@ -131,7 +132,8 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,  # write per-split partial results for _merge_splits_kernel
 ):
     """One program per (request, KV head, split): its GROUP query heads against the split's
-    keys, context[split * split_len : (split + 1) * split_len] (empty past the context).
+    keys, context[split * split_len : (split + 1) * split_len] (empty past the context, and
+    before a sliding window's first key).
 
     Online softmax in TOKENS-key steps; each key is found through the block table, so K/V
     are read in place (no gather into a contiguous copy)."""
@@ -139,8 +141,9 @@ def _paged_decode_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context = tl.load(context_ptr + row)
-    begin = split * split_len
-    end = tl.minimum(context, begin + split_len)
+    first = tl.where(window > 0, tl.maximum(context - window, 0), 0)  # first key seen
+    begin = tl.maximum(split * split_len, first)
+    end = tl.minimum(context, split * split_len + split_len)
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, DIM_PAD)
     q_mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
@@ -191,7 +194,8 @@ def _merge_splits_kernel(
     SPLITS_PAD: tl.constexpr,  # a power of two >= num_splits
 ):
     """One program per (request, head): softmax-weighted sum of its splits' outputs,
-    weights exp(lse_s - max lse) (split 0 always holds keys, so the max is finite)."""
+    weights exp(lse_s - max lse) (the split of the last key always holds keys, so the max
+    is finite)."""
     row = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, SPLITS_PAD)
@@ -224,11 +228,13 @@ def paged_decode(
     scale: float,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """q [B, heads, D], caches [N, block_size, kv_heads, D], block_tables [B, max_blocks],
     context_lens [B] (each >= 1 and <= max_blocks * block_size) -> [B, heads, D]: one new
     token per request. `splits`: pieces each context is cut into (default: decode_splits,
-    from the table width, so no device value is read and CUDA graphs can capture it)."""
+    from the table width, so no device value is read and CUDA graphs can capture it).
+    `window` > 0: each row sees only its last `window` keys."""
     num_rows, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -261,6 +267,7 @@ def paged_decode(
         out.stride(1),
         block_tables.stride(0),
         split_len,
+        window,
         SPLIT=splits > 1,
         **constants,
     )
@@ -323,6 +330,7 @@ def _paged_prefill_kernel(
     stride_out_row,
     stride_out_head,
     stride_table,
+    window,  # > 0: a token at position p sees keys p - window + 1 .. p only
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,  # next power of two >= GROUP
@@ -357,7 +365,8 @@ def _paged_prefill_kernel(
     l_i = tl.zeros([TOKENS_Q * GROUP_P2], tl.float32)
     acc = tl.zeros([TOKENS_Q * GROUP_P2, DIM_PAD], tl.float32)
     t = tl.arange(0, TOKENS)
-    for start in range(0, pos0 + count, TOKENS):
+    lowest = tl.where(window > 0, tl.maximum(pos0 - window + 1, 0), 0)  # the first token's
+    for start in range(lowest, pos0 + count, TOKENS):
         pos = start + t
         valid = pos < pos0 + count
         kv_offs, kv_mask = _kv_offsets(
@@ -365,6 +374,8 @@ def _paged_prefill_kernel(
             BLOCK_SIZE,
         )  # fmt: skip
         visible = valid[None, :] & (pos[None, :] <= query_pos[:, None])  # causal
+        if window > 0:
+            visible = visible & (pos[None, :] > query_pos[:, None] - window)
         m_i, l_i, acc = _attend_keys(
             q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, m_i, l_i, acc,
             PRECISION,
@@ -401,8 +412,10 @@ def paged_prefill(
     programs: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    window: int = 0,
 ) -> None:
-    """Causal attention of prefill rows over the paged cache, written into `out`.
+    """Causal attention of prefill rows over the paged cache, written into `out`; `window`
+    > 0 limits each token to its last `window` keys.
 
     q, out [T, heads, D]; caches [N, block_size, kv_heads, D] already holding this forward's
     K/V; block_tables [B, max_blocks]; programs int32 [P, 4] from prefill_programs."""
@@ -426,6 +439,7 @@ def paged_prefill(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
+        window,
         **prefill_constants(constants, group),
     )
 

@@ -1,7 +1,8 @@
 // CPU kernels for decode steps, compiled for the machine (shard/attention/cpu_kernels.py).
 //
 // paged_decode: attention of one new token per request, K/V read from their blocks in
-// place (no gather into a contiguous copy), softmax in float32.
+// place (no gather into a contiguous copy), softmax in float32. With a sliding window of
+// `window` > 0 keys, a request of context c attends positions max(0, c - window) .. c - 1.
 //
 // Shapes: q [B, H, D] (row and head strides given, D contiguous); k_cache, v_cache
 // [N, BS, KVH, D] contiguous; block_tables [B, W] int64; context_lens [B] int64 (each >= 1,
@@ -45,21 +46,24 @@ inline void axpy(float a, const R* v, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += a * widen(v[i]);
 }
 
-// Attends query heads [h0, h1) of request r. Keys of one slot lie together for all KV
-// heads (KVH * D values), so a task that covers every head reads each slot's row once.
+// Attends query heads [h0, h1) of request r to the keys at positions [first, end). Keys of
+// one slot lie together for all KV heads (KVH * D values), so a task that covers every head
+// reads each slot's row once.
 template <typename T, typename R = typename Raw<T>::type>
-void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t ctx, int64_t bs,
-            int64_t kv_heads, int64_t group, int64_t d, int64_t q_head, float scale,
-            int64_t h0, int64_t h1, T* op, std::vector<float>& qf, std::vector<float>& scores,
-            std::vector<float>& acc) {
+void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t first,
+            int64_t end, int64_t bs, int64_t kv_heads, int64_t group, int64_t d, int64_t q_head,
+            float scale, int64_t h0, int64_t h1, T* op, std::vector<float>& qf,
+            std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t n = h1 - h0;  // query heads in this task
+  const int64_t ctx = end - first;  // keys attended
   qf.resize(n * d);
   acc.assign(n * d, 0.f);
   scores.resize(n * ctx);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(h0 + j) * q_head + i]) * scale;
-  for (int64_t t = 0; t < ctx; ++t) {  // scores[j, t] = q_j . k_t
-    const R* row = kp + (table[t / bs] * bs + t % bs) * kv_heads * d;
+  for (int64_t t = 0; t < ctx; ++t) {  // scores[j, t] = q_j . k_(first + t)
+    const int64_t pos = first + t;
+    const R* row = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d;
     for (int64_t j = 0; j < n; ++j) scores[j * ctx + t] = dot(&qf[j * d], row + (h0 + j) / group * d, d);
   }
   for (int64_t j = 0; j < n; ++j) {  // softmax over t
@@ -70,8 +74,9 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
     const float inv = 1.f / total;
     for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
   }
-  for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_t
-    const R* row = vp + (table[t / bs] * bs + t % bs) * kv_heads * d;
+  for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_(first + t)
+    const int64_t pos = first + t;
+    const R* row = vp + (table[pos / bs] * bs + pos % bs) * kv_heads * d;
     for (int64_t j = 0; j < n; ++j) axpy(scores[j * ctx + t], row + (h0 + j) / group * d, &acc[j * d], d);
   }
   for (int64_t j = 0; j < n; ++j)
@@ -81,7 +86,7 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
 template <typename T>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& tables, const torch::Tensor& context, double scale,
-            torch::Tensor& out) {
+            int64_t window, torch::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
   const int64_t q_row = q.stride(0), q_head = q.stride(1), width = tables.size(1);
@@ -100,14 +105,17 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
     std::vector<float> qf, scores, acc;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / splits, h0 = task % splits * per_split;
-      attend(qp + r * q_row, kp, vp, tp + r * width, cp[r], bs, kv_heads, group, d, q_head,
-             static_cast<float>(scale), h0, h0 + per_split, op + r * heads * d, qf, scores, acc);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
+      attend(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group, d,
+             q_head, static_cast<float>(scale), h0, h0 + per_split, op + r * heads * d, qf,
+             scores, acc);
     }
   });
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
-                           torch::Tensor tables, torch::Tensor context, double scale) {
+                           torch::Tensor tables, torch::Tensor context, double scale,
+                           int64_t window) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with D contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
@@ -116,9 +124,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto context64 = context.to(torch::kInt64).contiguous();
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.scalar_type() == torch::kFloat) {
-    decode<float>(q, k_cache, v_cache, tables64, context64, scale, out);
+    decode<float>(q, k_cache, v_cache, tables64, context64, scale, window, out);
   } else if (q.scalar_type() == torch::kBFloat16) {
-    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, out);
+    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, window, out);
   } else {
     TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
   }

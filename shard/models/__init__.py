@@ -1,1 +1,36 @@
-"""Model implementations. Model files know nothing about serving."""
+"""Model implementations. Model files know nothing about serving.
+
+A family is one module here holding its math and its weight plan, named for its
+architectures in `shard.spec.FAMILIES` (the registry, torch-free for the launcher), and its
+model class is the module's `Model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from shard.loader import WeightStore
+from shard.models.ops import LayerOps, ops_for
+from shard.models.weights import Loader
+from shard.parallel import Parallel
+from shard.spec import ModelSpec, check_parallel
+
+
+def build_model(
+    spec: ModelSpec,
+    store: WeightStore,
+    dtype: torch.dtype,
+    device: torch.device,
+    parallel: Parallel,
+    pack_linear: bool = True,
+    gemv: bool = False,
+    ops: LayerOps | None = None,
+) -> Any:
+    """The family's model with this rank's weights loaded."""
+    check_parallel(spec, parallel.world_size)
+    family = importlib.import_module(f"shard.models.{spec.family}")
+    loader = Loader(store, parallel, spec.head_dim, dtype, device, pack_linear, gemv)
+    return family.Model(spec, loader, ops if ops is not None else ops_for(device))

@@ -1,9 +1,9 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral without sliding window, Qwen2 with qkv bias).
+"""The Llama decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with its qkv bias, Qwen3 with its
+per-head q/k norms) and the weight plan that feeds it.
 
-Only math: `forward(input_ids, positions, attention inputs, kv cache) -> hidden`, logits only
-for the rows that need them. Weights are loaded already split for tensor parallelism: the
-packed QKV projection by heads, gate/up by rows, o/down by columns (then all-reduced),
-embedding and LM head by vocabulary.
+Math only: `forward(input_ids, positions, attention metadata, kv cache) -> hidden`, logits
+only for the rows that need them. Which tensors each parameter reads and how it is split
+over ranks is `layer_plan`; where ranks combine is declared there (shard/models/weights.py).
 """
 
 from __future__ import annotations
@@ -11,134 +11,106 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from shard.attention import AttentionBackend, AttentionMetadata
 from shard.kv_cache import KVCache
-from shard.loader import WeightStore
 from shard.models.linear import Linear
-from shard.models.ops import LayerOps, ops_for
+from shard.models.ops import LayerOps
 from shard.models.rope import Rotary
-from shard.parallel import Parallel
-from shard.spec import ModelSpec, check_parallel
+from shard.models.weights import Loader, Param, RowParallel, Split, local_heads
+from shard.spec import ModelSpec
+
+Plan = dict[str, Param]
+
+
+def attention_plan(spec: ModelSpec, prefix: str) -> Plan:
+    """q/k/v packed by heads (with their biases when the model has them), o by columns."""
+    heads = [("q_proj", spec.num_heads), ("k_proj", spec.num_kv_heads)]
+    heads.append(("v_proj", spec.num_kv_heads))
+    plan = {
+        "qkv": Param.heads(*((f"{prefix}{n}.weight", h) for n, h in heads)),
+        "o_proj": Param.of(prefix + "o_proj.weight", split=Split.COLS),
+    }
+    if spec.qkv_bias:
+        plan["qkv_bias"] = Param.heads(*((f"{prefix}{n}.bias", h) for n, h in heads))
+    if spec.config.get("model_type") == "qwen3":
+        plan["q_norm"] = Param.of(prefix + "q_norm.weight")
+        plan["k_norm"] = Param.of(prefix + "k_norm.weight")
+    return plan
+
+
+def layer_plan(spec: ModelSpec, index: int) -> Plan:
+    p = f"model.layers.{index}."
+    return {
+        **attention_plan(spec, p + "self_attn."),
+        "input_norm": Param.of(p + "input_layernorm.weight"),
+        "post_norm": Param.of(p + "post_attention_layernorm.weight"),
+        "gate_up": Param.of(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", split=Split.ROWS),
+        "down": Param.of(p + "mlp.down_proj.weight", split=Split.COLS),
+    }
 
 
 @dataclass(slots=True)
-class _Layer:
+class Layer:
     input_norm: torch.Tensor  # [hidden]
     qkv: Linear  # [(heads + 2 * kv_heads) * D, hidden] (+ bias), this rank's heads
-    o_proj: Linear  # [hidden, heads * D], this rank's columns
+    o_proj: Linear | RowParallel  # [hidden, heads * D], this rank's columns, all-reduced
     post_norm: torch.Tensor  # [hidden]
     gate_up: Linear  # [2 * intermediate, hidden], this rank's rows
-    down: Linear  # [hidden, intermediate], this rank's columns
+    down: Linear | RowParallel  # [hidden, intermediate], this rank's columns, all-reduced
+    q_norm: torch.Tensor | None = None  # [D], Qwen3: RMSNorm of each q head before RoPE
+    k_norm: torch.Tensor | None = None  # [D], and of each k head
+
+
+def load_layer(loader: Loader, plan: Plan) -> Layer:
+    bias = plan.get("qkv_bias")
+    optional = {n: loader.tensor(plan[n]) for n in ("q_norm", "k_norm") if n in plan}
+    return Layer(
+        input_norm=loader.tensor(plan["input_norm"]),
+        qkv=loader.linear(plan["qkv"], bias),  # type: ignore[arg-type]
+        o_proj=loader.linear(plan["o_proj"]),
+        post_norm=loader.tensor(plan["post_norm"]),
+        gate_up=loader.linear(plan["gate_up"]),  # type: ignore[arg-type]
+        down=loader.linear(plan["down"]),
+        **optional,
+    )
 
 
 class LlamaModel:
-    def __init__(
-        self,
-        spec: ModelSpec,
-        store: WeightStore,
-        dtype: torch.dtype,
-        device: torch.device,
-        parallel: Parallel,
-        pack_linear: bool = True,
-        gemv: bool = False,
-        ops: LayerOps | None = None,
-    ) -> None:
-        check_parallel(spec, parallel.world_size)
-        self.ops = ops if ops is not None else ops_for(device)
-        self.spec = spec
-        self.dtype = dtype
-        self.device = device
-        self.parallel = parallel
+    """`layer_plan` is the family's: a family with Llama's math and other tensor names
+    (Phi-3's fused projections) only overrides it."""
+
+    layer_plan = staticmethod(layer_plan)
+
+    def __init__(self, spec: ModelSpec, loader: Loader, ops: LayerOps) -> None:
+        self.spec, self.ops = spec, ops
+        self.dtype, self.device, parallel = loader.dtype, loader.device, loader.parallel
         self.num_heads = spec.num_heads // parallel.world_size
-        self.num_kv_heads = max(1, spec.num_kv_heads // parallel.world_size)
+        self.num_kv_heads = local_heads(spec.num_kv_heads, parallel)[1]
         self.head_dim = spec.head_dim
         self.scale = spec.head_dim**-0.5
-        self._store, self._dtype, self._pack, self._gemv = store, dtype, pack_linear, gemv
-        self.vocab_start, self.vocab_stop = parallel.split(spec.vocab_size)
-        self.embed = self._rows("model.embed_tokens.weight", spec.vocab_size)
-        head_name = "lm_head.weight"
-        if spec.tie_word_embeddings or head_name not in store:
-            head = self.embed
-        else:
-            head = self._rows(head_name, spec.vocab_size)
-        self.lm_head = Linear(head, pack=pack_linear, gemv=gemv)
-        self.layers = [self._load_layer(i) for i in range(spec.num_layers)]
-        self.norm = self._full("model.norm.weight")
+        self.embed = loader.embedding("model.embed_tokens.weight", spec.vocab_size)
+        self.lm_head = loader.head("lm_head.weight", self.embed, spec.tie_word_embeddings)
+        self.layers = [load_layer(loader, self.layer_plan(spec, i)) for i in range(spec.num_layers)]
+        self.norm = loader.tensor(Param.of("model.norm.weight"))
+        self.weight_bytes = loader.nbytes
         self.rotary = Rotary(
             spec.head_dim,
             spec.max_position_embeddings,
             spec.rope_theta,
             spec.rope_scaling,
-            dtype,
-            device,
-        )
-        del self._store
-
-    # ---- loading: each rank reads only its own slices ----
-    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype=self._dtype, device=self.device).contiguous()
-
-    def _full(self, name: str) -> torch.Tensor:
-        return self._to(self._store.get(name))
-
-    def _rows(self, name: str, size: int) -> torch.Tensor:
-        start, stop = self.parallel.split(size)
-        return self._to(self._store.get_slice(name, 0, start, stop))
-
-    def _cols(self, name: str, size: int) -> torch.Tensor:
-        start, stop = self.parallel.split(size)
-        return self._to(self._store.get_slice(name, 1, start, stop))
-
-    def _head_rows(self, name: str, num_heads: int, local_heads: int) -> torch.Tensor:
-        """Rows of this rank's heads; KV heads are replicated when fewer than ranks."""
-        d = self.head_dim
-        first = (self.parallel.rank * num_heads // self.parallel.world_size) * d
-        view = self._store.get_slice(name, 0, first, first + local_heads * d)
-        return self._to(view)
-
-    def _load_layer(self, i: int) -> _Layer:
-        p = f"model.layers.{i}."
-        spec = self.spec
-        attn = p + "self_attn."
-        parts = [
-            (attn + "q_proj", spec.num_heads, self.num_heads),
-            (attn + "k_proj", spec.num_kv_heads, self.num_kv_heads),
-            (attn + "v_proj", spec.num_kv_heads, self.num_kv_heads),
-        ]
-        qkv = torch.cat([self._head_rows(n + ".weight", h, lh) for n, h, lh in parts])
-        bias = None
-        if spec.qkv_bias:
-            bias = torch.cat([self._head_rows(n + ".bias", h, lh) for n, h, lh in parts])
-        inter = spec.intermediate_size
-        gate_up = torch.cat(
-            [
-                self._rows(p + "mlp.gate_proj.weight", inter),
-                self._rows(p + "mlp.up_proj.weight", inter),
-            ]
-        )
-        o_proj = self._cols(attn + "o_proj.weight", spec.num_heads * spec.head_dim)
-        return _Layer(
-            input_norm=self._full(p + "input_layernorm.weight"),
-            qkv=Linear(qkv, bias, pack=self._pack, gemv=self._gemv),
-            o_proj=Linear(o_proj, pack=self._pack, gemv=self._gemv),
-            post_norm=self._full(p + "post_attention_layernorm.weight"),
-            gate_up=Linear(gate_up, pack=self._pack, gemv=self._gemv),
-            down=Linear(
-                self._cols(p + "mlp.down_proj.weight", inter), pack=self._pack, gemv=self._gemv
-            ),
+            self.dtype,
+            self.device,
         )
 
-    # ---- math ----
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.parallel.world_size == 1:
-            return F.embedding(input_ids, self.embed)
-        local = input_ids - self.vocab_start
-        is_mine = (local >= 0) & (local < self.embed.shape[0])
-        out = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed)
-        out = out * is_mine.unsqueeze(-1)
-        return self.parallel.all_reduce(out)
+    def _qk_norm(self, qk: torch.Tensor, layer: Layer) -> torch.Tensor:
+        """Qwen3: each q and k head [T, heads, D] RMS-normalized with its own weight."""
+        assert layer.q_norm is not None and layer.k_norm is not None
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        eps, shape = self.spec.rms_norm_eps, (-1, self.head_dim)
+        q = self.ops.norm(q.reshape(shape), layer.q_norm, eps).view(q.shape)
+        k = self.ops.norm(k.reshape(shape), layer.k_norm, eps).view(k.shape)
+        return torch.cat([q, k], dim=1)
 
     def forward(
         self,
@@ -154,7 +126,7 @@ class LlamaModel:
         here beyond launching ops, so a decode forward can be captured in a CUDA graph."""
         ops, eps = self.ops, self.spec.rms_norm_eps
         rotary = ops.rotary_state(positions, self.rotary)
-        hidden = self._embed(input_ids)  # [T, hidden]: the residual stream
+        hidden = self.embed(input_ids)  # [T, hidden]: the residual stream
         num_q = self.num_heads * self.head_dim
         num_kv = self.num_kv_heads * self.head_dim
         num_tokens = input_ids.shape[0]
@@ -166,20 +138,25 @@ class LlamaModel:
                 hidden, x = ops.add_norm(hidden, pending, layer.input_norm, eps)
             qkv = layer.qkv(x)  # [T, (H + 2 KVH) D]
             qk, v = qkv.split([num_q + num_kv, num_kv], dim=-1)
-            qk = ops.rotate(qk.view(num_tokens, -1, self.head_dim), rotary)  # q and k heads
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = qk.view(num_tokens, -1, self.head_dim)  # q heads, then k heads
+            if layer.q_norm is not None:
+                qk = self._qk_norm(qk, layer)
+            q, k = ops.rotate(qk, rotary).split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.layer(index)
             backend.store_kv(k_cache, v_cache, k, v, meta)
-            attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)
+            window = self.spec.layer_windows[index]
+            attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale, window)
             out = layer.o_proj(attn.reshape(num_tokens, num_q))
-            hidden, x = ops.add_norm(hidden, self.parallel.all_reduce(out), layer.post_norm, eps)
-            pending = self.parallel.all_reduce(layer.down(ops.silu_mul(layer.gate_up(x))))
+            hidden, x = ops.add_norm(hidden, out, layer.post_norm, eps)
+            pending = layer.down(ops.silu_mul(layer.gate_up(x)))
         if pending is None:
             return ops.norm(hidden, self.norm, eps)
         return ops.add_norm(hidden, pending, self.norm, eps)[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab] over the whole vocabulary."""
-        local = self.lm_head(hidden).float()
-        return self.parallel.all_gather_last_dim(local)
+        return self.lm_head(hidden)
+
+
+Model = LlamaModel

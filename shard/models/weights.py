@@ -1,0 +1,186 @@
+"""Declared weight plans, and the one loader that applies them for every family.
+
+A family says, for each of its parameters, which checkpoint tensors feed it and how it is
+split over tensor-parallel ranks (`Param`); `Loader` reads only this rank's slices. Where
+the math must combine ranks is declared by the split, never written in the model:
+
+- `Split.ROWS` / `Split.HEADS`: a column-parallel linear; each rank computes its own
+  output features (heads), nothing to combine.
+- `Split.COLS`: a row-parallel linear; each rank holds some input features, so its output
+  is a partial sum: `Loader.linear` returns a layer that all-reduces it.
+- `Split.NONE`: every rank holds the whole tensor (norms, routers).
+- The embedding and LM head are split by vocabulary (`VocabEmbedding`, `VocabHead`), which
+  all-reduce and all-gather themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from shard.loader import WeightStore
+from shard.models.linear import Linear
+from shard.parallel import Parallel
+
+
+class Split(enum.Enum):
+    NONE = "replicated"
+    ROWS = "rows"  # dim 0 split evenly
+    HEADS = "heads"  # dim 0 split by heads; KV heads repeated when fewer than ranks
+    COLS = "cols"  # dim 1 split evenly; the linear's output is all-reduced
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One checkpoint tensor, or the rows `rows[0]:rows[1]` of a fused one (Phi-3's
+    qkv_proj), holding `heads` heads when split by heads."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    heads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A parameter: its parts, each split alike, then concatenated along dim 0."""
+
+    parts: tuple[Part, ...]
+    split: Split = Split.NONE
+
+    @classmethod
+    def of(cls, *names: str, split: Split = Split.NONE) -> Param:
+        return cls(tuple(Part(n) for n in names), split)
+
+    @classmethod
+    def heads(cls, *parts: tuple[str, int]) -> Param:
+        """(name, heads) parts split by heads: a q/k/v projection, or its bias."""
+        return cls(tuple(Part(n, heads=h) for n, h in parts), Split.HEADS)
+
+
+def local_heads(heads: int, parallel: Parallel) -> tuple[int, int]:
+    """(first head, count) of this rank's share of `heads`: an even split, or, when there
+    are fewer heads than ranks (KV heads), the one head this rank shares with others."""
+    return parallel.rank * heads // parallel.world_size, max(1, heads // parallel.world_size)
+
+
+class RowParallel:
+    """A linear over this rank's input features; its output summed over ranks, then the
+    bias (whole on every rank) added once."""
+
+    __slots__ = ("linear", "bias", "parallel")
+
+    def __init__(self, linear: Linear, bias: torch.Tensor | None, parallel: Parallel) -> None:
+        self.linear, self.bias, self.parallel = linear, bias, parallel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.parallel.all_reduce(self.linear(x))
+        return out if self.bias is None else out + self.bias
+
+
+class VocabEmbedding:
+    """Token ids [T] -> embeddings [T, hidden]; this rank holds rows `start:start + n`."""
+
+    def __init__(self, weight: torch.Tensor, start: int, parallel: Parallel) -> None:
+        self.weight, self.start, self.parallel = weight, start, parallel
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        rows = self.weight.shape[0]
+        local = input_ids - self.start
+        is_mine = (local >= 0) & (local < rows)
+        out = F.embedding(local.clamp(0, rows - 1), self.weight) * is_mine.unsqueeze(-1)
+        return self.parallel.all_reduce(out)
+
+
+class VocabHead:
+    """Hidden [N, hidden] -> float32 logits [N, vocab]: each rank's vocabulary slice,
+    gathered."""
+
+    def __init__(self, linear: Linear, parallel: Parallel) -> None:
+        self.linear, self.parallel = linear, parallel
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.parallel.all_gather_last_dim(self.linear(hidden).float())
+
+
+class Loader:
+    """Reads planned parameters from a `WeightStore`: this rank's slices only, in the
+    model's dtype, on its device. `linear` packs them for the CPU's fast paths."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        parallel: Parallel,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        pack: bool = True,
+        gemv: bool = False,
+    ) -> None:
+        self.store, self.parallel, self.head_dim = store, parallel, head_dim
+        self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
+        self.nbytes = 0  # bytes of every tensor loaded so far
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.to(dtype=self.dtype, device=self.device).contiguous()
+        self.nbytes += out.numel() * out.element_size()
+        return out
+
+    def _read(self, part: Part, split: Split) -> torch.Tensor:
+        """This rank's slice of one part (its rows of a fused tensor first)."""
+        base, stop = part.rows or (0, None)
+        if split is Split.COLS:
+            size = self.store.shape(part.name)[1]
+            start, end = self.parallel.split(size)
+            view = self.store.get_slice(part.name, 1, start, end)
+            return view if part.rows is None else view[base:stop]
+        if split is Split.NONE:
+            if part.rows is None:
+                return self.store.get(part.name)
+            return self.store.get_slice(part.name, 0, *part.rows)
+        if split is Split.HEADS:
+            first, count = local_heads(part.heads, self.parallel)
+            start, end = first * self.head_dim, (first + count) * self.head_dim
+        else:  # ROWS
+            total = (stop if stop is not None else self.store.shape(part.name)[0]) - base
+            start, end = self.parallel.split(total)
+        return self.store.get_slice(part.name, 0, base + start, base + end)
+
+    def tensor(self, param: Param) -> torch.Tensor:
+        parts = [self._read(p, param.split) for p in param.parts]
+        return self._to(parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def linear(self, weight: Param, bias: Param | None = None) -> Linear | RowParallel:
+        """A linear layer; row-parallel (output all-reduced) when split by columns."""
+        b = self.tensor(bias) if bias is not None else None
+        if weight.split is not Split.COLS:
+            return Linear(self.tensor(weight), b, pack=self.pack, gemv=self.gemv)
+        layer = Linear(self.tensor(weight), pack=self.pack, gemv=self.gemv)
+        return RowParallel(layer, b, self.parallel)
+
+    def embedding(self, name: str, vocab_size: int) -> VocabEmbedding:
+        start, _ = self.parallel.split(vocab_size)
+        return VocabEmbedding(self.tensor(Param.of(name, split=Split.ROWS)), start, self.parallel)
+
+    def head(self, name: str, embedding: VocabEmbedding, tied: bool) -> VocabHead:
+        """The LM head: the embedding's own tensor when tied or absent."""
+        if tied or name not in self.store:
+            weight = embedding.weight
+        else:
+            weight = self.tensor(Param.of(name, split=Split.ROWS))
+        return VocabHead(Linear(weight, pack=self.pack, gemv=self.gemv), self.parallel)
