@@ -57,6 +57,7 @@ class RequestState:
     owns_blocks: bool  # blocks were numbered by the shard and return to its free list
     prompt_logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    long_rope: bool = False  # longrope models: computed with the long factors (shard/step.py)
 
     @property
     def is_finished(self) -> bool:

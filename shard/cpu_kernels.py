@@ -97,12 +97,16 @@ def paged_decode(
     context_lens: torch.Tensor,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [B, H, D], caches [N, BS, KVH, D], block_tables [B, W], context_lens [B] -> [B, H, D];
-    `window` > 0: each row sees only its last `window` keys."""
+    `window` > 0: each row sees only its last `window` keys; `softcap` > 0: scores s become
+    softcap * tanh(s / softcap)."""
     module = load()
     assert module is not None, "call load() first and keep the torch path when it is None"
-    return module.paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale, window)
+    return module.paged_decode(
+        q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap
+    )
 
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ class ShardEngine:
         self.runner = ModelRunner(config, self.model_spec, Parallel(config.rank, config.world_size))
         self.block_size = config.block_size
         self.batches: dict[int, Batch] = {}
+        if config.use_prefix_caching and not self.use_prefix_caching:
+            log.info(
+                "prefix caching off: longrope recomputes a request's K/V past the original length"
+            )
         context = self.model_spec.max_position_embeddings
         self.admission = Admission(
             self.tokenizer,
@@ -78,6 +82,12 @@ class ShardEngine:
             max_total_tokens=context,
         )
 
+    @property
+    def use_prefix_caching(self) -> bool:
+        """Off for longrope models: a request passing the original length computes its
+        first blocks again (with the long factors), so they cannot be shared."""
+        return self.config.use_prefix_caching and not self.runner.model.rotary.long_after
+
     # ---- Info / Health ----
     def info(self) -> EngineInfo:
         runner, kv = self.runner, self.runner.kv
@@ -87,7 +97,7 @@ class ShardEngine:
             device_type=runner.device.type,
             block_size=self.block_size,
             attention_impl=runner.backend.name,
-            use_prefix_caching=self.config.use_prefix_caching,
+            use_prefix_caching=self.use_prefix_caching,
             device_memory_used=used,
             device_memory_total=total,
             kv_cache_blocks=kv.num_blocks if kv else 0,

@@ -13,14 +13,17 @@ from shard.batch import RequestState
 @dataclass(slots=True)
 class ForwardInputs:
     input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64 rotary indices: positions (see long_after)
     attention: AttentionInputs
 
 
 def prepare_forward(
-    requests: list[RequestState], block_size: int, device: torch.device
+    requests: list[RequestState], block_size: int, device: torch.device, long_after: int = 0
 ) -> ForwardInputs:
-    """Lays out the next tokens of `requests` (none finished) one request after another."""
+    """Lays out the next tokens of `requests` (none finished) one request after another.
+
+    `long_after` > 0 (longrope): a request longer than that (its prompt, or prompt and
+    tokens so far) has its positions moved up by it, to the rotary tables' long rows."""
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -31,7 +34,8 @@ def prepare_forward(
         query_lens.append(count)
         cache_lens.append(start)
         ids.extend(request.all_ids[start : start + count])
-        positions.extend(range(start, start + count))
+        rotary = long_after if long_after and len(request.all_ids) > long_after else 0
+        positions.extend(range(rotary + start, rotary + start + count))
         blocks = request.blocks
         slots.extend(
             blocks[p // block_size] * block_size + p % block_size

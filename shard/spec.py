@@ -18,11 +18,15 @@ FAMILIES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
+    "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma",
+    "Gemma3ForCausalLM": "gemma",
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 # Architectures whose q/k/v projections always carry a bias (others: `attention_bias`).
 QKV_BIAS = ("Qwen2ForCausalLM",)
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +132,22 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
     architectures = config.get("architectures") or []
     arch = next((a for a in architectures if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
+        remote = " (defined by the repository's own code, which pytgi never runs)"
         raise ModelLoadError(
-            f"unsupported architecture {architectures or config.get('model_type')}; "
+            f"unsupported architecture {architectures or config.get('model_type')}"
+            f"{remote if config.get('auto_map') else ''}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    quantized = config.get("quantization_config")
+    if quantized:
+        method = (
+            quantized.get("quant_method", "an unknown method")
+            if isinstance(quantized, dict)
+            else quantized
+        )
+        raise ModelLoadError(
+            f"this checkpoint is quantized ({method}); quantized weights are not supported yet "
+            "(they are never loaded with their scales ignored): serve the unquantized model"
         )
     rope_theta, rope_scaling = _rope(config)
     num_heads = config["num_attention_heads"]

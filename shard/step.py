@@ -78,7 +78,10 @@ def _forward(
 ) -> tuple[list[RequestState], torch.Tensor]:
     """Runs the model; returns the requests that emit and their logits [N, V] (float32).
     Prompt log-probabilities of requests that asked for them are recorded on the way."""
-    inputs = prepare_forward(active, runner.block_size, runner.device)
+    long_after = runner.model.rotary.long_after
+    if long_after:
+        _switch_to_long_rope(active, long_after)
+    inputs = prepare_forward(active, runner.block_size, runner.device, long_after)
     hidden = runner.forward(inputs)
     emitting, rows = [], []
     attention = inputs.attention
@@ -93,6 +96,17 @@ def _forward(
             rows.append(start + count - 1)
     logits = runner.logits(hidden[rows]) if rows else hidden.new_empty(0)
     return emitting, logits
+
+
+def _switch_to_long_rope(requests: list[RequestState], long_after: int) -> None:
+    """Longrope: once a request passes `long_after` tokens all of them use the long factors,
+    so K/V computed with the short ones are computed again, once (num_computed back to 0),
+    as transformers drops its cache at that point. (Prefix caching is off for such models:
+    this rewrites the request's first blocks.)"""
+    for request in requests:
+        if not request.long_rope and len(request.all_ids) > long_after:
+            request.long_rope = True
+            request.num_computed = 0
 
 
 def _record_prompt_logprobs(

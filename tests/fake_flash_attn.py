@@ -1,6 +1,6 @@
 """A stand-in for the `flash_attn` package on machines without it: the same
 `flash_attn_varlen_func` contract (bottom-right causal, GQA, optional block table, a left
-window),
+window, soft-capped scores),
 computed with PyTorch SDPA one sequence at a time. Tests install it in sys.modules."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ def flash_attn_varlen_func(
     causal=False,
     block_table=None,
     window_size=(-1, -1),
+    softcap=0.0,
     **_ignored,
 ):
     calls.append({"paged": block_table is not None, "rows": q.shape[0]})
@@ -45,13 +46,17 @@ def flash_attn_varlen_func(
         if window_size[0] >= 0:  # keys at most window_size[0] to the left of the query
             visible &= key_pos >= query_pos - window_size[0]
         group = q.shape[1] // keys.shape[1]
-        result = F.scaled_dot_product_attention(
-            q[q0:q1].transpose(0, 1).float(),
-            keys.repeat_interleave(group, 1).transpose(0, 1).float(),
-            values.repeat_interleave(group, 1).transpose(0, 1).float(),
-            attn_mask=visible if causal else None,
-            scale=softmax_scale,
-        )
+        q_f = q[q0:q1].transpose(0, 1).float()
+        k_f = keys.repeat_interleave(group, 1).transpose(0, 1).float()
+        v_f = values.repeat_interleave(group, 1).transpose(0, 1).float()
+        if softcap > 0:
+            scores = torch.tanh(q_f @ k_f.transpose(1, 2) * softmax_scale / softcap) * softcap
+            scores = scores.masked_fill(~visible, float("-inf")) if causal else scores
+            result = torch.softmax(scores, -1) @ v_f
+        else:
+            result = F.scaled_dot_product_attention(
+                q_f, k_f, v_f, attn_mask=visible if causal else None, scale=softmax_scale
+            )
         out[q0:q1] = result.transpose(0, 1).to(q.dtype)
     return out
 

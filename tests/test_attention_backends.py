@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shard.attention import AttentionInputs, get_backend
 from shard.errors import ModelLoadError
@@ -20,8 +19,9 @@ from shard.attention.triton_kernels import paged_decode, write_kv  # noqa: E402
 BLOCK = 16
 
 
-def _reference_decode(q, k_cache, v_cache, tables, context, window=0):
-    """float64 attention of each row over its first `context` slots (the last `window`)."""
+def _reference_decode(q, k_cache, v_cache, tables, context, window=0, softcap=0.0):
+    """float64 attention of each row over its first `context` slots (the last `window`),
+    scores soft-capped when `softcap`."""
     outs = []
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     group = q.shape[1] // num_kv_heads
@@ -30,12 +30,11 @@ def _reference_decode(q, k_cache, v_cache, tables, context, window=0):
         slots = [int(tables[i, p // BLOCK]) * BLOCK + p % BLOCK for p in range(first, ctx)]
         keys = k_cache.view(-1, num_kv_heads, head_dim)[slots].double()
         values = v_cache.view(-1, num_kv_heads, head_dim)[slots].double()
-        out = F.scaled_dot_product_attention(
-            q[i].double().view(num_kv_heads, group, head_dim),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            scale=head_dim**-0.5,
-        )
+        q_i = q[i].double().view(num_kv_heads, group, head_dim)
+        scores = q_i @ keys.permute(1, 2, 0) * head_dim**-0.5  # [KVH, G, ctx]
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        out = torch.softmax(scores, -1) @ values.transpose(0, 1)
         outs.append(out.reshape(-1, head_dim))
     return torch.stack(outs)
 
@@ -199,15 +198,15 @@ def _mixed_batch(block_size: int):
     return inputs, q, k, v, caches
 
 
-def _run_backend(backend, inputs, q, k, v, caches, window=0):
+def _run_backend(backend, inputs, q, k, v, caches):
     k_cache, v_cache = (c.clone() for c in caches)
     meta = backend.prepare(inputs)
     backend.store_kv(k_cache, v_cache, k, v, meta)
-    out = backend.attend(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5, window=window)
+    out = backend.attend(q, k, v, k_cache, v_cache, meta, q.shape[-1] ** -0.5)
     return out, k_cache, v_cache
 
 
-def _brute_force(inputs, q, k_cache, v_cache, window):
+def _brute_force(inputs, q, k_cache, v_cache, window, softcap=0.0):
     """float64: each new token at position p against the cache's keys up to p (the last
     `window`), one at a time."""
     out = torch.empty(q.shape, dtype=torch.float64)
@@ -217,20 +216,30 @@ def _brute_force(inputs, q, k_cache, v_cache, window):
             table = inputs.block_tables[i : i + 1]
             row = q[start + t : start + t + 1]
             context = torch.tensor([position + 1])
-            out[start + t] = _reference_decode(row, k_cache, v_cache, table, context, window)[0]
+            expected = _reference_decode(row, k_cache, v_cache, table, context, window, softcap)
+            out[start + t] = expected[0]
     return out
 
 
-@pytest.mark.parametrize("window", [1, 5, 16, 40])
+@pytest.mark.parametrize(
+    "window, softcap", [(1, 0.0), (5, 0.0), (16, 0.0), (40, 0.0), (0, 2.0), (5, 1.5)]
+)
 @pytest.mark.parametrize("name", ["reference", "reference-torch", "triton", "flash-attn"])
-def test_sliding_window_in_every_backend(name, window, fake_flash):
-    """Decode, plain prefill and prefill after a prefix, each with keys past the window."""
+def test_window_and_softcap_in_every_backend(name, window, softcap, fake_flash):
+    """Decode, plain prefill and prefill after a prefix, each with keys past the window;
+    scores soft-capped (small caps, so the cap changes them)."""
     inputs, q, k, v, caches = _mixed_batch(BLOCK)
     backend = get_backend(name.removesuffix("-torch"))
     backend.use_cpu_kernel = not name.endswith("-torch")  # the reference's torch decode path
-    out, k_cache, v_cache = _run_backend(backend, inputs, q, k, v, caches, window)
-    expected = _brute_force(inputs, q, k_cache, v_cache, window)
+    k_cache, v_cache = (c.clone() for c in caches)
+    meta = backend.prepare(inputs)
+    backend.store_kv(k_cache, v_cache, k, v, meta)
+    scale = q.shape[-1] ** -0.5
+    out = backend.attend(q, k, v, k_cache, v_cache, meta, scale, window=window, softcap=softcap)
+    expected = _brute_force(inputs, q, k_cache, v_cache, window, softcap)
     assert _relative_error(out, expected) < 1e-5
+    if softcap:
+        assert _relative_error(out, _brute_force(inputs, q, k_cache, v_cache, window)) > 1e-3
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ def kernels():
     return module
 
 
-def _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window=0):
+def _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window=0, softcap=0.0):
     rows, heads, dim = q.shape
     kv_heads, bs = k_cache.shape[2], k_cache.shape[1]
     width = -(-int(context.max()) // bs)
@@ -32,15 +32,20 @@ def _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window=0):
         mask &= positions >= (context - window).unsqueeze(1)
     mask = mask[:, None, None, :]
     grouped = q.float().view(rows, kv_heads, heads // kv_heads, dim)
-    out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
+    if softcap:
+        scores = torch.tanh(grouped @ keys.transpose(-1, -2) * scale / softcap) * softcap
+        out = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ values
+    else:
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(rows, heads, dim)
 
 
-@pytest.mark.parametrize("window", [0, 1, 17, 64])  # 0: none; else keys seen per row
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (1, 0.0), (17, 0.0), (64, 0.0), (17, 1.5)])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 9])
 @pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
-def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim, window):
+def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim, window, softcap):
+    """Windows (0: none) and soft-capped scores as well."""
     gen = torch.Generator().manual_seed(rows * 31 + heads)
     blocks, bs = 64, 16
     k_cache = torch.randn(blocks, bs, kv_heads, dim, generator=gen).to(dtype)
@@ -49,8 +54,9 @@ def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim, win
     context = torch.tensor([1, 16, 17, 100, 160, 33, 2, 64, 150][:rows])
     q_full = torch.randn(rows, heads + 2 * kv_heads, dim, generator=gen).to(dtype)
     q = q_full[:, :heads]  # strided rows, as the model's q is (a slice of packed QKV)
-    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, context, dim**-0.5, window)
-    ref = _gathered_sdpa(q, k_cache, v_cache, tables, context, dim**-0.5, window)
+    scale = dim**-0.5
+    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, context, scale, window, softcap)
+    ref = _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window, softcap)
     assert out.dtype == dtype
     assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
 

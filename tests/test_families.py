@@ -25,6 +25,8 @@ PROMPTS = [
 NEW_TOKENS = 10
 TOLERANCE = 1e-4
 
+SHORT = [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8]  # longrope factors for 16-dim heads
+LONG = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0]
 # id -> (model_type, config overrides). The defaults (tests/conftest.py): hidden 64,
 # 4 heads, 2 KV heads, 2 layers, untied embeddings.
 CASES = {
@@ -41,6 +43,18 @@ CASES = {
             }
         },
     ),
+    "llama-linear-rope": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
+    "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    "llama-yarn-rope": (
+        "llama",
+        {
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+    ),
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     "mistral-no-window": ("mistral", {"sliding_window": None}),
     "mistral-window": ("mistral", {"sliding_window": 8}),  # every layer; prompts pass it
@@ -54,9 +68,61 @@ CASES = {
         "qwen3",
         {"attention_bias": True, "tie_word_embeddings": True, "num_key_value_heads": 1},
     ),
+    "phi3": ("phi3", {}),
+    "phi3-longrope": (  # prompts past the original 16 positions read the long factors
+        "phi3",
+        {
+            "original_max_position_embeddings": 16,
+            "rope_scaling": {"type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+            "tie_word_embeddings": True,
+        },
+    ),
+    "phi3-mini-4k-window": ("phi3", {"sliding_window": 8}),  # Phi-3-mini-4k: 2047 of 4096
+    "phi4-mini-partial-rotary": (  # RoPE on 12 of 16 dimensions, longrope, one KV head
+        "phi3",
+        {
+            "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 16,
+            "rope_scaling": {
+                "type": "longrope",
+                "short_factor": SHORT[:6],
+                "long_factor": LONG[:6],
+            },
+            "num_key_value_heads": 1,
+        },
+    ),
+    "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
+    "gemma2": (  # alternating windows (8 keys), scores and logits soft-capped (small caps)
+        "gemma2",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 1.0,
+            "final_logit_softcapping": 5.0,
+            "query_pre_attn_scalar": 24,
+            "tie_word_embeddings": True,
+            "initializer_range": 0.3,  # weights large enough for scores to reach the cap
+        },
+    ),  # fmt: skip
+    "gemma3": (  # q/k norms; local layers on their own RoPE base, global ones linearly scaled
+        "gemma3_text",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "rope_local_base_freq": 100.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 4.0},
+            "num_key_value_heads": 1,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "query_pre_attn_scalar": 16,
+            "tie_word_embeddings": True,
+        },
+    ),  # fmt: skip
 }
 # Cases checked over 2 shard processes too (one per family: each start costs seconds).
-TWO_SHARDS = ("llama", "mistral-window", "qwen2-window", "qwen3-bias-1kv-tied")
+TWO_SHARDS = (
+    "llama", "mistral-window", "qwen2-window", "qwen3-bias-1kv-tied", "phi3-longrope", "gemma2",
+    "gemma3",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +143,13 @@ def reference(model_dir, prompt_ids: list[list[int]]) -> tuple[list, list]:
     """transformers' greedy tokens and the log-probabilities of each, per prompt."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    # soft-capped scores need transformers' eager attention; elsewhere SDPA, as its eager
+    # path mis-masks Phi-3's recomputation when longrope switches to the long factors
+    eager = getattr(config, "attn_logit_softcapping", None) is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager" if eager else "sdpa"
+    )
     tokens, logprobs = [], []
     for ids in prompt_ids:
         out = model.eval().generate(

@@ -76,14 +76,14 @@ def test_unknown_rope_scaling_is_rejected(tmp_path):
     d = _write_config(
         tmp_path / "m",
         architectures=["LlamaForCausalLM"],
-        rope_scaling={"type": "yarn", "factor": 4},
+        rope_scaling={"type": "mrope", "factor": 4},
         num_attention_heads=4,
         hidden_size=64,
         num_hidden_layers=1,
         intermediate_size=8,
         vocab_size=10,
     )
-    with pytest.raises(ModelLoadError, match="rope_scaling type 'yarn'"):
+    with pytest.raises(ModelLoadError, match="rope_scaling type 'mrope'"):
         read_spec(d)
 
 
@@ -129,7 +129,7 @@ def test_rope_settings_in_either_config_form(tmp_path, fields, theta, scaling):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, "rope_scaling type 'yarn'"),
+        ({"rope_type": "mrope", "factor": 4.0, "rope_theta": 1e4}, "rope_scaling type 'mrope'"),
         (
             {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e4}},
             "per-layer-type rope_parameters",
@@ -220,3 +220,23 @@ def test_tensor_parallel_split_error_names_working_counts(smollm_dir):
 
     with pytest.raises(ModelLoadError, match="shard counts that work: 1, 3"):
         check_parallel(read_spec(smollm_dir), 2)
+
+
+def test_a_quantized_checkpoint_is_refused_by_its_method(tmp_path):
+    d = _write_config(
+        tmp_path / "m",
+        architectures=["LlamaForCausalLM"],
+        quantization_config={"quant_method": "awq", "bits": 4},
+    )
+    with pytest.raises(ModelLoadError, match=r"quantized \(awq\); quantized weights are not"):
+        read_spec(d)
+
+
+def test_a_remote_code_architecture_is_refused_with_why(tmp_path):
+    d = _write_config(
+        tmp_path / "m",
+        architectures=["MyModelForCausalLM"],
+        auto_map={"AutoModelForCausalLM": "modeling_my.MyModelForCausalLM"},
+    )
+    with pytest.raises(ModelLoadError, match="repository's own code, which pytgi never runs"):
+        read_spec(d)

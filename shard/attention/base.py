@@ -94,8 +94,10 @@ class AttentionBackend(ABC, Generic[M]):
         metadata: M,
         scale: float,
         window: int = 0,
+        softcap: float = 0.0,
     ) -> torch.Tensor:
         """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D].
 
         `window` > 0 (a sliding-window layer): the query at position p sees the keys at
-        positions p - window + 1 .. p only, as transformers' sliding-window mask."""
+        positions p - window + 1 .. p only, as transformers' sliding-window mask.
+        `softcap` > 0 (Gemma 2): each scaled score s becomes softcap * tanh(s / softcap)."""

@@ -69,7 +69,7 @@ class FlashPrefill:
         )
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale: float, out, window: int = 0
+        self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale, out, window=0, softcap=0.0
     ) -> None:
         q_p = q if plan.q_index is None else q[plan.q_index]
         if plan.block_table is not None:
@@ -79,6 +79,7 @@ class FlashPrefill:
         else:
             k_p = torch.cat([self._context(k, k_cache, s) for s in plan.sources])
             v_p = torch.cat([self._context(v, v_cache, s) for s in plan.sources])
+        capped = {"softcap": softcap} if softcap > 0 else {}  # flash-attn >= 2.6
         result = flash_attn_varlen_func(
             q_p,
             k_p,
@@ -91,6 +92,7 @@ class FlashPrefill:
             causal=True,  # aligned bottom-right: new tokens see the whole cached prefix
             window_size=(window - 1, 0) if window > 0 else (-1, -1),  # keys left of a query
             block_table=plan.block_table,
+            **capped,
         )
         if plan.q_index is None:
             out.copy_(result)

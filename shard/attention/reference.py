@@ -4,7 +4,8 @@ Decode rows are attended in one batched call: on CPU by the compiled paged-decod
 (shard/cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
 K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
 time (plain causal when nothing is cached, masked over the gathered prefix otherwise). A
-sliding window (`attend(..., window=w)`, per layer) narrows every mask to the last w keys.
+sliding window (`attend(..., window=w)`, per layer) narrows every mask to the last w keys;
+soft-capped scores (`softcap`, Gemma 2) take PyTorch's plain ops instead of SDPA.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def prefill_row(inputs: AttentionInputs, i: int) -> PrefillRow:
 
 
 def attend_prefill_rows(
-    q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window: int = 0
+    q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window=0, softcap=0.0
 ) -> None:
     """Fills the `out` rows of each prefilling request, one SDPA call per request."""
     group = q.shape[1] // k.shape[1]
@@ -104,7 +105,27 @@ def attend_prefill_rows(
             k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
             v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
         mask = row.mask_for(window, q.device)
-        out[row.start : row.start + row.length] = _prefill(q_row, k_row, v_row, mask, scale, group)
+        if softcap > 0:
+            if mask is None:  # plain causal over the new tokens
+                mask = torch.ones(row.length, row.length, dtype=torch.bool, device=q.device).tril()
+            q_t, k_t, v_t = (t.transpose(0, 1).unsqueeze(0) for t in (q_row, k_row, v_row))
+            result = capped_attention(q_t, k_t, v_t, mask, scale, softcap)[0].transpose(0, 1)
+        else:
+            result = _prefill(q_row, k_row, v_row, mask, scale, group)
+        out[row.start : row.start + row.length] = result
+
+
+def capped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
+    """q [B, H, n, D], k/v [B, KVH, ctx, D], mask broadcast to [B, H, n, ctx] (True: seen)
+    -> [B, H, n, D]: scores soft-capped (softcap * tanh(s / softcap)) before the mask, as
+    transformers' eager attention; softmax in float32."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, v)
 
 
 def _prefill(q, k, v, mask, scale: float, group: int) -> torch.Tensor:
@@ -161,28 +182,31 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
         return meta
 
-    def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale: float, window=0):
+    def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale, window=0, softcap=0.0):
         out = torch.empty_like(q)
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
             q_dec = q if metadata.decode_is_all else q[rows]
-            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale, window)
+            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale, window, softcap)
             if metadata.decode_is_all:
                 return out_dec
             out[rows] = out_dec
         rows_p = metadata.prefill_rows
-        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window)
+        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window, softcap)
         return out
 
     @staticmethod
-    def _decode(q, k_cache, v_cache, meta: _Metadata, scale: float, window: int) -> torch.Tensor:
+    def _decode(
+        q, k_cache, v_cache, meta: _Metadata, scale: float, window: int, softcap: float
+    ) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
         if meta.decode_tables is not None and meta.decode_context is not None:
             from shard import cpu_kernels
 
             return cpu_kernels.paged_decode(
-                q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale, window
-            )
+                q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale, window,
+                softcap,
+            )  # fmt: skip
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
@@ -192,7 +216,13 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         values = gather_blocks(v_cache, meta.decode_blocks, num_rows).transpose(
             1, 2
         )  # [Bd, KVH, L, D]
-        out = F.scaled_dot_product_attention(
-            q_grouped, keys, values, attn_mask=meta.decode_mask_for(window), scale=scale
-        )
+        mask = meta.decode_mask_for(window)
+        if softcap > 0:
+            out = capped_attention(
+                q.view(num_rows, num_heads, 1, head_dim), keys, values, mask, scale, softcap
+            )
+        else:
+            out = F.scaled_dot_product_attention(
+                q_grouped, keys, values, attn_mask=mask, scale=scale
+            )
         return out.reshape(num_rows, num_heads, head_dim)

@@ -51,9 +51,10 @@ class PrefillPath(Protocol):
         ...
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out, window: int = 0
+        self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out, window=0, softcap=0.0
     ) -> None:
-        """Writes the prefill rows of `out` [T, heads, D] (`window`: as AttentionBackend's)."""
+        """Writes the prefill rows of `out` [T, heads, D] (`window`, `softcap`: as
+        AttentionBackend's)."""
         ...
 
 
@@ -71,9 +72,10 @@ class TritonPrefill:
         )
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale: float, out, window: int = 0
+        self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale, out, window=0, softcap=0.0
     ) -> None:
-        paged_prefill(q, k_cache, v_cache, plan.block_tables, plan.programs, scale, out, window)
+        tables, programs = plan.block_tables, plan.programs
+        paged_prefill(q, k_cache, v_cache, tables, programs, scale, out, window, softcap)
 
 
 class TritonBackend(AttentionBackend[TritonMetadata]):
@@ -112,16 +114,17 @@ class TritonBackend(AttentionBackend[TritonMetadata]):
     def store_kv(self, k_cache, v_cache, k, v, metadata: TritonMetadata) -> None:
         write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
 
-    def attend(self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale: float, window=0):
+    def attend(
+        self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, window=0, softcap=0.0
+    ):
         tables, context = metadata.block_tables, metadata.context_lens
+        limits = {"window": window, "softcap": softcap}
         if tables is not None and context is not None and metadata.prefill is None:
-            return paged_decode(q, k_cache, v_cache, tables, context, scale, window=window)
+            return paged_decode(q, k_cache, v_cache, tables, context, scale, **limits)
         out = torch.empty_like(q)
         if tables is not None and context is not None:
             rows = metadata.decode_rows
-            out[rows] = paged_decode(
-                q[rows], k_cache, v_cache, tables, context, scale, window=window
-            )
+            out[rows] = paged_decode(q[rows], k_cache, v_cache, tables, context, scale, **limits)
         meta = metadata.prefill
-        self.prefill_path.attend(q, k, v, k_cache, v_cache, meta, scale, out, window)
+        self.prefill_path.attend(q, k, v, k_cache, v_cache, meta, scale, out, window, softcap)
         return out

@@ -86,14 +86,17 @@ def _kv_offsets(table_ptr, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM, BLOCK_SIZ
 
 @triton.jit
 def _attend_keys(
-    q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, m_i, l_i, acc,
+    q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, softcap, m_i, l_i, acc,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: q [R, DIM_PAD] (float32) against the keys at `kv_offs`;
-    `visible` [R or 1, TOKENS] masks scores. Returns the updated running max m [R], sum l [R]
-    and output acc [R, DIM_PAD]. A row with nothing visible so far keeps m = -inf, l = 0."""
+    `visible` [R or 1, TOKENS] masks scores; `softcap` > 0 caps them (softcap * tanh(s /
+    softcap)). Returns the updated running max m [R], sum l [R] and output acc [R, DIM_PAD].
+    A row with nothing visible so far keeps m = -inf, l = 0."""
     k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, TOKENS]
+    if softcap > 0:
+        scores = softcap * (2 * tl.sigmoid(2 * scores / softcap) - 1)  # tanh, from sigmoid
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite stand-in to subtract
@@ -121,6 +124,7 @@ def _paged_decode_kernel(
     stride_table,
     split_len,  # keys per split, a multiple of TOKENS (the whole context without SPLIT)
     window,  # > 0: only the last `window` keys of each context are seen
+    softcap,  # > 0: scores soft-capped
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 and a power of two (tl.dot's smallest tile)
@@ -162,8 +166,8 @@ def _paged_decode_kernel(
             table_ptr + row * stride_table, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM, BLOCK_SIZE
         )
         m_i, l_i, acc = _attend_keys(
-            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid[None, :], scale, m_i, l_i, acc,
-            PRECISION,
+            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid[None, :], scale, softcap, m_i,
+            l_i, acc, PRECISION,
         )  # fmt: skip
     if SPLIT:
         # An empty split (past the context) has l = 0: output 0, log-sum-exp -inf (weight 0).
@@ -229,12 +233,13 @@ def paged_decode(
     out: torch.Tensor | None = None,
     splits: int | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """q [B, heads, D], caches [N, block_size, kv_heads, D], block_tables [B, max_blocks],
     context_lens [B] (each >= 1 and <= max_blocks * block_size) -> [B, heads, D]: one new
     token per request. `splits`: pieces each context is cut into (default: decode_splits,
     from the table width, so no device value is read and CUDA graphs can capture it).
-    `window` > 0: each row sees only its last `window` keys."""
+    `window` > 0: each row sees only its last `window` keys; `softcap` > 0 caps scores."""
     num_rows, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -268,6 +273,7 @@ def paged_decode(
         block_tables.stride(0),
         split_len,
         window,
+        float(softcap),
         SPLIT=splits > 1,
         **constants,
     )
@@ -331,6 +337,7 @@ def _paged_prefill_kernel(
     stride_out_head,
     stride_table,
     window,  # > 0: a token at position p sees keys p - window + 1 .. p only
+    softcap,  # > 0: scores soft-capped
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,  # next power of two >= GROUP
@@ -377,7 +384,7 @@ def _paged_prefill_kernel(
         if window > 0:
             visible = visible & (pos[None, :] > query_pos[:, None] - window)
         m_i, l_i, acc = _attend_keys(
-            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, m_i, l_i, acc,
+            q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, softcap, m_i, l_i, acc,
             PRECISION,
         )  # fmt: skip
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -413,9 +420,10 @@ def paged_prefill(
     scale: float,
     out: torch.Tensor,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """Causal attention of prefill rows over the paged cache, written into `out`; `window`
-    > 0 limits each token to its last `window` keys.
+    > 0 limits each token to its last `window` keys; `softcap` > 0 caps scores.
 
     q, out [T, heads, D]; caches [N, block_size, kv_heads, D] already holding this forward's
     K/V; block_tables [B, max_blocks]; programs int32 [P, 4] from prefill_programs."""
@@ -440,6 +448,7 @@ def paged_prefill(
         out.stride(1),
         block_tables.stride(0),
         window,
+        float(softcap),
         **prefill_constants(constants, group),
     )
 

@@ -3,6 +3,7 @@
 // paged_decode: attention of one new token per request, K/V read from their blocks in
 // place (no gather into a contiguous copy), softmax in float32. With a sliding window of
 // `window` > 0 keys, a request of context c attends positions max(0, c - window) .. c - 1.
+// With `softcap` > 0 each score s becomes softcap * tanh(s / softcap) (Gemma 2).
 //
 // Shapes: q [B, H, D] (row and head strides given, D contiguous); k_cache, v_cache
 // [N, BS, KVH, D] contiguous; block_tables [B, W] int64; context_lens [B] int64 (each >= 1,
@@ -52,7 +53,7 @@ inline void axpy(float a, const R* v, float* acc, int64_t d) {
 template <typename T, typename R = typename Raw<T>::type>
 void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t first,
             int64_t end, int64_t bs, int64_t kv_heads, int64_t group, int64_t d, int64_t q_head,
-            float scale, int64_t h0, int64_t h1, T* op, std::vector<float>& qf,
+            float scale, float softcap, int64_t h0, int64_t h1, T* op, std::vector<float>& qf,
             std::vector<float>& scores, std::vector<float>& acc) {
   const int64_t n = h1 - h0;  // query heads in this task
   const int64_t ctx = end - first;  // keys attended
@@ -66,6 +67,8 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
     const R* row = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d;
     for (int64_t j = 0; j < n; ++j) scores[j * ctx + t] = dot(&qf[j * d], row + (h0 + j) / group * d, d);
   }
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
   for (int64_t j = 0; j < n; ++j) {  // softmax over t
     float* s = &scores[j * ctx];
     const float top = *std::max_element(s, s + ctx);
@@ -86,7 +89,7 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
 template <typename T>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& tables, const torch::Tensor& context, double scale,
-            int64_t window, torch::Tensor& out) {
+            int64_t window, double softcap, torch::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
   const int64_t q_row = q.stride(0), q_head = q.stride(1), width = tables.size(1);
@@ -107,15 +110,15 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       const int64_t r = task / splits, h0 = task % splits * per_split;
       const int64_t first = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
       attend(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group, d,
-             q_head, static_cast<float>(scale), h0, h0 + per_split, op + r * heads * d, qf,
-             scores, acc);
+             q_head, static_cast<float>(scale), static_cast<float>(softcap), h0, h0 + per_split,
+             op + r * heads * d, qf, scores, acc);
     }
   });
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor context, double scale,
-                           int64_t window) {
+                           int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with D contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
@@ -124,9 +127,10 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   auto context64 = context.to(torch::kInt64).contiguous();
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   if (q.scalar_type() == torch::kFloat) {
-    decode<float>(q, k_cache, v_cache, tables64, context64, scale, window, out);
+    decode<float>(q, k_cache, v_cache, tables64, context64, scale, window, softcap, out);
   } else if (q.scalar_type() == torch::kBFloat16) {
-    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, window, out);
+    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, window, softcap,
+                          out);
   } else {
     TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
   }

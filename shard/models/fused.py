@@ -59,7 +59,7 @@ def _rotary_kernel(
     sin_ptr,
     stride_token,
     stride_head,
-    HALF: tl.constexpr,  # head_dim / 2: the tables' row length
+    HALF: tl.constexpr,  # rotary dims / 2 (the tables' row length); dims past 2 * HALF pass
     BLOCK: tl.constexpr,  # next power of two >= HALF
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -141,7 +141,7 @@ class TritonOps:
         tokens, heads, head_dim = x.shape
         assert x.stride(2) == 1 and cos.is_contiguous() and sin.is_contiguous()
         if tokens:
-            half = head_dim // 2
+            half = cos.shape[1]  # rotary dimensions / 2: the rest of each head passes
             _rotary_kernel[(tokens, heads)](
                 x, positions, cos, sin, x.stride(0), x.stride(1),
                 HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,

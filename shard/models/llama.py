@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from shard.attention import AttentionBackend, AttentionMetadata
+from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
 from shard.models.linear import Linear
 from shard.models.ops import LayerOps
@@ -23,8 +24,9 @@ from shard.spec import ModelSpec
 Plan = dict[str, Param]
 
 
-def attention_plan(spec: ModelSpec, prefix: str) -> Plan:
-    """q/k/v packed by heads (with their biases when the model has them), o by columns."""
+def attention_plan(spec: ModelSpec, prefix: str, qk_norm: bool = False) -> Plan:
+    """q/k/v packed by heads (with their biases when the model has them), o by columns;
+    with `qk_norm`, the per-head q and k norm weights."""
     heads = [("q_proj", spec.num_heads), ("k_proj", spec.num_kv_heads)]
     heads.append(("v_proj", spec.num_kv_heads))
     plan = {
@@ -33,7 +35,7 @@ def attention_plan(spec: ModelSpec, prefix: str) -> Plan:
     }
     if spec.qkv_bias:
         plan["qkv_bias"] = Param.heads(*((f"{prefix}{n}.bias", h) for n, h in heads))
-    if spec.config.get("model_type") == "qwen3":
+    if qk_norm:
         plan["q_norm"] = Param.of(prefix + "q_norm.weight")
         plan["k_norm"] = Param.of(prefix + "k_norm.weight")
     return plan
@@ -42,7 +44,7 @@ def attention_plan(spec: ModelSpec, prefix: str) -> Plan:
 def layer_plan(spec: ModelSpec, index: int) -> Plan:
     p = f"model.layers.{index}."
     return {
-        **attention_plan(spec, p + "self_attn."),
+        **attention_plan(spec, p + "self_attn.", qk_norm=spec.config.get("model_type") == "qwen3"),
         "input_norm": Param.of(p + "input_layernorm.weight"),
         "post_norm": Param.of(p + "post_attention_layernorm.weight"),
         "gate_up": Param.of(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", split=Split.ROWS),
@@ -83,6 +85,9 @@ class LlamaModel:
     layer_plan = staticmethod(layer_plan)
 
     def __init__(self, spec: ModelSpec, loader: Loader, ops: LayerOps) -> None:
+        activation = spec.config.get("hidden_act", "silu")
+        if activation != "silu":
+            raise ModelLoadError(f"hidden_act {activation!r} is not supported here (only silu)")
         self.spec, self.ops = spec, ops
         self.dtype, self.device, parallel = loader.dtype, loader.device, loader.parallel
         self.num_heads = spec.num_heads // parallel.world_size
@@ -94,14 +99,7 @@ class LlamaModel:
         self.layers = [load_layer(loader, self.layer_plan(spec, i)) for i in range(spec.num_layers)]
         self.norm = loader.tensor(Param.of("model.norm.weight"))
         self.weight_bytes = loader.nbytes
-        self.rotary = Rotary(
-            spec.head_dim,
-            spec.max_position_embeddings,
-            spec.rope_theta,
-            spec.rope_scaling,
-            self.dtype,
-            self.device,
-        )
+        self.rotary = Rotary(spec, self.dtype, self.device)
 
     def _qk_norm(self, qk: torch.Tensor, layer: Layer) -> torch.Tensor:
         """Qwen3: each q and k head [T, heads, D] RMS-normalized with its own weight."""
@@ -120,7 +118,8 @@ class LlamaModel:
         kv_cache: KVCache,
         backend: AttentionBackend,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden] after the final norm.
+        """input_ids, positions (rotary indices, shard/models/rope.py): [T] -> hidden states
+        [T, hidden] after the final norm.
 
         `meta` is `backend.prepare(...)` of this forward's layout. No host work happens
         here beyond launching ops, so a decode forward can be captured in a CUDA graph."""
