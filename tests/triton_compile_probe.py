@@ -64,6 +64,8 @@ def decode_signature(pointer: str, split: bool) -> dict:
         "stride_out_head": "i32",
         "stride_table": "i32",
         "split_len": "i32",
+        "window": "i32",
+        "softcap": "fp32",
     }
 
 
@@ -81,6 +83,8 @@ def prefill_signature(pointer: str) -> dict:
         "stride_out_row": "i32",
         "stride_out_head": "i32",
         "stride_table": "i32",
+        "window": "i32",
+        "softcap": "fp32",
     }
 
 
