@@ -187,6 +187,9 @@ class ModelRunner:
         if not self.backend.supports_cuda_graphs:
             log.warning("CUDA graphs need the triton or flash-attn backend; decoding eagerly")
             return
+        if not getattr(self.model, "supports_cuda_graphs", True):
+            log.warning("CUDA graphs: this model routes tokens to experts on the host; eager")
+            return
         self.graphs = DecodeGraphs(self, sizes, max_total_tokens)
         self.graphs.capture()
 

@@ -18,6 +18,9 @@ FAMILIES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
+    "MixtralForCausalLM": "llama",
+    "Qwen2MoeForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "llama",
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma",
@@ -167,7 +170,8 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
         rope_scaling=rope_scaling,
         max_position_embeddings=config.get("max_position_embeddings", 4096),
         tie_word_embeddings=config.get("tie_word_embeddings", False),
-        qkv_bias=arch in QKV_BIAS or bool(config.get("attention_bias", False)),
+        qkv_bias=arch in QKV_BIAS
+        or bool(config.get("attention_bias", False) or config.get("qkv_bias", False)),
         eos_token_ids=_eos_ids(model_dir, config),
         layer_windows=layer_windows(config, config["num_hidden_layers"]),
         config=config,
@@ -191,20 +195,30 @@ def check_parallel(spec: ModelSpec, world_size: int) -> None:
     kv = spec.num_kv_heads
     if (kv % world_size) and (world_size % kv):
         bad.append(f"{kv} KV heads")
-    if spec.intermediate_size % world_size:
-        bad.append(f"intermediate size {spec.intermediate_size}")
-    if spec.vocab_size % world_size:
-        bad.append(f"vocabulary {spec.vocab_size}")
+    sizes = _split_sizes(spec)
+    bad += [f"{name} {size}" for name, size in sizes.items() if size % world_size]
     if bad:
         fits = [
             n
             for n in range(1, 9)
             if spec.num_heads % n == 0
             and (kv % n == 0 or n % kv == 0)
-            and spec.intermediate_size % n == 0
-            and spec.vocab_size % n == 0
+            and all(size % n == 0 for size in sizes.values())
         ]
         raise ModelLoadError(
             f"cannot shard over {world_size} ranks: {', '.join(bad)} do not divide; "
             f"shard counts that work: {', '.join(map(str, fits))}"
         )
+
+
+def _split_sizes(spec: ModelSpec) -> dict[str, int]:
+    """The sizes split evenly over ranks besides heads: MLP rows, the vocabulary, experts
+    (each rank holds whole experts) and a shared expert's rows."""
+    config = spec.config
+    sizes = {"intermediate size": spec.intermediate_size, "vocabulary": spec.vocab_size}
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        sizes["experts"] = int(experts)
+    if config.get("shared_expert_intermediate_size"):
+        sizes["shared expert size"] = int(config["shared_expert_intermediate_size"])
+    return sizes

@@ -91,6 +91,37 @@ CASES = {
             "num_key_value_heads": 1,
         },
     ),
+    "mixtral": (
+        "mixtral",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 32,
+            "initializer_range": 0.1,
+        },
+    ),
+    "qwen2-moe": (  # layer 0 dense; layer 1: 4 experts, top 2 unnormalized, a gated shared one
+        "qwen2_moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 48,
+            "mlp_only_layers": [0],
+            "initializer_range": 0.1,
+        },
+    ),
+    "qwen3-moe": (
+        "qwen3_moe",
+        {
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 24,
+            "norm_topk_prob": True,
+            "head_dim": 16,
+            "initializer_range": 0.1,
+        },
+    ),
     "gemma": ("gemma", {"head_dim": 16, "tie_word_embeddings": True}),
     "gemma2": (  # alternating windows (8 keys), scores and logits soft-capped (small caps)
         "gemma2",
@@ -103,7 +134,7 @@ CASES = {
             "tie_word_embeddings": True,
             "initializer_range": 0.3,  # weights large enough for scores to reach the cap
         },
-    ),  # fmt: skip
+    ),
     "gemma3": (  # q/k norms; local layers on their own RoPE base, global ones linearly scaled
         "gemma3_text",
         {
@@ -116,12 +147,12 @@ CASES = {
             "query_pre_attn_scalar": 16,
             "tie_word_embeddings": True,
         },
-    ),  # fmt: skip
+    ),
 }
 # Cases checked over 2 shard processes too (one per family: each start costs seconds).
 TWO_SHARDS = (
     "llama", "mistral-window", "qwen2-window", "qwen3-bias-1kv-tied", "phi3-longrope", "gemma2",
-    "gemma3",
+    "gemma3", "mixtral", "qwen2-moe", "qwen3-moe",
 )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
 """The Llama decoder (Llama 2/3, SmolLM2, Mistral, Qwen2 with its qkv bias, Qwen3 with its
-per-head q/k norms) and the weight plan that feeds it.
+per-head q/k norms; Mixtral, Qwen2-MoE and Qwen3-MoE with experts in place of the MLP) and
+the weight plan that feeds it.
 
 Math only: `forward(input_ids, positions, attention metadata, kv cache) -> hidden`, logits
 only for the rows that need them. Which tensors each parameter reads and how it is split
@@ -16,9 +17,11 @@ from shard.attention import AttentionBackend, AttentionMetadata
 from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
 from shard.models.linear import Linear
+from shard.models.mlp import DenseMLP, SparseMoE, load_mlp, mlp_plan
 from shard.models.ops import LayerOps
 from shard.models.rope import Rotary
 from shard.models.weights import Loader, Param, RowParallel, Split, local_heads
+from shard.parallel import Parallel
 from shard.spec import ModelSpec
 
 Plan = dict[str, Param]
@@ -41,14 +44,14 @@ def attention_plan(spec: ModelSpec, prefix: str, qk_norm: bool = False) -> Plan:
     return plan
 
 
-def layer_plan(spec: ModelSpec, index: int) -> Plan:
+def layer_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
     p = f"model.layers.{index}."
+    qk_norm = spec.config.get("model_type") in ("qwen3", "qwen3_moe")
     return {
-        **attention_plan(spec, p + "self_attn.", qk_norm=spec.config.get("model_type") == "qwen3"),
+        **attention_plan(spec, p + "self_attn.", qk_norm=qk_norm),
         "input_norm": Param.of(p + "input_layernorm.weight"),
         "post_norm": Param.of(p + "post_attention_layernorm.weight"),
-        "gate_up": Param.of(p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", split=Split.ROWS),
-        "down": Param.of(p + "mlp.down_proj.weight", split=Split.COLS),
+        **mlp_plan(spec, index, parallel),
     }
 
 
@@ -58,13 +61,12 @@ class Layer:
     qkv: Linear  # [(heads + 2 * kv_heads) * D, hidden] (+ bias), this rank's heads
     o_proj: Linear | RowParallel  # [hidden, heads * D], this rank's columns, all-reduced
     post_norm: torch.Tensor  # [hidden]
-    gate_up: Linear  # [2 * intermediate, hidden], this rank's rows
-    down: Linear | RowParallel  # [hidden, intermediate], this rank's columns, all-reduced
+    mlp: DenseMLP | SparseMoE  # [T, hidden] -> [T, hidden], summed over ranks
     q_norm: torch.Tensor | None = None  # [D], Qwen3: RMSNorm of each q head before RoPE
     k_norm: torch.Tensor | None = None  # [D], and of each k head
 
 
-def load_layer(loader: Loader, plan: Plan) -> Layer:
+def load_layer(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> Layer:
     bias = plan.get("qkv_bias")
     optional = {n: loader.tensor(plan[n]) for n in ("q_norm", "k_norm") if n in plan}
     return Layer(
@@ -72,8 +74,7 @@ def load_layer(loader: Loader, plan: Plan) -> Layer:
         qkv=loader.linear(plan["qkv"], bias),  # type: ignore[arg-type]
         o_proj=loader.linear(plan["o_proj"]),
         post_norm=loader.tensor(plan["post_norm"]),
-        gate_up=loader.linear(plan["gate_up"]),  # type: ignore[arg-type]
-        down=loader.linear(plan["down"]),
+        mlp=load_mlp(loader, spec, plan, ops),
         **optional,
     )
 
@@ -96,7 +97,10 @@ class LlamaModel:
         self.scale = spec.head_dim**-0.5
         self.embed = loader.embedding("model.embed_tokens.weight", spec.vocab_size)
         self.lm_head = loader.head("lm_head.weight", self.embed, spec.tie_word_embeddings)
-        self.layers = [load_layer(loader, self.layer_plan(spec, i)) for i in range(spec.num_layers)]
+        plans = [self.layer_plan(spec, i, parallel) for i in range(spec.num_layers)]
+        self.layers = [load_layer(loader, spec, plan, ops) for plan in plans]
+        # experts are chosen per token on the host, which a captured graph cannot replay
+        self.supports_cuda_graphs = not any(isinstance(x.mlp, SparseMoE) for x in self.layers)
         self.norm = loader.tensor(Param.of("model.norm.weight"))
         self.weight_bytes = loader.nbytes
         self.rotary = Rotary(spec, self.dtype, self.device)
@@ -148,7 +152,7 @@ class LlamaModel:
             attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale, window)
             out = layer.o_proj(attn.reshape(num_tokens, num_q))
             hidden, x = ops.add_norm(hidden, out, layer.post_norm, eps)
-            pending = layer.down(ops.silu_mul(layer.gate_up(x)))
+            pending = layer.mlp(x)
         if pending is None:
             return ops.norm(hidden, self.norm, eps)
         return ops.add_norm(hidden, pending, self.norm, eps)[1]

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from shard.models.llama import LlamaModel, Plan
 from shard.models.weights import Param, Part, Split
+from shard.parallel import Parallel
 from shard.spec import ModelSpec
 
 
-def layer_plan(spec: ModelSpec, index: int) -> Plan:
+def layer_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
     p = f"model.layers.{index}."
     qkv, gate_up = p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"
     q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim

@@ -165,10 +165,13 @@ class Loader:
         parts = [self._read(p, param.split) for p in param.parts]
         return self._to(parts[0] if len(parts) == 1 else torch.cat(parts))
 
-    def linear(self, weight: Param, bias: Param | None = None) -> Linear | RowParallel:
-        """A linear layer; row-parallel (output all-reduced) when split by columns."""
+    def linear(
+        self, weight: Param, bias: Param | None = None, reduce: bool = True
+    ) -> Linear | RowParallel:
+        """A linear layer; row-parallel (output all-reduced) when split by columns, unless
+        the caller declares its own reduction (`reduce=False`: a mixture of experts)."""
         b = self.tensor(bias) if bias is not None else None
-        if weight.split is not Split.COLS:
+        if weight.split is not Split.COLS or not reduce:
             return Linear(self.tensor(weight), b, pack=self.pack, gemv=self.gemv)
         layer = Linear(self.tensor(weight), pack=self.pack, gemv=self.gemv)
         return RowParallel(layer, b, self.parallel)
