@@ -18,11 +18,12 @@ install:
 
 # A second environment with transformers 5 (TGI's client keeps the main one at 4.57):
 # the model loader, the default model's conversion and tokenizer, greedy tokens against
-# transformers 5's, and the HTTP clients with huggingface_hub 1.x.
+# transformers 5's (every family, saved in its format), Hub downloads and the HTTP clients
+# with huggingface_hub 1.x and later.
 COMPAT_VENV ?= .venv-compat
 COMPAT_TRANSFORMERS ?= 5.24.0
 COMPAT_TESTS := tests/test_loader.py tests/test_embedded.py tests/test_engine_smollm.py \
-	tests/test_router_e2e.py tests/test_compare.py
+	tests/test_router_e2e.py tests/test_compare.py tests/test_families.py tests/test_hub.py
 
 install-compat:
 	$(PYTHON) -m venv $(COMPAT_VENV)

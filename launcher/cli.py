@@ -34,7 +34,14 @@ def option(name: str, *short: str, **kwargs):
 @option(
     "--model-id",
     default=None,
-    help="Local model directory [default: the embedded SmolLM2-135M-Instruct, converted once].",
+    help="A Hub repository (org/name, fetched once into the Hub cache) or a local model "
+    "directory [default: the embedded SmolLM2-135M-Instruct, converted once].",
+)
+@option("--revision", default=None, help="Branch, tag or commit of a Hub model.")
+@option(
+    "--huggingface-hub-cache",
+    default=None,
+    help="Hub cache folder [default: huggingface_hub's, from HF_HOME].",
 )
 @option(
     "--num-shard",
@@ -52,13 +59,14 @@ def option(name: str, *short: str, **kwargs):
     "--max-input-tokens",
     type=int,
     default=LAUNCHER_DEFAULTS["max_input_tokens"],
-    help="Longest prompt [default: from the model, at most 4095].",
+    help="Longest prompt [default: --max-total-tokens - 1].",
 )
 @option(
     "--max-total-tokens",
     type=int,
     default=LAUNCHER_DEFAULTS["max_total_tokens"],
-    help="Longest prompt + output [default: from the model, at most 4096].",
+    help="Longest prompt + output [default: the model's context, capped by what the KV cache "
+    "holds; logged at start-up].",
 )
 @option(
     "--max-batch-prefill-tokens",
@@ -299,7 +307,9 @@ def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     try:
         config.check_limits()
         check_port_free(config.hostname, config.port)
-        model_dir = resolve_model(config.model_id, config.world_size)
+        model_dir = resolve_model(
+            config.model_id, config.world_size, config.revision, config.huggingface_hub_cache
+        )
         supervisor = Supervisor(config, model_dir)
         supervisor.install_signal_handlers()
         supervisor.start()

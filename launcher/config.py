@@ -23,6 +23,8 @@ class LaunchError(Exception):
 @dataclass(frozen=True, slots=True)
 class LauncherConfig:
     model_id: str | None
+    revision: str | None = None  # of a Hub model
+    huggingface_hub_cache: str | None = None  # None: huggingface_hub's own (HF_HOME)
     num_shard: int = 1
     dtype: str | None = _SHARD["dtype"]
     max_input_tokens: int | None = _ROUTER["max_input_tokens"]

@@ -49,15 +49,28 @@ def check_port_free(hostname: str, port: int) -> None:
             ) from exc
 
 
-def resolve_model(model_id: str | None, num_shard: int = 1) -> Path:
-    """A local model directory, or the embedded SmolLM2 converted once; checked for support
-    and for splitting over `num_shard` ranks. Plain Python: the launcher never imports torch
-    (the first conversion of the embedded model runs in a child process)."""
+def resolve_model(
+    model_id: str | None,
+    num_shard: int = 1,
+    revision: str | None = None,
+    hub_cache: str | None = None,
+) -> Path:
+    """A local model directory, a Hub model fetched once (launcher/hub.py), or the embedded
+    SmolLM2 converted once; checked for support and for splitting over `num_shard` ranks.
+    Plain Python: the launcher never imports torch (conversions run in child processes)."""
+    from launcher import hub
     from shard.errors import ShardError
     from shard.spec import check_parallel, check_tokenizer, read_spec
 
+    if model_id and not hub.looks_local(model_id):
+        model_dir = hub.fetch(model_id, revision, hub_cache)
+    elif revision:
+        raise LaunchError(
+            "--revision names a Hub model's revision; a local --model-id is served as is"
+        )
+    else:
+        model_dir = Path(model_id).expanduser() if model_id else _embedded_model_dir()
     try:
-        model_dir = Path(model_id) if model_id else _embedded_model_dir()
         check_parallel(read_spec(model_dir), num_shard)
         check_tokenizer(model_dir)
     except ShardError as exc:

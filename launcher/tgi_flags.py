@@ -23,14 +23,12 @@ VERSION = "0.1.0"
 
 # flag -> what to do instead (each flag takes a value unless listed in _SWITCHES)
 UNSUPPORTED = {
-    "--revision": "pytgi serves a local model directory: check the revision out there",
     "--sharded": "use --num-shard",
     "--quantize": "quantized weights are not supported yet (the model would load unquantized, "
     "at several times the memory planned)",
     "--speculate": "speculative decoding is not supported",
     "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--trust-remote-code": "pytgi runs only its own model code",
-    "--huggingface-hub-cache": "models are not downloaded: pass a local --model-id",
     "--weights-cache-override": "pass the weights' directory as --model-id",
     "--rope-scaling": "the model's config.json rope_scaling is used",
     "--rope-factor": "the model's config.json rope_scaling is used",

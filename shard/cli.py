@@ -275,5 +275,19 @@ def default_model(cache_dir: str | None) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command("convert-pickles")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+def convert_pickles_command(model_dir: str) -> None:
+    """Write safetensors beside a directory's pytorch_model*.bin (weights_only loading)."""
+    from shard.pickles import convert_pickles
+
+    setup_logging("shard")
+    try:
+        for path in convert_pickles(model_dir):
+            click.echo(str(path))
+    except ShardError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 if __name__ == "__main__":
     main()

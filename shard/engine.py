@@ -31,7 +31,6 @@ from shard.spec import check_tokenizer, read_spec
 from shard.step import run_step
 
 log = logging.getLogger("shard")
-DEFAULT_MAX_TOTAL_TOKENS = 4096  # as TGI: the default context is capped for memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +116,13 @@ class ShardEngine:
         max_prefill_tokens: int,
         max_total_tokens: int | None,
     ) -> WarmupResult:
-        """Runs a maximum-size prefill, then sizes the KV pool; drops every cached batch."""
+        """Runs a maximum-size prefill, then sizes the KV pool; drops every cached batch.
+
+        Unset limits follow the model, as TGI v3's: max_total_tokens is the model's context
+        (max_position_embeddings), capped by what the KV pool holds; max_input_tokens one
+        less. The chosen values and why are logged."""
         max_pos = self.model_spec.max_position_embeddings
-        total = max_total_tokens or min(max_pos, DEFAULT_MAX_TOTAL_TOKENS)
+        total = max_total_tokens or max_pos  # lowered to the KV capacity below when unset
         inputs = max_input_tokens or min(self.max_input_tokens, total - 1)
         if total > max_pos:
             raise InvalidRequest(
@@ -142,6 +145,9 @@ class ShardEngine:
             self.runner.free_kv()
         num_blocks = self.runner.kv_blocks_that_fit(activations)
         capacity = (num_blocks - 1) * self.block_size
+        if max_total_tokens is None:
+            total, inputs = self._limits_from_model(capacity, max_input_tokens)
+            self.admission.max_input_tokens, self.admission.max_total_tokens = inputs, total
         if capacity < total:
             raise OutOfBlocks(
                 f"the KV cache holds {capacity} tokens but one request may need {total}; "
@@ -154,6 +160,25 @@ class ShardEngine:
         )
         self.runner.capture_graphs(total)
         return WarmupResult(capacity, inputs, total)
+
+    def _limits_from_model(self, capacity: int, max_input_tokens: int | None) -> tuple[int, int]:
+        """(max_total_tokens, max_input_tokens) when the caller set no total: the model's
+        context, or what the KV pool holds when that is less."""
+        max_pos = self.model_spec.max_position_embeddings
+        total = min(max_pos, capacity)
+        why = (
+            "the model's context (max_position_embeddings)"
+            if total == max_pos
+            else f"what the KV cache holds (the model's context is {max_pos})"
+        )
+        inputs = max_input_tokens or min(self.max_input_tokens, total - 1)
+        if inputs >= total:
+            raise OutOfBlocks(
+                f"the KV cache holds {capacity} tokens, not more than --max-input-tokens "
+                f"{inputs}; raise --kv-cache-memory or lower --max-input-tokens"
+            )
+        log.info("max_total_tokens %d: %s; max_input_tokens %d", total, why, inputs)
+        return total, inputs
 
     def _warmup_prefill(self, specs: list[RequestSpec], max_prefill_tokens: int) -> None:
         if not specs and max_prefill_tokens > 0:

@@ -102,9 +102,7 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     params = config.get("rope_parameters")
     if isinstance(params, dict) and params:
         if any(isinstance(v, dict) for v in params.values()):
-            raise ModelLoadError(
-                "per-layer-type rope_parameters are not supported (one RoPE for all layers only)"
-            )
+            params = _global_rope(config, params)
         theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
         scaling: dict | None = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
@@ -121,6 +119,22 @@ def _rope(config: dict) -> tuple[float, dict | None]:
             f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     return float(theta), scaling
+
+
+def _global_rope(config: dict, params: dict) -> dict:
+    """transformers >= 5's per-layer-type form (Gemma 3): the global layers' parameters; the
+    sliding layers' base goes where transformers < 5 kept it (`rope_local_base_freq`)."""
+    if set(params) - {"full_attention", "sliding_attention"} or "full_attention" not in params:
+        raise ModelLoadError(
+            f"rope_parameters for layer types {sorted(params)} are not supported "
+            "(full_attention and sliding_attention only)"
+        )
+    local = params.get("sliding_attention")
+    if local is not None:
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError("scaled RoPE on sliding-window layers is not supported")
+        config["rope_local_base_freq"] = local.get("rope_theta", 10000.0)
+    return params["full_attention"]
 
 
 def read_spec(model_dir: str | Path) -> ModelSpec:

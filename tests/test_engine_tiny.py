@@ -369,3 +369,26 @@ def test_fault_hook_files(engine, tmp_path):
         assert (tmp_path / "f").exists()
     finally:
         runner.config = saved
+
+
+@pytest.mark.parametrize("kv_bytes, expected", [(64 << 20, "context"), (1 << 18, "capacity")])
+def test_unset_limits_follow_the_model_capped_by_the_kv_cache(
+    tiny_model_dir, kv_bytes, expected, caplog
+):
+    """As TGI v3: max_total_tokens is the model's context (1024 here), or what the KV pool
+    holds when that is less; max_input_tokens one less; both logged with the reason."""
+    from common.config import ShardConfig
+    from shard.engine import ShardEngine
+
+    engine = ShardEngine(ShardConfig(model_dir=str(tiny_model_dir), kv_cache_memory=kv_bytes))
+    with caplog.at_level("INFO", logger="shard"):
+        result = engine.warmup([], None, 64, None)
+    capacity = result.max_supported_total_tokens
+    if expected == "context":
+        assert capacity > 1024 and result.max_total_tokens == 1024
+        assert "the model's context (max_position_embeddings)" in caplog.text
+    else:
+        assert capacity < 1024 and result.max_total_tokens == capacity
+        assert "what the KV cache holds (the model's context is 1024)" in caplog.text
+    assert result.max_input_tokens == result.max_total_tokens - 1
+    assert engine.admission.max_total_tokens == result.max_total_tokens

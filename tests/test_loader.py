@@ -131,8 +131,8 @@ def test_rope_settings_in_either_config_form(tmp_path, fields, theta, scaling):
     [
         ({"rope_type": "mrope", "factor": 4.0, "rope_theta": 1e4}, "rope_scaling type 'mrope'"),
         (
-            {"full_attention": {"rope_theta": 1e4}, "sliding_attention": {"rope_theta": 1e4}},
-            "per-layer-type rope_parameters",
+            {"full_attention": {"rope_theta": 1e4}, "chunked_attention": {"rope_theta": 1e4}},
+            "rope_parameters for layer types",
         ),
     ],
 )

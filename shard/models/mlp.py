@@ -108,7 +108,7 @@ def mlp_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
             ),
             "down": Param.of(p + "mlp.down_proj.weight", split=Split.COLS),
         }
-    mixtral = "num_local_experts" in config
+    mixtral = spec.architecture == "MixtralForCausalLM"
     block = p + ("block_sparse_moe." if mixtral else "mlp.")
     names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     plan = {"router": Param.of(block + "gate.weight")}
@@ -142,7 +142,8 @@ def load_mlp(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> Dens
         router=loader.tensor(plan["router"]),
         experts=experts,  # type: ignore[arg-type]
         top_k=int(config["num_experts_per_tok"]),
-        normalize=bool(config.get("norm_topk_prob", "num_local_experts" in config)),
+        # Mixtral always renormalizes the top-k weights; Qwen's MoE only when configured
+        normalize=spec.architecture == "MixtralForCausalLM" or bool(config.get("norm_topk_prob")),
         ops=ops,
         parallel=loader.parallel,
         shared=shared,  # type: ignore[arg-type]
