@@ -58,9 +58,8 @@ def resolve_model(
     """A local model directory, a Hub model fetched once (launcher/hub.py), or the embedded
     SmolLM2 converted once; checked for support and for splitting over `num_shard` ranks.
     Plain Python: the launcher never imports torch (conversions run in child processes)."""
+    from common.model_spec import ModelConfigError, check_parallel, check_tokenizer, read_spec
     from launcher import hub
-    from shard.errors import ShardError
-    from shard.spec import check_parallel, check_tokenizer, read_spec
 
     if model_id and not hub.looks_local(model_id):
         model_dir = hub.fetch(model_id, revision, hub_cache)
@@ -73,7 +72,7 @@ def resolve_model(
     try:
         check_parallel(read_spec(model_dir), num_shard)
         check_tokenizer(model_dir)
-    except ShardError as exc:
+    except ModelConfigError as exc:
         raise LaunchError(f"the model cannot be served: {exc}.") from exc
     return model_dir
 

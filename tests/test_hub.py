@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 from shard.pickles import convert_pickles
-from tests.conftest import LauncherServer
+from tests.conftest import LauncherServer, build_tiny_model
 from tests.fake_hub import COMMIT, FakeHub
 from tests.helpers import make_engine, run_to_end, spec
+from tests.test_families import CASES
 
 REPO = "pytgi-test/tiny"
 
@@ -154,10 +155,18 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_launcher_serves_a_hub_model_then_serves_it_offline(hub, tmp_path, monkeypatch):
+def test_the_launcher_serves_a_hub_model_then_serves_it_offline(smollm_dir, tmp_path, monkeypatch):
+    """A Gemma 2 model (soft-capping, sliding layers) from the Hub, through the launcher, by
+    TGI's API and the OpenAI client; then again offline from the cache, the same tokens."""
+    import openai
+
+    model_type, overrides = CASES["gemma2"]
+    gemma = build_tiny_model(tmp_path / "gemma2", smollm_dir, model_type, **overrides)
+    hub = FakeHub({"pytgi-test/gemma2": gemma})
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    args = ["--model-id", REPO, "--max-total-tokens", "512", "--max-input-tokens", "256"]
+    args = ["--model-id", "pytgi-test/gemma2", "--max-total-tokens", "512",
+            "--max-input-tokens", "256"]  # fmt: skip
     body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 5}}
     texts = []
     for offline in (False, True):
@@ -166,10 +175,14 @@ def test_the_launcher_serves_a_hub_model_then_serves_it_offline(hub, tmp_path, m
             monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         server = LauncherServer(tmp_path, args)
         try:
-            assert httpx.get(server.url + "/info").json()["model_id"] == REPO
+            assert httpx.get(server.url + "/info").json()["model_id"] == "pytgi-test/gemma2"
             reply = httpx.post(server.url + "/generate", json=body, timeout=60)
             assert reply.status_code == 200
-            texts.append(reply.json()["generated_text"])
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="-")
+            chat = client.completions.create(
+                model="pytgi-test/gemma2", prompt="The quick brown fox", max_tokens=5, temperature=0
+            )
+            texts.append((reply.json()["generated_text"], chat.choices[0].text))
         finally:
             server.stop()
-    assert texts[0] == texts[1]
+    assert texts[0] == texts[1] and texts[0][0] == texts[0][1]

@@ -1,7 +1,7 @@
 """Model implementations. Model files know nothing about serving.
 
 A family is one module here holding its math and its weight plan, named for its
-architectures in `shard.spec.FAMILIES` (the registry, torch-free for the launcher), and its
+architectures in `common.model_spec.FAMILIES` (the registry, torch-free for the launcher), and its
 model class is the module's `Model`.
 """
 
