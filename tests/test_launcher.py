@@ -230,7 +230,8 @@ def test_help_explains_every_flag():
 # Launcher flags the launcher itself consumes (or hands over by environment), and flags that
 # reach a child under another name: (child, the child's parameter).
 LAUNCHER_ONLY = {"num_shard", "master_addr", "master_port", "nnodes", "node_rank",
-                 "startup_timeout", "shard_secret", "insecure_shard_ports", "model_id"}  # fmt: skip
+                 "startup_timeout", "shard_secret", "insecure_shard_ports", "model_id",
+                 "revision", "huggingface_hub_cache"}  # fmt: skip
 RENAMED = {
     "shard_uds_path": [("shard", "uds_path"), ("router", "master_shard_uds_path")],
     "shard_host": [("shard", "grpc_host")],

@@ -14,7 +14,6 @@ What sets them apart from Llama, each as transformers computes it:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -117,13 +116,11 @@ class Model:
         self.weight_bytes = loader.nbytes
         types = config.get("layer_types") or ["full_attention"] * spec.num_layers
         self.sliding = [t == "sliding_attention" for t in types]  # local RoPE in Gemma 3
-        self.rotary = Rotary(spec, self.dtype, self.device)  # global layers' (and all, if one)
+        self.rotary = Rotary.for_model(spec, self.dtype, self.device)  # global layers' (all)
         self.local_rotary = self.rotary
         if "rope_local_base_freq" in config:  # Gemma 3: sliding layers rotate by their own
-            local = dataclasses.replace(
-                spec, rope_theta=float(config["rope_local_base_freq"]), rope_scaling=None
-            )
-            self.local_rotary = Rotary(local, self.dtype, self.device)
+            theta = float(config["rope_local_base_freq"])
+            self.local_rotary = Rotary.for_model(spec, self.dtype, self.device, theta=theta)
 
     def _attention(self, x, layer: Layer, index: int, rotary, meta, kv_cache, backend):
         """x [T, hidden] (normed) -> attention output [T, hidden], summed over ranks."""

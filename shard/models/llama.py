@@ -103,7 +103,7 @@ class LlamaModel:
         self.supports_cuda_graphs = not any(isinstance(x.mlp, SparseMoE) for x in self.layers)
         self.norm = loader.tensor(Param.of("model.norm.weight"))
         self.weight_bytes = loader.nbytes
-        self.rotary = Rotary(spec, self.dtype, self.device)
+        self.rotary = Rotary.for_model(spec, self.dtype, self.device)
 
     def _qk_norm(self, qk: torch.Tensor, layer: Layer) -> torch.Tensor:
         """Qwen3: each q and k head [T, heads, D] RMS-normalized with its own weight."""

@@ -82,10 +82,19 @@ def _longrope_attention(scaling: dict, factor: float, original: int) -> float:
 class Rotary:
     """cos/sin tables [rows, rotary_dim / 2] in the model's dtype."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
-        config, scaling = spec.config, spec.rope_scaling or {}
-        dim = int(spec.head_dim * config.get("partial_rotary_factor", 1.0))
-        theta, max_positions = spec.rope_theta, spec.max_position_embeddings
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        rotary_dim: int | None = None,  # the first dims of each head it rotates; None: all
+        original_max: int | None = None,  # longrope: config's original_max_position_embeddings
+    ) -> None:
+        scaling = scaling or {}
+        dim = rotary_dim or head_dim
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         self.rotary_dim = dim
         self.long_after = 0  # longrope: contexts longer than this read the long rows
@@ -101,9 +110,9 @@ class Rotary:
             self.cos, self.sin = self._tables(inv_freq, max_positions, attention, dtype, device)
             return
         # Phi-3 keeps its pretraining length beside the extended one; their ratio is the factor
-        original = config.get("original_max_position_embeddings") or max_positions
-        factor = max_positions / original if "original_max_position_embeddings" in config else 0
-        attention = _longrope_attention(scaling, factor or scaling.get("factor", 1.0), original)
+        original = original_max or max_positions
+        factor = max_positions / original_max if original_max else scaling.get("factor", 1.0)
+        attention = _longrope_attention(scaling, factor, original)
         shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
         short = 1.0 / (torch.tensor(scaling["short_factor"], dtype=torch.float32) * theta**shape)
         long = 1.0 / (torch.tensor(scaling["long_factor"], dtype=torch.float32) * theta**shape)
@@ -111,6 +120,24 @@ class Rotary:
         long_cos, long_sin = self._tables(long, max_positions, attention, dtype, device)
         self.cos, self.sin = torch.cat([short_cos, long_cos]), torch.cat([short_sin, long_sin])
         self.long_after = original
+
+    @classmethod
+    def for_model(
+        cls, spec: ModelSpec, dtype: torch.dtype, device: torch.device, theta: float | None = None
+    ) -> Rotary:
+        """The model's RoPE from its config; `theta` given: that base, unscaled (Gemma 3's
+        sliding layers)."""
+        config = spec.config
+        return cls(
+            spec.head_dim,
+            spec.max_position_embeddings,
+            theta if theta is not None else spec.rope_theta,
+            None if theta is not None else spec.rope_scaling,
+            dtype,
+            device,
+            rotary_dim=int(spec.head_dim * config.get("partial_rotary_factor", 1.0)),
+            original_max=config.get("original_max_position_embeddings"),
+        )
 
     @staticmethod
     def _tables(inv_freq, positions: int, attention: float, dtype, device):
