@@ -53,6 +53,10 @@ def build_tiny_model(
     settings.update(overrides)
     config = transformers.CONFIG_MAPPING[architecture](**settings)  # by model_type
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases start at zero: random ones, so a dropped bias shows
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, 0.5)
     model.save_pretrained(target, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():

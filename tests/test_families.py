@@ -55,6 +55,7 @@ CASES = {
             }
         },
     ),
+    "llama-biases": ("llama", {"attention_bias": True, "mlp_bias": True}),  # o and MLP too
     "llama-tied-mha": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     "mistral-no-window": ("mistral", {"sliding_window": None}),
     "mistral-window": ("mistral", {"sliding_window": 8}),  # every layer; prompts pass it
@@ -152,7 +153,7 @@ CASES = {
 # Cases checked over 2 shard processes too (one per family: each start costs seconds).
 TWO_SHARDS = (
     "llama", "mistral-window", "qwen2-window", "qwen3-bias-1kv-tied", "phi3-longrope", "gemma2",
-    "gemma3", "mixtral", "qwen2-moe", "qwen3-moe",
+    "gemma3", "mixtral", "qwen2-moe", "qwen3-moe", "llama-biases",
 )  # fmt: skip
 
 

@@ -76,7 +76,7 @@ def load_layer(loader: Loader, plan: Plan) -> Layer:
     scales = {n: _scale(loader, plan[n]) for n in (*norms, "q_norm", "k_norm") if n in plan}
     return Layer(
         qkv=loader.linear(plan["qkv"], plan.get("qkv_bias")),  # type: ignore[arg-type]
-        o_proj=loader.linear(plan["o_proj"]),
+        o_proj=loader.linear(plan["o_proj"], plan["o_bias"]),
         gate_up=loader.linear(plan["gate_up"]),  # type: ignore[arg-type]
         down=loader.linear(plan["down"]),
         **scales,

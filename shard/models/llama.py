@@ -35,6 +35,7 @@ def attention_plan(spec: ModelSpec, prefix: str, qk_norm: bool = False) -> Plan:
     plan = {
         "qkv": Param.heads(*((f"{prefix}{n}.weight", h) for n, h in heads)),
         "o_proj": Param.of(prefix + "o_proj.weight", split=Split.COLS),
+        "o_bias": Param.of(prefix + "o_proj.bias", optional=True),  # attention_bias (Llama)
     }
     if spec.qkv_bias:
         plan["qkv_bias"] = Param.heads(*((f"{prefix}{n}.bias", h) for n, h in heads))
@@ -72,7 +73,7 @@ def load_layer(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> La
     return Layer(
         input_norm=loader.tensor(plan["input_norm"]),
         qkv=loader.linear(plan["qkv"], bias),  # type: ignore[arg-type]
-        o_proj=loader.linear(plan["o_proj"]),
+        o_proj=loader.linear(plan["o_proj"], plan["o_bias"]),
         post_norm=loader.tensor(plan["post_norm"]),
         mlp=load_mlp(loader, spec, plan, ops),
         **optional,

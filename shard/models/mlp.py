@@ -102,11 +102,13 @@ def mlp_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
     the router, this rank's experts whole, and the shared expert split like a dense one."""
     p, config = f"model.layers.{index}.", spec.config
     if not is_sparse(config, index):
+        gate, up, down = (f"{p}mlp.{n}_proj." for n in ("gate", "up", "down"))
         return {
-            "gate_up": Param.of(
-                p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", split=Split.ROWS
-            ),
-            "down": Param.of(p + "mlp.down_proj.weight", split=Split.COLS),
+            "gate_up": Param.of(gate + "weight", up + "weight", split=Split.ROWS),
+            "down": Param.of(down + "weight", split=Split.COLS),
+            # Llama's mlp_bias: split as the rows; down's added once, after the sum
+            "gate_up_bias": Param.of(gate + "bias", up + "bias", split=Split.ROWS, optional=True),
+            "down_bias": Param.of(down + "bias", optional=True),
         }
     mixtral = spec.architecture == "MixtralForCausalLM"
     block = p + ("block_sparse_moe." if mixtral else "mlp.")
@@ -128,7 +130,8 @@ def mlp_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
 
 def load_mlp(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> DenseMLP | SparseMoE:
     if "router" not in plan:
-        return DenseMLP(loader.linear(plan["gate_up"]), loader.linear(plan["down"]), ops)  # type: ignore[arg-type]
+        gate_up = loader.linear(plan["gate_up"], plan.get("gate_up_bias"))
+        return DenseMLP(gate_up, loader.linear(plan["down"], plan.get("down_bias")), ops)  # type: ignore[arg-type]
     config = spec.config
     experts = {
         e: (loader.linear(plan[f"experts.{e}.gate_up"]), loader.linear(plan[f"experts.{e}.down"]))

@@ -24,6 +24,7 @@ def layer_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
             Split.HEADS,
         ),
         "o_proj": Param.of(p + "self_attn.o_proj.weight", split=Split.COLS),
+        "o_bias": Param.of(p + "self_attn.o_proj.bias", optional=True),
         "input_norm": Param.of(p + "input_layernorm.weight"),
         "post_norm": Param.of(p + "post_attention_layernorm.weight"),
         "gate_up": Param(

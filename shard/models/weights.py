@@ -49,10 +49,11 @@ class Param:
 
     parts: tuple[Part, ...]
     split: Split = Split.NONE
+    optional: bool = False  # absent from a checkpoint: the parameter is None (a bias)
 
     @classmethod
-    def of(cls, *names: str, split: Split = Split.NONE) -> Param:
-        return cls(tuple(Part(n) for n in names), split)
+    def of(cls, *names: str, split: Split = Split.NONE, optional: bool = False) -> Param:
+        return cls(tuple(Part(n) for n in names), split, optional)
 
     @classmethod
     def heads(cls, *parts: tuple[str, int]) -> Param:
@@ -136,6 +137,10 @@ class Loader:
     def __contains__(self, name: str) -> bool:
         return name in self.store
 
+    def present(self, param: Param) -> bool:
+        """Whether the checkpoint holds `param` (a missing required one fails on reading)."""
+        return not param.optional or all(p.name in self.store for p in param.parts)
+
     def _to(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.to(dtype=self.dtype, device=self.device).contiguous()
         self.nbytes += out.numel() * out.element_size()
@@ -170,7 +175,7 @@ class Loader:
     ) -> Linear | RowParallel:
         """A linear layer; row-parallel (output all-reduced) when split by columns, unless
         the caller declares its own reduction (`reduce=False`: a mixture of experts)."""
-        b = self.tensor(bias) if bias is not None else None
+        b = self.tensor(bias) if bias is not None and self.present(bias) else None
         if weight.split is not Split.COLS or not reduce:
             return Linear(self.tensor(weight), b, pack=self.pack, gemv=self.gemv)
         layer = Linear(self.tensor(weight), pack=self.pack, gemv=self.gemv)
