@@ -14,7 +14,7 @@ from common.config import defaults
 from common.logs import setup_logging
 from launcher.config import LauncherConfig, LaunchError
 from launcher.supervisor import Supervisor, check_port_free, resolve_model
-from launcher.tgi_flags import TgiCompatibleCommand
+from launcher.tgi_flags import TGI_QUANTIZE, TgiCompatibleCommand
 
 LAUNCHER_DEFAULTS = defaults(LauncherConfig)
 
@@ -223,6 +223,19 @@ def option(name: str, *short: str, **kwargs):
     "--cuda-graphs",
     default=LAUNCHER_DEFAULTS["cuda_graphs"],
     help="CUDA: decode batch sizes captured as CUDA graphs; 0 disables.",
+)
+@option(
+    "--quantize",
+    type=click.Choice(["int8", "int4", *TGI_QUANTIZE]),
+    default=None,
+    help="Weight-only quantization on load: int8 (per output channel) or int4 (groups of "
+    "--quantize-group-size inputs); TGI's other methods (awq, gptq, fp8, ...) not yet.",
+)
+@option(
+    "--quantize-group-size",
+    type=int,
+    default=LAUNCHER_DEFAULTS["quantize_group_size"],
+    help="int4: inputs per group (32, 64 or 128).",
 )
 @option(
     "--cpu-gemv/--no-cpu-gemv",

@@ -24,8 +24,6 @@ VERSION = "0.1.0"
 # flag -> what to do instead (each flag takes a value unless listed in _SWITCHES)
 UNSUPPORTED = {
     "--sharded": "use --num-shard",
-    "--quantize": "quantized weights are not supported yet (the model would load unquantized, "
-    "at several times the memory planned)",
     "--speculate": "speculative decoding is not supported",
     "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--trust-remote-code": "pytgi runs only its own model code",
@@ -40,6 +38,9 @@ UNSUPPORTED = {
     "--tokenizer-config-path": "the model directory's tokenizer_config.json is used",
     "--lora-adapters": "LoRA adapters are not supported",
 }
+# TGI's --quantize values: accepted by the parser, then refused with what pytgi has instead
+TGI_QUANTIZE = ("awq", "compressed-tensors", "eetq", "exl2", "gptq", "marlin", "bitsandbytes",
+                "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")  # fmt: skip
 _SWITCHES = {"--trust-remote-code", "--ngrok"}
 # flag -> why setting it changes nothing (a switch, or a value that is already the case)
 ALREADY = {

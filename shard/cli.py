@@ -159,6 +159,19 @@ def main() -> None:
     help="CPU: keep linear weights in oneDNN's packed layout (faster decode).",
 )
 @click.option(
+    "--quantize",
+    default=SHARD_DEFAULTS["quantize"],
+    help="Weight-only quantization of the decoder's linear layers on load: int8 (per output "
+    "channel) or int4 (per group of --quantize-group-size inputs).",
+)
+@click.option(
+    "--quantize-group-size",
+    type=int,
+    default=SHARD_DEFAULTS["quantize_group_size"],
+    show_default=True,
+    help="int4: inputs per group (32, 64 or 128).",
+)
+@click.option(
     "--cpu-gemv/--no-cpu-gemv",
     default=SHARD_DEFAULTS["cpu_gemv"],
     show_default=True,

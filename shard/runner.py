@@ -71,6 +71,8 @@ class ModelRunner:
             pack_linear=config.pack_linear,
             gemv=config.cpu_gemv and not plain,
             ops=TorchOps() if plain else None,
+            quantize=config.quantize,
+            group_size=config.quantize_group_size,
         )
         self.kv: KVCache | None = None  # allocated by Warmup
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
@@ -86,6 +88,12 @@ class ModelRunner:
     def kernel_report(self) -> str:
         """Which code paths this shard runs, for its start-up log."""
         layer = self.model.layers[0].qkv
+        if hasattr(layer, "kind"):  # weight-only quantized
+            return (
+                f"attention {self.backend.name}; matrix products: {layer.kind}; element-wise "
+                f"layer steps: {type(self.model.ops).__name__}; {self.dtype_name} on "
+                f"{self.device.type}"
+            )
         if layer.is_packed:
             gemm = "oneDNN packed weights"
         elif self.device.type == "cpu":

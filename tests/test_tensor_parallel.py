@@ -20,14 +20,14 @@ from tests.test_engine_smollm import QUESTIONS
 
 
 class ShardGroup:
-    def __init__(self, model_dir, world_size: int, workdir) -> None:
+    def __init__(self, model_dir, world_size: int, workdir, args=()) -> None:
         self.uds = str(workdir / f"tp{world_size}")
         port = str(free_port())
         self.procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "shard.cli", "serve", str(model_dir), "--uds-path", self.uds,
                  "--kv-cache-memory", "128MiB", "--rank", str(rank), "--world-size", str(world_size),
-                 "--master-port", port],
+                 "--master-port", port, *args],
                 stderr=open(workdir / f"tp{world_size}-{rank}.log", "w"),
             )
             for rank in range(world_size)

@@ -14,6 +14,7 @@ import torch
 
 from shard.loader import WeightStore
 from shard.models.ops import LayerOps, ops_for
+from shard.models.quant import check_method
 from shard.models.weights import Loader
 from shard.parallel import Parallel
 from shard.spec import ModelSpec, check_parallel
@@ -28,9 +29,15 @@ def build_model(
     pack_linear: bool = True,
     gemv: bool = False,
     ops: LayerOps | None = None,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Any:
-    """The family's model with this rank's weights loaded."""
+    """The family's model with this rank's weights loaded (the decoder's linear layers
+    weight-only quantized with `quantize`)."""
     check_parallel(spec, parallel.world_size)
+    check_method(quantize, group_size)
     family = importlib.import_module(f"shard.models.{spec.family}")
-    loader = Loader(store, parallel, spec.head_dim, dtype, device, pack_linear, gemv)
+    loader = Loader(
+        store, parallel, spec.head_dim, dtype, device, pack_linear, gemv, quantize, group_size
+    )
     return family.Model(spec, loader, ops if ops is not None else ops_for(device))

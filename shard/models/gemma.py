@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from shard.attention import AttentionBackend, AttentionMetadata
 from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
-from shard.models.linear import Linear
 from shard.models.llama import Plan, attention_plan
 from shard.models.ops import LayerOps
 from shard.models.rope import Rotary
-from shard.models.weights import Loader, Param, RowParallel, Split, local_heads
+from shard.models.weights import Loader, Param, Projection, Split, local_heads
 from shard.spec import ModelSpec
 
 ACTIVATIONS = {
@@ -55,11 +54,11 @@ def layer_plan(spec: ModelSpec, index: int) -> Plan:
 @dataclass(slots=True)
 class Layer:
     input_norm: torch.Tensor  # [hidden] float32: 1 + w
-    qkv: Linear  # this rank's q, k, v heads
-    o_proj: Linear | RowParallel
+    qkv: Projection  # this rank's q, k, v heads
+    o_proj: Projection
     post_attention_norm: torch.Tensor  # Gemma: before the MLP; Gemma 2/3: after attention
-    gate_up: Linear
-    down: Linear | RowParallel
+    gate_up: Projection
+    down: Projection
     pre_mlp_norm: torch.Tensor | None = None  # Gemma 2/3
     post_mlp_norm: torch.Tensor | None = None
     q_norm: torch.Tensor | None = None  # [D] Gemma 3
@@ -75,9 +74,9 @@ def load_layer(loader: Loader, plan: Plan) -> Layer:
     norms = ("input_norm", "post_attention_norm", "pre_mlp_norm", "post_mlp_norm")
     scales = {n: _scale(loader, plan[n]) for n in (*norms, "q_norm", "k_norm") if n in plan}
     return Layer(
-        qkv=loader.linear(plan["qkv"], plan.get("qkv_bias")),  # type: ignore[arg-type]
+        qkv=loader.linear(plan["qkv"], plan.get("qkv_bias")),
         o_proj=loader.linear(plan["o_proj"], plan["o_bias"]),
-        gate_up=loader.linear(plan["gate_up"]),  # type: ignore[arg-type]
+        gate_up=loader.linear(plan["gate_up"]),
         down=loader.linear(plan["down"]),
         **scales,
     )

@@ -16,11 +16,10 @@ import torch
 from shard.attention import AttentionBackend, AttentionMetadata
 from shard.errors import ModelLoadError
 from shard.kv_cache import KVCache
-from shard.models.linear import Linear
 from shard.models.mlp import DenseMLP, SparseMoE, load_mlp, mlp_plan
 from shard.models.ops import LayerOps
 from shard.models.rope import Rotary
-from shard.models.weights import Loader, Param, RowParallel, Split, local_heads
+from shard.models.weights import Loader, Param, Projection, Split, local_heads
 from shard.parallel import Parallel
 from shard.spec import ModelSpec
 
@@ -59,8 +58,8 @@ def layer_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
 @dataclass(slots=True)
 class Layer:
     input_norm: torch.Tensor  # [hidden]
-    qkv: Linear  # [(heads + 2 * kv_heads) * D, hidden] (+ bias), this rank's heads
-    o_proj: Linear | RowParallel  # [hidden, heads * D], this rank's columns, all-reduced
+    qkv: Projection  # [(heads + 2 * kv_heads) * D, hidden] (+ bias), this rank's heads
+    o_proj: Projection  # [hidden, heads * D], this rank's columns, all-reduced
     post_norm: torch.Tensor  # [hidden]
     mlp: DenseMLP | SparseMoE  # [T, hidden] -> [T, hidden], summed over ranks
     q_norm: torch.Tensor | None = None  # [D], Qwen3: RMSNorm of each q head before RoPE
@@ -72,7 +71,7 @@ def load_layer(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> La
     optional = {n: loader.tensor(plan[n]) for n in ("q_norm", "k_norm") if n in plan}
     return Layer(
         input_norm=loader.tensor(plan["input_norm"]),
-        qkv=loader.linear(plan["qkv"], bias),  # type: ignore[arg-type]
+        qkv=loader.linear(plan["qkv"], bias),
         o_proj=loader.linear(plan["o_proj"], plan["o_bias"]),
         post_norm=loader.tensor(plan["post_norm"]),
         mlp=load_mlp(loader, spec, plan, ops),

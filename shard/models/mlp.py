@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from shard.models.linear import Linear
 from shard.models.ops import LayerOps
-from shard.models.weights import Loader, Param, RowParallel, Split
+from shard.models.weights import Loader, Param, Projection, Split
 from shard.parallel import Parallel
 from shard.spec import ModelSpec
 
@@ -24,7 +23,7 @@ Plan = dict[str, Param]
 class DenseMLP:
     """x [T, hidden] -> down(SiLU(gate) * up) [T, hidden], summed over ranks."""
 
-    def __init__(self, gate_up: Linear, down: Linear | RowParallel, ops: LayerOps) -> None:
+    def __init__(self, gate_up: Projection, down: Projection, ops: LayerOps) -> None:
         self.gate_up, self.down, self.ops = gate_up, down, ops
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -38,12 +37,12 @@ class SparseMoE:
     def __init__(
         self,
         router: torch.Tensor,  # [E, hidden], whole on every rank
-        experts: dict[int, tuple[Linear, Linear]],  # this rank's: e -> (gate_up, down)
+        experts: dict[int, tuple[Projection, Projection]],  # this rank's: e -> (gate_up, down)
         top_k: int,
         normalize: bool,  # renormalize the top-k weights to sum to 1
         ops: LayerOps,
         parallel: Parallel,
-        shared: tuple[Linear, Linear] | None = None,  # this rank's rows / columns of it
+        shared: tuple[Projection, Projection] | None = None,  # this rank's rows / columns of it
         shared_gate: torch.Tensor | None = None,  # [1, hidden]
     ) -> None:
         self.router, self.experts, self.top_k, self.normalize = router, experts, top_k, normalize
@@ -131,7 +130,7 @@ def mlp_plan(spec: ModelSpec, index: int, parallel: Parallel) -> Plan:
 def load_mlp(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> DenseMLP | SparseMoE:
     if "router" not in plan:
         gate_up = loader.linear(plan["gate_up"], plan.get("gate_up_bias"))
-        return DenseMLP(gate_up, loader.linear(plan["down"], plan.get("down_bias")), ops)  # type: ignore[arg-type]
+        return DenseMLP(gate_up, loader.linear(plan["down"], plan.get("down_bias")), ops)
     config = spec.config
     experts = {
         e: (loader.linear(plan[f"experts.{e}.gate_up"]), loader.linear(plan[f"experts.{e}.down"]))
@@ -143,12 +142,12 @@ def load_mlp(loader: Loader, spec: ModelSpec, plan: Plan, ops: LayerOps) -> Dens
         shared = (loader.linear(plan["shared.gate_up"]), down)
     return SparseMoE(
         router=loader.tensor(plan["router"]),
-        experts=experts,  # type: ignore[arg-type]
+        experts=experts,
         top_k=int(config["num_experts_per_tok"]),
         # Mixtral always renormalizes the top-k weights; Qwen's MoE only when configured
         normalize=spec.architecture == "MixtralForCausalLM" or bool(config.get("norm_topk_prob")),
         ops=ops,
         parallel=loader.parallel,
-        shared=shared,  # type: ignore[arg-type]
+        shared=shared,
         shared_gate=loader.tensor(plan["shared.gate"]) if "shared.gate" in plan else None,
     )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from shard.loader import WeightStore
 from shard.models.linear import Linear
+from shard.models.quant import QuantLinear, check_group
 from shard.parallel import Parallel
 
 
@@ -73,7 +74,9 @@ class RowParallel:
 
     __slots__ = ("linear", "bias", "parallel")
 
-    def __init__(self, linear: Linear, bias: torch.Tensor | None, parallel: Parallel) -> None:
+    def __init__(
+        self, linear: Linear | QuantLinear, bias: torch.Tensor | None, parallel: Parallel
+    ) -> None:
         self.linear, self.bias, self.parallel = linear, bias, parallel
 
     @property
@@ -83,6 +86,10 @@ class RowParallel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.parallel.all_reduce(self.linear(x))
         return out if self.bias is None else out + self.bias
+
+
+# What Loader.linear gives: a layer over this rank's slice, summed over ranks if row-parallel
+Projection = Linear | QuantLinear | RowParallel
 
 
 class VocabEmbedding:
@@ -129,10 +136,13 @@ class Loader:
         device: torch.device,
         pack: bool = True,
         gemv: bool = False,
+        quantize: str | None = None,
+        group_size: int = 128,
     ) -> None:
         self.store, self.parallel, self.head_dim = store, parallel, head_dim
         self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
-        self.nbytes = 0  # bytes of every tensor loaded so far
+        self.quantize, self.group_size = quantize, group_size
+        self.nbytes = 0  # bytes of every tensor loaded so far (quantized ones: packed)
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -141,9 +151,10 @@ class Loader:
         """Whether the checkpoint holds `param` (a missing required one fails on reading)."""
         return not param.optional or all(p.name in self.store for p in param.parts)
 
-    def _to(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _to(self, tensor: torch.Tensor, count: bool = True) -> torch.Tensor:
         out = tensor.to(dtype=self.dtype, device=self.device).contiguous()
-        self.nbytes += out.numel() * out.element_size()
+        if count:
+            self.nbytes += out.numel() * out.element_size()
         return out
 
     def _read(self, part: Part, split: Split) -> torch.Tensor:
@@ -166,20 +177,33 @@ class Loader:
             start, end = self.parallel.split(total)
         return self.store.get_slice(part.name, 0, base + start, base + end)
 
-    def tensor(self, param: Param) -> torch.Tensor:
+    def tensor(self, param: Param, count: bool = True) -> torch.Tensor:
         parts = [self._read(p, param.split) for p in param.parts]
-        return self._to(parts[0] if len(parts) == 1 else torch.cat(parts))
+        return self._to(parts[0] if len(parts) == 1 else torch.cat(parts), count)
 
-    def linear(
-        self, weight: Param, bias: Param | None = None, reduce: bool = True
-    ) -> Linear | RowParallel:
-        """A linear layer; row-parallel (output all-reduced) when split by columns, unless
-        the caller declares its own reduction (`reduce=False`: a mixture of experts)."""
+    def linear(self, weight: Param, bias: Param | None = None, reduce: bool = True) -> Projection:
+        """A linear layer (weight-only quantized with --quantize); row-parallel (output
+        all-reduced) when split by columns, unless the caller declares its own reduction
+        (`reduce=False`: a mixture of experts)."""
         b = self.tensor(bias) if bias is not None and self.present(bias) else None
         if weight.split is not Split.COLS or not reduce:
-            return Linear(self.tensor(weight), b, pack=self.pack, gemv=self.gemv)
-        layer = Linear(self.tensor(weight), pack=self.pack, gemv=self.gemv)
-        return RowParallel(layer, b, self.parallel)
+            return self._layer(weight, b)
+        return RowParallel(self._layer(weight, None), b, self.parallel)
+
+    def _layer(self, param: Param, bias: torch.Tensor | None) -> Linear | QuantLinear:
+        if self.quantize is None:
+            return Linear(self.tensor(param), bias, pack=self.pack, gemv=self.gemv)
+        whole_rows = self.quantize == "int8" and param.split is Split.COLS
+        if whole_rows:  # per-channel scales over whole rows, then this rank's columns
+            param = Param(param.parts, Split.NONE, param.optional)
+        weight = self.tensor(param, count=False)  # one layer's full weights at a time
+        if self.quantize == "int4":
+            check_group(weight.shape[1], self.group_size, param.parts[0].name)
+        layer = QuantLinear(weight, bias, self.quantize, self.group_size)
+        if whole_rows and self.parallel.world_size > 1:
+            layer.keep_inputs(*self.parallel.split(weight.shape[1]))
+        self.nbytes += layer.weight.numel() * layer.weight.element_size()
+        return layer
 
     def embedding(self, name: str, vocab_size: int) -> VocabEmbedding:
         start, _ = self.parallel.split(vocab_size)

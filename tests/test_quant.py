@@ -1,0 +1,144 @@
+"""Weight-only quantization on load (--quantize int8 | int4): each layer's product equals
+x @ dequantize(w) within float32 rounding; known values survive quantization exactly; a
+quantized model serves the tokens of the same model with its weights dequantized (float32),
+at 1 and 2 shards; unsupported methods and splits are one clear line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from shard.errors import ModelLoadError
+from shard.models.quant import (
+    QuantLinear,
+    dequantize,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+from tests.conftest import build_tiny_model
+from tests.helpers import make_engine, run_to_end, spec
+from tests.test_families import CASES
+from tests.test_tensor_parallel import ShardGroup
+
+# (in, out) of the supported families' layers: SmolLM2's, a Llama-1B's, the tiny models'
+SHAPES = [(576, 1536), (1536, 576), (2048, 512), (64, 128)]
+PROMPTS = ["The quick brown fox jumps", "Once upon a time there", "1 2 3 4 5 6 7 8"]
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+METHODS = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
+LAYERS = [(m, g, k, n) for m, g in METHODS for k, n in SHAPES if not g or k % g == 0]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 256])
+@pytest.mark.parametrize("method, group, k, n", LAYERS)  # groups tile the inputs
+def test_a_layer_multiplies_by_its_dequantized_weights(method, group, k, n, rows):
+    gen = torch.Generator().manual_seed(k + n + rows)
+    weight = torch.randn(n, k, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
+    layer = QuantLinear(weight, None, method, group or 128)
+    expected = x.double() @ dequantize(weight, method, group or 128).double().T
+    assert _relative_error(layer(x), expected) < 1e-5
+    if method == "int4":  # the packed form: half a byte per weight
+        assert layer.weight.numel() * layer.weight.element_size() == n * k // 2
+
+
+def test_known_values_quantize_exactly():
+    q = torch.tensor([[-127, -1, 0, 5, 127, 64]], dtype=torch.int8).repeat(3, 1)
+    scales = torch.tensor([0.5, 0.25, 2.0])
+    weight = q.float() * scales[:, None]
+    got_q, got_scales = quantize_int8(weight)
+    assert torch.equal(got_q, q) and torch.equal(got_scales, scales)
+    assert torch.equal(dequantize_int8(got_q, got_scales), weight)
+    # int4: in each group of 4, the values min + s * (0, 15, 3, 8) with s, min per group
+    codes = torch.tensor([0, 15, 3, 8] * 4, dtype=torch.int32).view(2, 8)
+    s = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    low = torch.tensor([[-4.0, 1.0], [0.0, -8.0]])
+    weight = (codes.view(2, 2, 4).float() * s[..., None] + low[..., None]).view(2, 8)
+    got, scales_and_zeros = quantize_int4(weight, 4)
+    assert torch.equal(got, codes)
+    assert torch.equal(dequantize_int4(got, scales_and_zeros), weight)
+
+
+def _dequantized_copy(model_dir, target, method: str, group: int):
+    """The model with each decoder linear weight replaced by what `method` multiplies by."""
+    shutil.copytree(model_dir, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    for name, w in tensors.items():
+        linear = ".layers." in name and name.endswith("proj.weight") or ".experts." in name
+        if linear and w.dim() == 2:
+            tensors[name] = dequantize(w, method, group).contiguous()
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="module")
+def models(smollm_dir, tmp_path_factory):
+    """A Llama-shaped and a mixture-of-experts tiny model, with MLPs wide enough to group."""
+    root = tmp_path_factory.mktemp("quant")
+    llama = build_tiny_model(root / "llama", smollm_dir, "llama", intermediate_size=256)
+    model_type, overrides = CASES["mixtral"]
+    moe = build_tiny_model(root / "moe", smollm_dir, model_type, **{**overrides,
+                           "intermediate_size": 64})  # fmt: skip
+    return {"llama": llama, "mixtral": moe}
+
+
+def _run(engine) -> tuple[dict, dict]:
+    specs = [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    result = run_to_end(engine, 1, specs)
+    return result.tokens, result.logprobs
+
+
+def _assert_same(got: tuple[dict, dict], want: tuple[dict, dict]) -> None:
+    """Equal tokens; log-probabilities equal up to the order products are summed in."""
+    assert got[0] == want[0]
+    for i in want[1]:
+        worst = max(abs(a - b) for a, b in zip(got[1][i], want[1][i], strict=True))
+        assert worst < 1e-4, worst
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+@pytest.mark.parametrize("method, group", [("int8", 128), ("int4", 32), ("int4", 64)])
+def test_a_quantized_model_serves_its_dequantized_twin_s_tokens(
+    models, family, method, group, tmp_path
+):
+    twin = _dequantized_copy(models[family], tmp_path / "twin", method, group)
+    quantized = make_engine(models[family], quantize=method, quantize_group_size=group)
+    assert method in quantized.runner.kernel_report()
+    _assert_same(_run(quantized), _run(make_engine(twin)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_over_two_shards(models, method, tmp_path):
+    """int8 scales cover whole rows on every rank; int4 groups split at their boundaries."""
+    twin = _dequantized_copy(models["llama"], tmp_path / "twin", method, 32)
+    expected = _run(make_engine(twin))
+    args = ["--quantize", method, "--quantize-group-size", "32"]
+    group = ShardGroup(models["llama"], 2, tmp_path, args)
+    try:
+        got = group.generate(PROMPTS, 8)
+    finally:
+        group.stop()
+    _assert_same(got, expected)
+
+
+def test_a_group_that_does_not_tile_a_shard_s_inputs_is_refused(models):
+    with pytest.raises(ModelLoadError, match="not a multiple of the group size 128"):
+        make_engine(models["llama"], quantize="int4", quantize_group_size=128)
+
+
+def test_unsupported_methods_are_refused(smollm_dir):
+    from common.config import ShardConfig
+    from shard.engine import ShardEngine
+
+    with pytest.raises(ModelLoadError, match="--quantize awq is not supported yet"):
+        ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="awq"))
