@@ -235,7 +235,8 @@ def option(name: str, *short: str, **kwargs):
     "--quantize-group-size",
     type=int,
     default=LAUNCHER_DEFAULTS["quantize_group_size"],
-    help="int4: inputs per group (32, 64 or 128).",
+    help="int4: inputs per group (32, 64 or 128) [default: per layer, the largest that "
+    "tiles its inputs].",
 )
 @option(
     "--cpu-gemv/--no-cpu-gemv",

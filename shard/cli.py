@@ -168,8 +168,8 @@ def main() -> None:
     "--quantize-group-size",
     type=int,
     default=SHARD_DEFAULTS["quantize_group_size"],
-    show_default=True,
-    help="int4: inputs per group (32, 64 or 128).",
+    help="int4: inputs per group (32, 64 or 128) [default: per layer, the largest that tiles "
+    "its inputs].",
 )
 @click.option(
     "--cpu-gemv/--no-cpu-gemv",

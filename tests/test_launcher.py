@@ -257,6 +257,7 @@ def _unusual_value(param):
         return next(c for c in param.type.choices if c != param.default)
     special = {"kv_cache_memory": "300MiB", "cuda_graphs": "1,2", "device": "cpu",
                "cuda_memory_fraction": 0.5, "node_rank": 0, "nnodes": 1, "num_shard": 1,
+               "quantize_group_size": 64,
                "max_input_tokens": 100, "max_total_tokens": 200, "max_batch_total_tokens": 400}  # fmt: skip
     if param.name in special:
         return special[param.name]

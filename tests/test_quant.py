@@ -142,3 +142,38 @@ def test_unsupported_methods_are_refused(smollm_dir):
 
     with pytest.raises(ModelLoadError, match="--quantize awq is not supported yet"):
         ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="awq"))
+
+
+def _english_text(tokenizer, tokens: int = 2000) -> list[int]:
+    """The first `tokens` tokens of CPython's LICENSE.txt (shipped with every CPython: the
+    history of the software, then the licenses), as fixed English text."""
+    import sys
+    from pathlib import Path
+
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    text = (Path(sys.base_prefix) / "lib" / version / "LICENSE.txt").read_text()
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    assert len(ids) >= tokens
+    return ids[:tokens]
+
+
+def _perplexity(engine, ids: list[int]) -> float:
+    request = spec(1, "", 1, ignore_eos=True, input_ids=ids, prefill_logprobs=True, chunk_len=256)
+    first = run_to_end(engine, 1, [request]).generations[1][0]
+    logprobs = first.prefill_tokens.logprobs[1:]  # the first token has no context
+    return float(torch.tensor(logprobs).mean().neg().exp())
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_with_int8(smollm_dir):
+    """SmolLM2 on 2,000 tokens of English: int8 within 1% of the float32 model's perplexity.
+    (int4's, measured the same way, is in the quantization issue's note: round-to-nearest
+    groups miss its 8% goal on this small model.)"""
+    options = dict(kv_bytes=256 << 20, max_total=2100)
+    base = make_engine(smollm_dir, **options)
+    ids = _english_text(base.tokenizer)
+    reference = _perplexity(base, ids)
+    int8 = _perplexity(make_engine(smollm_dir, quantize="int8", **options), ids)
+    print(f"perplexity float32 {reference:.3f}, int8 {int8:.3f}")
+    assert reference < 30  # the model reads English
+    assert abs(int8 / reference - 1) < 0.01

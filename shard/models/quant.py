@@ -64,8 +64,11 @@ def dequantize(weight: torch.Tensor, method: str, group_size: int = 128) -> torc
     return dequantize_int4(*quantize_int4(weight, group_size))
 
 
-def check_group(in_features: int, group_size: int, what: str) -> None:
-    """int4 groups must tile each rank's inputs (and torch's packing needs K % 32 == 0)."""
+def group_for(in_features: int, group_size: int | None, what: str) -> int:
+    """A layer's int4 group: `group_size`, or unset the largest of 128, 64, 32 that tiles its
+    inputs; groups must tile each rank's inputs (and torch's packing needs K % 32 == 0)."""
+    if group_size is None:
+        group_size = next((g for g in (128, 64, 32) if in_features % g == 0), 32)
     if in_features % group_size or in_features % (16 * _INNER_K_TILES):
         raise ModelLoadError(
             f"--quantize int4: {what} has {in_features} inputs per shard, not a multiple of "
@@ -73,6 +76,7 @@ def check_group(in_features: int, group_size: int, what: str) -> None:
             f"{', '.join(str(g) for g in GROUP_SIZES if in_features % g == 0) or 'none'}"
             " or another --num-shard"
         )
+    return group_size
 
 
 class QuantLinear:
@@ -132,13 +136,13 @@ class QuantLinear:
         return dequantize_int4(self.weight, self.qparams.float()).to(dtype)
 
 
-def check_method(method: str | None, group_size: int) -> None:
+def check_method(method: str | None, group_size: int | None) -> None:
     if method is not None and method not in METHODS:
         raise ModelLoadError(
             f"--quantize {method} is not supported yet; supported: {', '.join(METHODS)} "
             "(weight-only, from a full-precision checkpoint)"
         )
-    if method == "int4" and group_size not in GROUP_SIZES:
+    if group_size is not None and group_size not in GROUP_SIZES:
         raise ModelLoadError(
             f"--quantize-group-size {group_size}: choose {', '.join(map(str, GROUP_SIZES))}"
         )

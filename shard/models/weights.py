@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from shard.loader import WeightStore
 from shard.models.linear import Linear
-from shard.models.quant import QuantLinear, check_group
+from shard.models.quant import QuantLinear, group_for
 from shard.parallel import Parallel
 
 
@@ -137,7 +137,7 @@ class Loader:
         pack: bool = True,
         gemv: bool = False,
         quantize: str | None = None,
-        group_size: int = 128,
+        group_size: int | None = None,
     ) -> None:
         self.store, self.parallel, self.head_dim = store, parallel, head_dim
         self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
@@ -197,9 +197,10 @@ class Loader:
         if whole_rows:  # per-channel scales over whole rows, then this rank's columns
             param = Param(param.parts, Split.NONE, param.optional)
         weight = self.tensor(param, count=False)  # one layer's full weights at a time
+        group = 0
         if self.quantize == "int4":
-            check_group(weight.shape[1], self.group_size, param.parts[0].name)
-        layer = QuantLinear(weight, bias, self.quantize, self.group_size)
+            group = group_for(weight.shape[1], self.group_size, param.parts[0].name)
+        layer = QuantLinear(weight, bias, self.quantize, group)
         if whole_rows and self.parallel.world_size > 1:
             layer.keep_inputs(*self.parallel.split(weight.shape[1]))
         self.nbytes += layer.weight.numel() * layer.weight.element_size()
