@@ -64,6 +64,15 @@ CASES = {
         {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1},
     ),
     "qwen2": ("qwen2", {}),
+    "qwen2-odd-heads": (  # 6 heads, 3 KV heads (odd), no head_dim in the config
+        "qwen2",
+        {
+            "hidden_size": 96,
+            "num_attention_heads": 6,
+            "num_key_value_heads": 3,
+            "intermediate_size": 192,
+        },
+    ),
     "qwen3": ("qwen3", {"head_dim": 24}),  # per-head q/k norms; head_dim not hidden / heads
     "qwen3-bias-1kv-tied": (
         "qwen3",
