@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shard.errors import ModelLoadError
 from shard.loader import WeightStore
 from shard.models.linear import Linear
 from shard.models.quant import QuantLinear, group_for
@@ -186,6 +187,8 @@ class Loader:
         all-reduced) when split by columns, unless the caller declares its own reduction
         (`reduce=False`: a mixture of experts)."""
         b = self.tensor(bias) if bias is not None and self.present(bias) else None
+        if weight.split is Split.COLS and not reduce and b is not None:
+            raise ModelLoadError(f"{weight.parts[0].name}: a bias on partial sums would be summed")
         if weight.split is not Split.COLS or not reduce:
             return self._layer(weight, b)
         return RowParallel(self._layer(weight, None), b, self.parallel)
