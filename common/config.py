@@ -47,7 +47,7 @@ class ShardConfig:
     pack_linear: bool = True  # oneDNN-packed weights on CPU (see shard/models/linear.py)
     # weight-only quantization of the decoder's linear layers on load (shard/models/quant.py)
     quantize: str | None = None  # None, "int8" or "int4"
-    quantize_group_size: int | None = None  # int4: inputs per group; None: 128, 64 or 32
+    quantize_group_size: int = 32  # int4: inputs per group (32, 64 or 128)
     cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
     # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
     disable_custom_kernels: bool = False

@@ -229,14 +229,14 @@ def option(name: str, *short: str, **kwargs):
     type=click.Choice(["int8", "int4", *TGI_QUANTIZE]),
     default=None,
     help="Weight-only quantization on load: int8 (per output channel) or int4 (groups of "
-    "--quantize-group-size inputs); TGI's other methods (awq, gptq, fp8, ...) not yet.",
+    "--quantize-group-size inputs), the LM head in int8; TGI's other methods (awq, gptq, "
+    "fp8, ...) not yet.",
 )
 @option(
     "--quantize-group-size",
     type=int,
     default=LAUNCHER_DEFAULTS["quantize_group_size"],
-    help="int4: inputs per group (32, 64 or 128) [default: per layer, the largest that "
-    "tiles its inputs].",
+    help="int4: inputs per group: 32, 64 or 128 (fewer scales to read, more error).",
 )
 @option(
     "--cpu-gemv/--no-cpu-gemv",

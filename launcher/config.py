@@ -54,7 +54,7 @@ class LauncherConfig:
     attention: str = _SHARD["attention"]
     cuda_graphs: str = DEFAULT_GRAPH_SIZES
     quantize: str | None = _SHARD["quantize"]
-    quantize_group_size: int | None = _SHARD["quantize_group_size"]
+    quantize_group_size: int = _SHARD["quantize_group_size"]
     cpu_gemv: bool = _SHARD["cpu_gemv"]
     disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
     kv_cache_memory: str | None = _SHARD["kv_cache_memory"]
@@ -110,7 +110,7 @@ class LauncherConfig:
                 f"--quantize {self.quantize} is not supported yet; supported: int8, int4 "
                 "(weight-only, quantized on load from a full-precision checkpoint)"
             )
-        if self.quantize_group_size not in (None, 32, 64, 128):
+        if self.quantize_group_size not in (32, 64, 128):
             raise LaunchError("--quantize-group-size: choose 32, 64 or 128")
         for name in ("max_concurrent_requests", "max_best_of", "payload_limit"):
             if getattr(self, name) < 1:

@@ -168,8 +168,7 @@ def main() -> None:
     "--quantize-group-size",
     type=int,
     default=SHARD_DEFAULTS["quantize_group_size"],
-    help="int4: inputs per group (32, 64 or 128) [default: per layer, the largest that tiles "
-    "its inputs].",
+    help="int4: inputs per group: 32, 64 or 128 (fewer scales to read, more error).",
 )
 @click.option(
     "--cpu-gemv/--no-cpu-gemv",

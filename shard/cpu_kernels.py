@@ -1,4 +1,5 @@
-"""CPU decode kernels (shard/csrc/cpu_kernels.cpp), compiled once per machine.
+"""CPU kernels (shard/csrc: decode attention, small matrix products, int8/int4 layers),
+compiled once per machine.
 
 torch's extension builder compiles it with the machine's own instruction set into
 $TORCH_EXTENSIONS_DIR (by default ~/.cache/torch_extensions); the name carries a hash of the
@@ -22,7 +23,10 @@ from typing import Any
 import torch
 
 log = logging.getLogger("shard")
-SOURCE = Path(__file__).resolve().parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).resolve().parent / "csrc"
+# Every file of the module in CSRC: the sources compiled and the headers they include.
+SOURCES = ("cpu_kernels.cpp", "quant.cpp")
+HEADERS = ("quant.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -47,7 +51,8 @@ def has_bf16_instructions(flags: str | None = None) -> bool:
 
 
 def _name() -> str:
-    key = SOURCE.read_bytes() + cpu_flags().encode() + str(FLAGS).encode()
+    files = b"".join((CSRC / name).read_bytes() for name in SOURCES + HEADERS)
+    key = files + cpu_flags().encode() + str(FLAGS).encode()
     digest = hashlib.sha256(key + torch.__version__.encode())
     return f"pytgi_cpu_kernels_{digest.hexdigest()[:12]}"
 
@@ -79,7 +84,7 @@ def load() -> Any | None:
                 name = _name()
                 _state["module"] = _built(name) or build(
                     name=name,
-                    sources=[str(SOURCE)],
+                    sources=[str(CSRC / name) for name in SOURCES],
                     extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"],
                     verbose=False,

@@ -88,9 +88,64 @@ def test_linear_single_row_path_matches_packed(kernels, dtype):
 PROMPTS = ["The quick brown fox", "Hello", "In a hole in the ground there lived a hobbit."]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("size", [64, 576, 1000])
+def test_the_norms_match_torch(kernels, dtype, size):
+    """CpuOps' one-call norms against TorchOps: the residual sum bit-equal (one rounding of
+    the same float32 sum), the norms within rounding of the reduction order."""
+    from shard.models.ops import CpuOps, TorchOps, ops_for
+
+    assert isinstance(ops_for(torch.device("cpu")), CpuOps)
+    gen = torch.Generator().manual_seed(size)
+    hidden, delta = (torch.randn(5, size, generator=gen).to(dtype) * 3 for _ in range(2))
+    weight = torch.randn(size, generator=gen).to(dtype)
+    ours, ref = CpuOps(kernels), TorchOps()
+    before = hidden.clone()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _relative(ours.norm(hidden, weight, 1e-5), ref.norm(hidden, weight, 1e-5)) < tolerance
+    total, normed = ours.add_norm(hidden, delta, weight, 1e-6)
+    ref_total, ref_normed = ref.add_norm(hidden, delta, weight, 1e-6)
+    assert torch.equal(total, ref_total) and normed.dtype == dtype
+    assert _relative(normed, ref_normed) < tolerance
+    assert torch.equal(hidden, before)  # the residual is a new tensor
+    strided = torch.randn(5, 2 * size, generator=gen).to(dtype)[:, :size]  # falls back
+    assert _relative(ours.norm(strided, weight, 1e-5), ref.norm(strided, weight, 1e-5)) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(64, 64), (80, 80), (16, 12)])
+def test_rotary_and_silu_match_torch(kernels, dtype, head_dim, rotary_dim):
+    """Strided rows of a fused q/k tensor and partial rotary (Phi-4-mini's): the same
+    roundings as the torch form, so equal up to float32 contraction in one ulp."""
+    from shard.models.ops import CpuOps, TorchOps
+    from shard.models.rope import Rotary
+
+    rotary = Rotary(head_dim, 512, 10000.0, None, dtype, torch.device("cpu"),
+                    rotary_dim=rotary_dim)  # fmt: skip
+    gen = torch.Generator().manual_seed(head_dim)
+    qkv = torch.randn(6, 7, head_dim, generator=gen).to(dtype)
+    qk = qkv[:, :5]  # rows strided: v's heads follow
+    positions = torch.tensor([0, 1, 2, 100, 300, 511])
+    ours, ref = CpuOps(kernels), TorchOps()
+    got = ours.rotate(qk, ours.rotary_state(positions, rotary))
+    want = ref.rotate(qk, ref.rotary_state(positions, rotary))
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert got.shape == want.shape and _relative(got, want) < tolerance
+    gate_up = torch.randn(3, 2 * 96, generator=gen).to(dtype) * 4
+    assert _relative(ours.silu_mul(gate_up), ref.silu_mul(gate_up)) < tolerance
+
+
+def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def test_engine_tokens_with_and_without_kernels(tiny_model_dir, kernels):
+    """Every CPU kernel off (attention, single rows, norms) against every one on."""
+    from shard.models.ops import TorchOps
+
     plain = make_engine(tiny_model_dir, cpu_gemv=False)
     plain.runner.backend.use_cpu_kernel = False
+    plain.runner.model.ops = TorchOps()
     fast = make_engine(tiny_model_dir)
     for batch in ([PROMPTS[0]], PROMPTS):
         specs = [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(batch)]
@@ -134,12 +189,11 @@ def test_a_built_kernel_loads_from_another_checkout_without_a_compiler(kernels, 
     import subprocess
     import sys
 
-    copy = tmp_path / "csrc" / "cpu_kernels.cpp"
-    copy.parent.mkdir()
-    shutil.copy(cpu_kernels.SOURCE, copy)
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_kernels.CSRC, copy)
     code = (
         "import pathlib, shard.cpu_kernels as k; "
-        f"k.SOURCE = pathlib.Path({str(copy)!r}); "
+        f"k.CSRC = pathlib.Path({str(copy)!r}); "
         "print('loaded' if k.load() is not None else 'none')"
     )
     env = {**os.environ, "PATH": str(tmp_path), "CXX": "/no/c++", "CC": "/no/cc"}

@@ -17,8 +17,10 @@ from shard.models.quant import (
     dequantize,
     dequantize_int4,
     dequantize_int8,
+    pack_int4,
     quantize_int4,
     quantize_int8,
+    unpack_int4,
 )
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine, run_to_end, spec
@@ -38,17 +40,41 @@ METHODS = [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)]
 LAYERS = [(m, g, k, n) for m, g in METHODS for k, n in SHAPES if not g or k % g == 0]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64, 256])
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 64, 256])
 @pytest.mark.parametrize("method, group, k, n", LAYERS)  # groups tile the inputs
 def test_a_layer_multiplies_by_its_dequantized_weights(method, group, k, n, rows):
     gen = torch.Generator().manual_seed(k + n + rows)
     weight = torch.randn(n, k, generator=gen)
     x = torch.randn(rows, k, generator=gen)
-    layer = QuantLinear(weight, None, method, group or 128)
+    layer = QuantLinear.quantize(weight, None, method, group or 128)
     expected = x.double() @ dequantize(weight, method, group or 128).double().T
     assert _relative_error(layer(x), expected) < 1e-5
     if method == "int4":  # the packed form: half a byte per weight
         assert layer.weight.numel() * layer.weight.element_size() == n * k // 2
+
+
+@pytest.mark.parametrize("rows", [1, 4, 64])
+@pytest.mark.parametrize("method, group", [("int8", 32), ("int8", 576), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernels_and_the_tiled_path_agree_in_each_dtype(method, group, rows, dtype):
+    """Grouped int8 (GGUF's Q8_0) and int4, through the kernel rows and the dequantized
+    tiles, with float32 and bfloat16 inputs; output in the input's dtype."""
+    gen = torch.Generator().manual_seed(rows + group)
+    weight = torch.randn(1536, 576, generator=gen)
+    if method == "int8":
+        q, scales = quantize_int8(weight, group)
+        layer = QuantLinear("int8", q, (scales,))
+        reference = dequantize_int8(q, scales)
+    else:
+        packed, scales, mins = quantize_int4(weight, group)
+        layer = QuantLinear("int4", packed, (scales, mins))
+        reference = dequantize_int4(packed, scales, mins)
+    assert layer.kernels is not None and layer.group_size == group
+    x = torch.randn(rows, 576, generator=gen).to(dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    expected = x.double() @ reference.double().T
+    assert _relative_error(out, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_known_values_quantize_exactly():
@@ -56,26 +82,35 @@ def test_known_values_quantize_exactly():
     scales = torch.tensor([0.5, 0.25, 2.0])
     weight = q.float() * scales[:, None]
     got_q, got_scales = quantize_int8(weight)
-    assert torch.equal(got_q, q) and torch.equal(got_scales, scales)
+    assert torch.equal(got_q, q) and torch.equal(got_scales.float(), scales[:, None])
     assert torch.equal(dequantize_int8(got_q, got_scales), weight)
-    # int4: in each group of 4, the values min + s * (0, 15, 3, 8) with s, min per group
-    codes = torch.tensor([0, 15, 3, 8] * 4, dtype=torch.int32).view(2, 8)
+    # int4: in each group of 32, min + s * codes with s, min per group (float16 values)
+    codes = torch.arange(64).remainder(16).view(1, 64).repeat(2, 1).to(torch.uint8)
     s = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
     low = torch.tensor([[-4.0, 1.0], [0.0, -8.0]])
-    weight = (codes.view(2, 2, 4).float() * s[..., None] + low[..., None]).view(2, 8)
-    got, scales_and_zeros = quantize_int4(weight, 4)
-    assert torch.equal(got, codes)
-    assert torch.equal(dequantize_int4(got, scales_and_zeros), weight)
+    weight = (codes.view(2, 2, 32).float() * s[..., None] + low[..., None]).view(2, 64)
+    packed, scales, mins = quantize_int4(weight, 32)
+    assert torch.equal(unpack_int4(packed), codes)
+    assert torch.equal(scales.float(), s) and torch.equal(mins.float(), low)
+    assert torch.equal(dequantize_int4(packed, scales, mins), weight)
+    # GGML's block layout: byte j of a block holds inputs j (low nibble) and j + 16 (high)
+    assert packed[0, 0].item() == 0 | (0 << 4) and packed[0, 1].item() == 1 | (1 << 4)
+    shifted = torch.roll(codes, 1, dims=1)
+    assert pack_int4(shifted)[0, 0].item() == 15 | (15 << 4)
 
 
 def _dequantized_copy(model_dir, target, method: str, group: int):
-    """The model with each decoder linear weight replaced by what `method` multiplies by."""
+    """The model with each decoder linear weight replaced by what `method` multiplies by,
+    and its (untied) LM head by int8's."""
     shutil.copytree(model_dir, target)
     tensors = load_file(str(target / "model.safetensors"))
+    assert "lm_head.weight" in tensors  # an untied head: the embedding stays as it is
     for name, w in tensors.items():
         linear = ".layers." in name and name.endswith("proj.weight") or ".experts." in name
         if linear and w.dim() == 2:
             tensors[name] = dequantize(w, method, group).contiguous()
+        elif name == "lm_head.weight":
+            tensors[name] = dequantize(w, "int8").contiguous()
     save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 
@@ -165,15 +200,18 @@ def _perplexity(engine, ids: list[int]) -> float:
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_with_int8(smollm_dir):
-    """SmolLM2 on 2,000 tokens of English: int8 within 1% of the float32 model's perplexity.
-    (int4's, measured the same way, is in the quantization issue's note: round-to-nearest
-    groups miss its 8% goal on this small model.)"""
+def test_smollm2_perplexity_with_int8_and_int4(smollm_dir):
+    """SmolLM2 on 2,000 tokens of English: int8 within 1% of the float32 model's perplexity,
+    int4 (groups of 32, the default) within 8%. (The embedded SmolLM2 comes from a Q4_1
+    GGUF, whose groups of 32 int4 reproduces: larger groups re-quantize it, measured in the
+    quantization issue's note.)"""
     options = dict(kv_bytes=256 << 20, max_total=2100)
     base = make_engine(smollm_dir, **options)
     ids = _english_text(base.tokenizer)
     reference = _perplexity(base, ids)
     int8 = _perplexity(make_engine(smollm_dir, quantize="int8", **options), ids)
-    print(f"perplexity float32 {reference:.3f}, int8 {int8:.3f}")
+    int4 = _perplexity(make_engine(smollm_dir, quantize="int4", **options), ids)
+    print(f"perplexity float32 {reference:.3f}, int8 {int8:.3f}, int4 {int4:.3f}")
     assert reference < 30  # the model reads English
     assert abs(int8 / reference - 1) < 0.01
+    assert abs(int4 / reference - 1) < 0.08

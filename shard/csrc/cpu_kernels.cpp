@@ -13,6 +13,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "quant.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -174,9 +176,167 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
+// RMSNorm of each row of x [T, H] (in float32), then rounded to x's dtype and scaled by
+// weight [H] (rounded again), as Hugging Face's Llama computes it. With `delta`, each row is
+// first x + delta rounded to x's dtype (the residual), written to `sum`.
+template <typename T>
+void norm_rows(const T* x, const T* delta, const T* weight, T* sum, T* out, int64_t rows,
+               int64_t h, float eps) {
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(h);
+    for (int64_t r = begin; r < end; ++r) {
+      float squares = 0.f;
+      for (int64_t i = 0; i < h; ++i) {
+        float v = static_cast<float>(x[r * h + i]);
+        if (delta) {
+          const T rounded = static_cast<T>(v + static_cast<float>(delta[r * h + i]));
+          sum[r * h + i] = rounded;
+          v = static_cast<float>(rounded);
+        }
+        row[i] = v;
+        squares += v * v;
+      }
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(h) + eps);
+      for (int64_t i = 0; i < h; ++i)
+        out[r * h + i] = static_cast<T>(static_cast<float>(weight[i]) *
+                                        static_cast<float>(static_cast<T>(row[i] * inv)));
+    }
+  });
+}
+
+template <typename T>
+void norm_typed(const torch::Tensor& x, const torch::Tensor* delta, const torch::Tensor& weight,
+                torch::Tensor* sum, torch::Tensor& out, float eps) {
+  norm_rows<T>(x.data_ptr<T>(), delta ? delta->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
+               sum ? sum->data_ptr<T>() : nullptr, out.data_ptr<T>(), x.size(0), x.size(1), eps);
+}
+
+void norm_checked(const torch::Tensor& x, const torch::Tensor* delta, const torch::Tensor& weight,
+                  torch::Tensor* sum, torch::Tensor& out, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous(),
+              "x [T, H] and weight [H] must be contiguous");
+  TORCH_CHECK(weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
+              "weight must be [H] in x's dtype");
+  TORCH_CHECK(!delta || (delta->sizes() == x.sizes() && delta->is_contiguous() &&
+                         delta->scalar_type() == x.scalar_type()),
+              "delta must be contiguous, like x");
+  if (x.scalar_type() == torch::kFloat) {
+    norm_typed<float>(x, delta, weight, sum, out, static_cast<float>(eps));
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    norm_typed<c10::BFloat16>(x, delta, weight, sum, out, static_cast<float>(eps));
+  } else {
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+  }
+}
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  auto out = torch::empty_like(x);
+  norm_checked(x, nullptr, weight, nullptr, out, eps);
+  return out;
+}
+
+// (x + delta, norm(x + delta)) for x, delta [T, H] contiguous.
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor delta,
+                                                      torch::Tensor weight, double eps) {
+  auto sum = torch::empty_like(x);
+  auto out = torch::empty_like(x);
+  norm_checked(x, &delta, weight, &sum, out, eps);
+  return {sum, out};
+}
+
+// Rotary embedding of x [T, heads, D] (D contiguous, any row and head strides) with
+// cos, sin [T, R / 2] for the first R dims (the rest pass): the halves (x1, x2) become
+// (x1 cos - x2 sin, x2 cos + x1 sin), each product and sum rounded to x's dtype as torch's
+// element-wise form rounds them. Returns a contiguous [T, heads, D].
+template <typename T>
+void rotate_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+                 torch::Tensor& out) {
+  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), half = cos.size(1);
+  const int64_t row = x.stride(0), head = x.stride(1);
+  const T* xp = x.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* sp = sin.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  auto r = [](float v) { return static_cast<float>(static_cast<T>(v)); };  // round to T
+  at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / heads, h = task % heads;
+      const T* in = xp + t * row + h * head;
+      T* o = op + task * d;
+      const T* c = cp + t * half;
+      const T* s = sp + t * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = in[i], x2 = in[i + half], ci = c[i], si = s[i];
+        o[i] = static_cast<T>(r(x1 * ci) - r(x2 * si));
+        o[i + half] = static_cast<T>(r(x2 * ci) + r(x1 * si));
+      }
+      for (int64_t i = 2 * half; i < d; ++i) o[i] = in[i];
+    }
+  });
+}
+
+torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, heads, D] with D contiguous");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
+                  2 * cos.size(1) <= x.size(2) && cos.is_contiguous() && sin.is_contiguous(),
+              "cos, sin must be contiguous [T, R / 2] with R <= D");
+  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
+              "cos, sin in x's dtype");
+  auto out = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options());
+  if (x.scalar_type() == torch::kFloat) {
+    rotate_rows<float>(x, cos, sin, out);
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    rotate_rows<c10::BFloat16>(x, cos, sin, out);
+  } else {
+    TORCH_CHECK(false, "rotate: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+// gate_up [T, 2I] (gate first) -> SiLU(gate) * up [T, I], SiLU rounded to the dtype first.
+template <typename T>
+void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
+  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* gate = gu + t * 2 * inter;
+      const T* up = gate + inter;
+      T* o = out + t * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float g = gate[i];
+        const float act = static_cast<float>(static_cast<T>(g / (1.f + std::exp(-g))));
+        o[i] = static_cast<T>(act * static_cast<float>(up[i]));
+      }
+    }
+  });
+}
+
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "gate_up must be contiguous [T, 2I]");
+  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = torch::empty({tokens, inter}, gate_up.options());
+  if (gate_up.scalar_type() == torch::kFloat) {
+    silu_rows<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), tokens, inter);
+  } else if (gate_up.scalar_type() == torch::kBFloat16) {
+    using B = c10::BFloat16;
+    silu_rows<B>(gate_up.data_ptr<B>(), out.data_ptr<B>(), tokens, inter);
+  } else {
+    TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");
+  m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]");
+  m.def("q8_linear", &pytgi::q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)");
+  m.def("q4_linear", &pytgi::q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
+  m.def("q8_dequantize", &pytgi::q8_dequantize, "int8 weights -> [N, K] in like's dtype");
+  m.def("q4_dequantize", &pytgi::q4_dequantize, "int4 weights -> [N, K] in like's dtype");
 }

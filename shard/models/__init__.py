@@ -30,7 +30,7 @@ def build_model(
     gemv: bool = False,
     ops: LayerOps | None = None,
     quantize: str | None = None,
-    group_size: int | None = None,
+    group_size: int = 32,
 ) -> Any:
     """The family's model with this rank's weights loaded (the decoder's linear layers
     weight-only quantized with `quantize`)."""

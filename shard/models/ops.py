@@ -1,6 +1,7 @@
-"""The element-wise steps of a decoder layer, behind one small interface with two
-implementations: `TorchOps` (a few PyTorch ops each; CPU, and the reference) and
-`TritonOps` (shard/models/fused.py: one kernel each; CUDA).
+"""The element-wise steps of a decoder layer, behind one small interface with three
+implementations: `TorchOps` (a few PyTorch ops each; the reference, and any device),
+`CpuOps` (the norms in our C++ kernels, the rest as TorchOps) and `TritonOps`
+(shard/models/fused.py: one kernel each; CUDA).
 
 A batch-1 decode step on a GPU is mostly fixed costs: each small kernel takes a few
 microseconds however little it does, and the torch forms below launch 4 kernels per norm,
@@ -66,12 +67,56 @@ class TorchOps:
         return F.silu(gate) * up
 
 
+class CpuOps(TorchOps):
+    """TorchOps with each step in one C++ call (shard/csrc/cpu_kernels.cpp): on CPU each
+    small PyTorch op costs a few microseconds however little it does, and `F.rms_norm`
+    alone runs as ~6 ops (~60 us for one row of 576), 61 times per SmolLM2 decode step.
+    Inputs the kernels do not take (other dtypes, strided rows) go the torch way."""
+
+    _DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self, kernels: Any) -> None:
+        self.kernels = kernels
+
+    def _fits(self, *tensors: torch.Tensor) -> bool:
+        x = tensors[0]
+        return x.dim() == 2 and x.dtype in self._DTYPES and all(t.is_contiguous() for t in tensors)
+
+    def norm(self, x, weight, eps):
+        if not self._fits(x, weight):
+            return super().norm(x, weight, eps)
+        return self.kernels.rms_norm(x, weight, eps)
+
+    def add_norm(self, hidden, delta, weight, eps):
+        if not self._fits(hidden, delta, weight) or delta.dtype != hidden.dtype:
+            return super().add_norm(hidden, delta, weight, eps)
+        return self.kernels.add_rms_norm(hidden, delta, weight, eps)
+
+    def rotate(self, x, state):
+        cos, sin = state  # [T, 1, R / 2]
+        if x.dim() != 3 or x.stride(2) != 1 or x.dtype not in self._DTYPES or cos.dtype != x.dtype:
+            return super().rotate(x, state)
+        return self.kernels.rotate(x, cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous())
+
+    def silu_mul(self, gate_up):
+        if not self._fits(gate_up):
+            return super().silu_mul(gate_up)
+        return self.kernels.silu_mul(gate_up)
+
+
 def ops_for(device: torch.device) -> LayerOps:
-    """Fused kernels on CUDA when Triton is there; the torch forms elsewhere."""
+    """Fused kernels on CUDA when Triton is there, the C++ norms on CPU when they build;
+    the torch forms otherwise."""
     if device.type == "cuda":
         try:
             from shard.models.fused import TritonOps
         except ImportError:
             return TorchOps()
         return TritonOps()
+    if device.type == "cpu":
+        from shard import cpu_kernels
+
+        kernels = cpu_kernels.load()
+        if kernels is not None:
+            return CpuOps(kernels)
     return TorchOps()

@@ -1,19 +1,25 @@
-"""Weight-only quantization on the fly (`--quantize int8 | int4`): each linear layer of the
-decoder quantized as it is loaded, one tensor at a time; embeddings, norms, routers and the
-LM head stay in the serving dtype.
+"""Weight-only quantized linear layers: `--quantize int8 | int4` from a full-precision
+checkpoint (each decoder layer quantized as it is loaded, one tensor at a time, and the LM
+head in int8), and the same forms read directly from GGUF files (Q8_0, Q4_0, Q4_1).
 
-- int8: symmetric per output channel, w ~ q * s, q in [-127, 127], s = max|w_row| / 127.
-- int4: asymmetric per group of `group_size` inputs (gpt-fast's form, which torch's packed
-  kernels read): per group s = (max - min) / 15, z = min + 8 s, q = round((w - min) / s) in
-  [0, 15], w ~ (q - 8) s + z.
+Forms (scales and mins in float16, as GGUF stores them; G groups of g = K / G inputs):
+- int8: q int8 [N, K], scales [N, G]; w = s q. On the fly: symmetric per output channel
+  (G = 1), s = max|w_row| / 127. GGUF Q8_0: groups of 32.
+- int4: q uint8 [N, K / 2] in GGML's block layout (blocks of 32 inputs; byte j of a block
+  holds input j in its low nibble and input j + 16 in its high nibble), scales and mins
+  [N, G]; w = s q + m, q in 0..15. On the fly: per group s = (max - min) / 15, m = min
+  (GGUF's Q4_1; Q4_0's w = d (q - 8) is s = d, m = -8 d).
 
-`dequantize` gives exactly the weights the kernels multiply by: a model whose weights are
+`dequantize_*` give exactly the weights the kernels multiply by: a model whose weights are
 replaced by them serves the same tokens in float32 (how the tests check every path).
-On CPU the products run in torch's packed weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`); elsewhere the weights are dequantized per call.
+On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
+weights once; more rows multiply a dequantized copy, a tile at a time); elsewhere the weights
+are dequantized per call.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,54 +28,77 @@ from shard.errors import ModelLoadError
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-_INNER_K_TILES = 2  # torch's int4 packing: K must be a multiple of 16 x this
+BLOCK = 32  # int4 inputs per GGML block
+# Up to this many rows the kernels read the packed weights; more rows (prefill, larger
+# decode batches) multiply dequantized tiles of at most _TILE elements with torch's GEMM.
+_KERNEL_ROWS = 4
+_TILE = 1 << 22
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (q int8 [N, K], scales float32 [N])."""
-    w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-    q = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scales
+def _halves(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> float16, never rounding a nonzero value to zero."""
+    tiny = torch.finfo(torch.float16).smallest_normal
+    return torch.where(values.abs() < tiny, values.sign() * tiny, values).half()
 
 
-def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [N, K] -> (q int32 [N, K] in 0..15, scales_and_zeros float32 [K / g, N, 2])."""
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None):
+    """weight [N, K] -> (q int8 [N, K], scales float16 [N, G]); one group per row if unset."""
+    n, k = weight.shape
+    g = group_size or k
+    w = weight.float().view(n, k // g, g)
+    scales = _halves(w.abs().amax(dim=-1) / 127)
+    q = (w / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return q.view(n, k), scales
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int):
+    """weight [N, K] -> (q uint8 [N, K / 2], scales float16 [N, G], mins float16 [N, G])."""
     n, k = weight.shape
     w = weight.float().view(n, k // group_size, group_size)
-    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
-    scales = ((high - low) / 15).clamp(min=1e-12)
-    zeros = low + 8 * scales
-    q = ((w - low) / scales).round().clamp(0, 15).to(torch.int32).view(n, k)
-    scales_and_zeros = torch.cat([scales, zeros], dim=-1).transpose(0, 1).contiguous()
-    return q, scales_and_zeros
+    low, high = w.amin(dim=-1), w.amax(dim=-1)
+    scales, mins = _halves((high - low) / 15), low.half()
+    codes = ((w - mins.float()[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
+    return pack_int4(codes.to(torch.uint8).view(n, k)), scales, mins
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] in 0..15 -> [N, K / 2] in GGML's block layout."""
+    n, k = codes.shape
+    blocks = codes.view(n, k // BLOCK, 2, BLOCK // 2)
+    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[N, K / 2] in GGML's block layout -> codes uint8 [N, K]."""
+    n, half = packed.shape
+    blocks = packed.view(n, half // (BLOCK // 2), 1, BLOCK // 2)
+    return torch.cat([blocks & 15, blocks >> 4], dim=2).view(n, 2 * half)
 
 
 def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return q.float() * scales[:, None]
-
-
-def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
-    groups = scales_and_zeros.shape[0]
-    s = scales_and_zeros[..., 0].transpose(0, 1).unsqueeze(-1)  # [N, K/g, 1]
-    z = scales_and_zeros[..., 1].transpose(0, 1).unsqueeze(-1)
-    return ((q.view(n, groups, k // groups).float() - 8) * s + z).view(n, k)
+    groups = scales.shape[1]
+    return (q.view(n, groups, k // groups).float() * scales.float()[..., None]).view(n, k)
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor):
+    codes = unpack_int4(packed)
+    n, k = codes.shape
+    groups = scales.shape[1]
+    w = codes.view(n, groups, k // groups).float() * scales.float()[..., None]
+    return (w + mins.float()[..., None]).view(n, k)
 
 
 def dequantize(weight: torch.Tensor, method: str, group_size: int = 128) -> torch.Tensor:
-    """The float32 weights a layer quantized by `method` multiplies by."""
+    """The float32 weights a layer quantized on the fly by `method` multiplies by."""
     if method == "int8":
         return dequantize_int8(*quantize_int8(weight))
     return dequantize_int4(*quantize_int4(weight, group_size))
 
 
-def group_for(in_features: int, group_size: int | None, what: str) -> int:
-    """A layer's int4 group: `group_size`, or unset the largest of 128, 64, 32 that tiles its
-    inputs; groups must tile each rank's inputs (and torch's packing needs K % 32 == 0)."""
-    if group_size is None:
-        group_size = next((g for g in (128, 64, 32) if in_features % g == 0), 32)
-    if in_features % group_size or in_features % (16 * _INNER_K_TILES):
+def group_for(in_features: int, group_size: int, what: str) -> int:
+    """A layer's int4 group, which must tile each rank's inputs."""
+    if in_features % group_size:
         raise ModelLoadError(
             f"--quantize int4: {what} has {in_features} inputs per shard, not a multiple of "
             f"the group size {group_size}; choose --quantize-group-size from "
@@ -79,70 +108,105 @@ def group_for(in_features: int, group_size: int | None, what: str) -> int:
     return group_size
 
 
+def _kernels(device: torch.device) -> Any:
+    if device.type != "cpu":
+        return None
+    from shard import cpu_kernels
+
+    return cpu_kernels.load()
+
+
 class QuantLinear:
     """A weight-only quantized linear layer; `__call__(x [..., in]) -> [..., out]` in x's
-    dtype. `weight` is the packed form (for byte counts), `kind` names the path."""
+    dtype. `weight` is the packed tensor, `qparams` its scales (and int4's mins)."""
 
-    __slots__ = ("method", "weight", "qparams", "bias", "out_features", "group_size", "packed")
+    __slots__ = ("method", "weight", "qparams", "bias", "out_features", "group_size", "kernels")
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, method: str, group_size: int
+        self,
+        method: str,
+        weight: torch.Tensor,
+        qparams: tuple[torch.Tensor, ...],
+        bias: torch.Tensor | None = None,
     ) -> None:
-        self.method, self.bias, self.group_size = method, bias, group_size
+        self.method, self.weight, self.qparams, self.bias = method, weight, qparams, bias
         self.out_features = weight.shape[0]
-        self.packed = weight.device.type == "cpu"  # torch's packed CPU kernels
+        inputs = weight.shape[1] * (2 if method == "int4" else 1)
+        self.group_size = inputs // qparams[0].shape[1]
+        self.kernels = _kernels(weight.device)
+
+    @classmethod
+    def quantize(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str, group_size: int
+    ) -> QuantLinear:
+        """`weight` [N, K] quantized on the fly (int8 per output channel; int4 in groups)."""
         if method == "int8":
-            self.weight, scales = quantize_int8(weight)
-            self.qparams = scales.to(weight.dtype)
-        else:
-            q, scales_and_zeros = quantize_int4(weight, group_size)
-            self.qparams = scales_and_zeros.to(weight.dtype)
-            self.weight = (
-                torch._convert_weight_to_int4pack_for_cpu(q, _INNER_K_TILES)
-                if self.packed
-                else q.to(torch.uint8)  # one byte per weight until a GPU int4 kernel lands
-            )
+            q, scales = quantize_int8(weight)
+            return cls("int8", q, (scales,), bias)
+        packed, scales, mins = quantize_int4(weight, group_size)
+        return cls("int4", packed, (scales, mins), bias)
 
     def keep_inputs(self, start: int, stop: int) -> None:
-        """int8: keep input columns start:stop only (a row-parallel rank's share of a layer
-        quantized whole, so every rank uses the full rows' scales)."""
-        assert self.method == "int8"
+        """Per-channel int8: keep input columns start:stop only (a row-parallel rank's share
+        of a layer quantized whole, so every rank uses the full rows' scales)."""
+        assert self.method == "int8" and self.qparams[0].shape[1] == 1
         self.weight = self.weight[:, start:stop].contiguous()
+        self.group_size = stop - start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.weight, *self.qparams))
 
     @property
     def kind(self) -> str:
         group = f" (groups of {self.group_size})" if self.method == "int4" else ""
-        where = "torch's packed CPU kernel" if self.packed else "dequantized per call"
+        where = "pytgi's CPU kernels" if self.kernels is not None else "dequantized per call"
         return f"{self.method} weight-only{group}, {where}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if not self.packed:
-            out = F.linear(flat, self._dequantized(flat.dtype))
-        elif self.method == "int8":
-            out = torch._weight_int8pack_mm(flat, self.weight, self.qparams)
+        if self.kernels is not None and flat.shape[0] <= _KERNEL_ROWS:
+            if self.method == "int8":
+                out = self.kernels.q8_linear(flat, self.weight, *self.qparams)
+            else:
+                out = self.kernels.q4_linear(flat, self.weight, *self.qparams)
         else:
-            out = torch._weight_int4pack_mm_for_cpu(
-                flat, self.weight, self.group_size, self.qparams
-            )
+            out = self._tiled(flat)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
 
-    def _dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+    def _tiled(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [M, K] @ w^T through dequantized tiles of whole output rows."""
+        rows = max(1, _TILE // (self.weight.shape[1] * (2 if self.method == "int4" else 1)))
+        if rows >= self.out_features:
+            return F.linear(flat, self._dequantized(0, self.out_features, flat))
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            out[:, start:stop] = F.linear(flat, self._dequantized(start, stop, flat))
+        return out
+
+    def _dequantized(self, start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+        weight = self.weight[start:stop]
+        params = [p[start:stop] for p in self.qparams]
+        if self.kernels is not None:
+            if self.method == "int8":
+                return self.kernels.q8_dequantize(weight, *params, like)
+            return self.kernels.q4_dequantize(weight, *params, like)
         if self.method == "int8":
-            return (self.weight.to(dtype) * self.qparams[:, None]).to(dtype)
-        return dequantize_int4(self.weight, self.qparams.float()).to(dtype)
+            return dequantize_int8(weight, *params).to(like.dtype)
+        return dequantize_int4(weight, *params).to(like.dtype)
 
 
-def check_method(method: str | None, group_size: int | None) -> None:
+def check_method(method: str | None, group_size: int) -> None:
     if method is not None and method not in METHODS:
         raise ModelLoadError(
             f"--quantize {method} is not supported yet; supported: {', '.join(METHODS)} "
             "(weight-only, from a full-precision checkpoint)"
         )
-    if group_size is not None and group_size not in GROUP_SIZES:
+    if group_size not in GROUP_SIZES:
         raise ModelLoadError(
             f"--quantize-group-size {group_size}: choose {', '.join(map(str, GROUP_SIZES))}"
         )

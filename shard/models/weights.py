@@ -113,7 +113,7 @@ class VocabHead:
     """Hidden [N, hidden] -> float32 logits [N, vocab]: each rank's vocabulary slice,
     gathered."""
 
-    def __init__(self, linear: Linear, parallel: Parallel) -> None:
+    def __init__(self, linear: Linear | QuantLinear, parallel: Parallel) -> None:
         self.linear, self.parallel = linear, parallel
 
     @property
@@ -138,7 +138,7 @@ class Loader:
         pack: bool = True,
         gemv: bool = False,
         quantize: str | None = None,
-        group_size: int | None = None,
+        group_size: int = 32,
     ) -> None:
         self.store, self.parallel, self.head_dim = store, parallel, head_dim
         self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
@@ -203,10 +203,10 @@ class Loader:
         group = 0
         if self.quantize == "int4":
             group = group_for(weight.shape[1], self.group_size, param.parts[0].name)
-        layer = QuantLinear(weight, bias, self.quantize, group)
+        layer = QuantLinear.quantize(weight, bias, self.quantize, group)
         if whole_rows and self.parallel.world_size > 1:
             layer.keep_inputs(*self.parallel.split(weight.shape[1]))
-        self.nbytes += layer.weight.numel() * layer.weight.element_size()
+        self.nbytes += layer.nbytes
         return layer
 
     def embedding(self, name: str, vocab_size: int) -> VocabEmbedding:
@@ -214,9 +214,14 @@ class Loader:
         return VocabEmbedding(self.tensor(Param.of(name, split=Split.ROWS)), start, self.parallel)
 
     def head(self, name: str, embedding: VocabEmbedding, tied: bool) -> VocabHead:
-        """The LM head: the embedding's own tensor when tied or absent."""
+        """The LM head: the embedding's own tensor when tied or absent. With --quantize it
+        is int8 per output channel (either method: 4 bits would cost the head too much)."""
         if tied or name not in self.store:
             weight = embedding.weight
         else:
-            weight = self.tensor(Param.of(name, split=Split.ROWS))
+            weight = self.tensor(Param.of(name, split=Split.ROWS), count=self.quantize is None)
+        if self.quantize is not None:
+            layer = QuantLinear.quantize(weight, None, "int8", 0)
+            self.nbytes += layer.nbytes
+            return VocabHead(layer, self.parallel)
         return VocabHead(Linear(weight, pack=self.pack, gemv=self.gemv), self.parallel)

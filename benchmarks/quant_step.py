@@ -1,0 +1,108 @@
+"""Decode step of SmolLM2-135M with quantized weights next to float32 and bfloat16 (issue 16).
+
+Per configuration, a ShardEngine on the embedded model (CPU): the median decode step of a
+batch of 1 and of 32 requests (40-token prompts), the bytes a step streams (the decoder's
+weights and the LM head, packed forms with their scales), and the read rate that implies
+against the machine's read bandwidth measured in the same run (`cpu_limits.read_bandwidth`).
+
+    .venv/bin/python benchmarks/quant_step.py [--steps 30] [--append]
+
+Run with nothing else on the machine (../shared/BENCHMARKING.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cpu_limits import cpu_line, read_bandwidth  # noqa: E402
+
+from tests.helpers import make_engine, spec  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+CONFIGS = {
+    "float32": dict(dtype="float32"),
+    "bfloat16": dict(dtype="bfloat16"),
+    "int8 (float32 activations)": dict(dtype="float32", quantize="int8"),
+    "int4 groups of 32": dict(dtype="float32", quantize="int4", quantize_group_size=32),
+    "int4 groups of 64": dict(dtype="float32", quantize="int4", quantize_group_size=64),
+}
+
+
+def streamed_bytes(engine) -> int:
+    """Bytes a decode step reads: every weight loaded but the embedding table, unless the
+    LM head multiplies by the table itself (tied and not quantized)."""
+    model = engine.runner.model
+    table = model.embed.weight
+    head = model.lm_head.linear
+    shared = getattr(head, "plain", None) is table or head.weight is table
+    return model.weight_bytes - (0 if shared else table.numel() * table.element_size())
+
+
+def step_ms(engine, batch: int, steps: int) -> float:
+    prompt = " ".join(str(i) for i in range(20))
+    specs = [spec(i, prompt, steps + 4, ignore_eos=True) for i in range(batch)]
+    result = engine.prefill(1, specs, None)
+    for _ in range(3):  # warm
+        result = engine.decode([result.batch.id])
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        result = engine.decode([result.batch.id])
+        times.append(time.perf_counter() - start)
+    engine.clear(None)
+    return statistics.median(times) * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--append", action="store_true", help=f"append the table to {RESULTS}")
+    args = parser.parse_args()
+    from shard.embedded import default_model_dir
+
+    model_dir = default_model_dir()
+    bandwidth = read_bandwidth(torch.get_num_threads()) / 1e9
+    rows, times = [], {}
+    for name, options in CONFIGS.items():
+        engine = make_engine(model_dir, kv_bytes=256 << 20, max_total=1024, **options)
+        mb = streamed_bytes(engine) / 1e6
+        one, many = step_ms(engine, 1, args.steps), step_ms(engine, 32, args.steps)
+        times[name] = (one, many)
+        rate = mb / one  # MB per ms = GB/s
+        base = times["bfloat16"] if "bfloat16" in times else (one, many)
+        rows.append(
+            f"| {name} | {mb:.0f} | {one:.1f} | {rate:.1f} ({rate / bandwidth:.0%}) | "
+            f"{base[0] / one:.2f}x | {many:.1f} | {base[1] / many:.2f}x |"
+        )
+        print(rows[-1], flush=True)
+        del engine
+    lines = [
+        "### Quantized decode step, SmolLM2-135M (benchmarks/quant_step.py)",
+        "",
+        f"{cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"read bandwidth {bandwidth:.1f} GB/s (sum over 512 MiB, same run); median of "
+        f"{args.steps} steps.",
+        "",
+        "| weights | MB read per step | batch 1 ms | GB/s (of bandwidth) | batch 1 vs bf16 "
+        "| batch 32 ms | batch 32 vs bf16 |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    if args.append:
+        with RESULTS.open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

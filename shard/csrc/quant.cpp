@@ -1,0 +1,303 @@
+// Weight-only int8 / int4 linear layers on CPU (layouts in quant.h).
+//
+// Decode is bound by reading the weights: each packed weight row is read from memory once
+// per call and used for every input row while it sits in L1. Products are accumulated in
+// float32 lanes, each group's part scaled as it is added; the int4 mins are folded in
+// through each input row's per-group sums: sum_k x_k (s q_k + m) = s sum_k x_k q_k + m sum_k x_k.
+
+#include "quant.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PYTGI_AVX2 1
+#endif
+
+namespace pytgi {
+namespace {
+
+constexpr int64_t kBlock = 32;  // int4 inputs per GGML block (16 bytes)
+
+inline float to_float(c10::Half h) { return static_cast<float>(h); }
+
+// Row n of an int8 layer, dequantized into dst[0..k).
+inline void row_q8(const int8_t* q, const c10::Half* scales, int64_t k, int64_t groups,
+                   float* dst) {
+  const int64_t g = k / groups;
+  for (int64_t grp = 0; grp < groups; ++grp, q += g, dst += g) {
+    const float s = to_float(scales[grp]);
+#pragma omp simd
+    for (int64_t i = 0; i < g; ++i) dst[i] = s * static_cast<float>(q[i]);
+  }
+}
+
+// Row n of an int4 layer (k / 2 bytes), dequantized into dst[0..k).
+inline void row_q4(const uint8_t* q, const c10::Half* scales, const c10::Half* mins, int64_t k,
+                   int64_t groups, float* dst) {
+  const int64_t g = k / groups;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    const float s = to_float(scales[grp]), mn = to_float(mins[grp]);
+    for (int64_t b = 0; b < g; b += kBlock, q += kBlock / 2, dst += kBlock) {
+#pragma omp simd
+      for (int64_t j = 0; j < kBlock / 2; ++j) {
+        dst[j] = s * static_cast<float>(q[j] & 15) + mn;
+        dst[j + 16] = s * static_cast<float>(q[j] >> 4) + mn;
+      }
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int64_t k) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < k; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// Per x row and group: the sum of the row's inputs in the group (int4's mins term).
+std::vector<float> group_sums(const float* x, int64_t rows, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  std::vector<float> sums(rows * groups);
+  for (int64_t i = 0; i < rows * groups; ++i) {
+    float s = 0.f;
+    for (int64_t j = 0; j < g; ++j) s += x[i * g + j];
+    sums[i] = s;
+  }
+  return sums;
+}
+
+#ifdef PYTGI_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 widen8(__m128i bytes, bool is_signed) {  // the low 8 bytes as 8 floats
+  return _mm256_cvtepi32_ps(is_signed ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes));
+}
+#endif
+
+// Widens n float16 values into dst.
+inline void widen_halves(const c10::Half* src, int64_t n, float* dst) {
+  int64_t i = 0;
+#ifdef __F16C__
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// x[0..k) . (int8 row q with its group scales sf, as float32), reading q once.
+inline float dot_q8(const float* x, const int8_t* q, const float* sf, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  float total = 0.f;
+#ifdef PYTGI_AVX2
+  if (g % 32 == 0) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < g; i += 32, x += 32, q += 32) {
+        const __m128i b0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen8(b0, true), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), widen8(_mm_unpackhi_epi64(b0, b0), true), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), widen8(b1, true), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), widen8(_mm_unpackhi_epi64(b1, b1), true), a3);
+      }
+      const __m256 part = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+      sum = _mm256_fmadd_ps(part, _mm256_set1_ps(sf[grp]), sum);
+    }
+    return hsum(sum);
+  }
+#endif
+  for (int64_t grp = 0; grp < groups; ++grp, x += g, q += g) {
+    float part = 0.f;
+    for (int64_t i = 0; i < g; ++i) part += x[i] * static_cast<float>(q[i]);
+    total += sf[grp] * part;
+  }
+  return total;
+}
+
+// x[0..k) . (int4 row q with its group scales sf and mins mf, as float32), reading q once;
+// `sums` are x's group sums.
+inline float dot_q4(const float* x, const uint8_t* q, const float* sf, const float* mf,
+                    const float* sums, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  float offset = 0.f;
+  for (int64_t grp = 0; grp < groups; ++grp) offset += mf[grp] * sums[grp];
+#ifdef PYTGI_AVX2
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (int64_t b = 0; b < g; b += kBlock, x += kBlock, q += kBlock / 2) {
+      // bytes 0..7 and 8..15 zero-extended to 32 bits: low nibbles are inputs 0..15, high
+      // nibbles inputs 16..31 (one shuffle per 8 bytes, the rest is lane-wise)
+      const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+      const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_cvtepi32_ps(_mm256_and_si256(d0, mask)), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), _mm256_cvtepi32_ps(_mm256_and_si256(d1, mask)), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 16), _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4)), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 24), _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4)), a3);
+    }
+    const __m256 part = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    sum = _mm256_fmadd_ps(part, _mm256_set1_ps(sf[grp]), sum);
+  }
+  return hsum(sum) + offset;
+#else
+  float total = 0.f;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    float part = 0.f;
+    for (int64_t b = 0; b < g; b += kBlock, x += kBlock, q += kBlock / 2)
+      for (int64_t j = 0; j < kBlock / 2; ++j)
+        part += x[j] * static_cast<float>(q[j] & 15) + x[j + 16] * static_cast<float>(q[j] >> 4);
+    total += sf[grp] * part;
+  }
+  return total + offset;
+#endif
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& scales,
+           int64_t k, int64_t multiple) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, K] with K the layer's inputs");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+              "x: float32 or bfloat16 only");
+  TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "weights must be contiguous");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.dim() == 2 &&
+                  scales.size(0) == q.size(0) && k % scales.size(1) == 0,
+              "scales must be float16 [N, G] with G dividing K");
+  TORCH_CHECK((k / scales.size(1)) % multiple == 0, "group size must be a multiple of ",
+              multiple);
+}
+
+// Up to this many x rows, each row's product reads the packed weight row directly (from L1
+// after the first); more rows share one widened copy of it.
+constexpr int64_t kFusedRows = 4;
+
+// out[m, n] = x[m] . w[n]. `fused(xm, m, n, params, first)` is one product read from the
+// packed row n (`params`: room for the row's group parameters as float32, filled when
+// `first`);
+// `row(n, dst)` widens row n into float32. Each packed row is read from memory once per call.
+template <typename Fused, typename Row>
+torch::Tensor product(const torch::Tensor& xf, const torch::Tensor& x, int64_t n_rows,
+                      int64_t groups, Fused fused, Row row) {
+  const int64_t m_rows = xf.size(0), k = xf.size(1);
+  const float* xp = xf.data_ptr<float>();
+  auto out = torch::empty({m_rows, n_rows}, xf.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(m_rows > kFusedRows ? k : 0), params(2 * groups);
+    for (int64_t n = begin; n < end; ++n) {
+      if (m_rows <= kFusedRows) {
+        for (int64_t m = 0; m < m_rows; ++m)
+          op[m * n_rows + n] = fused(xp + m * k, m, n, params.data(), m == 0);
+        continue;
+      }
+      row(n, w.data());
+      for (int64_t m = 0; m < m_rows; ++m) op[m * n_rows + n] = dot(xp + m * k, w.data(), k);
+    }
+  });
+  return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
+}
+
+template <typename Row>
+torch::Tensor dequantized(int64_t n_rows, int64_t k, const torch::Tensor& like, Row row) {
+  auto out = torch::empty({n_rows, k}, torch::dtype(torch::kFloat));
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) row(n, op + n * k);
+  });
+  return out.to(like.scalar_type());
+}
+
+}  // namespace
+
+namespace {
+
+void check_q8(const torch::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 2, "q must be int8 [N, K]");
+}
+
+void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
+  TORCH_CHECK(q.scalar_type() == torch::kByte && q.dim() == 2, "q must be uint8 [N, K / 2]");
+  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kHalf &&
+                  mins.is_contiguous(),
+              "mins must be float16 like scales");
+}
+
+}  // namespace
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  check_q8(q);
+  const int64_t k = q.size(1), groups = scales.size(1);
+  check(x, q, scales, k, 1);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const auto xf = x.to(torch::kFloat).contiguous();
+  return product(
+      xf, x, q.size(0), groups,
+      [=](const float* xm, int64_t, int64_t n, float* sf, bool first) {
+        if (first) widen_halves(sp + n * groups, groups, sf);
+        return dot_q8(xm, qp + n * k, sf, k, groups);
+      },
+      [=](int64_t n, float* dst) { row_q8(qp + n * k, sp + n * groups, k, groups, dst); });
+}
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                        torch::Tensor mins) {
+  check_q4(q, scales, mins);
+  const int64_t k = 2 * q.size(1), groups = scales.size(1);
+  check(x, q, scales, k, kBlock);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const c10::Half* mp = mins.data_ptr<c10::Half>();
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const auto sums = group_sums(xf.data_ptr<float>(), xf.size(0), k, groups);
+  const float* sums_p = sums.data();
+  return product(
+      xf, x, q.size(0), groups,
+      [=](const float* xm, int64_t m, int64_t n, float* params, bool first) {
+        if (first) {
+          widen_halves(sp + n * groups, groups, params);
+          widen_halves(mp + n * groups, groups, params + groups);
+        }
+        return dot_q4(xm, qp + n * k / 2, params, params + groups, sums_p + m * groups, k,
+                      groups);
+      },
+      [=](int64_t n, float* dst) {
+        row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
+      });
+}
+
+torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor like) {
+  check_q8(q);
+  const int64_t k = q.size(1), groups = scales.size(1);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
+    row_q8(qp + n * k, sp + n * groups, k, groups, dst);
+  });
+}
+
+torch::Tensor q4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
+                            torch::Tensor like) {
+  check_q4(q, scales, mins);
+  const int64_t k = 2 * q.size(1), groups = scales.size(1);
+  TORCH_CHECK((k / groups) % kBlock == 0, "group size must be a multiple of 32");
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const c10::Half* mp = mins.data_ptr<c10::Half>();
+  return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
+    row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
+  });
+}
+
+}  // namespace pytgi
