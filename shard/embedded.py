@@ -51,6 +51,21 @@ def find_gguf() -> Path:
     return path
 
 
+def gguf_source(model_dir: str | Path) -> Path | None:
+    """The GGUF file a converted default-model folder came from, if it is one and the file is
+    still installed: its Q4_1 layers serve `--quantize int4` as they are."""
+    try:
+        marker = json.loads((Path(model_dir) / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("source") != GGUF_NAME:
+        return None
+    try:
+        return find_gguf()
+    except ModelLoadError:
+        return None
+
+
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted model directory, converting it first if needed."""
     target = cache_root(cache_dir) / MODEL_NAME

@@ -15,7 +15,9 @@ from common.config import ShardConfig
 from shard import cpu_kernels, memory
 from shard.attention import get_backend, resolve_backend_name
 from shard.cuda_graphs import DecodeGraphs
+from shard.embedded import gguf_source
 from shard.errors import InvalidRequest, OutOfBlocks
+from shard.gguf import GgufStore
 from shard.inputs import ForwardInputs
 from shard.kv_cache import KVCache
 from shard.loader import WeightStore
@@ -52,6 +54,18 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
+def weight_store(config: ShardConfig) -> WeightStore | GgufStore:
+    """The model's safetensors; for `--quantize int4` in groups of 32 on the embedded default
+    model, the GGUF file it was converted from (its Q4_1 layers and Q8_0 head served as
+    stored; other group sizes quantize the converted weights again)."""
+    blocks = config.quantize == "int4" and config.quantize_group_size == 32
+    source = gguf_source(config.model_dir) if blocks else None
+    if source is None:
+        return WeightStore(config.model_dir)
+    log.info("int4: serving %s's own blocks (groups of 32)", source.name)
+    return GgufStore(source)
+
+
 class ModelRunner:
     def __init__(self, config: ShardConfig, model_spec: ModelSpec, parallel: Parallel) -> None:
         self.config = config
@@ -64,7 +78,7 @@ class ModelRunner:
         self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
         self.model = build_model(
             model_spec,
-            WeightStore(config.model_dir),
+            weight_store(config),
             self.dtype,
             self.device,
             parallel,

@@ -215,3 +215,116 @@ def test_smollm2_perplexity_with_int8_and_int4(smollm_dir):
     assert reference < 30  # the model reads English
     assert abs(int8 / reference - 1) < 0.01
     assert abs(int4 / reference - 1) < 0.08
+
+
+def _write_gguf(path, tensors: dict, heads: int = 2, kv_heads: int = 1) -> None:
+    """A Llama GGUF file holding `tensors`: name -> (uint8 blocks [N, bytes], type)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_uint32("llama.attention.head_count", heads)
+    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _blocks(kind: str, d, m, codes) -> torch.Tensor:
+    """GGML blocks of 32 inputs [N, K / 32, bytes] from float16 d (and m) [N, K / 32] and codes
+    [N, K]: Q8_0 int8 codes; Q4_x codes 0..15, byte j holding inputs j and j + 16."""
+    n, k = codes.shape
+    head = [d.half().view(torch.uint8).view(n, k // 32, 2)]
+    if kind == "Q4_1":
+        head.append(m.half().view(torch.uint8).view(n, k // 32, 2))
+    if kind == "Q8_0":
+        body = codes.to(torch.int8).view(torch.uint8).view(n, k // 32, 32)
+    else:
+        c = codes.to(torch.uint8).view(n, k // 32, 2, 16)
+        body = c[:, :, 0] | (c[:, :, 1] << 4)
+    return torch.cat([*head, body], dim=-1).reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_packed_from_known_values_unpack_to_them(kind, tmp_path):
+    """Blocks the test packs from known codes and float16 scales (and mins) come back as
+    exactly those weights, packed for the kernels without requantizing; q and k rows in
+    Hugging Face's order (llama.cpp interleaves them per head)."""
+    from shard.gguf import GgufStore, unpermute_rows
+
+    n, k = 8, 64  # 2 heads of 4 for q; 1 KV head of 8 rows for k
+    gen = torch.Generator().manual_seed(len(kind))
+    low, high = (-127, 128) if kind == "Q8_0" else (0, 16)
+    codes = torch.randint(low, high, (n, k), generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) + 0.5).half().float()
+    m = (torch.randn(n, k // 32, generator=gen)).half().float()
+    step = codes.view(n, 2, 32).float() * d[..., None]
+    expected = {"Q8_0": step, "Q4_0": (codes.view(n, 2, 32).float() - 8) * d[..., None],
+                "Q4_1": step + m[..., None]}[kind].reshape(n, k)  # fmt: skip
+    blocks = _blocks(kind, d, m, codes).numpy()
+    _write_gguf(tmp_path / "m.gguf", {
+        "blk.0.ffn_down.weight": (blocks, kind),
+        "blk.0.attn_q.weight": (blocks, kind),
+    })  # fmt: skip
+    store = GgufStore(tmp_path / "m.gguf")
+    down, q = "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    method, packed, params = store.packed(down)
+    assert method == ("int8" if kind == "Q8_0" else "int4")
+    got = dequantize_int8(packed, *params) if method == "int8" else dequantize_int4(packed, *params)
+    assert torch.equal(got, expected) and torch.equal(store.get(down), expected)
+    assert torch.equal(store.get(q), expected[unpermute_rows(n, 2)])
+    assert unpermute_rows(8, 2).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    layer = QuantLinear(method, packed, params)
+    x = torch.randn(3, k, generator=gen)
+    assert _relative_error(layer(x), x.double() @ expected.double().T) < 1e-6
+
+
+def test_the_embedded_gguf_is_read_as_transformers_converted_it(smollm_dir):
+    """Every tensor of the packaged Q4_1 file, read by pytgi (dequantized, and packed then
+    dequantized), equals the safetensors transformers converted from it."""
+    from shard.embedded import find_gguf, gguf_source
+    from shard.gguf import GgufStore
+    from shard.loader import WeightStore
+
+    assert gguf_source(smollm_dir) == find_gguf()
+    store, converted = GgufStore(find_gguf()), WeightStore(smollm_dir)
+    names = [n for n in converted._file_of if n in store]
+    assert len(names) == len(converted._file_of) == 272
+    for name in names[:60] + ["model.embed_tokens.weight"]:
+        want = converted.get(name)
+        assert torch.equal(store.get(name), want), name
+        form = store.packed(name)
+        if form is not None:
+            method, packed, params = form
+            unpack = dequantize_int8 if method == "int8" else dequantize_int4
+            assert torch.equal(unpack(packed, *params), want), name
+
+
+def test_the_default_model_serves_its_gguf_blocks_with_int4(smollm_dir):
+    """--quantize int4 on the embedded SmolLM2 serves its Q4_1 layers and Q8_0 head as
+    stored: the tokens of the float32 model converted from the same file."""
+    quantized = make_engine(smollm_dir, quantize="int4")
+    layer = quantized.runner.model.layers[0].qkv
+    assert layer.method == "int4" and layer.group_size == 32
+    assert quantized.runner.model.lm_head.linear.group_size == 32  # Q8_0's blocks
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    specs = [spec(i, p, 12, ignore_eos=True) for i, p in enumerate(prompts)]
+    got = run_to_end(quantized, 1, specs)
+    specs = [spec(i, p, 12, ignore_eos=True) for i, p in enumerate(prompts)]
+    want = run_to_end(make_engine(smollm_dir), 1, specs)
+    _assert_same((got.tokens, got.logprobs), (want.tokens, want.logprobs))
+
+
+@pytest.mark.slow
+def test_the_default_model_s_gguf_blocks_over_three_shards(smollm_dir, tmp_path):
+    """Each rank cuts its rows, and its columns at group boundaries, from the packed blocks
+    (SmolLM2's 9 heads and 3 KV heads split over 1 or 3 shards)."""
+    expected = _run(make_engine(smollm_dir, quantize="int4"))
+    group = ShardGroup(smollm_dir, 3, tmp_path, ["--quantize", "int4"])
+    try:
+        got = group.generate(PROMPTS, 8)
+    finally:
+        group.stop()
+    _assert_same(got, expected)

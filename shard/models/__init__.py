@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from shard.gguf import GgufStore
 from shard.loader import WeightStore
 from shard.models.ops import LayerOps, ops_for
 from shard.models.quant import check_method
@@ -22,7 +23,7 @@ from shard.spec import ModelSpec, check_parallel
 
 def build_model(
     spec: ModelSpec,
-    store: WeightStore,
+    store: WeightStore | GgufStore,
     dtype: torch.dtype,
     device: torch.device,
     parallel: Parallel,

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.errors import ModelLoadError
+from shard.gguf import GgufStore
 from shard.loader import WeightStore
 from shard.models.linear import Linear
 from shard.models.quant import QuantLinear, group_for
@@ -96,8 +97,8 @@ Projection = Linear | QuantLinear | RowParallel
 class VocabEmbedding:
     """Token ids [T] -> embeddings [T, hidden]; this rank holds rows `start:start + n`."""
 
-    def __init__(self, weight: torch.Tensor, start: int, parallel: Parallel) -> None:
-        self.weight, self.start, self.parallel = weight, start, parallel
+    def __init__(self, name: str, weight: torch.Tensor, start: int, parallel: Parallel) -> None:
+        self.name, self.weight, self.start, self.parallel = name, weight, start, parallel
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world_size == 1:
@@ -130,7 +131,7 @@ class Loader:
 
     def __init__(
         self,
-        store: WeightStore,
+        store: WeightStore | GgufStore,
         parallel: Parallel,
         head_dim: int,
         dtype: torch.dtype,
@@ -158,25 +159,67 @@ class Loader:
             self.nbytes += out.numel() * out.element_size()
         return out
 
-    def _read(self, part: Part, split: Split) -> torch.Tensor:
-        """This rank's slice of one part (its rows of a fused tensor first)."""
-        base, stop = part.rows or (0, None)
+    def _bounds(self, part: Part, split: Split) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """This rank's rows of one part (within its rows of a fused tensor) and, split by
+        columns, its columns."""
+        shape = self.store.shape(part.name)
+        base, stop = part.rows or (0, shape[0])
         if split is Split.COLS:
-            size = self.store.shape(part.name)[1]
-            start, end = self.parallel.split(size)
-            view = self.store.get_slice(part.name, 1, start, end)
-            return view if part.rows is None else view[base:stop]
+            return (base, stop), self.parallel.split(shape[1])
         if split is Split.NONE:
-            if part.rows is None:
-                return self.store.get(part.name)
-            return self.store.get_slice(part.name, 0, *part.rows)
+            return (base, stop), None
         if split is Split.HEADS:
             first, count = local_heads(part.heads, self.parallel)
             start, end = first * self.head_dim, (first + count) * self.head_dim
         else:  # ROWS
-            total = (stop if stop is not None else self.store.shape(part.name)[0]) - base
-            start, end = self.parallel.split(total)
-        return self.store.get_slice(part.name, 0, base + start, base + end)
+            start, end = self.parallel.split(stop - base)
+        return (base + start, base + end), None
+
+    def _read(self, part: Part, split: Split) -> torch.Tensor:
+        """This rank's slice of one part (its rows of a fused tensor first)."""
+        (start, stop), cols = self._bounds(part, split)
+        if cols is not None:
+            view = self.store.get_slice(part.name, 1, *cols)
+            return view if part.rows is None else view[start:stop]
+        if part.rows is None and split is Split.NONE:
+            return self.store.get(part.name)
+        return self.store.get_slice(part.name, 0, start, stop)
+
+    def _packed(self, param: Param, bias: torch.Tensor | None) -> QuantLinear | None:
+        """The layer from a store's own quantized forms (a GGUF file's Q8_0/Q4 tensors),
+        this rank's rows and columns cut from the packed data; None if it has none."""
+        packed = getattr(self.store, "packed", None)
+        if packed is None:
+            return None
+        forms = [f for f in (packed(p.name) for p in param.parts) if f is not None]
+        if len(forms) != len(param.parts) or len({(f[0], f[2][0].shape[1]) for f in forms}) != 1:
+            return None  # a part in another type: quantized on the fly like the rest
+        pairs = zip(param.parts, forms, strict=True)
+        pieces = [self._cut(part, param.split, *form) for part, form in pairs]
+        joined = [torch.cat(ts).contiguous().to(self.device) for ts in zip(*pieces, strict=True)]
+        layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias)
+        self.nbytes += layer.nbytes
+        return layer
+
+    def _cut(
+        self, part: Part, split: Split, method: str, q: torch.Tensor, params: tuple
+    ) -> list[torch.Tensor]:
+        """[q, *params] of one part, this rank's share; columns only at group boundaries."""
+        (start, stop), cols = self._bounds(part, split)
+        tensors = [t[start:stop] for t in (q, *params)]
+        if cols is None:
+            return tensors
+        k = self.store.shape(part.name)[1]
+        group = k // params[0].shape[1]
+        if cols[0] % group or cols[1] % group:
+            raise ModelLoadError(
+                f"{part.name}: {k} inputs in groups of {group} cannot be split evenly over "
+                f"{self.parallel.world_size} shards; choose a --num-shard that divides "
+                f"{k // group}"
+            )
+        per_byte = 2 if method == "int4" else 1
+        first = tensors[0][:, cols[0] // per_byte : cols[1] // per_byte]
+        return [first, *(t[:, cols[0] // group : cols[1] // group] for t in tensors[1:])]
 
     def tensor(self, param: Param, count: bool = True) -> torch.Tensor:
         parts = [self._read(p, param.split) for p in param.parts]
@@ -194,6 +237,10 @@ class Loader:
         return RowParallel(self._layer(weight, None), b, self.parallel)
 
     def _layer(self, param: Param, bias: torch.Tensor | None) -> Linear | QuantLinear:
+        if self.quantize is not None:
+            stored = self._packed(param, bias)
+            if stored is not None:
+                return stored
         if self.quantize is None:
             return Linear(self.tensor(param), bias, pack=self.pack, gemv=self.gemv)
         whole_rows = self.quantize == "int8" and param.split is Split.COLS
@@ -211,12 +258,18 @@ class Loader:
 
     def embedding(self, name: str, vocab_size: int) -> VocabEmbedding:
         start, _ = self.parallel.split(vocab_size)
-        return VocabEmbedding(self.tensor(Param.of(name, split=Split.ROWS)), start, self.parallel)
+        weight = self.tensor(Param.of(name, split=Split.ROWS))
+        return VocabEmbedding(name, weight, start, self.parallel)
 
     def head(self, name: str, embedding: VocabEmbedding, tied: bool) -> VocabHead:
         """The LM head: the embedding's own tensor when tied or absent. With --quantize it
         is int8 per output channel (either method: 4 bits would cost the head too much)."""
-        if tied or name not in self.store:
+        source = embedding.name if tied or name not in self.store else name
+        if self.quantize is not None:
+            stored = self._packed(Param.of(source, split=Split.ROWS), None)
+            if stored is not None:
+                return VocabHead(stored, self.parallel)
+        if source == embedding.name:
             weight = embedding.weight
         else:
             weight = self.tensor(Param.of(name, split=Split.ROWS), count=self.quantize is None)
