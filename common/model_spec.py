@@ -63,6 +63,43 @@ class ModelSpec:
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
 
+PREQUANTIZED = ("gptq", "awq")
+
+
+def prequantized(config: dict) -> dict | None:
+    """A checkpoint's `quantization_config` when pytgi serves its packed weights (4-bit GPTQ,
+    act-order included, and AWQ's GEMM layout); None when unquantized. Other methods are
+    refused by name: their weights are never loaded with their scales ignored."""
+    quantized = config.get("quantization_config")
+    if not quantized:
+        return None
+    method = (
+        quantized.get("quant_method", "an unknown method")
+        if isinstance(quantized, dict)
+        else quantized
+    )
+    if method not in PREQUANTIZED:
+        raise ModelConfigError(
+            f"this checkpoint is quantized ({method}); quantized weights are not supported yet "
+            f"(they are never loaded with their scales ignored; supported: "
+            f"{', '.join(PREQUANTIZED)}): serve the unquantized model"
+        )
+    assert isinstance(quantized, dict)
+    bits = quantized.get("bits", quantized.get("w_bit"))
+    version = str(quantized.get("version", "gemm")).lower()
+    if bits != 4 or (method == "awq" and version != "gemm"):
+        raise ModelConfigError(
+            f"this {method} checkpoint has {bits}-bit weights"
+            + (f" in AWQ's {version} layout" if method == "awq" else "")
+            + "; pytgi serves 4-bit GPTQ and 4-bit AWQ (GEMM layout)"
+        )
+    return {  # group sizes and act-order are read from the tensors themselves
+        "method": method,
+        "zeros_minus_one": method == "gptq"
+        and quantized.get("checkpoint_format", "gptq") == "gptq",
+    }
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -161,17 +198,7 @@ def read_spec(model_dir: str | Path) -> ModelSpec:
             f"{remote if config.get('auto_map') else ''}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    quantized = config.get("quantization_config")
-    if quantized:
-        method = (
-            quantized.get("quant_method", "an unknown method")
-            if isinstance(quantized, dict)
-            else quantized
-        )
-        raise ModelConfigError(
-            f"this checkpoint is quantized ({method}); quantized weights are not supported yet "
-            "(they are never loaded with their scales ignored): serve the unquantized model"
-        )
+    prequantized(config)  # refuses the methods pytgi cannot load
     rope_theta, rope_scaling = _rope(config)
     num_heads = config["num_attention_heads"]
     hidden = config["hidden_size"]

@@ -105,10 +105,11 @@ class LauncherConfig:
                 f"--max-batch-total-tokens ({batch_total}) must be at least --max-total-tokens "
                 f"({total}), or a single request could never fit in a batch."
             )
-        if self.quantize is not None and self.quantize not in ("int8", "int4"):
+        if self.quantize is not None and self.quantize not in ("int8", "int4", "gptq", "awq"):
             raise LaunchError(
                 f"--quantize {self.quantize} is not supported yet; supported: int8, int4 "
-                "(weight-only, quantized on load from a full-precision checkpoint)"
+                "(weight-only, quantized on load from a full-precision checkpoint), gptq, awq "
+                "(4-bit checkpoints, detected from their config without the flag)"
             )
         if self.quantize_group_size not in (32, 64, 128):
             raise LaunchError("--quantize-group-size: choose 32, 64 or 128")

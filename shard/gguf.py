@@ -127,9 +127,10 @@ class GgufStore:
         whole = self.get(name)
         return whole[start:stop] if dim == 0 else whole[:, start:stop]
 
-    def packed(self, name: str) -> tuple[str, torch.Tensor, tuple[torch.Tensor, ...]] | None:
+    def packed(self, name: str) -> tuple[str, torch.Tensor, tuple[torch.Tensor, ...], None] | None:
         """The tensor in `shard.models.quant`'s forms: ("int8", q [N, K], (scales [N, K/32],))
-        or ("int4", q [N, K/2], (scales, mins)); None unless Q8_0, Q4_0 or Q4_1."""
+        or ("int4", q [N, K/2], (scales, mins)), inputs in order (None); None unless Q8_0,
+        Q4_0 or Q4_1."""
         tensor = self._tensor(name)
         kind = tensor.tensor_type.name
         if kind not in _BLOCK_BYTES:
@@ -142,11 +143,11 @@ class GgufStore:
         d = raw[..., 0:2].contiguous().view(torch.float16).view(rows, k // BLOCK)
         if kind == "Q8_0":
             q = raw[..., 2:].contiguous().view(torch.int8).reshape(rows, k)
-            return "int8", q, (d.contiguous(),)
+            return "int8", q, (d.contiguous(),), None
         start = 4 if kind == "Q4_1" else 2
         q = raw[..., start:].reshape(rows, k // 2).contiguous()
         if kind == "Q4_1":
             mins = raw[..., 2:4].contiguous().view(torch.float16).view(rows, k // BLOCK)
-        else:  # w = d (q - 8): the min is -8 d (exact in float16)
+        else:  # w = d (q - 8): the min is -8 d
             mins = d * -8
-        return "int4", q, (d.contiguous(), mins.contiguous())
+        return "int4", q, (d.contiguous(), mins.float().contiguous()), None

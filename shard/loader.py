@@ -5,12 +5,26 @@ and support checks of the model directory are in shard/spec.py (no torch there).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
 
 from shard.errors import ModelLoadError
 from shard.spec import read_json
+
+
+class Store(Protocol):
+    """What the model loader reads: tensors by Hugging Face name (a WeightStore, or a GGUF
+    or GPTQ/AWQ checkpoint seen through one; those also offer `packed(name)`)."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> list[int]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor: ...
 
 
 class WeightStore:

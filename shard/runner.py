@@ -12,18 +12,20 @@ from collections.abc import Callable
 import torch
 
 from common.config import ShardConfig
+from common.model_spec import PREQUANTIZED, prequantized
 from shard import cpu_kernels, memory
 from shard.attention import get_backend, resolve_backend_name
 from shard.cuda_graphs import DecodeGraphs
 from shard.embedded import gguf_source
-from shard.errors import InvalidRequest, OutOfBlocks
+from shard.errors import InvalidRequest, ModelLoadError, OutOfBlocks
 from shard.gguf import GgufStore
 from shard.inputs import ForwardInputs
 from shard.kv_cache import KVCache
-from shard.loader import WeightStore
+from shard.loader import Store, WeightStore
 from shard.models import build_model
 from shard.models.ops import TorchOps
 from shard.parallel import Parallel
+from shard.prequantized import PrequantizedStore
 from shard.spec import ModelSpec
 
 log = logging.getLogger("shard")
@@ -54,16 +56,32 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def weight_store(config: ShardConfig) -> WeightStore | GgufStore:
-    """The model's safetensors; for `--quantize int4` in groups of 32 on the embedded default
-    model, the GGUF file it was converted from (its Q4_1 layers and Q8_0 head served as
-    stored; other group sizes quantize the converted weights again)."""
+def weight_store(config: ShardConfig, spec: ModelSpec) -> tuple[Store, str | None]:
+    """The model's weights and the method quantizing them on the fly (or None).
+
+    A GPTQ/AWQ checkpoint's packed layers are served as they are (`--quantize` may name
+    its method, nothing else). For `--quantize int4` in groups of 32 on the embedded default
+    model, the GGUF file it was converted from (its Q4_1 layers and Q8_0 head as stored;
+    other group sizes quantize the converted weights again)."""
+    settings = prequantized(spec.config)
+    if settings is not None:
+        if config.quantize not in (None, settings["method"]):
+            raise ModelLoadError(
+                f"--quantize {config.quantize}: this checkpoint is {settings['method']}-"
+                f"quantized; leave --quantize unset or pass {settings['method']}"
+            )
+        return PrequantizedStore(WeightStore(config.model_dir), settings), None
+    if config.quantize in PREQUANTIZED:
+        raise ModelLoadError(
+            f"--quantize {config.quantize}: this checkpoint has no {config.quantize} "
+            "quantization_config; for quantizing on load pass int8 or int4"
+        )
     blocks = config.quantize == "int4" and config.quantize_group_size == 32
     source = gguf_source(config.model_dir) if blocks else None
     if source is None:
-        return WeightStore(config.model_dir)
+        return WeightStore(config.model_dir), config.quantize
     log.info("int4: serving %s's own blocks (groups of 32)", source.name)
-    return GgufStore(source)
+    return GgufStore(source), config.quantize
 
 
 class ModelRunner:
@@ -76,16 +94,17 @@ class ModelRunner:
         self.block_size = config.block_size
         plain = config.disable_custom_kernels
         self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
+        store, on_the_fly = weight_store(config, model_spec)
         self.model = build_model(
             model_spec,
-            weight_store(config),
+            store,
             self.dtype,
             self.device,
             parallel,
             pack_linear=config.pack_linear,
             gemv=config.cpu_gemv and not plain,
             ops=TorchOps() if plain else None,
-            quantize=config.quantize,
+            quantize=on_the_fly,
             group_size=config.quantize_group_size,
         )
         self.kv: KVCache | None = None  # allocated by Warmup

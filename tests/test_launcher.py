@@ -149,7 +149,7 @@ def _gpt2_dir(tmp_path: Path) -> Path:
             "raise --kv-cache-memory",
         ),
         (lambda t: ["--cuda-graphs", "1,x"], "--cuda-graphs takes batch sizes"),
-        (lambda t: ["--quantize", "awq"], "--quantize awq is not supported yet"),
+        (lambda t: ["--quantize", "marlin"], "--quantize marlin is not supported yet"),
         (
             lambda t: ["--attention", "flash-attn"],  # not installed on CPU machines
             "attention backend 'flash-attn' cannot be imported",

@@ -222,13 +222,23 @@ def test_tensor_parallel_split_error_names_working_counts(smollm_dir):
         check_parallel(read_spec(smollm_dir), 2)
 
 
-def test_a_quantized_checkpoint_is_refused_by_its_method(tmp_path):
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        (
+            {"quant_method": "bitsandbytes", "load_in_4bit": True},
+            r"quantized \(bitsandbytes\); quantized weights are not",
+        ),
+        ({"quant_method": "fp8"}, r"quantized \(fp8\)"),
+        ({"quant_method": "gptq", "bits": 8}, "has 8-bit weights"),
+        ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ's gemv layout"),
+    ],
+)
+def test_a_quantized_checkpoint_is_refused_by_its_method(tmp_path, config, reason):
     d = _write_config(
-        tmp_path / "m",
-        architectures=["LlamaForCausalLM"],
-        quantization_config={"quant_method": "awq", "bits": 4},
+        tmp_path / "m", architectures=["LlamaForCausalLM"], quantization_config=config
     )
-    with pytest.raises(ModelLoadError, match=r"quantized \(awq\); quantized weights are not"):
+    with pytest.raises(ModelLoadError, match=reason):
         read_spec(d)
 
 

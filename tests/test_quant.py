@@ -175,7 +175,9 @@ def test_unsupported_methods_are_refused(smollm_dir):
     from common.config import ShardConfig
     from shard.engine import ShardEngine
 
-    with pytest.raises(ModelLoadError, match="--quantize awq is not supported yet"):
+    with pytest.raises(ModelLoadError, match="--quantize fp8 is not supported yet"):
+        ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="fp8"))
+    with pytest.raises(ModelLoadError, match="this checkpoint has no awq quantization_config"):
         ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="awq"))
 
 
@@ -270,7 +272,8 @@ def test_gguf_blocks_packed_from_known_values_unpack_to_them(kind, tmp_path):
     })  # fmt: skip
     store = GgufStore(tmp_path / "m.gguf")
     down, q = "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"
-    method, packed, params = store.packed(down)
+    method, packed, params, order = store.packed(down)
+    assert order is None
     assert method == ("int8" if kind == "Q8_0" else "int4")
     got = dequantize_int8(packed, *params) if method == "int8" else dequantize_int4(packed, *params)
     assert torch.equal(got, expected) and torch.equal(store.get(down), expected)
@@ -297,7 +300,7 @@ def test_the_embedded_gguf_is_read_as_transformers_converted_it(smollm_dir):
         assert torch.equal(store.get(name), want), name
         form = store.packed(name)
         if form is not None:
-            method, packed, params = form
+            method, packed, params, _ = form
             unpack = dequantize_int8 if method == "int8" else dequantize_int4
             assert torch.equal(unpack(packed, *params), want), name
 

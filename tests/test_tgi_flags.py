@@ -94,14 +94,14 @@ def test_version_env_report_and_short_forms():
 
 
 def test_a_real_launcher_process_refuses_quantize_from_its_environment():
-    """QUANTIZE=awq (a TGI deployment's environment) stops the start by name, before any
-    process starts: an ignored QUANTIZE would load the model at several times the memory."""
+    """QUANTIZE=bitsandbytes (a TGI deployment's environment) stops the start by name, before
+    any process starts: an ignored QUANTIZE would load the model at several times the memory."""
     result = subprocess.run(
         [sys.executable, "-m", "launcher.cli"],
-        env={"PATH": "/usr/bin:/bin", "QUANTIZE": "awq"},
+        env={"PATH": "/usr/bin:/bin", "QUANTIZE": "bitsandbytes"},
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1
-    assert "--quantize awq is not supported yet; supported: int8, int4" in result.stderr
+    assert "--quantize bitsandbytes is not supported yet; supported: int8, int4" in result.stderr

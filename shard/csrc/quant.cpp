@@ -36,11 +36,11 @@ inline void row_q8(const int8_t* q, const c10::Half* scales, int64_t k, int64_t 
 }
 
 // Row n of an int4 layer (k / 2 bytes), dequantized into dst[0..k).
-inline void row_q4(const uint8_t* q, const c10::Half* scales, const c10::Half* mins, int64_t k,
+inline void row_q4(const uint8_t* q, const c10::Half* scales, const float* mins, int64_t k,
                    int64_t groups, float* dst) {
   const int64_t g = k / groups;
   for (int64_t grp = 0; grp < groups; ++grp) {
-    const float s = to_float(scales[grp]), mn = to_float(mins[grp]);
+    const float s = to_float(scales[grp]), mn = mins[grp];
     for (int64_t b = 0; b < g; b += kBlock, q += kBlock / 2, dst += kBlock) {
 #pragma omp simd
       for (int64_t j = 0; j < kBlock / 2; ++j) {
@@ -228,9 +228,9 @@ void check_q8(const torch::Tensor& q) {
 
 void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
   TORCH_CHECK(q.scalar_type() == torch::kByte && q.dim() == 2, "q must be uint8 [N, K / 2]");
-  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kHalf &&
+  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kFloat &&
                   mins.is_contiguous(),
-              "mins must be float16 like scales");
+              "mins must be float32, shaped like scales");
 }
 
 }  // namespace
@@ -258,18 +258,15 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
   check(x, q, scales, k, kBlock);
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
-  const c10::Half* mp = mins.data_ptr<c10::Half>();
+  const float* mp = mins.data_ptr<float>();
   const auto xf = x.to(torch::kFloat).contiguous();
   const auto sums = group_sums(xf.data_ptr<float>(), xf.size(0), k, groups);
   const float* sums_p = sums.data();
   return product(
       xf, x, q.size(0), groups,
       [=](const float* xm, int64_t m, int64_t n, float* params, bool first) {
-        if (first) {
-          widen_halves(sp + n * groups, groups, params);
-          widen_halves(mp + n * groups, groups, params + groups);
-        }
-        return dot_q4(xm, qp + n * k / 2, params, params + groups, sums_p + m * groups, k,
+        if (first) widen_halves(sp + n * groups, groups, params);
+        return dot_q4(xm, qp + n * k / 2, params, mp + n * groups, sums_p + m * groups, k,
                       groups);
       },
       [=](int64_t n, float* dst) {
@@ -294,7 +291,7 @@ torch::Tensor q4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor
   TORCH_CHECK((k / groups) % kBlock == 0, "group size must be a multiple of 32");
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
-  const c10::Half* mp = mins.data_ptr<c10::Half>();
+  const float* mp = mins.data_ptr<float>();
   return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
     row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
   });

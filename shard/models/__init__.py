@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from shard.gguf import GgufStore
-from shard.loader import WeightStore
+from shard.loader import Store
 from shard.models.ops import LayerOps, ops_for
 from shard.models.quant import check_method
 from shard.models.weights import Loader
@@ -23,7 +22,7 @@ from shard.spec import ModelSpec, check_parallel
 
 def build_model(
     spec: ModelSpec,
-    store: WeightStore | GgufStore,
+    store: Store,
     dtype: torch.dtype,
     device: torch.device,
     parallel: Parallel,

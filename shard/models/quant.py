@@ -2,7 +2,8 @@
 checkpoint (each decoder layer quantized as it is loaded, one tensor at a time, and the LM
 head in int8), and the same forms read directly from GGUF files (Q8_0, Q4_0, Q4_1).
 
-Forms (scales and mins in float16, as GGUF stores them; G groups of g = K / G inputs):
+Forms (scales in float16, as GGUF stores them, int4's mins in float32, which holds GPTQ's and
+AWQ's -scale * zero exactly; G groups of g = K / G inputs):
 - int8: q int8 [N, K], scales [N, G]; w = s q. On the fly: symmetric per output channel
   (G = 1), s = max|w_row| / 127. GGUF Q8_0: groups of 32.
 - int4: q uint8 [N, K / 2] in GGML's block layout (blocks of 32 inputs; byte j of a block
@@ -52,12 +53,12 @@ def quantize_int8(weight: torch.Tensor, group_size: int | None = None):
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int):
-    """weight [N, K] -> (q uint8 [N, K / 2], scales float16 [N, G], mins float16 [N, G])."""
+    """weight [N, K] -> (q uint8 [N, K / 2], scales float16 [N, G], mins float32 [N, G])."""
     n, k = weight.shape
     w = weight.float().view(n, k // group_size, group_size)
     low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales, mins = _halves((high - low) / 15), low.half()
-    codes = ((w - mins.float()[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
+    scales, mins = _halves((high - low) / 15), low.contiguous()
+    codes = ((w - mins[..., None]) / scales.float()[..., None]).round().clamp(0, 15)
     return pack_int4(codes.to(torch.uint8).view(n, k)), scales, mins
 
 
@@ -86,7 +87,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tens
     n, k = codes.shape
     groups = scales.shape[1]
     w = codes.view(n, groups, k // groups).float() * scales.float()[..., None]
-    return (w + mins.float()[..., None]).view(n, k)
+    return (w + mins[..., None]).view(n, k)
 
 
 def dequantize(weight: torch.Tensor, method: str, group_size: int = 128) -> torch.Tensor:
@@ -120,7 +121,16 @@ class QuantLinear:
     """A weight-only quantized linear layer; `__call__(x [..., in]) -> [..., out]` in x's
     dtype. `weight` is the packed tensor, `qparams` its scales (and int4's mins)."""
 
-    __slots__ = ("method", "weight", "qparams", "bias", "out_features", "group_size", "kernels")
+    __slots__ = (
+        "method",
+        "weight",
+        "qparams",
+        "bias",
+        "order",
+        "out_features",
+        "group_size",
+        "kernels",
+    )
 
     def __init__(
         self,
@@ -128,8 +138,11 @@ class QuantLinear:
         weight: torch.Tensor,
         qparams: tuple[torch.Tensor, ...],
         bias: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> None:
+        """`order` [K]: the weights' columns are the inputs in this order (GPTQ act-order)."""
         self.method, self.weight, self.qparams, self.bias = method, weight, qparams, bias
+        self.order = order
         self.out_features = weight.shape[0]
         inputs = weight.shape[1] * (2 if method == "int4" else 1)
         self.group_size = inputs // qparams[0].shape[1]
@@ -166,6 +179,8 @@ class QuantLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        if self.order is not None:
+            flat = flat.index_select(1, self.order)
         if self.kernels is not None and flat.shape[0] <= _KERNEL_ROWS:
             if self.method == "int8":
                 out = self.kernels.q8_linear(flat, self.weight, *self.qparams)

@@ -22,11 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from shard.errors import ModelLoadError
-from shard.gguf import GgufStore
-from shard.loader import WeightStore
+from shard.loader import Store
 from shard.models.linear import Linear
 from shard.models.quant import QuantLinear, group_for
 from shard.parallel import Parallel
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is b or (a is not None and b is not None and torch.equal(a, b))
 
 
 class Split(enum.Enum):
@@ -126,12 +129,12 @@ class VocabHead:
 
 
 class Loader:
-    """Reads planned parameters from a `WeightStore`: this rank's slices only, in the
+    """Reads planned parameters from a `Store`: this rank's slices only, in the
     model's dtype, on its device. `linear` packs them for the CPU's fast paths."""
 
     def __init__(
         self,
-        store: WeightStore | GgufStore,
+        store: Store,
         parallel: Parallel,
         head_dim: int,
         dtype: torch.dtype,
@@ -194,21 +197,33 @@ class Loader:
         forms = [f for f in (packed(p.name) for p in param.parts) if f is not None]
         if len(forms) != len(param.parts) or len({(f[0], f[2][0].shape[1]) for f in forms}) != 1:
             return None  # a part in another type: quantized on the fly like the rest
+        order = forms[0][3]
+        if any(not _same(f[3], order) for f in forms):
+            raise ModelLoadError(
+                f"{param.parts[0].name}: fused parts reorder their inputs differently"
+            )
         pairs = zip(param.parts, forms, strict=True)
         pieces = [self._cut(part, param.split, *form) for part, form in pairs]
         joined = [torch.cat(ts).contiguous().to(self.device) for ts in zip(*pieces, strict=True)]
-        layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias)
+        if order is not None:
+            order = order.to(self.device)
+        layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias, order)
         self.nbytes += layer.nbytes
         return layer
 
     def _cut(
-        self, part: Part, split: Split, method: str, q: torch.Tensor, params: tuple
+        self, part: Part, split: Split, method: str, q: torch.Tensor, params: tuple, order
     ) -> list[torch.Tensor]:
         """[q, *params] of one part, this rank's share; columns only at group boundaries."""
         (start, stop), cols = self._bounds(part, split)
         tensors = [t[start:stop] for t in (q, *params)]
         if cols is None:
             return tensors
+        if order is not None and self.parallel.world_size > 1:
+            raise ModelLoadError(
+                f"{part.name}: act-order (desc_act) GPTQ groups span the inputs, so this "
+                "layer cannot be split by columns over shards; serve it with --num-shard 1"
+            )
         k = self.store.shape(part.name)[1]
         group = k // params[0].shape[1]
         if cols[0] % group or cols[1] % group:
@@ -237,10 +252,9 @@ class Loader:
         return RowParallel(self._layer(weight, None), b, self.parallel)
 
     def _layer(self, param: Param, bias: torch.Tensor | None) -> Linear | QuantLinear:
-        if self.quantize is not None:
-            stored = self._packed(param, bias)
-            if stored is not None:
-                return stored
+        stored = self._packed(param, bias)
+        if stored is not None:
+            return stored
         if self.quantize is None:
             return Linear(self.tensor(param), bias, pack=self.pack, gemv=self.gemv)
         whole_rows = self.quantize == "int8" and param.split is Split.COLS
@@ -265,10 +279,9 @@ class Loader:
         """The LM head: the embedding's own tensor when tied or absent. With --quantize it
         is int8 per output channel (either method: 4 bits would cost the head too much)."""
         source = embedding.name if tied or name not in self.store else name
-        if self.quantize is not None:
-            stored = self._packed(Param.of(source, split=Split.ROWS), None)
-            if stored is not None:
-                return VocabHead(stored, self.parallel)
+        stored = self._packed(Param.of(source, split=Split.ROWS), None)
+        if stored is not None and self.quantize is not None:  # GGUF's own int8 head
+            return VocabHead(stored, self.parallel)
         if source == embedding.name:
             weight = embedding.weight
         else:

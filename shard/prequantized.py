@@ -1,0 +1,121 @@
+"""GPTQ and AWQ checkpoints: each quantized layer `X` is `X.qweight`, `X.qzeros`, `X.scales`
+(and GPTQ's `X.g_idx`) in place of `X.weight`; this store serves `X.weight` in
+`shard.models.quant`'s int4 form (w = s q + m, with m = -s z held exactly in float32).
+
+Published layouts (int32 words of eight 4-bit values, the first in the low bits):
+- GPTQ: qweight [K / 8, N] packs 8 consecutive inputs per word; qzeros [G, N / 8] packs 8
+  consecutive outputs; scales [G, N]; g_idx [K] names each input's group. The original
+  format ("gptq", v1) stores each zero minus one. w[n, k] = s[g, n] (q[k, n] - z[g, n]),
+  g = g_idx[k]. With act-order (desc_act) the groups are not contiguous along the inputs:
+  the inputs are reordered so that they are, and the layer reorders x the same way.
+- AWQ (GEMM): qweight [K, N / 8] and qzeros [G, N / 8] pack 8 outputs per word in the order
+  0, 2, 4, 6, 1, 3, 5, 7; scales [G, N]; w[n, k] = s[k / g, n] (q[k, n] - z[k / g, n]).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shard.errors import ModelLoadError
+from shard.loader import WeightStore
+from shard.models.quant import dequantize_int4, pack_int4
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word nibble i holds output 8 c + AWQ_ORDER[i]
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+Packed = tuple[str, torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor | None]
+
+
+def unpack_words(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> their eight 4-bit values (low bits first) along `dim`, as int32."""
+    nibbles = (words.unsqueeze(dim + 1) >> _SHIFTS.view([8] + [1] * (words.dim() - dim - 1))) & 15
+    shape = list(words.shape)
+    shape[dim] *= 8
+    return nibbles.reshape(shape)
+
+
+def from_awq_order(values: torch.Tensor) -> torch.Tensor:
+    """[..., N] unpacked from AWQ words -> outputs in their natural order."""
+    groups = values.view(*values.shape[:-1], -1, 8)
+    out = torch.empty_like(groups)
+    out[..., list(AWQ_ORDER)] = groups
+    return out.view(values.shape)
+
+
+class PrequantizedStore:
+    """A safetensors checkpoint of GPTQ or AWQ layers behind the WeightStore interface:
+    `packed(name)` gives a quantized layer's int4 form and input order (act-order)."""
+
+    def __init__(self, store: WeightStore, settings: dict) -> None:
+        self.store, self.settings = store, settings
+        self.method = settings["method"]
+
+    def _quantized(self, name: str) -> str | None:
+        base = name.removesuffix(".weight")
+        return base if name.endswith(".weight") and f"{base}.qweight" in self.store else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store or self._quantized(name) is not None
+
+    def shape(self, name: str) -> list[int]:
+        base = self._quantized(name)
+        if base is None:
+            return self.store.shape(name)
+        rows, cols = self.store.shape(f"{base}.qweight")
+        return [cols, rows * 8] if self.method == "gptq" else [cols * 8, rows]
+
+    def get(self, name: str) -> torch.Tensor:
+        form = self.packed(name)
+        if form is None:
+            return self.store.get(name)
+        _, q, params, order = form
+        weight = dequantize_int4(q, *params)
+        if order is not None:  # back to the checkpoint's input order
+            weight = weight[:, torch.argsort(order)]
+        return weight
+
+    def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        if self._quantized(name) is None:
+            return self.store.get_slice(name, dim, start, stop)
+        whole = self.get(name)
+        return whole[start:stop] if dim == 0 else whole[:, start:stop]
+
+    def packed(self, name: str) -> Packed | None:
+        """("int4", q [N, K / 2], (scales [N, G], mins [N, G]), input order [K] or None)."""
+        base = self._quantized(name)
+        if base is None:
+            return None
+        words = self.store.get(f"{base}.qweight").to(torch.int32)
+        zero_words = self.store.get(f"{base}.qzeros").to(torch.int32)
+        scales = self.store.get(f"{base}.scales").to(torch.float16)  # [G, N]
+        if self.method == "gptq":
+            codes = unpack_words(words, 0)  # [K, N]
+            zeros = unpack_words(zero_words, 1) + int(self.settings["zeros_minus_one"])
+        else:
+            codes = from_awq_order(unpack_words(words, 1))
+            zeros = from_awq_order(unpack_words(zero_words, 1))
+        k, n = codes.shape
+        groups = scales.shape[0]
+        group = k // groups
+        order, group_of = None, self._group_index(base, k, group)
+        if group_of is not None:
+            order = torch.argsort(group_of, stable=True)
+            if not torch.equal(
+                torch.bincount(group_of, minlength=groups), torch.full((groups,), group)
+            ):
+                raise ModelLoadError(f"{base}: g_idx does not give every group {group} inputs")
+            codes = codes[order]
+        if group % 32 or k % 32:
+            raise ModelLoadError(f"{base}: groups of {group} inputs; pytgi needs multiples of 32")
+        mins = -(scales.float() * zeros[:, :n].float())  # exact: a float16 times 0..16
+        q = pack_int4(codes.t().contiguous().to(torch.uint8))
+        return "int4", q, (scales.t().contiguous(), mins.t().contiguous()), order
+
+    def _group_index(self, base: str, k: int, group: int) -> torch.Tensor | None:
+        """GPTQ's g_idx when it is not the plain k // group (act-order); else None."""
+        name = f"{base}.g_idx"
+        if self.method != "gptq" or name not in self.store:
+            return None
+        group_of = self.store.get(name).to(torch.int64)
+        plain = torch.arange(k) // group
+        return None if torch.equal(group_of, plain) else group_of
