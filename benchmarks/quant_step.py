@@ -2,8 +2,9 @@
 
 Per configuration, a ShardEngine on the embedded model (CPU): the median decode step of a
 batch of 1 and of 32 requests (20-number prompts), the bytes a step streams (the decoder's
-weights and the LM head, packed forms with their scales), and the read rate that implies
-against the machine's read bandwidth measured in the same run (`cpu_limits.read_bandwidth`).
+weights and the LM head, packed forms with their scales), the read rate that implies
+against the machine's read bandwidth measured in the same run (`cpu_limits.read_bandwidth`),
+and the peak resident memory of a fresh process loading it.
 Shared virtual machines drift by tens of percent between minutes, so the configurations
 take turns over `--rounds` rounds and each keeps its fastest median.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,20 @@ def streamed_bytes(engine) -> int:
     head = model.lm_head.linear
     shared = getattr(head, "plain", None) is table or head.weight is table
     return model.weight_bytes - (0 if shared else table.numel() * table.element_size())
+
+
+def peak_rss_mb(options: dict) -> float:
+    """Peak resident memory (VmHWM) of a fresh process that loads the engine and warms it up
+    with a 64 MiB KV cache, as a shard does at start."""
+    code = (
+        "import sys; sys.path.insert(0, '.');"
+        "from tests.helpers import make_engine; from shard.embedded import default_model_dir;"
+        f"make_engine(default_model_dir(), kv_bytes=64 << 20, **{options!r});"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def step_ms(engine, batch: int, steps: int) -> float:
@@ -85,13 +101,15 @@ def main() -> None:
             one, many = step_ms(engine, 1, args.steps), step_ms(engine, 32, args.steps)
             times[name] = (min(times[name][0], one), min(times[name][1], many))
             print(f"round {round_ + 1}: {name}: {one:.1f} / {many:.1f} ms", flush=True)
+    streamed = {name: streamed_bytes(engine) for name, engine in engines.items()}
+    del engines  # the memory figures come from fresh processes
     rows, base = [], times["bfloat16"]
     for name, (one, many) in times.items():
-        mb = streamed_bytes(engines[name]) / 1e6
+        mb, rss = streamed[name] / 1e6, peak_rss_mb(CONFIGS[name])
         rate = mb / one  # MB per ms = GB/s
         rows.append(
             f"| {name} | {mb:.0f} | {one:.1f} | {rate:.1f} ({rate / bandwidth:.0%}) | "
-            f"{base[0] / one:.2f}x | {many:.1f} | {base[1] / many:.2f}x |"
+            f"{base[0] / one:.2f}x | {many:.1f} | {base[1] / many:.2f}x | {rss:.0f} |"
         )
     lines = [
         "### Quantized decode step, SmolLM2-135M (benchmarks/quant_step.py)",
@@ -101,8 +119,8 @@ def main() -> None:
         f"{args.steps} steps, fastest of {args.rounds} rounds.",
         "",
         "| weights | MB read per step | batch 1 ms | GB/s (of bandwidth) | batch 1 vs bf16 "
-        "| batch 32 ms | batch 32 vs bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| batch 32 ms | batch 32 vs bf16 | shard peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
