@@ -63,28 +63,32 @@ class ModelSpec:
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
 
-PREQUANTIZED = ("gptq", "awq")
+PREQUANTIZED = ("gptq", "awq", "compressed-tensors", "fp8", "fbgemm_fp8")
 
 
 def prequantized(config: dict) -> dict | None:
-    """A checkpoint's `quantization_config` when pytgi serves its packed weights (4-bit GPTQ,
-    act-order included, and AWQ's GEMM layout); None when unquantized. Other methods are
-    refused by name: their weights are never loaded with their scales ignored."""
+    """A checkpoint's `quantization_config` when pytgi serves it, as settings for the shard's
+    `PrequantizedStore`; None when unquantized. Served: 4-bit GPTQ (act-order included),
+    AWQ (GEMM layout), compressed-tensors 4-bit symmetric integer weights (pack-quantized)
+    and fp8 weights (compressed-tensors float-quantized, transformers' fp8 with block scales,
+    FBGEMM fp8; dequantized on load on CPU). Other methods are refused by name: their
+    weights are never loaded with their scales ignored."""
     quantized = config.get("quantization_config")
     if not quantized:
         return None
-    method = (
-        quantized.get("quant_method", "an unknown method")
-        if isinstance(quantized, dict)
-        else quantized
-    )
+    if not isinstance(quantized, dict):
+        quantized = {"quant_method": str(quantized)}
+    method = quantized.get("quant_method", "an unknown method")
     if method not in PREQUANTIZED:
         raise ModelConfigError(
             f"this checkpoint is quantized ({method}); quantized weights are not supported yet "
             f"(they are never loaded with their scales ignored; supported: "
             f"{', '.join(PREQUANTIZED)}): serve the unquantized model"
         )
-    assert isinstance(quantized, dict)
+    if method == "compressed-tensors":
+        return {"method": method, "weights": _compressed_weights(quantized)}
+    if method in ("fp8", "fbgemm_fp8"):  # block scales (weight_scale_inv) cover b x b weights
+        return {"method": method, "block": list(quantized.get("weight_block_size") or (128, 128))}
     bits = quantized.get("bits", quantized.get("w_bit"))
     version = str(quantized.get("version", "gemm")).lower()
     if bits != 4 or (method == "awq" and version != "gemm"):
@@ -98,6 +102,25 @@ def prequantized(config: dict) -> dict | None:
         "zeros_minus_one": method == "gptq"
         and quantized.get("checkpoint_format", "gptq") == "gptq",
     }
+
+
+def _compressed_weights(quantized: dict) -> str:
+    """ "int4" (pack-quantized symmetric 4-bit integers) or "fp8" (8-bit floats), the one
+    weight scheme of every config group; anything else refused by what it is."""
+    schemes = set()
+    for group in (quantized.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        schemes.add((weights.get("type"), weights.get("num_bits"), weights.get("symmetric", True)))
+    form = quantized.get("format")
+    if schemes == {("int", 4, True)} and form == "pack-quantized":
+        return "int4"
+    if schemes == {("float", 8, True)} and form in ("float-quantized", "naive-quantized"):
+        return "fp8"
+    raise ModelConfigError(
+        f"this compressed-tensors checkpoint ({form}; weights {sorted(map(str, schemes))}) "
+        "is not served: pytgi reads pack-quantized symmetric 4-bit integer weights and 8-bit "
+        "float weights"
+    )
 
 
 def read_json(path: Path) -> dict:

@@ -12,6 +12,7 @@ from common.config import (
     parse_batch_sizes,
     parse_size,
 )
+from common.model_spec import PREQUANTIZED
 
 _ROUTER, _SHARD = defaults(RouterConfig), defaults(ShardConfig)  # where those defaults live
 
@@ -105,11 +106,12 @@ class LauncherConfig:
                 f"--max-batch-total-tokens ({batch_total}) must be at least --max-total-tokens "
                 f"({total}), or a single request could never fit in a batch."
             )
-        if self.quantize is not None and self.quantize not in ("int8", "int4", "gptq", "awq"):
+        if self.quantize is not None and self.quantize not in ("int8", "int4", *PREQUANTIZED):
             raise LaunchError(
                 f"--quantize {self.quantize} is not supported yet; supported: int8, int4 "
-                "(weight-only, quantized on load from a full-precision checkpoint), gptq, awq "
-                "(4-bit checkpoints, detected from their config without the flag)"
+                f"(weight-only, quantized on load from a full-precision checkpoint), "
+                f"{', '.join(PREQUANTIZED)} (checkpoints in those formats, detected from their "
+                "config without the flag)"
             )
         if self.quantize_group_size not in (32, 64, 128):
             raise LaunchError("--quantize-group-size: choose 32, 64 or 128")

@@ -1,6 +1,10 @@
-"""GPTQ and AWQ checkpoints: each quantized layer `X` is `X.qweight`, `X.qzeros`, `X.scales`
-(and GPTQ's `X.g_idx`) in place of `X.weight`; this store serves `X.weight` in
-`shard.models.quant`'s int4 form (w = s q + m, with m = -s z held exactly in float32).
+"""Quantized checkpoints (`common.model_spec.prequantized`) seen as plain tensor names: GPTQ
+and AWQ layers `X` are `X.qweight`, `X.qzeros`, `X.scales` (and GPTQ's `X.g_idx`) in place of
+`X.weight`, compressed-tensors' 4-bit ones `X.weight_packed` and `X.weight_scale`; this store
+serves `X.weight` in `shard.models.quant`'s int4 form (w = s q + m, with m = -s z held
+exactly in float32). fp8 weights (`X.weight` in float8_e4m3fn with `X.weight_scale` per
+tensor or channel, or transformers' `X.weight_scale_inv` per 128 x 128 block) are multiplied
+out on load: CPUs have no fp8 products (logged once).
 
 Published layouts (int32 words of eight 4-bit values, the first in the low bits):
 - GPTQ: qweight [K / 8, N] packs 8 consecutive inputs per word; qzeros [G, N / 8] packs 8
@@ -10,9 +14,13 @@ Published layouts (int32 words of eight 4-bit values, the first in the low bits)
   the inputs are reordered so that they are, and the layer reorders x the same way.
 - AWQ (GEMM): qweight [K, N / 8] and qzeros [G, N / 8] pack 8 outputs per word in the order
   0, 2, 4, 6, 1, 3, 5, 7; scales [G, N]; w[n, k] = s[k / g, n] (q[k, n] - z[k / g, n]).
+- compressed-tensors pack-quantized (symmetric): weight_packed [N, K / 8] packs 8 inputs per
+  word, each the signed value plus 8; weight_scale [N, G]; w[n, k] = s[n, k / g] (q - 8).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -20,6 +28,7 @@ from shard.errors import ModelLoadError
 from shard.loader import WeightStore
 from shard.models.quant import dequantize_int4, pack_int4
 
+log = logging.getLogger("shard")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # word nibble i holds output 8 c + AWQ_ORDER[i]
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
@@ -49,10 +58,14 @@ class PrequantizedStore:
     def __init__(self, store: WeightStore, settings: dict) -> None:
         self.store, self.settings = store, settings
         self.method = settings["method"]
+        self.packing = "compressed" if settings.get("weights") == "int4" else self.method
+        self._told = False
 
     def _quantized(self, name: str) -> str | None:
+        """`X` when `name` is `X.weight` of a packed 4-bit layer."""
         base = name.removesuffix(".weight")
-        return base if name.endswith(".weight") and f"{base}.qweight" in self.store else None
+        packed = "weight_packed" if self.packing == "compressed" else "qweight"
+        return base if name.endswith(".weight") and f"{base}.{packed}" in self.store else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.store or self._quantized(name) is not None
@@ -61,13 +74,43 @@ class PrequantizedStore:
         base = self._quantized(name)
         if base is None:
             return self.store.shape(name)
+        if self.packing == "compressed":
+            rows, words = self.store.shape(f"{base}.weight_packed")
+            return [rows, words * 8]
         rows, cols = self.store.shape(f"{base}.qweight")
         return [cols, rows * 8] if self.method == "gptq" else [cols * 8, rows]
+
+    def _fp8(self, name: str) -> torch.Tensor | None:
+        """An fp8 weight times its scales (per tensor, per channel or per block), float32."""
+        base = name.removesuffix(".weight")
+        scale_name = next(
+            (
+                f"{base}.{s}"
+                for s in ("weight_scale", "weight_scale_inv")
+                if f"{base}.{s}" in self.store
+            ),
+            None,
+        )
+        if not name.endswith(".weight") or scale_name is None:
+            return None
+        weight = self.store.get(name).float()
+        scale = self.store.get(scale_name).float()
+        if scale.dim() == 2 and scale.shape[1] > 1:  # [N / b, K / b] blocks
+            rows, cols = self.settings.get("block", (128, 128))
+            scale = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+            scale = scale[: weight.shape[0], : weight.shape[1]]
+        elif scale.dim() == 1 and scale.numel() == weight.shape[0] > 1:
+            scale = scale[:, None]
+        if not self._told:
+            self._told = True
+            log.info("fp8 weights are multiplied out to the serving dtype on load (CPU)")
+        return weight * scale
 
     def get(self, name: str) -> torch.Tensor:
         form = self.packed(name)
         if form is None:
-            return self.store.get(name)
+            fp8 = self._fp8(name)
+            return fp8 if fp8 is not None else self.store.get(name)
         _, q, params, order = form
         weight = dequantize_int4(q, *params)
         if order is not None:  # back to the checkpoint's input order
@@ -75,7 +118,7 @@ class PrequantizedStore:
         return weight
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        if self._quantized(name) is None:
+        if self._quantized(name) is None and self._fp8(name) is None:
             return self.store.get_slice(name, dim, start, stop)
         whole = self.get(name)
         return whole[start:stop] if dim == 0 else whole[:, start:stop]
@@ -85,6 +128,8 @@ class PrequantizedStore:
         base = self._quantized(name)
         if base is None:
             return None
+        if self.packing == "compressed":
+            return self._compressed(base)
         words = self.store.get(f"{base}.qweight").to(torch.int32)
         zero_words = self.store.get(f"{base}.qzeros").to(torch.int32)
         scales = self.store.get(f"{base}.scales").to(torch.float16)  # [G, N]
@@ -110,6 +155,21 @@ class PrequantizedStore:
         mins = -(scales.float() * zeros[:, :n].float())  # exact: a float16 times 0..16
         q = pack_int4(codes.t().contiguous().to(torch.uint8))
         return "int4", q, (scales.t().contiguous(), mins.t().contiguous()), order
+
+    def _compressed(self, base: str) -> Packed:
+        codes = unpack_words(self.store.get(f"{base}.weight_packed").to(torch.int32), 1)  # [N, K]
+        scales = self.store.get(f"{base}.weight_scale").float()  # [N, G]
+        if scales.dim() == 1:
+            scales = scales[:, None]
+        n, k = codes.shape
+        if (k // scales.shape[1]) % 32:
+            raise ModelLoadError(
+                f"{base}: groups of {k // scales.shape[1]} inputs; pytgi needs multiples of 32"
+            )
+        halves = scales.half()  # the kernels' scales (float16 holds bf16 scales of weights)
+        mins = -8 * halves.float()  # w = s (q - 8)
+        q = pack_int4(codes.to(torch.uint8))
+        return "int4", q, (halves.contiguous(), mins.contiguous()), None
 
     def _group_index(self, base: str, k: int, group: int) -> torch.Tensor | None:
         """GPTQ's g_idx when it is not the plain k // group (act-order); else None."""

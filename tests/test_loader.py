@@ -229,9 +229,17 @@ def test_tensor_parallel_split_error_names_working_counts(smollm_dir):
             {"quant_method": "bitsandbytes", "load_in_4bit": True},
             r"quantized \(bitsandbytes\); quantized weights are not",
         ),
-        ({"quant_method": "fp8"}, r"quantized \(fp8\)"),
+        ({"quant_method": "exl2"}, r"quantized \(exl2\)"),
         ({"quant_method": "gptq", "bits": 8}, "has 8-bit weights"),
         ({"quant_method": "awq", "bits": 4, "version": "gemv"}, "AWQ's gemv layout"),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "int-quantized",
+                "config_groups": {"g": {"weights": {"type": "int", "num_bits": 8}}},
+            },
+            "compressed-tensors checkpoint .int-quantized",
+        ),  # fmt: skip
     ],
 )
 def test_a_quantized_checkpoint_is_refused_by_its_method(tmp_path, config, reason):

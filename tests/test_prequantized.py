@@ -193,3 +193,115 @@ def test_act_order_split_by_columns_is_refused(tiny, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     with pytest.raises(ModelLoadError, match="act-order .desc_act. GPTQ groups span the inputs"):
         loader.linear(Param.of(name, split=Split.COLS))
+
+
+def compressed_tensors(codes, scales) -> dict:
+    """Signed codes [N, K] in -8..7, scales [N, G] in compressed-tensors' pack-quantized form."""
+    n, k = codes.shape
+    return {
+        "weight_packed": _words((codes + 8).view(n, k // 8, 8)),
+        "weight_scale": scales.to(torch.bfloat16),
+        "weight_shape": torch.tensor([n, k]),
+    }
+
+
+def test_compressed_tensors_int4_unpacks_to_the_known_weights(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(-8, 8, (32, 128), generator=gen)
+    scales = (torch.rand(32, 4, generator=gen) * 0.05 + 0.01).to(torch.bfloat16).float()
+    weight = (codes.view(32, 4, 32) * scales[..., None]).view(32, 128)
+    settings = {"method": "compressed-tensors", "weights": "int4"}
+    store = _store(tmp_path, compressed_tensors(codes, scales), settings)
+    assert store.shape("layer.weight") == [32, 128]
+    assert torch.equal(store.get("layer.weight"), weight)
+
+
+@pytest.mark.parametrize("scale_kind", ["tensor", "channel", "block"])
+def test_fp8_weights_are_multiplied_out_exactly(tmp_path, scale_kind):
+    """float8_e4m3fn values times their scales: per tensor and per channel (compressed-tensors,
+    FBGEMM), per 128 x 128 block (`weight_scale_inv`, transformers' fp8)."""
+    gen = torch.Generator().manual_seed(4)
+    n, k = 200, 256
+    fp8 = (torch.randn(n, k, generator=gen) * 40).to(torch.float8_e4m3fn)
+    if scale_kind == "block":
+        scale = torch.rand(2, 2, generator=gen) + 0.5
+        full = scale.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
+        tensors = {"weight": fp8, "weight_scale_inv": scale}
+    else:
+        scale = (
+            torch.rand(n, 1, generator=gen) + 0.5 if scale_kind == "channel" else torch.tensor(0.75)
+        )
+        full = scale
+        tensors = {"weight": fp8, "weight_scale": scale, "input_scale": torch.tensor(1.0)}
+    store = _store(tmp_path, tensors, {"method": "fp8", "block": [128, 128]})
+    assert store.packed("layer.weight") is None
+    assert torch.equal(store.get("layer.weight"), fp8.float() * full)
+    assert torch.equal(store.get_slice("layer.weight", 0, 10, 20), (fp8.float() * full)[10:20])
+
+
+def _convert_compressed(model_dir, target, weights: str):
+    """The model in compressed-tensors (int4 pack-quantized or fp8 per channel) and its twin."""
+    quantized, twin = target / f"ct-{weights}", target / f"ct-{weights}-twin"
+    for d in (quantized, twin):
+        shutil.copytree(model_dir, d)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    packed, plain = {}, {}
+    gen = torch.Generator().manual_seed(5)
+    for name, w in sorted(tensors.items()):
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            packed[name] = plain[name] = w
+            continue
+        n, k = w.shape
+        base = name.removesuffix(".weight")
+        if weights == "int4":
+            codes = torch.randint(-8, 8, (n, k), generator=gen)
+            scales = (
+                (torch.rand(n, k // 32, generator=gen) * 0.05 + 0.01).to(torch.bfloat16).float()
+            )
+            plain[name] = (codes.view(n, -1, 32) * scales[..., None]).view(n, k)
+            packed.update(
+                {f"{base}.{key}": v for key, v in compressed_tensors(codes, scales).items()}
+            )
+        else:
+            fp8 = (w * 100).to(torch.float8_e4m3fn)
+            scale = torch.full((n, 1), 0.01)
+            plain[name] = fp8.float() * scale
+            packed.update({name: fp8, f"{base}.weight_scale": scale})
+    save_file(packed, str(quantized / "model.safetensors"), metadata={"format": "pt"})
+    save_file(plain, str(twin / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((quantized / "config.json").read_text())
+    scheme = {
+        "type": "int",
+        "num_bits": 4,
+        "symmetric": True,
+        "strategy": "group",
+        "group_size": 32,
+    }
+    if weights == "fp8":
+        scheme = {"type": "float", "num_bits": 8, "symmetric": True, "strategy": "channel"}
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized" if weights == "int4" else "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme}},
+        "ignore": ["lm_head"],
+    }
+    (quantized / "config.json").write_text(json.dumps(config))
+    return quantized, twin
+
+
+@pytest.mark.parametrize("weights", ["int4", "fp8"])
+def test_a_compressed_tensors_model_serves_the_tokens_of_its_weights(tiny, tmp_path, weights):
+    quantized, twin = _convert_compressed(tiny, tmp_path, weights)
+    engine = make_engine(quantized)
+    layer = engine.runner.model.layers[0].qkv
+    assert getattr(layer, "method", None) == ("int4" if weights == "int4" else None)
+    _assert_same(_run(engine), _run(make_engine(twin)))
+
+
+def test_an_unserved_compressed_tensors_scheme_is_refused_by_what_it_is(tiny, tmp_path):
+    quantized, _ = _convert_compressed(tiny, tmp_path, "int4")
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="pack-quantized; weights .*int.*8.*is not served"):
+        make_engine(quantized)
