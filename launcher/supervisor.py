@@ -55,7 +55,8 @@ def resolve_model(
     revision: str | None = None,
     hub_cache: str | None = None,
 ) -> Path:
-    """A local model directory, a Hub model fetched once (launcher/hub.py), or the embedded
+    """A local model directory, a Hub model fetched once (launcher/hub.py), a Llama GGUF
+    file's folder (config and tokenizer read once; weights from the file), or the embedded
     SmolLM2 converted once; checked for support and for splitting over `num_shard` ranks.
     Plain Python: the launcher never imports torch (conversions run in child processes)."""
     from common.model_spec import ModelConfigError, check_parallel, check_tokenizer, read_spec
@@ -67,6 +68,8 @@ def resolve_model(
         raise LaunchError(
             "--revision names a Hub model's revision; a local --model-id is served as is"
         )
+    elif model_id and model_id.endswith(".gguf") and Path(model_id).expanduser().is_file():
+        model_dir = _prepared(["prepare-gguf", str(Path(model_id).expanduser())], "the GGUF file")
     else:
         model_dir = Path(model_id).expanduser() if model_id else _embedded_model_dir()
     try:
@@ -79,12 +82,18 @@ def resolve_model(
 
 def _embedded_model_dir() -> Path:
     """`pytgi-shard default-model` in a child: converts once, prints the directory."""
+    return _prepared(["default-model"], "the embedded model")
+
+
+def _prepared(command: list[str], what: str) -> Path:
+    """A `pytgi-shard` preparation command in a child (it imports torch and transformers;
+    the launcher never does); its last line of output is the folder."""
     result = subprocess.run(
-        [sys.executable, "-m", "shard.cli", "default-model"], capture_output=True, text=True
+        [sys.executable, "-m", "shard.cli", *command], capture_output=True, text=True
     )
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["no output"]
-        raise LaunchError(f"the embedded model cannot be prepared: {lines[-1]}")
+        raise LaunchError(f"{what} cannot be prepared: {lines[-1]}")
     return Path(result.stdout.strip().splitlines()[-1])
 
 

@@ -287,6 +287,22 @@ def default_model(cache_dir: str | None) -> None:
         raise click.ClickException(str(exc)) from exc
 
 
+@main.command("prepare-gguf")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--cache-dir", default=None, help="Cache folder [default: $PYTGI_CACHE_DIR or ~/.cache/pytgi]."
+)
+def prepare_gguf(path: str, cache_dir: str | None) -> None:
+    """Read a Llama GGUF file's config and tokenizer once and print its serving folder."""
+    from shard.embedded import gguf_model_dir
+
+    setup_logging("shard")
+    try:
+        click.echo(str(gguf_model_dir(path, cache_dir)))
+    except ShardError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @main.command("convert-pickles")
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 def convert_pickles_command(model_dir: str) -> None:

@@ -51,19 +51,68 @@ def find_gguf() -> Path:
     return path
 
 
-def gguf_source(model_dir: str | Path) -> Path | None:
-    """The GGUF file a converted default-model folder came from, if it is one and the file is
-    still installed: its Q4_1 layers serve `--quantize int4` as they are."""
+def gguf_source(model_dir: str | Path) -> tuple[Path, bool] | None:
+    """The GGUF file a prepared folder came from, if the file is still there, and whether
+    the folder holds no weights of its own (a `--model-id file.gguf` folder: the weights are
+    read from the file). The embedded model's folder has its converted safetensors; its Q4_1
+    layers serve `--quantize int4` as they are."""
     try:
         marker = json.loads((Path(model_dir) / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(marker, dict) or marker.get("source") != GGUF_NAME:
+    if not isinstance(marker, dict):
+        return None
+    if marker.get("weights") == "gguf":
+        path = Path(marker["source"])
+        return (path, True) if path.is_file() else None
+    if marker.get("source") != GGUF_NAME:
         return None
     try:
-        return find_gguf()
+        return find_gguf(), False
     except ModelLoadError:
         return None
+
+
+def gguf_model_dir(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The serving folder of a Llama GGUF file: its config and tokenizer, converted once by
+    transformers into the cache; the weights stay in the file (`shard/gguf.py` reads them)."""
+    import hashlib
+
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_root(cache_dir) / "gguf" / f"{path.stem}-{key[:12]}"
+    if _format(target) is not None:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _format(target) is None:
+            _prepare_gguf(path, target)
+    return target
+
+
+def _prepare_gguf(path: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer
+
+    log.info("reading %s's config and tokenizer into %s (once)", path.name, target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the blocks are read by pytgi itself
+        config.architectures = config.architectures or ["LlamaForCausalLM"]  # GGUF's llama
+        config.save_pretrained(staging)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer.save_pretrained(staging)
+        _write_generation_config(staging, config)
+        _mark_complete(staging, {"source": str(path), "weights": "gguf"})
+        os.replace(staging, target)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"{path.name} cannot be read as a model: {exc}") from exc
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def default_model_dir(cache_dir: str | Path | None = None) -> Path:

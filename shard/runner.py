@@ -62,7 +62,8 @@ def weight_store(config: ShardConfig, spec: ModelSpec) -> tuple[Store, str | Non
     A GPTQ/AWQ checkpoint's packed layers are served as they are (`--quantize` may name
     its method, nothing else). For `--quantize int4` in groups of 32 on the embedded default
     model, the GGUF file it was converted from (its Q4_1 layers and Q8_0 head as stored;
-    other group sizes quantize the converted weights again)."""
+    other group sizes quantize the converted weights again). A `--model-id file.gguf`
+    folder's weights are always the file's."""
     settings = prequantized(spec.config)
     if settings is not None:
         if config.quantize not in (None, settings["method"]):
@@ -77,11 +78,11 @@ def weight_store(config: ShardConfig, spec: ModelSpec) -> tuple[Store, str | Non
             "quantization_config; for quantizing on load pass int8 or int4"
         )
     blocks = config.quantize == "int4" and config.quantize_group_size == 32
-    source = gguf_source(config.model_dir) if blocks else None
-    if source is None:
+    found = gguf_source(config.model_dir)
+    if found is None or not (found[1] or blocks):
         return WeightStore(config.model_dir), config.quantize
-    log.info("int4: serving %s's own blocks (groups of 32)", source.name)
-    return GgufStore(source), config.quantize
+    log.info("serving %s's own Q8_0/Q4_0/Q4_1 blocks", found[0].name)
+    return GgufStore(found[0]), config.quantize
 
 
 class ModelRunner:

@@ -291,7 +291,7 @@ def test_the_embedded_gguf_is_read_as_transformers_converted_it(smollm_dir):
     from shard.gguf import GgufStore
     from shard.loader import WeightStore
 
-    assert gguf_source(smollm_dir) == find_gguf()
+    assert gguf_source(smollm_dir) == (find_gguf(), False)
     store, converted = GgufStore(find_gguf()), WeightStore(smollm_dir)
     names = [n for n in converted._file_of if n in store]
     assert len(names) == len(converted._file_of) == 272
@@ -331,3 +331,25 @@ def test_the_default_model_s_gguf_blocks_over_three_shards(smollm_dir, tmp_path)
     finally:
         group.stop()
     _assert_same(got, expected)
+
+
+def test_a_gguf_file_as_model_id_serves_its_blocks(tmp_path, monkeypatch, smollm_dir):
+    """`--model-id file.gguf`: the launcher has its config and tokenizer read once (in a
+    child; no weights copied), and the shard serves the file's own blocks: the tokens of the
+    default model with --quantize int4, the same blocks."""
+    import os
+
+    from launcher.supervisor import resolve_model
+    from shard.embedded import find_gguf
+
+    monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path))
+    link = tmp_path / "smol.gguf"
+    os.symlink(find_gguf(), link)
+    model_dir = resolve_model(str(link))
+    assert model_dir.parent == tmp_path / "gguf"
+    assert not list(model_dir.glob("*.safetensors"))
+    assert resolve_model(str(link)) == model_dir  # prepared once
+    served = make_engine(model_dir)
+    assert served.runner.model.layers[3].qkv.method == "int4"
+    want = _run(make_engine(smollm_dir, quantize="int4"))
+    _assert_same(_run(served), want)

@@ -280,7 +280,7 @@ class Loader:
         is int8 per output channel (either method: 4 bits would cost the head too much)."""
         source = embedding.name if tied or name not in self.store else name
         stored = self._packed(Param.of(source, split=Split.ROWS), None)
-        if stored is not None and self.quantize is not None:  # GGUF's own int8 head
+        if stored is not None:  # a GGUF's own Q8_0 head
             return VocabHead(stored, self.parallel)
         if source == embedding.name:
             weight = embedding.weight
