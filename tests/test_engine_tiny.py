@@ -333,7 +333,7 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
         engine = make_engine(tiny_model_dir, dtype="bfloat16")
     report = engine.runner.kernel_report()
     assert f"kernels: {report}" in caplog.text
-    assert "attention reference" in report and "TorchOps" in report and "bfloat16 on cpu" in report
+    assert "attention reference" in report and "CpuOps" in report and "bfloat16 on cpu" in report
     assert "--dtype float32 is faster" in caplog.text
     caplog.clear()
     monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: True)

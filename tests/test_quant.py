@@ -175,8 +175,8 @@ def test_unsupported_methods_are_refused(smollm_dir):
     from common.config import ShardConfig
     from shard.engine import ShardEngine
 
-    with pytest.raises(ModelLoadError, match="--quantize fp8 is not supported yet"):
-        ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="fp8"))
+    with pytest.raises(ModelLoadError, match="--quantize marlin is not supported yet"):
+        ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="marlin"))
     with pytest.raises(ModelLoadError, match="this checkpoint has no awq quantization_config"):
         ShardEngine(ShardConfig(model_dir=str(smollm_dir), quantize="awq"))
 
