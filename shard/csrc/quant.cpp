@@ -51,13 +51,6 @@ inline void row_q4(const uint8_t* q, const c10::Half* scales, const float* mins,
   }
 }
 
-inline float dot(const float* a, const float* b, int64_t k) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < k; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
 // Per x row and group: the sum of the row's inputs in the group (int4's mins term).
 std::vector<float> group_sums(const float* x, int64_t rows, int64_t k, int64_t groups) {
   const int64_t g = k / groups;
@@ -178,32 +171,23 @@ void check(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& 
               multiple);
 }
 
-// Up to this many x rows, each row's product reads the packed weight row directly (from L1
-// after the first); more rows share one widened copy of it.
-constexpr int64_t kFusedRows = 4;
-
-// out[m, n] = x[m] . w[n]. `fused(xm, m, n, params, first)` is one product read from the
-// packed row n (`params`: room for the row's group parameters as float32, filled when
-// `first`);
-// `row(n, dst)` widens row n into float32. Each packed row is read from memory once per call.
-template <typename Fused, typename Row>
+// out[m, n] = x[m] . w[n] for a few rows x (decode): `fused(xm, m, n, params, first)` is one
+// product read from the packed row n (`params`: room for the row's group parameters as
+// float32, filled when `first`). Each packed row is read from memory once per call and from
+// L1 for the other x rows; many rows are better served by dequantizing tiles for a GEMM
+// (shard/models/quant.py does), as each product here unpacks the row again.
+template <typename Fused>
 torch::Tensor product(const torch::Tensor& xf, const torch::Tensor& x, int64_t n_rows,
-                      int64_t groups, Fused fused, Row row) {
+                      int64_t groups, Fused fused) {
   const int64_t m_rows = xf.size(0), k = xf.size(1);
   const float* xp = xf.data_ptr<float>();
   auto out = torch::empty({m_rows, n_rows}, xf.options());
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> w(m_rows > kFusedRows ? k : 0), params(2 * groups);
-    for (int64_t n = begin; n < end; ++n) {
-      if (m_rows <= kFusedRows) {
-        for (int64_t m = 0; m < m_rows; ++m)
-          op[m * n_rows + n] = fused(xp + m * k, m, n, params.data(), m == 0);
-        continue;
-      }
-      row(n, w.data());
-      for (int64_t m = 0; m < m_rows; ++m) op[m * n_rows + n] = dot(xp + m * k, w.data(), k);
-    }
+    std::vector<float> params(2 * groups);
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t m = 0; m < m_rows; ++m)
+        op[m * n_rows + n] = fused(xp + m * k, m, n, params.data(), m == 0);
   });
   return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
 }
@@ -247,8 +231,7 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
       [=](const float* xm, int64_t, int64_t n, float* sf, bool first) {
         if (first) widen_halves(sp + n * groups, groups, sf);
         return dot_q8(xm, qp + n * k, sf, k, groups);
-      },
-      [=](int64_t n, float* dst) { row_q8(qp + n * k, sp + n * groups, k, groups, dst); });
+      });
 }
 
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
@@ -268,9 +251,6 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
         if (first) widen_halves(sp + n * groups, groups, params);
         return dot_q4(xm, qp + n * k / 2, params, mp + n * groups, sums_p + m * groups, k,
                       groups);
-      },
-      [=](int64_t n, float* dst) {
-        row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
       });
 }
 
