@@ -66,7 +66,7 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 class GgufStore:
     """The tensors of a Llama GGUF file by Hugging Face name (the WeightStore interface),
-    plus `packed(name)`: (method, q, scales[, mins]) for Q8_0/Q4_0/Q4_1 tensors, else None."""
+    plus `packed(name)`: the packed form of a Q8_0/Q4_0/Q4_1 tensor, else None."""
 
     def __init__(self, path: str | Path) -> None:
         from gguf import GGUFReader

@@ -80,19 +80,16 @@ class PrequantizedStore:
         rows, cols = self.store.shape(f"{base}.qweight")
         return [cols, rows * 8] if self.method == "gptq" else [cols * 8, rows]
 
-    def _fp8(self, name: str) -> torch.Tensor | None:
-        """An fp8 weight times its scales (per tensor, per channel or per block), float32."""
-        base = name.removesuffix(".weight")
-        scale_name = next(
-            (
-                f"{base}.{s}"
-                for s in ("weight_scale", "weight_scale_inv")
-                if f"{base}.{s}" in self.store
-            ),
-            None,
-        )
-        if not name.endswith(".weight") or scale_name is None:
+    def _fp8_scale(self, name: str) -> str | None:
+        """The scale tensor's name when `name` is an fp8 weight (names only, nothing read)."""
+        if not name.endswith(".weight"):
             return None
+        base = name.removesuffix(".weight")
+        scales = (f"{base}.{s}" for s in ("weight_scale", "weight_scale_inv"))
+        return next((s for s in scales if s in self.store), None)
+
+    def _fp8(self, name: str, scale_name: str) -> torch.Tensor:
+        """An fp8 weight times its scales (per tensor, per channel or per block), float32."""
         weight = self.store.get(name).float()
         scale = self.store.get(scale_name).float()
         if scale.dim() == 2 and scale.shape[1] > 1:  # [N / b, K / b] blocks
@@ -109,8 +106,8 @@ class PrequantizedStore:
     def get(self, name: str) -> torch.Tensor:
         form = self.packed(name)
         if form is None:
-            fp8 = self._fp8(name)
-            return fp8 if fp8 is not None else self.store.get(name)
+            scale_name = self._fp8_scale(name)
+            return self.store.get(name) if scale_name is None else self._fp8(name, scale_name)
         _, q, params, order = form
         weight = dequantize_int4(q, *params)
         if order is not None:  # back to the checkpoint's input order
@@ -118,7 +115,7 @@ class PrequantizedStore:
         return weight
 
     def get_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        if self._quantized(name) is None and self._fp8(name) is None:
+        if self._quantized(name) is None and self._fp8_scale(name) is None:
             return self.store.get_slice(name, dim, start, stop)
         whole = self.get(name)
         return whole[start:stop] if dim == 0 else whole[:, start:stop]
