@@ -37,6 +37,7 @@ class ShardConfig:
     master_port: int = 29500
     max_input_tokens: int | None = None  # None: derived from the model's context length
     kv_cache_memory: int | None = None  # bytes for the KV pool on CPU; None: derived
+    kv_cache_dtype: str | None = None  # None: the model's dtype; "fp8_e4m3fn" (shard/kv_cache.py)
     cuda_memory_fraction: float = 0.9
     block_size: int = DEFAULT_BLOCK_SIZE
     attention: str = "auto"  # auto: reference on CPU; flash-attn, else triton, on CUDA

@@ -59,6 +59,7 @@ class LauncherConfig:
     cpu_gemv: bool = _SHARD["cpu_gemv"]
     disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
     kv_cache_memory: str | None = _SHARD["kv_cache_memory"]
+    kv_cache_dtype: str | None = _SHARD["kv_cache_dtype"]
     api_key: str | None = _ROUTER["api_key"]
     cors_allow_origin: tuple[str, ...] = _ROUTER["cors_allow_origin"]
     payload_limit: int = _ROUTER["payload_limit"]
@@ -112,6 +113,11 @@ class LauncherConfig:
                 f"(weight-only, quantized on load from a full-precision checkpoint), "
                 f"{', '.join(PREQUANTIZED)} (checkpoints in those formats, detected from their "
                 "config without the flag)"
+            )
+        if self.kv_cache_dtype not in (None, "fp8_e4m3fn"):
+            raise LaunchError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} is not supported; fp8_e4m3fn stores "
+                "the KV cache in 8 bits (more precision than e5m2, the same memory)"
             )
         if self.quantize_group_size not in (32, 64, 128):
             raise LaunchError("--quantize-group-size: choose 32, 64 or 128")

@@ -25,7 +25,6 @@ VERSION = "0.1.0"
 UNSUPPORTED = {
     "--sharded": "use --num-shard",
     "--speculate": "speculative decoding is not supported",
-    "--kv-cache-dtype": "the KV cache is kept in --dtype",
     "--trust-remote-code": "pytgi runs only its own model code",
     "--weights-cache-override": "pass the weights' directory as --model-id",
     "--rope-scaling": "the model's config.json rope_scaling is used",

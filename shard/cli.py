@@ -165,6 +165,12 @@ def main() -> None:
     "channel) or int4 (per group of --quantize-group-size inputs).",
 )
 @click.option(
+    "--kv-cache-dtype",
+    type=click.Choice(["fp8_e4m3fn"]),
+    default=SHARD_DEFAULTS["kv_cache_dtype"],
+    help="Store the KV cache in fp8 e4m3 with per-tensor scales [default: --dtype].",
+)
+@click.option(
     "--quantize-group-size",
     type=int,
     default=SHARD_DEFAULTS["quantize_group_size"],

@@ -103,15 +103,34 @@ def paged_decode(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """q [B, H, D], caches [N, BS, KVH, D], block_tables [B, W], context_lens [B] -> [B, H, D];
     `window` > 0: each row sees only its last `window` keys; `softcap` > 0: scores s become
-    softcap * tanh(s / softcap)."""
+    softcap * tanh(s / softcap). Caches in q's dtype, or float8 e4m3fn standing for their
+    values times `scales` (K's, V's)."""
     module = load()
     assert module is not None, "call load() first and keep the torch path when it is None"
     return module.paged_decode(
-        q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap
+        q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap, *scales
     )
+
+
+def store_fp8(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    scales: tuple[float, float],
+) -> None:
+    """k, v [T, KVH, D] (float32 or bfloat16) -> fp8 caches [N, BS, KVH, D] at `slots` [T]
+    (-1: skipped), divided by `scales` (K's, V's) as shard.kv_cache.to_fp8 does, bit for bit."""
+    from shard.kv_cache import inverse
+
+    module = load()
+    assert module is not None, "call load() first and keep the torch path when it is None"
+    module.store_fp8(k_cache, v_cache, k, v, slots, inverse(scales[0]), inverse(scales[1]))
 
 
 if __name__ == "__main__":

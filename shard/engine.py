@@ -25,6 +25,7 @@ from shard.batch import (
     StepResult,
 )
 from shard.errors import BatchNotFound, InvalidRequest, NotReady, OutOfBlocks
+from shard.kv_calibration import CALIBRATION_TEXT
 from shard.parallel import Parallel
 from shard.runner import ModelRunner
 from shard.spec import check_tokenizer, read_spec
@@ -134,6 +135,8 @@ class ShardEngine:
             )
         self.clear(None)
         self.runner.free_kv()
+        if self.runner.kv_scales is None:  # fp8 pools: measured once, on every rank
+            self.runner.calibrate_kv(self.tokenizer.encode(CALIBRATION_TEXT).ids[:inputs])
         self.admission.max_input_tokens, self.admission.max_total_tokens = inputs, total
         try:
             activations = self.runner.peak_activation_bytes(

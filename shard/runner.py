@@ -14,13 +14,14 @@ import torch
 from common.config import ShardConfig
 from common.model_spec import PREQUANTIZED, prequantized
 from shard import cpu_kernels, memory
-from shard.attention import get_backend, resolve_backend_name
+from shard.attention import AttentionInputs, get_backend, resolve_backend_name
 from shard.cuda_graphs import DecodeGraphs
 from shard.embedded import gguf_source
 from shard.errors import InvalidRequest, ModelLoadError, OutOfBlocks
 from shard.gguf import GgufStore
 from shard.inputs import ForwardInputs
-from shard.kv_cache import KVCache
+from shard.kv_cache import KV_CACHE_DTYPES, KVCache, KVScales
+from shard.kv_calibration import scales_from
 from shard.loader import Store, WeightStore
 from shard.models import build_model
 from shard.models.ops import TorchOps
@@ -45,6 +46,17 @@ def _backend_name(attention: str, device_type: str, plain: bool) -> str:
             f"turns off; choose {' or '.join(PLAIN_BACKENDS)}"
         )
     return attention
+
+
+def resolve_kv_dtype(name: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The KV pools' element type: `dtype`, or --kv-cache-dtype's."""
+    if name is None:
+        return dtype
+    if name not in KV_CACHE_DTYPES:
+        raise InvalidRequest(
+            f"unsupported --kv-cache-dtype {name!r}; supported: {', '.join(KV_CACHE_DTYPES)}"
+        )
+    return KV_CACHE_DTYPES[name]
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
@@ -92,6 +104,7 @@ class ModelRunner:
         self.parallel = parallel
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.kv_dtype = resolve_kv_dtype(config.kv_cache_dtype, self.dtype)
         self.block_size = config.block_size
         plain = config.disable_custom_kernels
         self.backend = get_backend(_backend_name(config.attention, self.device.type, plain))
@@ -109,6 +122,7 @@ class ModelRunner:
             group_size=config.quantize_group_size,
         )
         self.kv: KVCache | None = None  # allocated by Warmup
+        self.kv_scales: list[KVScales] | None = None  # fp8 pools: set by calibrate_kv
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self._faults_fired: set[str] = set()  # markers of the test-only fault hook
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
@@ -125,8 +139,7 @@ class ModelRunner:
         if hasattr(layer, "kind"):  # weight-only quantized
             return (
                 f"attention {self.backend.name}; matrix products: {layer.kind}; element-wise "
-                f"layer steps: {type(self.model.ops).__name__}; {self.dtype_name} on "
-                f"{self.device.type}"
+                f"layer steps: {type(self.model.ops).__name__}; {self.precision}"
             )
         if layer.is_packed:
             gemm = "oneDNN packed weights"
@@ -138,12 +151,17 @@ class ModelRunner:
         ops = type(self.model.ops).__name__
         return (
             f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
-            f"element-wise layer steps: {ops}; {self.dtype_name} on {self.device.type}"
+            f"element-wise layer steps: {ops}; {self.precision}"
         )
 
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def precision(self) -> str:
+        kv = self.config.kv_cache_dtype or self.dtype_name
+        return f"{self.dtype_name} on {self.device.type}, KV cache {kv}"
 
     def device_memory(self) -> tuple[int, int, str]:
         """(bytes reserved, bytes in total, device name); zeros and "cpu" off CUDA."""
@@ -188,9 +206,35 @@ class ModelRunner:
             self.block_size,
             self.model.num_kv_heads,
             self.model_spec.head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
+            self.kv_scales,
         )
+
+    def calibrate_kv(self, ids: list[int]) -> None:
+        """fp8 pools: per-layer K and V scales (shard/kv_calibration.py) from one prefill of
+        `ids` into a pool of the model's dtype; no-op otherwise."""
+        if self.kv_dtype == self.dtype or not ids:
+            return
+        bs, count = self.block_size, len(ids)
+        blocks = -(-count // bs)
+        spec = self.model_spec
+        pool = KVCache(spec.num_layers, blocks + 1, bs, self.model.num_kv_heads, spec.head_dim,
+                       self.dtype, self.device)  # fmt: skip
+        table = torch.arange(1, blocks + 1, device=self.device).unsqueeze(0)
+        slots = torch.arange(bs, bs + count, device=self.device)
+        layout = AttentionInputs([0], [count], [0], slots, table, bs)
+        tokens = torch.tensor(ids, device=self.device)
+        positions = torch.arange(count, device=self.device)
+        with torch.inference_mode():
+            meta = self.backend.prepare(layout)
+            self.model.forward(tokens, positions, meta, pool, self.backend)
+        self.kv_scales = scales_from(pool)
+        k, v = [s.k for s in self.kv_scales], [s.v for s in self.kv_scales]
+        log.info(
+            "fp8 KV scales from %d calibration tokens: K %.3g..%.3g, V %.3g..%.3g",
+            count, min(k), max(k), min(v), max(v),
+        )  # fmt: skip
 
     def free_kv(self) -> None:
         self.kv, self.graphs = None, None
@@ -200,7 +244,7 @@ class ModelRunner:
     def kv_blocks_that_fit(self, reserve: int) -> int:
         """Blocks (block 0 included) the KV budget holds, `reserve` bytes left free."""
         return memory.num_kv_blocks(
-            self.config, self.model_spec, self.parallel, self.dtype, reserve=reserve
+            self.config, self.model_spec, self.parallel, self.kv_dtype, reserve=reserve
         )
 
     def peak_activation_bytes(self, run: Callable[[], None], what: str) -> int:

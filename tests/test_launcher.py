@@ -150,6 +150,7 @@ def _gpt2_dir(tmp_path: Path) -> Path:
         ),
         (lambda t: ["--cuda-graphs", "1,x"], "--cuda-graphs takes batch sizes"),
         (lambda t: ["--quantize", "marlin"], "--quantize marlin is not supported yet"),
+        (lambda t: ["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2 is not supported"),
         (
             lambda t: ["--attention", "flash-attn"],  # not installed on CPU machines
             "attention backend 'flash-attn' cannot be imported",

@@ -36,9 +36,9 @@ def test_each_unsupported_flag_stops_the_start_as_flag_and_as_env(flag):
 
 
 def test_all_unsupported_settings_are_named_at_once():
-    result = _run(["--kv-cache-dtype", "fp8", "--rope-factor=2"], {"SPECULATE": "2"})
+    result = _run(["--lora-adapters", "a", "--rope-factor=2"], {"SPECULATE": "2"})
     assert result.exit_code == 2
-    for flag in ("--kv-cache-dtype", "--rope-factor", "--speculate"):
+    for flag in ("--lora-adapters", "--rope-factor", "--speculate"):
         assert f"{flag} ({envvar(flag)})" in result.output
 
 

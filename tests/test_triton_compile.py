@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-from tests.triton_compile_probe import ARCHS, DTYPES, SHAPES  # noqa: E402
+from tests.triton_compile_probe import (  # noqa: E402
+    ARCHS,
+    DTYPES,
+    FP8_QUERIES,
+    QUANT_ROWS,
+    SHAPES,
+)
 
 SHARED_MEMORY_LIMIT = 163 * 1024  # bytes per block on an A100 (an H100 allows 227 KiB)
 
@@ -62,6 +68,20 @@ def test_write_kv_compiles(compiled, model, dtype):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", FP8_QUERIES)
+@pytest.mark.parametrize("model", SHAPES)
+@pytest.mark.parametrize("kernel", [*ATTENTION, "write_kv"])
+def test_fp8_cache_kernels_compile(compiled, kernel, model, dtype, arch):
+    """--kv-cache-dtype fp8_e4m3fn: Hopper and Ampere alike (no fp8 instruction is used)."""
+    case = compiled[f"{kernel}/{model}/fp8-{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    assert case["shared"] <= SHARED_MEMORY_LIMIT
+    if kernel in ATTENTION:  # fp8 values are exact in tf32; float32 queries are not
+        assert case["tf32"] == (dtype != "fp32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("model", SHAPES)
 @pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm", "rotary", "silu_mul"])
@@ -72,3 +92,16 @@ def test_layer_kernel_compiles(compiled, kernel, model, dtype, arch):
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
     assert case["shared"] <= SHARED_MEMORY_LIMIT
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", FP8_QUERIES)
+@pytest.mark.parametrize("rows", QUANT_ROWS)
+@pytest.mark.parametrize("kernel", ["q8_linear", "q4_linear"])
+def test_quantized_layer_kernels_compile(compiled, kernel, rows, dtype, arch):
+    """--quantize int8 / int4 on CUDA (shard/models/quant_triton.py), Llama-1B's layers."""
+    case = compiled[f"{kernel}_{rows}/llama-1b/{dtype}/sm_{arch}"]
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT  # tl.dot tiles
+    assert case["tf32"] == (dtype != "fp32")

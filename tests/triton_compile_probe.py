@@ -18,14 +18,17 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from shard.attention import triton_kernels as tk  # noqa: E402
-from shard.models import fused  # noqa: E402
+from shard.models import fused, quant_triton  # noqa: E402
 
 # (heads, KV heads, head_dim) of the models gpu_check.sh runs
 SHAPES = {"smollm2-135m": (9, 3, 64), "llama-1b": (32, 8, 64), "llama-8b": (32, 8, 128)}
 # (hidden, intermediate) of the same models, for the fused layer kernels
 LAYERS = {"smollm2-135m": (576, 1536), "llama-1b": (2048, 8192), "llama-8b": (4096, 14336)}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# queries' dtypes compiled over an fp8 cache (its bytes: "*u8"), cases named "fp8-<dtype>"
+FP8_QUERIES = ("bf16", "fp32")
 ARCHS = (90, 80)
+QUANT_ROWS = (1, 64)  # a decode step's tile (16 rows) and a prefill's (64)
 
 
 def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
@@ -48,11 +51,11 @@ def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
     }
 
 
-def decode_signature(pointer: str, split: bool) -> dict:
+def decode_signature(pointer: str, split: bool, cache: str | None = None) -> dict:
     return {
         "q_ptr": pointer,
-        "k_cache_ptr": pointer,
-        "v_cache_ptr": pointer,
+        "k_cache_ptr": cache or pointer,
+        "v_cache_ptr": cache or pointer,
         "table_ptr": "*i32",
         "context_ptr": "*i32",
         "out_ptr": "*fp32" if split else pointer,  # split: float32 partial outputs
@@ -66,14 +69,15 @@ def decode_signature(pointer: str, split: bool) -> dict:
         "split_len": "i32",
         "window": "i32",
         "softcap": "fp32",
+        "v_scale": "fp32",
     }
 
 
-def prefill_signature(pointer: str) -> dict:
+def prefill_signature(pointer: str, cache: str | None = None) -> dict:
     return {
         "q_ptr": pointer,
-        "k_cache_ptr": pointer,
-        "v_cache_ptr": pointer,
+        "k_cache_ptr": cache or pointer,
+        "v_cache_ptr": cache or pointer,
         "table_ptr": "*i32",
         "program_ptr": "*i32",
         "out_ptr": pointer,
@@ -85,6 +89,7 @@ def prefill_signature(pointer: str) -> dict:
         "stride_table": "i32",
         "window": "i32",
         "softcap": "fp32",
+        "v_scale": "fp32",
     }
 
 
@@ -99,13 +104,15 @@ def merge_signature(pointer: str) -> dict:
     }
 
 
-def write_signature(pointer: str) -> dict:
-    names = ("k_ptr", "v_ptr", "k_cache_ptr", "v_cache_ptr")
+def write_signature(pointer: str, cache: str | None = None) -> dict:
     return {
-        **dict.fromkeys(names, pointer),
+        **dict.fromkeys(("k_ptr", "v_ptr"), pointer),
+        **dict.fromkeys(("k_cache_ptr", "v_cache_ptr"), cache or pointer),
         "slot_ptr": "*i64",
         "stride_k": "i32",
         "stride_v": "i32",
+        "inv_k": "fp32",
+        "inv_v": "fp32",
     }
 
 
@@ -121,15 +128,17 @@ def main() -> None:
                     results[f"{kernel}/{model}/{name}/sm_{arch}"] = compile_kernel(
                         tk._paged_decode_kernel,
                         decode_signature(pointer, split),
-                        {**decode, "SPLIT": split},
+                        {**decode, "FP8": False, "SPLIT": split},
                         arch,
                     )
                 results[f"paged_prefill/{model}/{name}/sm_{arch}"] = compile_kernel(
                     tk._paged_prefill_kernel,
                     prefill_signature(pointer),
-                    tk.prefill_constants(decode, heads // kv_heads),
+                    {**tk.prefill_constants(decode, heads // kv_heads), "FP8": False},
                     arch,
                 )
+                if name in FP8_QUERIES:
+                    results.update(compile_fp8(model, name, decode, heads // kv_heads, arch))
                 constants = tk.merge_constants(heads, head_dim, tk.MAX_SPLITS)
                 results[f"merge_splits/{model}/{name}/sm_{arch}"] = compile_kernel(
                     tk._merge_splits_kernel, merge_signature(pointer), constants, arch
@@ -138,9 +147,65 @@ def main() -> None:
             results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(
                 tk._write_kv_kernel, write_signature(pointer), constants, 90
             )
+            if name in FP8_QUERIES:
+                for arch in ARCHS:
+                    results[f"write_kv/{model}/fp8-{name}/sm_{arch}"] = compile_kernel(
+                        tk._write_kv_kernel,
+                        write_signature(pointer, "*u8"),
+                        tk.write_kv_constants(kv_heads, head_dim, fp8=True),
+                        arch,
+                    )
             for arch in ARCHS:
                 results.update(compile_layer_kernels(model, name, pointer, head_dim, arch))
+                if model == "llama-1b" and name in FP8_QUERIES:
+                    results.update(compile_quant_kernels(model, name, arch))
     print(json.dumps(results))
+
+
+def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
+    """shard/models/quant_triton.py's int8 (per output channel) and int4 (groups of 32)
+    kernels at this model's hidden size, for a decode step's rows and a prefill's."""
+    hidden = LAYERS[model][0]
+    pointer = f"*{dtype}"
+    sizes = dict.fromkeys(["M", "N", "K", "stride_x", "stride_out"], "i32")
+    q8 = {"x_ptr": pointer, "q_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": pointer, **sizes}
+    q4 = {"x_ptr": pointer, "q_ptr": "*u8", "s_ptr": "*fp16", "m_ptr": "*fp32",
+          "out_ptr": pointer, **sizes}  # fmt: skip
+    results = {}
+    for rows in QUANT_ROWS:
+        c8 = quant_triton.constants(rows, hidden, 1, DTYPES[dtype])
+        precision = c8.pop("PRECISION")
+        c4 = quant_triton.constants(rows, hidden, hidden // 32, DTYPES[dtype])
+        results[f"q8_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+            quant_triton._q8_kernel, q8,
+            {**c8, "BLOCK_K": quant_triton.BLOCK_K, "PRECISION": precision}, arch,
+        )  # fmt: skip
+        results[f"q4_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+            quant_triton._q4_kernel, q4, c4, arch
+        )
+    return results
+
+
+def compile_fp8(model: str, dtype: str, decode: dict, group: int, arch: int) -> dict:
+    """The attention kernels over an fp8 cache (bytes decoded with integer operations, so
+    sm_80 too) with `dtype` queries."""
+    pointer = f"*{dtype}"
+    results = {}
+    for split in (False, True):
+        kernel = "paged_decode_split" if split else "paged_decode"
+        results[f"{kernel}/{model}/fp8-{dtype}/sm_{arch}"] = compile_kernel(
+            tk._paged_decode_kernel,
+            decode_signature(pointer, split, "*u8"),
+            {**decode, "FP8": True, "SPLIT": split},
+            arch,
+        )
+    results[f"paged_prefill/{model}/fp8-{dtype}/sm_{arch}"] = compile_kernel(
+        tk._paged_prefill_kernel,
+        prefill_signature(pointer, "*u8"),
+        {**tk.prefill_constants(decode, group), "FP8": True},
+        arch,
+    )
+    return results
 
 
 def compile_layer_kernels(model: str, dtype: str, pointer: str, head_dim: int, arch: int):

@@ -14,6 +14,8 @@ from typing import Generic, Protocol, TypeVar
 
 import torch
 
+from shard.kv_cache import NO_SCALES, KVScales, is_fp8, to_fp8
+
 
 @dataclass(slots=True)
 class AttentionInputs:
@@ -76,12 +78,17 @@ class AttentionBackend(ABC, Generic[M]):
         k: torch.Tensor,
         v: torch.Tensor,
         metadata: M,
+        scales: KVScales = NO_SCALES,
     ) -> None:
-        """Writes new K/V [T, kv_heads, D] into their slots (`metadata.slot_mapping` [T])."""
+        """Writes new K/V [T, kv_heads, D] into their slots (`metadata.slot_mapping` [T]);
+        an fp8 cache gets them divided by `scales` (shard/kv_cache.py)."""
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         slots = metadata.slot_mapping
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+        for cache, new, scale in ((k_cache, k, scales.k), (v_cache, v, scales.v)):
+            rows = cache.view(-1, num_kv_heads, head_dim)
+            if is_fp8(cache):  # PyTorch has no float8 index_copy_ on CPU: copy the bytes
+                rows, new = rows.view(torch.uint8), to_fp8(new, scale).view(torch.uint8)
+            rows.index_copy_(0, slots, new)
 
     @abstractmethod
     def attend(
@@ -95,8 +102,11 @@ class AttentionBackend(ABC, Generic[M]):
         scale: float,
         window: int = 0,
         softcap: float = 0.0,
+        scales: KVScales = NO_SCALES,
     ) -> torch.Tensor:
         """q [T, heads, D], new k/v [T, kv_heads, D] (already stored) -> [T, heads, D].
+
+        Caches hold q's dtype, or fp8 values read back as value * `scales` in float32.
 
         `window` > 0 (a sliding-window layer): the query at position p sees the keys at
         positions p - window + 1 .. p only, as transformers' sliding-window mask.

@@ -3,7 +3,8 @@ with a prefill path through `flash_attn_varlen_func`.
 
 flash-attn 2 reads paged K/V only when a block holds a multiple of 256 tokens: with such
 blocks the prefill passes the block tables and reads the cache in place; with smaller ones
-(the default 16) a request's cached prefix is gathered into a contiguous copy first.
+(the default 16) a request's cached prefix is gathered into a contiguous copy first, as it
+is from an fp8 cache (flash-attn 2 reads no fp8), multiplied out to q's dtype on the way.
 Importing this module fails when flash-attn is not installed: the registry reports that.
 """
 
@@ -17,6 +18,7 @@ from flash_attn import flash_attn_varlen_func
 from shard.attention.base import AttentionInputs
 from shard.attention.reference import gather_blocks
 from shard.attention.triton_backend import TritonBackend
+from shard.kv_cache import NO_SCALES, KVScales, as_stored, is_fp8, readable
 
 PAGED_BLOCK_MULTIPLE = 256  # flash-attn 2's page size requirement
 
@@ -69,16 +71,19 @@ class FlashPrefill:
         )
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale, out, window=0, softcap=0.0
-    ) -> None:
+        self, q, k, v, k_cache, v_cache, plan: _FlashPlan, scale, out, window=0, softcap=0.0,
+        scales: KVScales = NO_SCALES,
+    ) -> None:  # fmt: skip
         q_p = q if plan.q_index is None else q[plan.q_index]
-        if plan.block_table is not None:
+        block_table = None if is_fp8(k_cache) else plan.block_table
+        if block_table is not None:
             k_p, v_p = k_cache, v_cache  # [N, bs, KVH, D], read through the block table
         elif plan.q_index is None and all(s[3] is None for s in plan.sources):
-            k_p, v_p = k, v  # plain prefill: the new K/V are every request's whole context
+            # plain prefill: the new K/V (as stored) are every request's whole context
+            k_p, v_p = as_stored(k, k_cache, scales.k), as_stored(v, v_cache, scales.v)
         else:
-            k_p = torch.cat([self._context(k, k_cache, s) for s in plan.sources])
-            v_p = torch.cat([self._context(v, v_cache, s) for s in plan.sources])
+            k_p = torch.cat([self._context(k, k_cache, s, scales.k) for s in plan.sources])
+            v_p = torch.cat([self._context(v, v_cache, s, scales.v) for s in plan.sources])
         capped = {"softcap": softcap} if softcap > 0 else {}  # flash-attn >= 2.6
         result = flash_attn_varlen_func(
             q_p,
@@ -91,7 +96,7 @@ class FlashPrefill:
             softmax_scale=scale,
             causal=True,  # aligned bottom-right: new tokens see the whole cached prefix
             window_size=(window - 1, 0) if window > 0 else (-1, -1),  # keys left of a query
-            block_table=plan.block_table,
+            block_table=block_table,
             **capped,
         )
         if plan.q_index is None:
@@ -100,9 +105,10 @@ class FlashPrefill:
             out[plan.q_index] = result
 
     @staticmethod
-    def _context(new: torch.Tensor, cache: torch.Tensor, source) -> torch.Tensor:
-        """[ctx, KVH, D]: the request's new K (or V) rows, or its prefix + new from blocks."""
+    def _context(new: torch.Tensor, cache: torch.Tensor, source, scale: float) -> torch.Tensor:
+        """[ctx, KVH, D]: the request's new K (or V) rows, or its prefix + new from blocks
+        (fp8 ones times `scale`)."""
         start, length, context, blocks = source
         if blocks is None:
-            return new[start : start + length]
-        return gather_blocks(cache, blocks, 1)[0, :context]
+            return as_stored(new[start : start + length], cache, scale)
+        return readable(gather_blocks(cache, blocks, 1)[0, :context], scale, new.dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.attention.base import AttentionBackend, AttentionInputs
+from shard.kv_cache import NO_SCALES, as_stored, is_fp8, readable
 
 
 @dataclass(slots=True)
@@ -92,18 +93,20 @@ def prefill_row(inputs: AttentionInputs, i: int) -> PrefillRow:
 
 
 def attend_prefill_rows(
-    q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window=0, softcap=0.0
-) -> None:
-    """Fills the `out` rows of each prefilling request, one SDPA call per request."""
+    q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window=0, softcap=0.0,
+    scales=NO_SCALES,
+) -> None:  # fmt: skip
+    """Fills the `out` rows of each prefilling request, one SDPA call per request; keys and
+    values as the cache holds them (fp8 ones times `scales`)."""
     group = q.shape[1] // k.shape[1]
     for row in rows:
         q_row = q[row.start : row.start + row.length]
         if row.context_blocks is None:
-            k_row = k[row.start : row.start + row.length]
-            v_row = v[row.start : row.start + row.length]
+            k_row = as_stored(k[row.start : row.start + row.length], k_cache, scales.k)
+            v_row = as_stored(v[row.start : row.start + row.length], v_cache, scales.v)
         else:
-            k_row = gather_blocks(k_cache, row.context_blocks, 1)[0]
-            v_row = gather_blocks(v_cache, row.context_blocks, 1)[0]
+            k_row = readable(gather_blocks(k_cache, row.context_blocks, 1)[0], scales.k, q.dtype)
+            v_row = readable(gather_blocks(v_cache, row.context_blocks, 1)[0], scales.v, q.dtype)
         mask = row.mask_for(window, q.device)
         if softcap > 0:
             if mask is None:  # plain causal over the new tokens
@@ -160,6 +163,16 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
 
         return cpu_kernels.load() is not None
 
+    def store_kv(self, k_cache, v_cache, k, v, metadata: _Metadata, scales=NO_SCALES) -> None:
+        """As the base class's; into an fp8 cache on CPU by one kernel call (PyTorch's
+        conversion and scatter take ~10 ops per layer)."""
+        if is_fp8(k_cache) and self._kernel_for(k_cache.device):
+            from shard import cpu_kernels
+
+            cpu_kernels.store_fp8(k_cache, v_cache, k, v, metadata.slot_mapping, scales)
+            return
+        super().store_kv(k_cache, v_cache, k, v, metadata, scales)
+
     def prepare(self, inputs: AttentionInputs) -> _Metadata:
         decode_idx = [i for i, n in enumerate(inputs.query_lens) if n == 1]
         prefill_idx = [i for i, n in enumerate(inputs.query_lens) if n > 1]
@@ -182,22 +195,26 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         meta.prefill_rows = [prefill_row(inputs, i) for i in prefill_idx]
         return meta
 
-    def attend(self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale, window=0, softcap=0.0):
+    def attend(
+        self, q, k, v, k_cache, v_cache, metadata: _Metadata, scale, window=0, softcap=0.0,
+        scales=NO_SCALES,
+    ):  # fmt: skip
         out = torch.empty_like(q)
         if metadata.decode_rows is not None:
             rows = metadata.decode_rows
             q_dec = q if metadata.decode_is_all else q[rows]
-            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale, window, softcap)
+            limits = (window, softcap, scales)
+            out_dec = self._decode(q_dec, k_cache, v_cache, metadata, scale, *limits)
             if metadata.decode_is_all:
                 return out_dec
             out[rows] = out_dec
         rows_p = metadata.prefill_rows
-        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window, softcap)
+        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window, softcap, scales)
         return out
 
     @staticmethod
     def _decode(
-        q, k_cache, v_cache, meta: _Metadata, scale: float, window: int, softcap: float
+        q, k_cache, v_cache, meta: _Metadata, scale: float, window: int, softcap: float, scales
     ) -> torch.Tensor:
         """q [Bd, H, D] -> [Bd, H, D]; the G query heads of a KV group act as G queries."""
         if meta.decode_tables is not None and meta.decode_context is not None:
@@ -205,17 +222,17 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
 
             return cpu_kernels.paged_decode(
                 q, k_cache, v_cache, meta.decode_tables, meta.decode_context, scale, window,
-                softcap,
+                softcap, scales,
             )  # fmt: skip
         num_rows, num_heads, head_dim = q.shape
         num_kv_heads = k_cache.shape[2]
         group = num_heads // num_kv_heads
         q_grouped = q.view(num_rows, num_kv_heads, group, head_dim)
         assert meta.decode_blocks is not None
-        keys = gather_blocks(k_cache, meta.decode_blocks, num_rows).transpose(1, 2)
-        values = gather_blocks(v_cache, meta.decode_blocks, num_rows).transpose(
-            1, 2
-        )  # [Bd, KVH, L, D]
+        keys = gather_blocks(k_cache, meta.decode_blocks, num_rows)  # [Bd, L, KVH, D]
+        values = gather_blocks(v_cache, meta.decode_blocks, num_rows)
+        keys = readable(keys, scales.k, q.dtype).transpose(1, 2)  # [Bd, KVH, L, D]
+        values = readable(values, scales.v, q.dtype).transpose(1, 2)
         mask = meta.decode_mask_for(window)
         if softcap > 0:
             out = capped_attention(

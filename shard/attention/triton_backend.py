@@ -26,6 +26,7 @@ from shard.attention.triton_kernels import (
     prefill_programs,
     write_kv,
 )
+from shard.kv_cache import NO_SCALES, KVScales
 
 
 @dataclass(slots=True)
@@ -51,9 +52,10 @@ class PrefillPath(Protocol):
         ...
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out, window=0, softcap=0.0
-    ) -> None:
-        """Writes the prefill rows of `out` [T, heads, D] (`window`, `softcap`: as
+        self, q, k, v, k_cache, v_cache, plan: Any, scale: float, out, window=0, softcap=0.0,
+        scales: KVScales = NO_SCALES,
+    ) -> None:  # fmt: skip
+        """Writes the prefill rows of `out` [T, heads, D] (`window`, `softcap`, `scales`: as
         AttentionBackend's)."""
         ...
 
@@ -72,10 +74,11 @@ class TritonPrefill:
         )
 
     def attend(
-        self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale, out, window=0, softcap=0.0
-    ) -> None:
+        self, q, k, v, k_cache, v_cache, plan: PrefillPlan, scale, out, window=0, softcap=0.0,
+        scales: KVScales = NO_SCALES,
+    ) -> None:  # fmt: skip
         tables, programs = plan.block_tables, plan.programs
-        paged_prefill(q, k_cache, v_cache, tables, programs, scale, out, window, softcap)
+        paged_prefill(q, k_cache, v_cache, tables, programs, scale, out, window, softcap, scales)
 
 
 class TritonBackend(AttentionBackend[TritonMetadata]):
@@ -111,14 +114,17 @@ class TritonBackend(AttentionBackend[TritonMetadata]):
         per forward, as CUDA-graph capture needs."""
         return TritonMetadata(slot_mapping, None, block_tables, context_lens)
 
-    def store_kv(self, k_cache, v_cache, k, v, metadata: TritonMetadata) -> None:
-        write_kv(k_cache, v_cache, k, v, metadata.slot_mapping)
+    def store_kv(
+        self, k_cache, v_cache, k, v, metadata: TritonMetadata, scales: KVScales = NO_SCALES
+    ) -> None:
+        write_kv(k_cache, v_cache, k, v, metadata.slot_mapping, scales)
 
     def attend(
-        self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, window=0, softcap=0.0
-    ):
+        self, q, k, v, k_cache, v_cache, metadata: TritonMetadata, scale, window=0, softcap=0.0,
+        scales: KVScales = NO_SCALES,
+    ):  # fmt: skip
         tables, context = metadata.block_tables, metadata.context_lens
-        limits = {"window": window, "softcap": softcap}
+        limits = {"window": window, "softcap": softcap, "scales": scales}
         if tables is not None and context is not None and metadata.prefill is None:
             return paged_decode(q, k_cache, v_cache, tables, context, scale, **limits)
         out = torch.empty_like(q)
@@ -126,5 +132,7 @@ class TritonBackend(AttentionBackend[TritonMetadata]):
             rows = metadata.decode_rows
             out[rows] = paged_decode(q[rows], k_cache, v_cache, tables, context, scale, **limits)
         meta = metadata.prefill
-        self.prefill_path.attend(q, k, v, k_cache, v_cache, meta, scale, out, window, softcap)
+        self.prefill_path.attend(
+            q, k, v, k_cache, v_cache, meta, scale, out, window, softcap, scales
+        )
         return out

@@ -4,6 +4,10 @@ Cache layout (kv_cache.py): per layer `[num_blocks, block_size, kv_heads, D]`, c
 so slot `s` (= block * block_size + offset) of KV head `h` starts at element
 `(s * kv_heads + h) * D`. Both kernels run on CUDA, and on CPU tensors under
 `TRITON_INTERPRET=1` (that is how CI checks them against the reference backend).
+
+An fp8 cache (float8 e4m3fn, shard/kv_cache.py) is passed to the kernels as its bytes
+(uint8) with FP8 set: they encode and decode e4m3 with integer operations, which every GPU
+generation compiles (Triton's own fp8 type needs sm_89 or newer), bit-equal to PyTorch.
 """
 
 from __future__ import annotations
@@ -12,12 +16,42 @@ import torch
 import triton
 import triton.language as tl
 
+from shard.kv_cache import NO_SCALES, KVScales, inverse, is_fp8
+
 TOKENS_PER_ITERATION = 64  # keys scored per loop iteration of the decode kernel
 # Split-context decode (flash-decoding): with few (request, KV head) programs and long
 # contexts, each context is cut into splits scored in parallel, then merged by log-sum-exp.
 TARGET_PROGRAMS = 264  # two per streaming multiprocessor of an H100 (132)
 MIN_SPLIT_TOKENS = 256  # a split shorter than this costs more to merge than it saves
 MAX_SPLITS = 32
+
+
+@triton.jit
+def fp8_encode(x):
+    """float32 x -> float8 e4m3fn bits (uint8): saturated to +-448, rounded to nearest even,
+    as PyTorch's conversion."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)  # FP8_MAX (a jit function reads no globals)
+    sign = (x.to(tl.int32, bitcast=True) >> 24) & 0x80
+    a = tl.abs(x)
+    bits = a.to(tl.int32, bitcast=True)
+    # normal (a >= 2^-6): float32's mantissa rounded to 3 bits (a carry bumps the exponent),
+    # the exponent rebased from 127 to 7
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    # subnormal: a multiple of 2^-9; adding 2^23 rounds a * 2^9 to an integer, nearest even
+    sub = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    return (sign | tl.where(a < 0.015625, sub, normal)).to(tl.uint8)
+
+
+@triton.jit
+def fp8_decode(b):
+    """float8 e4m3fn bits (uint8) -> float32 (writers saturate, so no NaN is stored)."""
+    x = b.to(tl.int32)
+    e = (x >> 3) & 15
+    m = x & 7
+    sign = (x & 0x80) << 24
+    normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125  # m * 2^-9
+    return tl.where(e == 0, tl.where(sign != 0, -sub, sub), normal)
 
 
 @triton.jit
@@ -29,8 +63,11 @@ def _write_kv_kernel(
     slot_ptr,
     stride_k,
     stride_v,
+    inv_k,  # FP8: 1 / k_scale (float32), multiplied before encoding
+    inv_v,
     ROW: tl.constexpr,  # kv_heads * D elements per token
     ROW_PAD: tl.constexpr,  # next power of two >= ROW
+    FP8: tl.constexpr,  # caches are e4m3fn bytes
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -39,8 +76,16 @@ def _write_kv_kernel(
         mask = offs < ROW
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
+        if FP8:
+            k = fp8_encode(k.to(tl.float32) * inv_k)
+            v = fp8_encode(v.to(tl.float32) * inv_v)
         tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
         tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+
+
+def as_kernel_cache(cache: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel reads: an fp8 cache's bytes, any other cache as it is."""
+    return cache.view(torch.uint8) if is_fp8(cache) else cache
 
 
 def write_kv(
@@ -49,8 +94,10 @@ def write_kv(
     k: torch.Tensor,
     v: torch.Tensor,
     slot_mapping: torch.Tensor,
+    scales: KVScales = NO_SCALES,
 ) -> None:
-    """k, v [T, kv_heads, D] (each token's heads contiguous) -> their slots [T] (-1: skip)."""
+    """k, v [T, kv_heads, D] (each token's heads contiguous) -> their slots [T] (-1: skip);
+    an fp8 cache stores them divided by `scales`."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -59,19 +106,21 @@ def write_kv(
     _write_kv_kernel[(num_tokens,)](
         k,
         v,
-        k_cache,
-        v_cache,
+        as_kernel_cache(k_cache),
+        as_kernel_cache(v_cache),
         slot_mapping,
         k.stride(0),
         v.stride(0),
-        **write_kv_constants(num_kv_heads, head_dim),
+        inverse(scales.k),
+        inverse(scales.v),
+        **write_kv_constants(num_kv_heads, head_dim, is_fp8(k_cache)),
     )
 
 
-def write_kv_constants(num_kv_heads: int, head_dim: int) -> dict:
+def write_kv_constants(num_kv_heads: int, head_dim: int, fp8: bool = False) -> dict:
     """The write kernel's compile-time constants (tests compile it for CUDA with these)."""
     row = num_kv_heads * head_dim
-    return {"ROW": row, "ROW_PAD": triton.next_power_of_2(row)}
+    return {"ROW": row, "ROW_PAD": triton.next_power_of_2(row), "FP8": fp8}
 
 
 @triton.jit
@@ -85,15 +134,24 @@ def _kv_offsets(table_ptr, pos, valid, kv_head, d, KV_HEADS, HEAD_DIM, BLOCK_SIZ
 
 
 @triton.jit
+def _load_cache(ptr, offs, mask, FP8: tl.constexpr):
+    """Cache values at `offs` as float32 (an fp8 cache's stored values, before its scale)."""
+    if FP8:
+        return fp8_decode(tl.load(ptr + offs, mask=mask, other=0))
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _attend_keys(
     q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, softcap, m_i, l_i, acc,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step: q [R, DIM_PAD] (float32) against the keys at `kv_offs`;
     `visible` [R or 1, TOKENS] masks scores; `softcap` > 0 caps them (softcap * tanh(s /
     softcap)). Returns the updated running max m [R], sum l [R] and output acc [R, DIM_PAD].
-    A row with nothing visible so far keeps m = -inf, l = 0."""
-    k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+    A row with nothing visible so far keeps m = -inf, l = 0. FP8: `scale` includes k_scale
+    and acc is in units of v_scale (the caller multiplies it out)."""
+    k = _load_cache(k_cache_ptr, kv_offs, kv_mask, FP8)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, TOKENS]
     if softcap > 0:
         scores = softcap * (2 * tl.sigmoid(2 * scores / softcap) - 1)  # tanh, from sigmoid
@@ -102,7 +160,7 @@ def _attend_keys(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a finite stand-in to subtract
     p = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0).to(tl.float32)
+    v = _load_cache(v_cache_ptr, kv_offs, kv_mask, FP8)
     acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)  # [R, DIM_PAD]
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -125,6 +183,7 @@ def _paged_decode_kernel(
     split_len,  # keys per split, a multiple of TOKENS (the whole context without SPLIT)
     window,  # > 0: only the last `window` keys of each context are seen
     softcap,  # > 0: scores soft-capped
+    v_scale,  # FP8: V's scale, multiplied into the output (1.0 otherwise)
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16 and a power of two (tl.dot's smallest tile)
@@ -132,7 +191,8 @@ def _paged_decode_kernel(
     DIM_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per KV block
     TOKENS: tl.constexpr,  # keys per iteration
-    PRECISION: tl.constexpr,  # tl.dot's input precision: "ieee" for float32 caches, else "tf32"
+    PRECISION: tl.constexpr,  # tl.dot's input precision: "ieee" for float32 q, else "tf32"
+    FP8: tl.constexpr,  # caches are e4m3fn bytes (`scale` includes k_scale)
     SPLIT: tl.constexpr,  # write per-split partial results for _merge_splits_kernel
 ):
     """One program per (request, KV head, split): its GROUP query heads against the split's
@@ -167,8 +227,9 @@ def _paged_decode_kernel(
         )
         m_i, l_i, acc = _attend_keys(
             q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, valid[None, :], scale, softcap, m_i,
-            l_i, acc, PRECISION,
+            l_i, acc, PRECISION, FP8,
         )  # fmt: skip
+    acc = acc * v_scale
     if SPLIT:
         # An empty split (past the context) has l = 0: output 0, log-sum-exp -inf (weight 0).
         has_keys = l_i > 0
@@ -234,12 +295,14 @@ def paged_decode(
     splits: int | None = None,
     window: int = 0,
     softcap: float = 0.0,
+    scales: KVScales = NO_SCALES,
 ) -> torch.Tensor:
     """q [B, heads, D], caches [N, block_size, kv_heads, D], block_tables [B, max_blocks],
     context_lens [B] (each >= 1 and <= max_blocks * block_size) -> [B, heads, D]: one new
     token per request. `splits`: pieces each context is cut into (default: decode_splits,
     from the table width, so no device value is read and CUDA graphs can capture it).
-    `window` > 0: each row sees only its last `window` keys; `softcap` > 0 caps scores."""
+    `window` > 0: each row sees only its last `window` keys; `softcap` > 0 caps scores;
+    fp8 caches stand for their values times `scales`."""
     num_rows, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     if out is None:
@@ -252,20 +315,23 @@ def paged_decode(
         splits = decode_splits(num_rows, num_kv_heads, max_context)
     tokens = TOKENS_PER_ITERATION
     split_len = -(-max_context // splits // tokens) * tokens if splits > 1 else max_context
-    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype)
+    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, q.dtype)
+    fp8 = is_fp8(k_cache)
+    if not fp8:
+        scales = NO_SCALES
     partial, lse = out, out  # unused placeholders when not split
     if splits > 1:
         partial = torch.empty(num_rows, num_heads, splits, head_dim, device=q.device)
         lse = torch.empty(num_rows, num_heads, splits, device=q.device)
     _paged_decode_kernel[(num_rows, num_kv_heads, splits)](
         q,
-        k_cache,
-        v_cache,
+        as_kernel_cache(k_cache),
+        as_kernel_cache(v_cache),
         block_tables,
         context_lens,
         partial,
         lse,
-        scale,
+        scale * scales.k,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -274,6 +340,8 @@ def paged_decode(
         split_len,
         window,
         float(softcap),
+        float(scales.v),
+        FP8=fp8,
         SPLIT=splits > 1,
         **constants,
     )
@@ -293,7 +361,8 @@ def paged_decode(
 def decode_constants(
     num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype
 ) -> dict:
-    """The decode kernel's compile-time constants (tests compile it for CUDA with these)."""
+    """The decode kernel's compile-time constants but FP8 (tests compile it for CUDA with
+    these); `dtype`: the queries'."""
     group = num_heads // num_kv_heads
     return {
         "KV_HEADS": num_kv_heads,
@@ -303,8 +372,8 @@ def decode_constants(
         "DIM_PAD": max(16, triton.next_power_of_2(head_dim)),
         "BLOCK_SIZE": block_size,
         "TOKENS": TOKENS_PER_ITERATION,
-        # bf16/fp16 values are exact in tf32 (their products too, accumulated in float32);
-        # float32 caches need full-precision products, which tf32 would round to 10 bits
+        # bf16/fp16 values are exact in tf32 (their products too, accumulated in float32), as
+        # are fp8 caches'; float32 queries need full-precision products (tf32: 10 bits)
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
 
@@ -338,6 +407,7 @@ def _paged_prefill_kernel(
     stride_table,
     window,  # > 0: a token at position p sees keys p - window + 1 .. p only
     softcap,  # > 0: scores soft-capped
+    v_scale,  # FP8: V's scale, multiplied into the output (1.0 otherwise)
     KV_HEADS: tl.constexpr,
     GROUP: tl.constexpr,
     GROUP_P2: tl.constexpr,  # next power of two >= GROUP
@@ -347,6 +417,7 @@ def _paged_prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     TOKENS: tl.constexpr,  # keys per iteration
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # caches are e4m3fn bytes (`scale` includes k_scale)
 ):
     """One program per (block of up to TOKENS_Q new tokens of one request, KV head).
 
@@ -385,9 +456,9 @@ def _paged_prefill_kernel(
             visible = visible & (pos[None, :] > query_pos[:, None] - window)
         m_i, l_i, acc = _attend_keys(
             q, k_cache_ptr, v_cache_ptr, kv_offs, kv_mask, visible, scale, softcap, m_i, l_i, acc,
-            PRECISION,
+            PRECISION, FP8,
         )  # fmt: skip
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    out = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]
     out_offs = (
         (row0 + token)[:, None] * stride_out_row + head[:, None] * stride_out_head + d[None, :]
     )
@@ -421,9 +492,11 @@ def paged_prefill(
     out: torch.Tensor,
     window: int = 0,
     softcap: float = 0.0,
+    scales: KVScales = NO_SCALES,
 ) -> None:
     """Causal attention of prefill rows over the paged cache, written into `out`; `window`
-    > 0 limits each token to its last `window` keys; `softcap` > 0 caps scores.
+    > 0 limits each token to its last `window` keys; `softcap` > 0 caps scores; fp8 caches
+    stand for their values times `scales`.
 
     q, out [T, heads, D]; caches [N, block_size, kv_heads, D] already holding this forward's
     K/V; block_tables [B, max_blocks]; programs int32 [P, 4] from prefill_programs."""
@@ -433,15 +506,18 @@ def paged_prefill(
         return
     assert q.stride(2) == 1 and out.stride(2) == 1 and k_cache.is_contiguous()
     group = num_heads // num_kv_heads
-    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, k_cache.dtype)
+    constants = decode_constants(num_heads, num_kv_heads, head_dim, block_size, q.dtype)
+    fp8 = is_fp8(k_cache)
+    if not fp8:
+        scales = NO_SCALES
     _paged_prefill_kernel[(programs.shape[0], num_kv_heads)](
         q,
-        k_cache,
-        v_cache,
+        as_kernel_cache(k_cache),
+        as_kernel_cache(v_cache),
         block_tables,
         programs,
         out,
-        scale,
+        scale * scales.k,
         q.stride(0),
         q.stride(1),
         out.stride(0),
@@ -449,6 +525,8 @@ def paged_prefill(
         block_tables.stride(0),
         window,
         float(softcap),
+        float(scales.v),
+        FP8=fp8,
         **prefill_constants(constants, group),
     )
 

@@ -9,6 +9,8 @@
 // [N, BS, KVH, D] contiguous; block_tables [B, W] int64; context_lens [B] int64 (each >= 1,
 // each <= W * BS); out [B, H, D] contiguous. H = KVH * G: query heads h*G .. h*G+G-1 share
 // KV head h. Work is split over requests (and KV groups when few) with ATen's thread pool.
+// Caches hold q's dtype, or float8 e4m3fn values v standing for v * k_scale (v_scale): the
+// scores are scaled by k_scale with `scale`, the outputs by v_scale.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,7 +21,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -34,6 +42,77 @@ inline float widen(uint16_t bits) {
 }
 template <typename T> struct Raw { using type = T; };  // the element type the loops read
 template <> struct Raw<c10::BFloat16> { using type = uint16_t; };
+template <> struct Raw<c10::Float8_e4m3fn> { using type = uint8_t; };
+
+// float8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal
+// (m * 2^-9). Writers saturate, so no NaN (0x7f/0xff) is read. Branch-free integer and
+// float operations, which the compiler vectorizes in the dot products below.
+inline float widen(uint8_t b) {
+  const uint32_t mag = b & 0x7fu;
+  const uint32_t bits = (mag << 20) + (120u << 23);  // exponent rebased from 7 to 127
+  float normal;
+  std::memcpy(&normal, &bits, sizeof(normal));
+  const float sub = static_cast<float>(static_cast<int32_t>(mag & 7u)) * 0x1p-9f;
+  const float out = (mag >> 3) ? normal : sub;
+  return (b & 0x80u) ? -out : out;
+}
+
+// float32 -> e4m3fn bits: saturated to +-448, rounded to nearest even (PyTorch's result).
+inline uint8_t narrow_fp8(float x) {
+  x = std::min(std::max(x, -448.f), 448.f);
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t sign = (bits >> 24) & 0x80u;
+  bits &= 0x7fffffffu;
+  float a;
+  std::memcpy(&a, &bits, sizeof(a));
+  uint32_t mag;
+  if (a < 0x1p-6f) {  // subnormal: a multiple of 2^-9; adding 2^23 rounds to nearest even
+    mag = static_cast<uint32_t>((a * 512.f + 8388608.f) - 8388608.f);
+  } else {  // float32's mantissa rounded to 3 bits (a carry bumps the exponent)
+    mag = ((bits + 0x7ffffu + ((bits >> 20) & 1u)) >> 20) - (120u << 3);
+  }
+  return static_cast<uint8_t>(sign | mag);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// widen() of 8 fp8 values at once: 8 vector operations instead of ~8 scalar ones each.
+inline __m256 widen8(const uint8_t* p) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7f));
+  const __m256 normal = _mm256_castsi256_ps(
+      _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(120 << 23)));
+  const __m256 sub = _mm256_mul_ps(
+      _mm256_cvtepi32_ps(_mm256_and_si256(mag, _mm256_set1_epi32(7))), _mm256_set1_ps(0x1p-9f));
+  const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
+}
+
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+inline float dot(const float* q, const uint8_t* k, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), widen8(k + i), acc);
+  float sum = hsum(acc);
+  for (; i < d; ++i) sum += q[i] * widen(k[i]);
+  return sum;
+}
+
+inline void axpy(float a, const uint8_t* v, float* acc, int64_t d) {
+  const __m256 scale = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(scale, widen8(v + i), _mm256_loadu_ps(acc + i)));
+  for (; i < d; ++i) acc[i] += a * widen(v[i]);
+}
+#endif
 
 template <typename R>
 inline float dot(const float* q, const R* k, int64_t d) {
@@ -49,16 +128,37 @@ inline void axpy(float a, const R* v, float* acc, int64_t d) {
   for (int64_t i = 0; i < d; ++i) acc[i] += a * widen(v[i]);
 }
 
+// `count` fp8 values -> float32 `out`.
+inline void widen_n(const uint8_t* p, int64_t count, float* out) {
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, widen8(p + i));
+#endif
+  for (; i < count; ++i) out[i] = widen(p[i]);
+}
+
+// `count` values of a slot's row, readable by dot/axpy: in place, or for fp8 widened once
+// into `buf` (then shared by every query head of a KV group instead of widened per head).
+template <typename R>
+inline const R* row_values(const R* row, int64_t, float*) { return row; }
+inline const float* row_values(const uint8_t* row, int64_t count, float* buf) {
+  widen_n(row, count, buf);
+  return buf;
+}
+
 // Attends query heads [h0, h1) of request r to the keys at positions [first, end). Keys of
 // one slot lie together for all KV heads (KVH * D values), so a task that covers every head
 // reads each slot's row once.
-template <typename T, typename R = typename Raw<T>::type>
+template <typename T, typename R>
 void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t first,
             int64_t end, int64_t bs, int64_t kv_heads, int64_t group, int64_t d, int64_t q_head,
-            float scale, float softcap, int64_t h0, int64_t h1, T* op, std::vector<float>& qf,
-            std::vector<float>& scores, std::vector<float>& acc) {
+            float scale, float softcap, float v_scale, int64_t h0, int64_t h1, T* op,
+            std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
+            std::vector<float>& wide) {
   const int64_t n = h1 - h0;  // query heads in this task
   const int64_t ctx = end - first;  // keys attended
+  const int64_t kv0 = h0 / group, kv_values = ((h1 - 1) / group + 1 - kv0) * d;  // heads read
+  wide.resize(kv_values);
   qf.resize(n * d);
   acc.assign(n * d, 0.f);
   scores.resize(n * ctx);
@@ -66,8 +166,10 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(h0 + j) * q_head + i]) * scale;
   for (int64_t t = 0; t < ctx; ++t) {  // scores[j, t] = q_j . k_(first + t)
     const int64_t pos = first + t;
-    const R* row = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d;
-    for (int64_t j = 0; j < n; ++j) scores[j * ctx + t] = dot(&qf[j * d], row + (h0 + j) / group * d, d);
+    const R* row = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d + kv0 * d;
+    const auto* keys = row_values(row, kv_values, wide.data());
+    for (int64_t j = 0; j < n; ++j)
+      scores[j * ctx + t] = dot(&qf[j * d], keys + ((h0 + j) / group - kv0) * d, d);
   }
   if (softcap > 0.f)
     for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
@@ -81,24 +183,27 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
   }
   for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_(first + t)
     const int64_t pos = first + t;
-    const R* row = vp + (table[pos / bs] * bs + pos % bs) * kv_heads * d;
-    for (int64_t j = 0; j < n; ++j) axpy(scores[j * ctx + t], row + (h0 + j) / group * d, &acc[j * d], d);
+    const R* row = vp + (table[pos / bs] * bs + pos % bs) * kv_heads * d + kv0 * d;
+    const auto* values = row_values(row, kv_values, wide.data());
+    for (int64_t j = 0; j < n; ++j)
+      axpy(scores[j * ctx + t], values + ((h0 + j) / group - kv0) * d, &acc[j * d], d);
   }
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i]);
+    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i] * v_scale);
 }
 
-template <typename T>
+// C: the caches' element type (T, or c10::Float8_e4m3fn).
+template <typename T, typename C>
 void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
             const torch::Tensor& tables, const torch::Tensor& context, double scale,
-            int64_t window, double softcap, torch::Tensor& out) {
+            int64_t window, double softcap, double v_scale, torch::Tensor& out) {
   const int64_t rows = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t bs = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
   const int64_t q_row = q.stride(0), q_head = q.stride(1), width = tables.size(1);
   const T* qp = q.data_ptr<T>();
-  using R = typename Raw<T>::type;
-  const R* kp = reinterpret_cast<const R*>(k_cache.data_ptr<T>());
-  const R* vp = reinterpret_cast<const R*>(v_cache.data_ptr<T>());
+  using R = typename Raw<C>::type;
+  const R* kp = reinterpret_cast<const R*>(k_cache.data_ptr<C>());
+  const R* vp = reinterpret_cast<const R*>(v_cache.data_ptr<C>());
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* cp = context.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
@@ -107,36 +212,83 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t splits = rows >= 2 * at::get_num_threads() ? 1 : kv_heads;
   const int64_t per_split = heads / splits;
   at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, acc;
+    std::vector<float> qf, scores, acc, wide;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / splits, h0 = task % splits * per_split;
       const int64_t first = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
       attend(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group, d,
-             q_head, static_cast<float>(scale), static_cast<float>(softcap), h0, h0 + per_split,
-             op + r * heads * d, qf, scores, acc);
+             q_head, static_cast<float>(scale), static_cast<float>(softcap),
+             static_cast<float>(v_scale), h0, h0 + per_split, op + r * heads * d, qf, scores,
+             acc, wide);
     }
   });
 }
 
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor context, double scale,
-                           int64_t window, double softcap) {
+                           int64_t window, double softcap, double k_scale, double v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [B, H, D] with D contiguous");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  const bool fp8 = k_cache.scalar_type() == torch::kFloat8_e4m3fn;
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "K and V cache dtypes differ");
+  TORCH_CHECK(fp8 || q.scalar_type() == k_cache.scalar_type(), "q and cache dtypes differ");
+  if (!fp8) k_scale = v_scale = 1.0;  // scales stand for fp8 values only
+  scale *= k_scale;
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of KV heads");
   auto tables64 = tables.to(torch::kInt64).contiguous();
   auto context64 = context.to(torch::kInt64).contiguous();
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  // q's dtype T and the caches' C: (T, T) or (T, float8)
+  auto run = [&](auto* query, auto* cached) {
+    using T = std::remove_pointer_t<decltype(query)>;
+    using C = std::remove_pointer_t<decltype(cached)>;
+    decode<T, C>(q, k_cache, v_cache, tables64, context64, scale, window, softcap, v_scale, out);
+  };
+  using F8 = c10::Float8_e4m3fn;
+  using BF = c10::BFloat16;
   if (q.scalar_type() == torch::kFloat) {
-    decode<float>(q, k_cache, v_cache, tables64, context64, scale, window, softcap, out);
+    fp8 ? run((float*)nullptr, (F8*)nullptr) : run((float*)nullptr, (float*)nullptr);
   } else if (q.scalar_type() == torch::kBFloat16) {
-    decode<c10::BFloat16>(q, k_cache, v_cache, tables64, context64, scale, window, softcap,
-                          out);
+    fp8 ? run((BF*)nullptr, (F8*)nullptr) : run((BF*)nullptr, (BF*)nullptr);
   } else {
     TORCH_CHECK(false, "paged_decode: float32 or bfloat16 only");
   }
   return out;
+}
+
+// New K/V rows [T, KVH, D] (float32 or bfloat16) into an fp8 cache [N, BS, KVH, D] at
+// `slots` [T] (-1: skipped), as x * inv_scale.
+template <typename T>
+void store_rows(const torch::Tensor& x, torch::Tensor& cache, const int64_t* slots,
+                float inv_scale) {
+  const int64_t tokens = x.size(0), row = x.size(1) * x.size(2);
+  const T* xp = x.data_ptr<T>();
+  uint8_t* cp = reinterpret_cast<uint8_t*>(cache.data_ptr<c10::Float8_e4m3fn>());
+  for (int64_t t = 0; t < tokens; ++t) {
+    if (slots[t] < 0) continue;
+    uint8_t* dst = cp + slots[t] * row;
+    const T* src = xp + t * row;
+    for (int64_t i = 0; i < row; ++i) dst[i] = narrow_fp8(static_cast<float>(src[i]) * inv_scale);
+  }
+}
+
+void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+               torch::Tensor slots, double inv_k, double inv_v) {
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat8_e4m3fn, "store_fp8: fp8 caches only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  auto slots64 = slots.to(torch::kInt64).contiguous();
+  const int64_t* sp = slots64.data_ptr<int64_t>();
+  for (auto [x, cache, inv] : {std::tuple{k.contiguous(), k_cache, inv_k},
+                               std::tuple{v.contiguous(), v_cache, inv_v}}) {
+    TORCH_CHECK(x.size(1) * x.size(2) == cache.size(2) * cache.size(3), "K/V rows differ");
+    if (x.scalar_type() == torch::kFloat) {
+      store_rows<float>(x, cache, sp, static_cast<float>(inv));
+    } else if (x.scalar_type() == torch::kBFloat16) {
+      store_rows<c10::BFloat16>(x, cache, sp, static_cast<float>(inv));
+    } else {
+      TORCH_CHECK(false, "store_fp8: float32 or bfloat16 K/V only");
+    }
+  }
 }
 
 // out[m, n] = x[m, :] . w[n, :] for a few rows x (decode: one per request). Each weight row
@@ -330,6 +482,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
+  m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
   m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");
   m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");

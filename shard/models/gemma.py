@@ -135,10 +135,11 @@ class Model:
         qk = self.ops.rotate(torch.cat([q, k], dim=1), rotary)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         k_cache, v_cache = kv_cache.layer(index)
-        backend.store_kv(k_cache, v_cache, k, v, meta)
-        window = self.spec.layer_windows[index]
+        scales = kv_cache.scales[index]
+        backend.store_kv(k_cache, v_cache, k, v, meta, scales)
+        window, softcap = self.spec.layer_windows[index], self.attn_softcap
         attn = backend.attend(
-            q, k, v, k_cache, v_cache, meta, self.scale, window=window, softcap=self.attn_softcap
+            q, k, v, k_cache, v_cache, meta, self.scale, window, softcap, scales=scales
         )
         return layer.o_proj(attn.reshape(num_tokens, num_q))
 

@@ -147,9 +147,12 @@ class LlamaModel:
             q, k = ops.rotate(qk, rotary).split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
             k_cache, v_cache = kv_cache.layer(index)
-            backend.store_kv(k_cache, v_cache, k, v, meta)
+            scales = kv_cache.scales[index]
+            backend.store_kv(k_cache, v_cache, k, v, meta, scales)
             window = self.spec.layer_windows[index]
-            attn = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale, window)
+            attn = backend.attend(
+                q, k, v, k_cache, v_cache, meta, self.scale, window, scales=scales
+            )
             out = layer.o_proj(attn.reshape(num_tokens, num_q))
             hidden, x = ops.add_norm(hidden, out, layer.post_norm, eps)
             pending = layer.mlp(x)

@@ -14,8 +14,9 @@ AWQ's -scale * zero exactly; G groups of g = K / G inputs):
 `dequantize_*` give exactly the weights the kernels multiply by: a model whose weights are
 replaced by them serves the same tokens in float32 (how the tests check every path).
 On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
-weights once; more rows multiply a dequantized copy, a tile at a time); elsewhere the weights
-are dequantized per call.
+weights once; more rows multiply a dequantized copy, a tile at a time); on CUDA in Triton
+kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
+the weights are dequantized per call.
 """
 
 from __future__ import annotations
@@ -111,7 +112,15 @@ def group_for(in_features: int, group_size: int, what: str) -> int:
     return group_size
 
 
-def _kernels(device: torch.device) -> Any:
+def _kernels(device: torch.device, in_features: int) -> Any:
+    """The products' kernels: pytgi's C++ ones on CPU (`max_rows` _KERNEL_ROWS), Triton's
+    on CUDA (any rows; inputs in whole blocks of 32); None: dequantize per call."""
+    if device.type == "cuda" and in_features % 32 == 0:
+        try:
+            from shard.models.quant_triton import TritonQuant
+        except ImportError:
+            return None
+        return TritonQuant()
     if device.type != "cpu":
         return None
     from shard import cpu_kernels
@@ -148,7 +157,7 @@ class QuantLinear:
         self.out_features = weight.shape[0]
         inputs = weight.shape[1] * (2 if method == "int4" else 1)
         self.group_size = inputs // qparams[0].shape[1]
-        self.kernels = _kernels(weight.device)
+        self.kernels = _kernels(weight.device, inputs)
 
     @classmethod
     def quantize(
@@ -175,7 +184,9 @@ class QuantLinear:
     @property
     def kind(self) -> str:
         group = f" (groups of {self.group_size})" if self.method == "int4" else ""
-        where = "pytgi's CPU kernels" if self.kernels is not None else "dequantized per call"
+        where = getattr(self.kernels, "name", "pytgi's CPU kernels")
+        if self.kernels is None:
+            where = "dequantized per call"
         return f"{self.method} weight-only{group}, {where}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +194,9 @@ class QuantLinear:
         flat = x.reshape(-1, shape[-1])
         if self.order is not None:
             flat = flat.index_select(1, self.order)
-        if self.kernels is not None and flat.shape[0] <= _KERNEL_ROWS:
+        if self.kernels is not None and flat.shape[0] <= getattr(
+            self.kernels, "max_rows", _KERNEL_ROWS
+        ):
             if self.method == "int8":
                 out = self.kernels.q8_linear(flat, self.weight, *self.qparams)
             else:

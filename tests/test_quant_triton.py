@@ -1,0 +1,82 @@
+"""The Triton kernels of the int8 / int4 layers on CUDA (shard/models/quant_triton.py), run
+on CPU under TRITON_INTERPRET=1: each equals x @ dequantize(w) (float64) within float32
+rounding for float32 inputs, and x @ dequantize(w).to(bfloat16) for bfloat16 ones, at every
+row count around its tiles, every group size, outputs that do not fill a tile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard.models.quant import (
+    QuantLinear,
+    dequantize_int4,
+    dequantize_int8,
+    quantize_int4,
+    quantize_int8,
+)
+
+pytest.importorskip("triton")
+from shard.models.quant_triton import TritonQuant, q4_linear, q8_linear  # noqa: E402
+
+# (in, out): a SmolLM2 layer's share at 3 shards, a tile-straddling output count, a tiny one
+SHAPES = [(192, 160), (96, 100), (64, 128)]
+ROWS = [1, 5, 16, 17, 70]
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def _case(k: int, n: int, rows: int):
+    gen = torch.Generator().manual_seed(k * n + rows)
+    return torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("group", [None, 32])  # per output channel; GGUF Q8_0's groups
+def test_int8_kernel_multiplies_by_the_dequantized_weights(k, n, rows, group):
+    weight, x = _case(k, n, rows)
+    q, scales = quantize_int8(weight, group)
+    expected = x.double() @ dequantize_int8(q, scales).double().T
+    out = q8_linear(x, q, scales)
+    assert out.dtype == torch.float32 and out.shape == (rows, n)
+    assert _relative_error(out, expected) < 1e-5
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k, n, group", [(k, n, g) for k, n in SHAPES for g in (32, 64, 128)
+                                         if k % g == 0])  # fmt: skip
+def test_int4_kernel_multiplies_by_the_dequantized_weights(k, n, rows, group):
+    weight, x = _case(k, n, rows)
+    packed, scales, mins = quantize_int4(weight, group)
+    expected = x.double() @ dequantize_int4(packed, scales, mins).double().T
+    assert _relative_error(q4_linear(x, packed, scales, mins), expected) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_bfloat16_inputs_take_bfloat16_weights(method):
+    """As the dequantized path: weights rounded to bfloat16, products summed in float32."""
+    weight, x = _case(128, 96, 5)
+    x = x.bfloat16()
+    if method == "int8":
+        q, scales = quantize_int8(weight)
+        out, w = q8_linear(x, q, scales), dequantize_int8(q, scales)
+    else:
+        packed, scales, mins = quantize_int4(weight, 128)
+        out, w = q4_linear(x, packed, scales, mins), dequantize_int4(packed, scales, mins)
+    expected = x.double() @ w.bfloat16().double().T
+    # 1e-2: Triton's interpreter truncates float32 to bfloat16 (a GPU rounds to nearest)
+    assert out.dtype == torch.bfloat16 and _relative_error(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_layer_with_the_triton_kernels_serves_any_row_count(method):
+    """QuantLinear as on CUDA (its kernels Triton's): 70 rows go through the kernel too."""
+    weight, x = _case(96, 100, 70)
+    layer = QuantLinear.quantize(weight, torch.ones(100), method, 32)
+    expected = layer(x)  # the CPU path (dequantized tiles at 70 rows), bias added
+    layer.kernels = TritonQuant()
+    assert _relative_error(layer(x), expected.double()) < 1e-5
+    assert "Triton" in layer.kind
