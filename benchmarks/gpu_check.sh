@@ -8,7 +8,8 @@
 #   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields) and the
 #      fused layer kernels compiled (tests/test_fused_ops.py)
 #   4. decode step in-process: eager vs CUDA graphs (fused or torch element-wise ops) vs
-#      transformers vs the HBM bound (1B); then where a batch-1 step's time goes (profiler)
+#      transformers vs the HBM bound (1B); the same step with fp8 / int8 / int4 weights and
+#      an fp8 KV cache; then where a batch-1 step's time goes (profiler)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
@@ -63,6 +64,9 @@ check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest
 
 check decode-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 \
   --json "$OUT/decode_1b.json"
+
+check quant-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 --steps 32 \
+  --quantized
 
 check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
 

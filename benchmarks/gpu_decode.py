@@ -8,6 +8,10 @@ Mean milliseconds per `engine.decode` call (forward, sampling, detokenization) o
 same prompts (per-token time of `max_new_tokens=steps+1` minus a 1-token run).
 
     python benchmarks/gpu_decode.py MODEL_DIR [--batch 1,8,64] [--json out.json]
+
+With `--quantized`: the CUDA-graph step of the same model with bf16 weights, fp8 weights
+(`--quantize fp8`), int8 and int4 (groups of 32) weights, and bf16 weights over an fp8 KV
+cache, each against its own weights' HBM bound (a table in the log; no JSON).
 """
 
 from __future__ import annotations
@@ -87,14 +91,20 @@ def theirs(model, batch: list[list[int]], steps: int) -> float:
 
 
 def engine_for(
-    model_dir: Path, graphs: tuple[int, ...], device: str, ops: LayerOps | None = None
+    model_dir: Path,
+    graphs: tuple[int, ...],
+    device: str,
+    ops: LayerOps | None = None,
+    **options,
 ) -> ShardEngine:
     """On CUDA: Triton attention, graphs of the given sizes. On CPU (a smoke test of this
     script): the reference backend, graphs through EagerGraph. `ops`: the model's
-    element-wise ops, when not its device's default (set before the graphs are captured)."""
+    element-wise ops, when not its device's default (set before the graphs are captured);
+    `options`: more ShardConfig fields (quantize, kv_cache_dtype)."""
     config = ShardConfig(model_dir=str(model_dir), device=device, cuda_graphs=graphs,
                          attention="triton" if device == "cuda" else "reference",
-                         cuda_memory_fraction=0.3, kv_cache_memory=256 << 20)  # fmt: skip
+                         cuda_memory_fraction=0.3, kv_cache_memory=256 << 20,
+                         **options)  # fmt: skip
     engine = ShardEngine(config)
     if ops is not None:
         engine.runner.model.ops = ops
@@ -113,6 +123,42 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+QUANTIZED = {
+    "bf16": {},
+    "fp8 weights": {"quantize": "fp8"},
+    "int8 weights": {"quantize": "int8"},
+    "int4 weights (g32)": {"quantize": "int4", "quantize_group_size": 32},
+    "bf16, fp8 KV cache": {"kv_cache_dtype": "fp8_e4m3fn"},
+}
+
+
+def quantized_table(args, sizes: list[int], bandwidth: float, vocab: int) -> list[str]:
+    """The CUDA-graph step per weight / KV format; a format this device refuses is a row
+    saying why."""
+    from shard.errors import ModelLoadError
+
+    graph_sizes = tuple(sorted({1, 2, 4, 8, 16, 32, 64, *sizes}))
+    head = " | ".join(f"batch {b} ms" for b in sizes)
+    lines = [f"| format | weights GiB | {head} | batch {sizes[0]} / its bound |",
+             "|---|---:|" + "---:|" * (len(sizes) + 1)]  # fmt: skip
+    for name, options in QUANTIZED.items():
+        try:
+            engine = engine_for(args.model_dir, graph_sizes, args.device, **options)
+        except ModelLoadError as exc:
+            lines.append(f"| {name} | refused: {exc} |")
+            continue
+        weight_bytes = engine.runner.model.weight_bytes
+        times = [ours(engine, prompts(b, 128, vocab), args.steps) for b in sizes]
+        bound = weight_bytes / bandwidth * 1000
+        cells = " | ".join(f"{t:.3f}" for t in times)
+        lines.append(f"| {name} | {weight_bytes / 2**30:.2f} | {cells} | {times[0] / bound:.2f}x |")
+        print(lines[-1], flush=True)
+        release(engine)
+        del engine
+        release_memory()
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -121,9 +167,19 @@ def main() -> None:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests the script")
+    parser.add_argument("--quantized", action="store_true", help="the formats' table only")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch.split(",")]
     bandwidth = copy_bandwidth(args.device, 1 << 30 if args.device == "cuda" else 64 << 20)
+    if args.quantized:
+        from shard.spec import read_spec
+
+        vocab = read_spec(str(args.model_dir)).vocab_size
+        name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+        print(f"{args.model_dir.name} on {name}: weight and KV formats, CUDA graphs, "
+              f"copy bandwidth {bandwidth / 1e12:.2f} TB/s")  # fmt: skip
+        print("\n".join(quantized_table(args, sizes, bandwidth, vocab)))
+        return
     rows: dict[int, dict] = {b: {} for b in sizes}
     eager = engine_for(args.model_dir, (), args.device)
     weight_bytes = eager.runner.model.weight_bytes  # every tensor the shard loaded, once

@@ -235,9 +235,10 @@ def option(name: str, *short: str, **kwargs):
     "--quantize",
     type=click.Choice(["int8", "int4", *TGI_QUANTIZE]),
     default=None,
-    help="Weight-only quantization on load: int8 (per output channel) or int4 (groups of "
-    "--quantize-group-size inputs), the LM head in int8; TGI's other methods (awq, gptq, "
-    "fp8, ...) not yet.",
+    help="Quantization on load: int8 (per output channel) or int4 (groups of "
+    "--quantize-group-size inputs), weight-only, the LM head in int8; fp8 (weights and "
+    "activations, GPUs with fp8 products). awq, gptq, compressed-tensors, fp8 checkpoints are "
+    "detected from their config; bitsandbytes, marlin, eetq, exl2 are refused.",
 )
 @option(
     "--quantize-group-size",

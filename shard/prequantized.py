@@ -3,8 +3,10 @@ and AWQ layers `X` are `X.qweight`, `X.qzeros`, `X.scales` (and GPTQ's `X.g_idx`
 `X.weight`, compressed-tensors' 4-bit ones `X.weight_packed` and `X.weight_scale`; this store
 serves `X.weight` in `shard.models.quant`'s int4 form (w = s q + m, with m = -s z held
 exactly in float32). fp8 weights (`X.weight` in float8_e4m3fn with `X.weight_scale` per
-tensor or channel, or transformers' `X.weight_scale_inv` per 128 x 128 block) are multiplied
-out on load: CPUs have no fp8 products (logged once).
+tensor or channel, or transformers' `X.weight_scale_inv` per 128 x 128 block): on a GPU
+with fp8 products, per-tensor and per-channel ones are served as stored (`packed` gives
+("fp8", weight, (scales [N, 1],), None); shard/models/fp8.py); block-scaled ones, and every
+one elsewhere (CPUs have no fast fp8 products), are multiplied out on load (logged once).
 
 Published layouts (int32 words of eight 4-bit values, the first in the low bits):
 - GPTQ: qweight [K / 8, N] packs 8 consecutive inputs per word; qzeros [G, N / 8] packs 8
@@ -55,8 +57,8 @@ class PrequantizedStore:
     """A safetensors checkpoint of GPTQ or AWQ layers behind the WeightStore interface:
     `packed(name)` gives a quantized layer's int4 form and input order (act-order)."""
 
-    def __init__(self, store: WeightStore, settings: dict) -> None:
-        self.store, self.settings = store, settings
+    def __init__(self, store: WeightStore, settings: dict, fp8_products: bool = False) -> None:
+        self.store, self.settings, self.fp8_products = store, settings, fp8_products
         self.method = settings["method"]
         self.packing = "compressed" if settings.get("weights") == "int4" else self.method
         self._told = False
@@ -100,11 +102,24 @@ class PrequantizedStore:
             scale = scale[:, None]
         if not self._told:
             self._told = True
-            log.info("fp8 weights are multiplied out to the serving dtype on load (CPU)")
+            why = "block scales" if self.fp8_products else "no fp8 products on this device"
+            log.info("fp8 weights are multiplied out to the serving dtype on load (%s)", why)
         return weight * scale
 
+    def _fp8_form(self, name: str) -> Packed | None:
+        """An fp8 weight as stored with one scale per output row, when this device
+        multiplies fp8 and the scale is per tensor or per channel; None otherwise."""
+        scale_name = self._fp8_scale(name) if self.fp8_products else None
+        if scale_name is None:
+            return None
+        rows = self.store.shape(name)[0]
+        scale = self.store.get(scale_name).float().reshape(-1)
+        if scale.numel() not in (1, rows):  # blocks
+            return None
+        return "fp8", self.store.get(name), (scale.expand(rows).reshape(rows, 1),), None
+
     def get(self, name: str) -> torch.Tensor:
-        form = self.packed(name)
+        form = None if self._quantized(name) is None else self.packed(name)
         if form is None:
             scale_name = self._fp8_scale(name)
             return self.store.get(name) if scale_name is None else self._fp8(name, scale_name)
@@ -121,10 +136,11 @@ class PrequantizedStore:
         return whole[start:stop] if dim == 0 else whole[:, start:stop]
 
     def packed(self, name: str) -> Packed | None:
-        """("int4", q [N, K / 2], (scales [N, G], mins [N, G]), input order [K] or None)."""
+        """("int4", q [N, K / 2], (scales [N, G], mins [N, G]), input order [K] or None), or
+        an fp8 weight's form (see _fp8_form)."""
         base = self._quantized(name)
         if base is None:
-            return None
+            return self._fp8_form(name)
         if self.packing == "compressed":
             return self._compressed(base)
         words = self.store.get(f"{base}.qweight").to(torch.int32)

@@ -24,6 +24,7 @@ from shard.kv_cache import KV_CACHE_DTYPES, KVCache, KVScales
 from shard.kv_calibration import scales_from
 from shard.loader import Store, WeightStore
 from shard.models import build_model
+from shard.models.fp8 import fp8_products
 from shard.models.ops import TorchOps
 from shard.parallel import Parallel
 from shard.prequantized import PrequantizedStore
@@ -77,17 +78,31 @@ def weight_store(config: ShardConfig, spec: ModelSpec) -> tuple[Store, str | Non
     other group sizes quantize the converted weights again). A `--model-id file.gguf`
     folder's weights are always the file's."""
     settings = prequantized(spec.config)
+    products = fp8_products(torch.device(config.device))
     if settings is not None:
-        if config.quantize not in (None, settings["method"]):
+        fp8_methods = ("fp8", "fbgemm_fp8")
+        fp8_weights = settings["method"] in fp8_methods or settings.get("weights") == "fp8"
+        if config.quantize not in (None, settings["method"]) and not (
+            config.quantize == "fp8" and fp8_weights
+        ):
             raise ModelLoadError(
                 f"--quantize {config.quantize}: this checkpoint is {settings['method']}-"
                 f"quantized; leave --quantize unset or pass {settings['method']}"
             )
-        return PrequantizedStore(WeightStore(config.model_dir), settings), None
+        store = PrequantizedStore(WeightStore(config.model_dir), settings, fp8_products=products)
+        return store, None
+    if config.quantize == "fp8":
+        if not products:
+            raise ModelLoadError(
+                f"--quantize fp8 needs a GPU with fp8 products (compute capability 8.9+: Ada, "
+                f"Hopper); {config.device} has none (PyTorch's fp8 products on CPU run ~40x "
+                "slower than float32); --quantize int8 stores the same byte per weight"
+            )
+        return WeightStore(config.model_dir), "fp8"
     if config.quantize in PREQUANTIZED:
         raise ModelLoadError(
             f"--quantize {config.quantize}: this checkpoint has no {config.quantize} "
-            "quantization_config; for quantizing on load pass int8 or int4"
+            "quantization_config; for quantizing on load pass int8, int4 or fp8"
         )
     blocks = config.quantize == "int4" and config.quantize_group_size == 32
     found = gguf_source(config.model_dir)

@@ -190,3 +190,59 @@ def test_seeded_sampling_on_cuda(model_dir):
     first = sample(42, 1)
     assert sample(42, 2) == first and sample(7, 3) != first
     _release(engine)
+
+
+@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_layer_kernels_on_cuda(method, rows):
+    """shard/models/quant_triton.py compiled: Llama-1B's MLP shapes, bfloat16 inputs."""
+    from shard.models import quant, quant_triton
+
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(8192, 2048, generator=gen)
+    x = torch.randn(rows, 2048, generator=gen).bfloat16()
+    if method == "int8":
+        q, scales = quant.quantize_int8(weight)
+        w = quant.dequantize_int8(q, scales)
+        out = quant_triton.q8_linear(x.cuda(), q.cuda(), scales.cuda())
+    else:
+        packed, scales, mins = quant.quantize_int4(weight, 32)
+        w = quant.dequantize_int4(packed, scales, mins)
+        out = quant_triton.q4_linear(x.cuda(), packed.cuda(), scales.cuda(), mins.cuda())
+    expected = x.double() @ w.bfloat16().double().T
+    assert ((out.cpu().double() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def _near_transformers(engine: ShardEngine, hf_model, tolerance: float) -> None:
+    """A lossy format (fp8, int4): the first 4 generated tokens of each prompt, teacher-
+    forced, within `tolerance` of transformers' argmax and of its log-probability."""
+    tokens, logprobs = _generate(engine, 4)
+    with torch.inference_mode():
+        for i, prompt in enumerate(PROMPTS):
+            prompt_ids = engine.tokenizer.encode(prompt, add_special_tokens=False).ids
+            ids = torch.tensor([prompt_ids + tokens[i]], device="cuda")
+            hf = hf_model(ids).logits[0].float().log_softmax(-1)[len(prompt_ids) - 1 :]
+            for step, (token, ours) in enumerate(zip(tokens[i], logprobs[i], strict=True)):
+                assert hf[step].max().item() - hf[step, token].item() <= tolerance, (i, step)
+                assert abs(ours - hf[step, token].item()) <= tolerance, (i, step)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"kv_cache_dtype": "fp8_e4m3fn"}, {"quantize": "fp8"}, {"quantize": "int8"},
+     {"quantize": "int4"}],
+    ids=["fp8-kv", "fp8-weights", "int8", "int4"],
+)  # fmt: skip
+def test_lossy_formats_on_cuda(model_dir, hf_model, options):
+    """Each format served with Triton attention and CUDA graphs; fp8 weights only where the
+    GPU multiplies fp8 (elsewhere refused by name)."""
+    from shard.errors import ModelLoadError
+    from shard.models.fp8 import fp8_products
+
+    if options.get("quantize") == "fp8" and not fp8_products(torch.device("cuda")):
+        with pytest.raises(ModelLoadError, match="needs a GPU with fp8 products"):
+            _engine(model_dir, **options)
+        return
+    engine = _engine(model_dir, attention="triton", cuda_graphs=(1, 2, 4, 8), **options)
+    _near_transformers(engine, hf_model, 0.25 if options.get("quantize") == "int4" else 0.1)
+    _release(engine)

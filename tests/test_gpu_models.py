@@ -51,3 +51,23 @@ def test_gpu_decode_script_runs_on_cpu(tiny_model_dir, tmp_path):
     assert report["weight_bytes"] > 0 and report["bound_ms"] > 0 and report["bandwidth"] > 0
     for row in report["rows"].values():
         assert row["eager_ms"] > 0 and row["graphs_ms"] > 0 and row["transformers_ms"] > 0
+
+
+def test_gpu_decode_quantized_table_runs_on_cpu(tiny_model_dir):
+    """The formats' table gpu_check.sh prints: on CPU every format but fp8 weights is
+    measured; fp8 weights are refused there with the reason in their row."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_decode.py", str(tiny_model_dir), "--device", "cpu",
+         "--batch", "1,2", "--steps", "3", "--quantized"],
+        check=True, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    by_name = {row.split(" | ")[0].removeprefix("| "): row for row in rows[1:]}
+    assert set(by_name) >= {"bf16", "fp8 weights", "int8 weights", "int4 weights (g32)",
+                            "bf16, fp8 KV cache"}  # fmt: skip
+    assert "refused: --quantize fp8 needs a GPU" in by_name["fp8 weights"]
+    for name in ("bf16", "int8 weights", "int4 weights (g32)", "bf16, fp8 KV cache"):
+        assert by_name[name].rstrip(" |").endswith("x"), by_name[name]

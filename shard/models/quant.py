@@ -231,10 +231,10 @@ class QuantLinear:
 
 
 def check_method(method: str | None, group_size: int) -> None:
-    if method is not None and method not in METHODS:
+    if method is not None and method not in (*METHODS, "fp8"):
         raise ModelLoadError(
             f"--quantize {method} is not supported yet; supported: {', '.join(METHODS)} "
-            "(weight-only, from a full-precision checkpoint)"
+            "(weight-only, from a full-precision checkpoint) and fp8 (GPUs with fp8 products)"
         )
     if group_size not in GROUP_SIZES:
         raise ModelLoadError(

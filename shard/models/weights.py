@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from shard.errors import ModelLoadError
 from shard.loader import Store
+from shard.models.fp8 import Fp8Linear
 from shard.models.linear import Linear
-from shard.models.quant import QuantLinear, group_for
+from shard.models.quant import METHODS, QuantLinear, group_for
 from shard.parallel import Parallel
 
 
@@ -80,7 +81,10 @@ class RowParallel:
     __slots__ = ("linear", "bias", "parallel")
 
     def __init__(
-        self, linear: Linear | QuantLinear, bias: torch.Tensor | None, parallel: Parallel
+        self,
+        linear: Linear | QuantLinear | Fp8Linear,
+        bias: torch.Tensor | None,
+        parallel: Parallel,
     ) -> None:
         self.linear, self.bias, self.parallel = linear, bias, parallel
 
@@ -94,7 +98,7 @@ class RowParallel:
 
 
 # What Loader.linear gives: a layer over this rank's slice, summed over ranks if row-parallel
-Projection = Linear | QuantLinear | RowParallel
+Projection = Linear | QuantLinear | Fp8Linear | RowParallel
 
 
 class VocabEmbedding:
@@ -117,7 +121,7 @@ class VocabHead:
     """Hidden [N, hidden] -> float32 logits [N, vocab]: each rank's vocabulary slice,
     gathered."""
 
-    def __init__(self, linear: Linear | QuantLinear, parallel: Parallel) -> None:
+    def __init__(self, linear: Linear | QuantLinear | Fp8Linear, parallel: Parallel) -> None:
         self.linear, self.parallel = linear, parallel
 
     @property
@@ -188,9 +192,10 @@ class Loader:
             return self.store.get(part.name)
         return self.store.get_slice(part.name, 0, start, stop)
 
-    def _packed(self, param: Param, bias: torch.Tensor | None) -> QuantLinear | None:
-        """The layer from a store's own quantized forms (a GGUF file's Q8_0/Q4 tensors),
-        this rank's rows and columns cut from the packed data; None if it has none."""
+    def _packed(self, param: Param, bias: torch.Tensor | None) -> QuantLinear | Fp8Linear | None:
+        """The layer from a store's own quantized forms (a GGUF file's Q8_0/Q4 tensors, a
+        GPTQ/AWQ checkpoint's, fp8 weights on a GPU with fp8 products), this rank's rows and
+        columns cut from the packed data; None if it has none."""
         packed = getattr(self.store, "packed", None)
         if packed is None:
             return None
@@ -207,7 +212,11 @@ class Loader:
         joined = [torch.cat(ts).contiguous().to(self.device) for ts in zip(*pieces, strict=True)]
         if order is not None:
             order = order.to(self.device)
-        layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias, order)
+        layer: QuantLinear | Fp8Linear
+        if forms[0][0] == "fp8":
+            layer = Fp8Linear(joined[0], joined[1], bias)
+        else:
+            layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias, order)
         self.nbytes += layer.nbytes
         return layer
 
@@ -224,6 +233,8 @@ class Loader:
                 f"{part.name}: act-order (desc_act) GPTQ groups span the inputs, so this "
                 "layer cannot be split by columns over shards; serve it with --num-shard 1"
             )
+        if method == "fp8":  # one scale per output row: any columns
+            return [tensors[0][:, cols[0] : cols[1]], *tensors[1:]]
         k = self.store.shape(part.name)[1]
         group = k // params[0].shape[1]
         if cols[0] % group or cols[1] % group:
@@ -251,12 +262,16 @@ class Loader:
             return self._layer(weight, b)
         return RowParallel(self._layer(weight, None), b, self.parallel)
 
-    def _layer(self, param: Param, bias: torch.Tensor | None) -> Linear | QuantLinear:
+    def _layer(self, param: Param, bias: torch.Tensor | None) -> Linear | QuantLinear | Fp8Linear:
         stored = self._packed(param, bias)
         if stored is not None:
             return stored
         if self.quantize is None:
             return Linear(self.tensor(param), bias, pack=self.pack, gemv=self.gemv)
+        if self.quantize == "fp8":  # this rank's rows or columns, per output channel
+            fp8 = Fp8Linear.quantize(self.tensor(param, count=False), bias)
+            self.nbytes += fp8.nbytes
+            return fp8
         whole_rows = self.quantize == "int8" and param.split is Split.COLS
         if whole_rows:  # per-channel scales over whole rows, then this rank's columns
             param = Param(param.parts, Split.NONE, param.optional)
@@ -276,8 +291,9 @@ class Loader:
         return VocabEmbedding(name, weight, start, self.parallel)
 
     def head(self, name: str, embedding: VocabEmbedding, tied: bool) -> VocabHead:
-        """The LM head: the embedding's own tensor when tied or absent. With --quantize it
-        is int8 per output channel (either method: 4 bits would cost the head too much)."""
+        """The LM head: the embedding's own tensor when tied or absent. With --quantize int8
+        or int4 it is int8 per output channel (4 bits would cost the head too much); with
+        fp8 it stays in the serving dtype (as TGI's)."""
         source = embedding.name if tied or name not in self.store else name
         stored = self._packed(Param.of(source, split=Split.ROWS), None)
         if stored is not None:  # a GGUF's own Q8_0 head
@@ -285,8 +301,9 @@ class Loader:
         if source == embedding.name:
             weight = embedding.weight
         else:
-            weight = self.tensor(Param.of(name, split=Split.ROWS), count=self.quantize is None)
-        if self.quantize is not None:
+            quantized = self.quantize in METHODS
+            weight = self.tensor(Param.of(name, split=Split.ROWS), count=not quantized)
+        if self.quantize in METHODS:
             layer = QuantLinear.quantize(weight, None, "int8", 0)
             self.nbytes += layer.nbytes
             return VocabHead(layer, self.parallel)
