@@ -55,7 +55,7 @@ def resolve_model(
     revision: str | None = None,
     hub_cache: str | None = None,
 ) -> Path:
-    """A local model directory, a Hub model fetched once (launcher/hub.py), a Llama GGUF
+    """A local model directory, a Hub model fetched once (launcher/hub.py), a GGUF
     file's folder (config and tokenizer read once; weights from the file), or the embedded
     SmolLM2 converted once; checked for support and for splitting over `num_shard` ranks.
     Plain Python: the launcher never imports torch (conversions run in child processes)."""

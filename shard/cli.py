@@ -299,7 +299,7 @@ def default_model(cache_dir: str | None) -> None:
     "--cache-dir", default=None, help="Cache folder [default: $PYTGI_CACHE_DIR or ~/.cache/pytgi]."
 )
 def prepare_gguf(path: str, cache_dir: str | None) -> None:
-    """Read a Llama GGUF file's config and tokenizer once and print its serving folder."""
+    """Read a GGUF file's config and tokenizer once and print its serving folder."""
     from shard.embedded import gguf_model_dir
 
     setup_logging("shard")

@@ -74,7 +74,7 @@ def gguf_source(model_dir: str | Path) -> tuple[Path, bool] | None:
 
 
 def gguf_model_dir(path: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """The serving folder of a Llama GGUF file: its config and tokenizer, converted once by
+    """The serving folder of a GGUF file: its config and tokenizer, converted once by
     transformers into the cache; the weights stay in the file (`shard/gguf.py` reads them)."""
     import hashlib
 
@@ -101,7 +101,12 @@ def _prepare_gguf(path: Path, target: Path) -> None:
         config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the blocks are read by pytgi itself
-        config.architectures = config.architectures or ["LlamaForCausalLM"]  # GGUF's llama
+        if not config.architectures:  # by the GGUF's architecture (shard/gguf.py's)
+            classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
+            if config.model_type not in classes:
+                raise ValueError(f"GGUF architecture {config.model_type!r} is not served")
+            config.architectures = [classes[config.model_type]]
         config.save_pretrained(staging)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(staging)

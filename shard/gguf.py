@@ -1,13 +1,15 @@
-"""A Llama GGUF file as a weight store: its tensors under Hugging Face's names, Q8_0, Q4_0 and
-Q4_1 ones also in their packed forms, so `--quantize int4` serves them as they are.
+"""A GGUF file (Llama, Mistral, Qwen2 or Qwen3 architecture) as a weight store: its tensors
+under Hugging Face's names, Q8_0, Q4_0 and Q4_1 ones also in their packed forms, so they are
+served as they are.
 
 GGUF stores a [N, K] weight as N rows of blocks along the inputs: Q8_0 blocks of 32 are a
 float16 scale d and 32 int8 (w = d q); Q4_0 blocks are d and 16 bytes of nibbles
 (w = d (q - 8)); Q4_1 blocks are d, a float16 min m and the nibbles (w = d q + m), byte j
 holding inputs j and j + 16 (the layout `shard.models.quant` keeps). llama.cpp's converter
-interleaves the rows of Llama's q and k projections for its rotary form; they are put back
-in Hugging Face's order (a row permutation, so packed rows move whole). Other tensor types
-are dequantized by the `gguf` package, once each.
+interleaves the rows of Llama's (and Mistral's) q and k projections for its rotary form;
+they are put back in Hugging Face's order (a row permutation, so packed rows move whole);
+Qwen's are stored in Hugging Face's order. Other tensor types are dequantized by the `gguf`
+package, once each.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ _LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
+# GGUF architectures served -> whether llama.cpp interleaved their q/k rows
+ARCHITECTURES = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -65,7 +71,7 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 
 class GgufStore:
-    """The tensors of a Llama GGUF file by Hugging Face name (the WeightStore interface),
+    """The tensors of a GGUF file by Hugging Face name (the WeightStore interface),
     plus `packed(name)`: the packed form of a Q8_0/Q4_0/Q4_1 tensor, else None."""
 
     def __init__(self, path: str | Path) -> None:
@@ -74,10 +80,14 @@ class GgufStore:
         self.path = Path(path)
         self.reader = GGUFReader(self.path)
         arch = self._field("general.architecture")
-        if arch != "llama":
-            raise ModelLoadError(f"{self.path.name}: GGUF architecture {arch!r}; only llama")
-        self.heads = int(self._field("llama.attention.head_count"))
-        self.kv_heads = int(self._field("llama.attention.head_count_kv") or self.heads)
+        if arch not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"{self.path.name}: GGUF architecture {arch!r} is not served; GGUF files of "
+                f"{', '.join(ARCHITECTURES)} are (other families: their safetensors)"
+            )
+        self.permuted = ARCHITECTURES[arch]
+        self.heads = int(self._field(f"{arch}.attention.head_count"))
+        self.kv_heads = int(self._field(f"{arch}.attention.head_count_kv") or self.heads)
         self._tensors: dict[str, Any] = {}
         for tensor in self.reader.tensors:
             name = hf_name(tensor.name)
@@ -104,6 +114,8 @@ class GgufStore:
         return self._tensors[name]
 
     def _order(self, name: str, rows: int) -> torch.Tensor | None:
+        if not self.permuted:
+            return None
         if name.endswith("q_proj.weight"):
             return unpermute_rows(rows, self.heads)
         if name.endswith("k_proj.weight"):

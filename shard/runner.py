@@ -49,6 +49,24 @@ def _backend_name(attention: str, device_type: str, plain: bool) -> str:
     return attention
 
 
+def checkpoint_scales(store: Store, num_layers: int) -> list[KVScales] | None:
+    """Per-layer fp8 KV scales a checkpoint carries (llm-compressor / compressed-tensors'
+    `self_attn.k_scale` and `v_scale`, or one `kv_scale` for both, as TGI reads them); None
+    unless every layer has them."""
+    scales = []
+    for index in range(num_layers):
+        prefix = f"model.layers.{index}.self_attn"
+        names = (f"{prefix}.k_scale", f"{prefix}.v_scale")
+        if all(name in store for name in names):
+            k, v = (float(store.get(name).float().reshape(-1)[0]) for name in names)
+        elif f"{prefix}.kv_scale" in store:
+            k = v = float(store.get(f"{prefix}.kv_scale").float().reshape(-1)[0])
+        else:
+            return None
+        scales.append(KVScales(k, v))
+    return scales
+
+
 def resolve_kv_dtype(name: str | None, dtype: torch.dtype) -> torch.dtype:
     """The KV pools' element type: `dtype`, or --kv-cache-dtype's."""
     if name is None:
@@ -137,7 +155,12 @@ class ModelRunner:
             group_size=config.quantize_group_size,
         )
         self.kv: KVCache | None = None  # allocated by Warmup
-        self.kv_scales: list[KVScales] | None = None  # fp8 pools: set by calibrate_kv
+        # fp8 pools: the checkpoint's scales, else measured by calibrate_kv at Warmup
+        self.kv_scales: list[KVScales] | None = None
+        if self.kv_dtype != self.dtype:
+            self.kv_scales = checkpoint_scales(store, model_spec.num_layers)
+            if self.kv_scales is not None:
+                log.info("fp8 KV scales: the checkpoint's (k_scale, v_scale per layer)")
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self._faults_fired: set[str] = set()  # markers of the test-only fault hook
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:

@@ -308,3 +308,33 @@ def test_smollm2_perplexity_with_an_fp8_cache(smollm_dir):
     fp8 = _perplexity(make_engine(smollm_dir, kv_cache_dtype="fp8_e4m3fn", **options), ids)
     print(f"perplexity float32 K/V {reference:.3f}, fp8 K/V {fp8:.3f}")
     assert abs(fp8 / reference - 1) < 0.03
+
+
+@pytest.mark.parametrize("form", ["k_scale and v_scale", "kv_scale"])
+def test_a_checkpoint_s_kv_scales_are_used(tiny_model_dir, tmp_path, form):
+    """llm-compressor's `self_attn.k_scale` / `v_scale` (or one `kv_scale`) per layer, as TGI
+    reads them: no calibration then."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "scaled"
+    shutil.copytree(tiny_model_dir, model)
+    tensors = load_file(str(model / "model.safetensors"))
+    layers = 1 + max(int(n.split(".")[2]) for n in tensors if n.startswith("model.layers."))
+    for i in range(layers):
+        prefix = f"model.layers.{i}.self_attn"
+        if form == "kv_scale":
+            tensors[f"{prefix}.kv_scale"] = torch.tensor(0.02 * (i + 1))
+        else:
+            tensors[f"{prefix}.k_scale"] = torch.tensor(0.03 * (i + 1))
+            tensors[f"{prefix}.v_scale"] = torch.tensor(0.01 * (i + 1))
+    save_file(tensors, str(model / "model.safetensors"), metadata={"format": "pt"})
+    engine = make_engine(model, kv_cache_dtype="fp8_e4m3fn")
+    got = [(round(s.k, 6), round(s.v, 6)) for s in engine.runner.kv.scales]
+    if form == "kv_scale":
+        assert got == [(round(0.02 * (i + 1), 6),) * 2 for i in range(layers)]
+    else:
+        assert got == [(round(0.03 * (i + 1), 6), round(0.01 * (i + 1), 6)) for i in range(layers)]
+    done = run_to_end(engine, 1, [spec(1, PROMPTS[0], 4, ignore_eos=True)])
+    assert len(done.tokens[1]) == 4
