@@ -15,9 +15,7 @@ Run with nothing else on the machine (../shared/BENCHMARKING.md).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_limits import cpu_line  # noqa: E402
+from quant_step import decode_ms  # noqa: E402
 
 from shard.kv_cache import KVCache  # noqa: E402
 from tests.helpers import make_engine, spec  # noqa: E402
@@ -40,16 +39,7 @@ def step_ms(engine, batch: int, context: int, steps: int) -> float:
                                                            for t in range(context)])
         for i in range(batch)
     ]  # fmt: skip
-    result = engine.prefill(1, specs, None)
-    for _ in range(3):  # warm
-        result = engine.decode([result.batch.id])
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        result = engine.decode([result.batch.id])
-        times.append(time.perf_counter() - start)
-    engine.clear(None)
-    return statistics.median(times) * 1000
+    return decode_ms(engine, specs, steps)
 
 
 def main() -> None:

@@ -68,7 +68,14 @@ def peak_rss_mb(options: dict) -> float:
 
 def step_ms(engine, batch: int, steps: int) -> float:
     prompt = " ".join(str(i) for i in range(20))
-    specs = [spec(i, prompt, steps + 4, ignore_eos=True) for i in range(batch)]
+    return decode_ms(
+        engine, [spec(i, prompt, steps + 4, ignore_eos=True) for i in range(batch)], steps
+    )
+
+
+def decode_ms(engine, specs: list, steps: int) -> float:
+    """Median decode step of the batch `specs` (each allowing steps + 4 new tokens), after
+    its prefill and 3 warm steps; the engine is cleared after."""
     result = engine.prefill(1, specs, None)
     for _ in range(3):  # warm
         result = engine.decode([result.batch.id])

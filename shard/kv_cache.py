@@ -5,7 +5,8 @@ checks); the router (or the shard, for self-numbered requests) owns which block 
 
 With `--kv-cache-dtype fp8_e4m3fn` a pool holds K / k_scale and V / v_scale as float8
 e4m3 (saturated to +-448, rounded to nearest even), one scale per tensor per layer
-(`KVScales`; 1.0 unless the checkpoint gives one); readers multiply back in float32.
+(`KVScales`: the checkpoint's, else measured at Warmup by shard/kv_calibration.py); readers
+multiply back in float32.
 """
 
 from __future__ import annotations

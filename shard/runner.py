@@ -174,7 +174,7 @@ class ModelRunner:
     def kernel_report(self) -> str:
         """Which code paths this shard runs, for its start-up log."""
         layer = self.model.layers[0].qkv
-        if hasattr(layer, "kind"):  # weight-only quantized
+        if hasattr(layer, "kind"):  # quantized (int8, int4, fp8)
             return (
                 f"attention {self.backend.name}; matrix products: {layer.kind}; element-wise "
                 f"layer steps: {type(self.model.ops).__name__}; {self.precision}"

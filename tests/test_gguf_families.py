@@ -19,9 +19,9 @@ from shard.embedded import find_gguf, gguf_model_dir
 from shard.errors import ModelLoadError
 from shard.gguf import _LAYER_NAMES, _TOP_NAMES, ARCHITECTURES, unpermute_rows
 from tests.conftest import build_tiny_model
-from tests.helpers import make_engine, run_to_end, spec
+from tests.helpers import make_engine
+from tests.test_prequantized import _assert_same, _run
 
-PROMPTS = ["The quick brown fox jumps", "Once upon a time there", "1 2 3 4 5 6 7 8"]
 _TO_GGUF = {**{v: k for k, v in _TOP_NAMES.items()}}
 
 
@@ -86,17 +86,6 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     writer.write_tensors_to_file()
     writer.close()
     return served
-
-
-def _run(engine):
-    done = run_to_end(engine, 1, [spec(i, p, 8, ignore_eos=True) for i, p in enumerate(PROMPTS)])
-    return done.tokens, done.logprobs
-
-
-def _assert_same(got, want):
-    assert got[0] == want[0]
-    for i in want[1]:
-        assert max(abs(a - b) for a, b in zip(got[1][i], want[1][i], strict=True)) < 1e-4
 
 
 FAMILIES = {

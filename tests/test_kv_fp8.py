@@ -4,26 +4,25 @@ invariants over it, its memory, and the flag from the launcher to the shard."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from shard.attention import get_backend
 from shard.kv_cache import FP8, FP8_MAX, KVCache, KVScales, readable, to_fp8
-from tests import fake_flash_attn
 from tests.helpers import make_engine, run_to_end, spec
+from tests.test_engine_tiny import PROMPTS
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from shard.attention.triton_kernels import fp8_decode, fp8_encode  # noqa: E402
-from tests.test_attention_backends import (  # noqa: E402
+from tests.test_attention_backends import (  # noqa: E402, F401 (fake_flash: a fixture)
     BLOCK,
     _brute_force,
     _mixed_batch,
     _relative_error,
+    fake_flash,
 )
 
 SCALES = KVScales(0.5, 0.125)  # not 1: the scales must be applied, each to its own pool
@@ -111,14 +110,6 @@ def test_triton_decoding_of_every_code():
     assert torch.equal(out, expected) and torch.equal(out.signbit(), expected.signbit())
 
 
-@pytest.fixture
-def fake_flash(monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn.as_module())
-    monkeypatch.delitem(sys.modules, "shard.attention.flash_backend", raising=False)
-    fake_flash_attn.calls.clear()
-    return fake_flash_attn.calls
-
-
 def _fp8_run(name: str, block_size: int, dtype: torch.dtype, window=0, softcap=0.0):
     """The mixed batch (decode; plain prefill; prefill after a cached prefix) through backend
     `name` over fp8 caches -> (out, k_cache, v_cache)."""
@@ -144,7 +135,7 @@ def _as_float(k_cache, v_cache):
 
 @pytest.mark.parametrize("window, softcap", [(0, 0.0), (5, 0.0), (40, 0.0), (5, 1.5)])
 @pytest.mark.parametrize("name", BACKENDS)
-def test_every_backend_reads_an_fp8_cache(name, window, softcap, fake_flash):
+def test_every_backend_reads_an_fp8_cache(name, window, softcap, fake_flash):  # noqa: F811
     """Each backend stores the same bytes and attends as float64 attention over the values
     the cache stands for (stored value x scale): new tokens too, as they were stored."""
     out, k_cache, v_cache, (inputs, q) = _fp8_run(name, BLOCK, torch.float32, window, softcap)
@@ -155,7 +146,7 @@ def test_every_backend_reads_an_fp8_cache(name, window, softcap, fake_flash):
     assert _relative_error(out, expected) < 1e-5
 
 
-def test_flash_attn_gathers_an_fp8_cache_it_could_page(fake_flash):
+def test_flash_attn_gathers_an_fp8_cache_it_could_page(fake_flash):  # noqa: F811
     """Blocks of 256 tokens: flash-attn 2 would read a bf16 cache in place, not an fp8 one."""
     out, *_ = _fp8_run("flash-attn", 256, torch.float32)
     reference, *_ = _fp8_run("reference", 256, torch.float32)
@@ -205,14 +196,6 @@ def test_triton_split_decode_over_fp8_equals_the_cpu_kernel(splits):
     out = paged_decode(*args[:3], tables.to(torch.int32), context.to(torch.int32), 0.125,
                        splits=splits, scales=SCALES)  # fmt: skip
     assert _relative_error(out, expected.double()) < 1e-5
-
-
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello",
-    "In a hole in the ground there lived a hobbit, not a nasty dirty wet hole.",
-    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25",
-]
 
 
 @pytest.fixture(scope="module")
