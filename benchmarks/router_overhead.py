@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import secrets
 import signal
 import statistics
 import subprocess
@@ -40,11 +42,22 @@ def http_generate(url: str, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
+_IDS = itertools.count(10**9)  # request and batch ids the router never uses; one per call
+DIRECT_BLOCKS = 16  # the pool's last blocks: 256 tokens, more than prompt + new tokens
+
+
 async def grpc_generate(client: ShardedClient, new_tokens: int) -> float:
+    """One request straight to the shard, in the pool's last blocks (the router is idle and
+    runs without prefix caching, so no block of its is live)."""
     params = Params(max_new_tokens=new_tokens, ignore_eos=True)
-    request = ShardRequest(10**9, PROMPT, params, [], 16)
+    rid = next(_IDS)
+    total = (await client.info()).kv_cache_blocks
+    blocks = list(range(total - DIRECT_BLOCKS, total))
+    request = ShardRequest(rid, PROMPT, params, blocks, 16)
     start = time.perf_counter()
-    step = await client.prefill(10**9, [request], None)
+    step = await client.prefill(rid, [request], None)
+    if step.refused:
+        sys.exit(f"the shard refused the direct request: {step.refused}")
     while step.batch is not None:
         step = await client.decode([step.batch])
     return time.perf_counter() - start
@@ -70,16 +83,18 @@ def main() -> None:
     args = parser.parse_args()
     uds = os.path.join(tempfile.mkdtemp(prefix="pytgi-bench-"), "shard")
     url = f"http://127.0.0.1:{args.port}"
+    secret = secrets.token_urlsafe(16)  # the shards refuse calls without it
     launcher = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "--port", str(args.port), "--shard-uds-path", uds,
-         "--max-batch-prefill-tokens", "512", "--max-total-tokens", "2048", "--kv-cache-memory", "512MiB"],
-        stderr=subprocess.DEVNULL,
+         "--max-batch-prefill-tokens", "512", "--max-total-tokens", "2048", "--kv-cache-memory", "512MiB",
+         "--no-prefix-caching"],
+        stderr=subprocess.DEVNULL, env={**os.environ, "SHARD_SECRET": secret},
     )  # fmt: skip
     try:
         wait_ready(url, launcher)
 
         async def measure():
-            client = ShardedClient([f"unix://{uds}-0"])
+            client = ShardedClient([f"unix://{uds}-0"], secret)
             http, direct = [], []
             await grpc_generate(client, 4)  # warm both paths
             http_generate(url, 4)
