@@ -153,6 +153,7 @@ class ModelRunner:
             ops=TorchOps() if plain else None,
             quantize=on_the_fly,
             group_size=config.quantize_group_size,
+            kernels=not plain,
         )
         self.kv: KVCache | None = None  # allocated by Warmup
         # fp8 pools: the checkpoint's scales, else measured by calibrate_kv at Warmup

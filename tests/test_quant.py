@@ -151,6 +151,16 @@ def test_a_quantized_model_serves_its_dequantized_twin_s_tokens(
     _assert_same(_run(quantized), _run(make_engine(twin)))
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_disable_custom_kernels_dequantizes_quantized_layers_per_call(models, method):
+    """--disable-custom-kernels: PyTorch's ops only, quantized layers too (the same tokens)."""
+    plain = make_engine(models["llama"], quantize=method, disable_custom_kernels=True)
+    layers = plain.runner.model.layers
+    assert all(x.qkv.kernels is None and x.mlp.down.linear.kernels is None for x in layers)
+    assert "dequantized per call" in plain.runner.kernel_report()
+    _assert_same(_run(plain), _run(make_engine(models["llama"], quantize=method)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_over_two_shards(models, method, tmp_path):

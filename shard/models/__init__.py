@@ -31,13 +31,16 @@ def build_model(
     ops: LayerOps | None = None,
     quantize: str | None = None,
     group_size: int = 32,
+    kernels: bool = True,
 ) -> Any:
     """The family's model with this rank's weights loaded (the decoder's linear layers
-    weight-only quantized with `quantize`)."""
+    quantized with `quantize`; `kernels` False: quantized layers dequantize per call, as
+    --disable-custom-kernels asks)."""
     check_parallel(spec, parallel.world_size)
     check_method(quantize, group_size)
     family = importlib.import_module(f"shard.models.{spec.family}")
     loader = Loader(
-        store, parallel, spec.head_dim, dtype, device, pack_linear, gemv, quantize, group_size
-    )
+        store, parallel, spec.head_dim, dtype, device, pack_linear, gemv, quantize, group_size,
+        kernels,
+    )  # fmt: skip
     return family.Model(spec, loader, ops if ops is not None else ops_for(device))

@@ -153,25 +153,32 @@ class QuantLinear:
         qparams: tuple[torch.Tensor, ...],
         bias: torch.Tensor | None = None,
         order: torch.Tensor | None = None,
+        kernels: bool = True,
     ) -> None:
-        """`order` [K]: the weights' columns are the inputs in this order (GPTQ act-order)."""
+        """`order` [K]: the weights' columns are the inputs in this order (GPTQ act-order);
+        `kernels` False: dequantize per call (--disable-custom-kernels)."""
         self.method, self.weight, self.qparams, self.bias = method, weight, qparams, bias
         self.order = order
         self.out_features = weight.shape[0]
         inputs = weight.shape[1] * (2 if method == "int4" else 1)
         self.group_size = inputs // qparams[0].shape[1]
-        self.kernels = _kernels(weight.device, inputs)
+        self.kernels = _kernels(weight.device, inputs) if kernels else None
 
     @classmethod
     def quantize(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, method: str, group_size: int
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        method: str,
+        group_size: int,
+        kernels: bool = True,
     ) -> QuantLinear:
         """`weight` [N, K] quantized on the fly (int8 per output channel; int4 in groups)."""
         if method == "int8":
             q, scales = quantize_int8(weight)
-            return cls("int8", q, (scales,), bias)
+            return cls("int8", q, (scales,), bias, kernels=kernels)
         packed, scales, mins = quantize_int4(weight, group_size)
-        return cls("int4", packed, (scales, mins), bias)
+        return cls("int4", packed, (scales, mins), bias, kernels=kernels)
 
     def keep_inputs(self, start: int, stop: int) -> None:
         """Per-channel int8: keep input columns start:stop only (a row-parallel rank's share

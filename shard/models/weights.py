@@ -147,10 +147,12 @@ class Loader:
         gemv: bool = False,
         quantize: str | None = None,
         group_size: int = 32,
+        kernels: bool = True,
     ) -> None:
         self.store, self.parallel, self.head_dim = store, parallel, head_dim
         self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
         self.quantize, self.group_size = quantize, group_size
+        self.kernels = kernels  # False: quantized layers dequantize per call
         self.nbytes = 0  # bytes of every tensor loaded so far (quantized ones: packed)
 
     def __contains__(self, name: str) -> bool:
@@ -216,7 +218,9 @@ class Loader:
         if forms[0][0] == "fp8":
             layer = Fp8Linear(joined[0], joined[1], bias)
         else:
-            layer = QuantLinear(forms[0][0], joined[0], tuple(joined[1:]), bias, order)
+            layer = QuantLinear(
+                forms[0][0], joined[0], tuple(joined[1:]), bias, order, kernels=self.kernels
+            )
         self.nbytes += layer.nbytes
         return layer
 
@@ -279,7 +283,7 @@ class Loader:
         group = 0
         if self.quantize == "int4":
             group = group_for(weight.shape[1], self.group_size, param.parts[0].name)
-        layer = QuantLinear.quantize(weight, bias, self.quantize, group)
+        layer = QuantLinear.quantize(weight, bias, self.quantize, group, kernels=self.kernels)
         if whole_rows and self.parallel.world_size > 1:
             layer.keep_inputs(*self.parallel.split(weight.shape[1]))
         self.nbytes += layer.nbytes
@@ -304,7 +308,7 @@ class Loader:
             quantized = self.quantize in METHODS
             weight = self.tensor(Param.of(name, split=Split.ROWS), count=not quantized)
         if self.quantize in METHODS:
-            layer = QuantLinear.quantize(weight, None, "int8", 0)
+            layer = QuantLinear.quantize(weight, None, "int8", 0, kernels=self.kernels)
             self.nbytes += layer.nbytes
             return VocabHead(layer, self.parallel)
         return VocabHead(Linear(weight, pack=self.pack, gemv=self.gemv), self.parallel)
