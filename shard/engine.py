@@ -135,7 +135,8 @@ class ShardEngine:
             )
         self.clear(None)
         self.runner.free_kv()
-        if self.runner.kv_scales is None:  # fp8 pools: measured once, on every rank
+        if self.runner.kv_dtype != self.runner.dtype and self.runner.kv_scales is None:
+            # fp8 pools without the checkpoint's scales: measured once, on every rank
             self.runner.calibrate_kv(self.tokenizer.encode(CALIBRATION_TEXT).ids[:inputs])
         self.admission.max_input_tokens, self.admission.max_total_tokens = inputs, total
         try:

@@ -252,8 +252,8 @@ class ModelRunner:
 
     def calibrate_kv(self, ids: list[int]) -> None:
         """fp8 pools: per-layer K and V scales (shard/kv_calibration.py) from one prefill of
-        `ids` into a pool of the model's dtype; no-op otherwise."""
-        if self.kv_dtype == self.dtype or not ids:
+        `ids` into a pool of the model's dtype."""
+        if not ids:
             return
         bs, count = self.block_size, len(ids)
         blocks = -(-count // bs)

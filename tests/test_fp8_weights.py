@@ -56,7 +56,7 @@ def test_per_tensor_scales_of_fused_parts_become_per_channel():
         torch.cat(parts), torch.cat([torch.full((32, 1), 0.5), torch.full((32, 1), 2.0)])
     )
     assert layer.scales.shape == (1, 64) and layer.scales[0, :32].eq(0.5).all()
-    with pytest.raises(ValueError, match="multiples of 16"):
+    with pytest.raises(ModelLoadError, match="multiples of 16"):
         Fp8Linear(parts[0][:, :40], torch.tensor(1.0))
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from shard.errors import ModelLoadError
+from shard.kv_cache import FP8, FP8_MAX
+
 _TINY = 1e-12  # the smallest scale: an all-zero row stays zeros
 
 
@@ -51,7 +52,10 @@ class Fp8Linear:
         """weight fp8 [N, K]; scales [N] (or one per tensor, repeated)."""
         n, k = weight.shape
         if n % 16 or k % 16:
-            raise ValueError(f"fp8 products need multiples of 16 ([{n}, {k}] is not)")
+            raise ModelLoadError(
+                f"fp8 products need multiples of 16 ([{n}, {k}] is not); serve this model "
+                "without --quantize fp8 or with another --num-shard"
+            )
         self.weight = weight.contiguous()
         self.scales = scales.float().reshape(-1).expand(n).reshape(1, n).contiguous()  # [1, N]
         self.bias, self.out_features = bias, n
