@@ -92,8 +92,22 @@ def gguf_model_dir(path: str | Path, cache_dir: str | Path | None = None) -> Pat
     return target
 
 
+# transformers' model type of a served GGUF architecture (shard/gguf.py's) -> its class
+_GGUF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
+
+
 def _prepare_gguf(path: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
+
+    from shard.gguf import gguf_config
 
     log.info("reading %s's config and tokenizer into %s (once)", path.name, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -102,11 +116,11 @@ def _prepare_gguf(path: Path, target: Path) -> None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the blocks are read by pytgi itself
         if not config.architectures:  # by the GGUF's architecture (shard/gguf.py's)
-            classes = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                       "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
-            if config.model_type not in classes:
+            if config.model_type not in _GGUF_CLASSES:
                 raise ValueError(f"GGUF architecture {config.model_type!r} is not served")
-            config.architectures = [classes[config.model_type]]
+            config.architectures = [_GGUF_CLASSES[config.model_type]]
+        for key, value in gguf_config(path).items():  # what transformers does not read
+            setattr(config, key, value)
         config.save_pretrained(staging)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(staging)

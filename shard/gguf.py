@@ -1,6 +1,6 @@
-"""A GGUF file (Llama, Mistral, Qwen2 or Qwen3 architecture) as a weight store: its tensors
-under Hugging Face's names, Q8_0, Q4_0 and Q4_1 ones also in their packed forms, so they are
-served as they are.
+"""A GGUF file (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 or Gemma 3 architecture) as a
+weight store: its tensors under Hugging Face's names, Q8_0, Q4_0 and Q4_1 ones also in their
+packed forms, so they are served as they are.
 
 GGUF stores a [N, K] weight as N rows of blocks along the inputs: Q8_0 blocks of 32 are a
 float16 scale d and 32 int8 (w = d q); Q4_0 blocks are d and 16 bytes of nibbles
@@ -8,14 +8,17 @@ float16 scale d and 32 int8 (w = d q); Q4_0 blocks are d and 16 bytes of nibbles
 holding inputs j and j + 16 (the layout `shard.models.quant` keeps). llama.cpp's converter
 interleaves the rows of Llama's (and Mistral's) q and k projections for its rotary form;
 they are put back in Hugging Face's order (a row permutation, so packed rows move whole);
-Qwen's are stored in Hugging Face's order. Other tensor types are dequantized by the `gguf`
-package, once each.
+the other families' are stored in Hugging Face's order. Phi-3 keeps its fused qkv and
+gate_up tensors; Gemma's norm weights are stored as 1 + w (llama.cpp folds Gemma's
+"1 + weight" into them) and are read back as w. Other tensor types are dequantized by the
+`gguf` package, once each.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +44,42 @@ _LAYER_NAMES = {
     "attn_q_norm": "self_attn.q_norm",  # Qwen3
     "attn_k_norm": "self_attn.k_norm",
 }
-# GGUF architectures served -> whether llama.cpp interleaved their q/k rows
-ARCHITECTURES = {"llama": True, "mistral": True, "qwen2": False, "qwen3": False}
+# Phi-3: fused q/k/v and gate/up tensors under llama.cpp's names
+_PHI3_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_up": "mlp.gate_up_proj",  # gate rows, then up rows
+    "ffn_down": "mlp.down_proj",
+}
+# Gemma 2 / 3: four norms per layer (llama.cpp's ffn_norm is the pre-MLP one)
+_GEMMA_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp's converter stored one family."""
+
+    names: dict[str, str] = field(default_factory=lambda: _LAYER_NAMES)  # layer parts -> HF
+    interleaved: bool = False  # q/k rows interleaved for llama.cpp's rotary form
+    norm_offset: float = 0.0  # norm weights stored as offset + w
+
+
+ARCHITECTURES = {
+    "llama": Architecture(interleaved=True),
+    "mistral": Architecture(interleaved=True),
+    "qwen2": Architecture(),
+    "qwen3": Architecture(),
+    "phi3": Architecture(names=_PHI3_NAMES),
+    "gemma2": Architecture(names=_GEMMA_NAMES, norm_offset=1.0),
+    "gemma3": Architecture(names=_GEMMA_NAMES, norm_offset=1.0),
+}
 _TOP_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -52,15 +89,25 @@ _TOP_NAMES = {
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 
 
-def hf_name(name: str) -> str | None:
-    """A GGUF tensor name in Hugging Face's Llama naming; None for names it lacks."""
+def hf_name(name: str, names: dict[str, str] = _LAYER_NAMES) -> str | None:
+    """A GGUF tensor name in Hugging Face's naming (`names`: the family's layer parts);
+    None for names it lacks."""
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if match and match.group(2) in _LAYER_NAMES:
+    if match and match.group(2) in names:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{names[part]}.{kind}"
     return None
+
+
+def field_value(reader: Any, key: str) -> Any:
+    """A scalar or string metadata value of a GGUFReader's file; None when absent."""
+    found = reader.get_field(key)
+    if found is None:
+        return None
+    raw = found.parts[found.data[0]]
+    return bytes(raw).decode() if raw.dtype == np.uint8 else raw.item()
 
 
 def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
@@ -85,12 +132,17 @@ class GgufStore:
                 f"{self.path.name}: GGUF architecture {arch!r} is not served; GGUF files of "
                 f"{', '.join(ARCHITECTURES)} are (other families: their safetensors)"
             )
-        self.permuted = ARCHITECTURES[arch]
+        self.arch = ARCHITECTURES[arch]
+        if any(t.name.startswith("rope_factors_") for t in self.reader.tensors):
+            raise ModelLoadError(
+                f"{self.path.name}: a GGUF with rotary factor tensors (Phi-3's 128k longrope) "
+                "is not served; serve its safetensors checkpoint"
+            )
         self.heads = int(self._field(f"{arch}.attention.head_count"))
         self.kv_heads = int(self._field(f"{arch}.attention.head_count_kv") or self.heads)
         self._tensors: dict[str, Any] = {}
         for tensor in self.reader.tensors:
-            name = hf_name(tensor.name)
+            name = hf_name(tensor.name, self.arch.names)
             if name is not None:
                 self._tensors[name] = tensor
         kinds = {t.tensor_type.name for t in self._tensors.values()}
@@ -99,11 +151,7 @@ class GgufStore:
             log.info("%s: %s tensors are dequantized on load", self.path.name, ", ".join(others))
 
     def _field(self, key: str) -> Any:
-        field = self.reader.get_field(key)
-        if field is None:
-            return None
-        value = field.parts[field.data[0]]
-        return bytes(value).decode() if value.dtype == np.uint8 else value.item()
+        return field_value(self.reader, key)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -114,7 +162,7 @@ class GgufStore:
         return self._tensors[name]
 
     def _order(self, name: str, rows: int) -> torch.Tensor | None:
-        if not self.permuted:
+        if not self.arch.interleaved:
             return None
         if name.endswith("q_proj.weight"):
             return unpermute_rows(rows, self.heads)
@@ -132,6 +180,8 @@ class GgufStore:
         tensor = self._tensor(name)
         data = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
         out = data.float().reshape(self.shape(name))
+        if self.arch.norm_offset and name.endswith("norm.weight"):
+            out -= self.arch.norm_offset  # exact for 1 + w in [0.5, 2] (Sterbenz)
         order = self._order(name, out.shape[0])
         return out if order is None else out[order].contiguous()
 
@@ -163,3 +213,40 @@ class GgufStore:
         else:  # w = d (q - 8): the min is -8 d
             mins = d * -8
         return "int4", q, (d.contiguous(), mins.float().contiguous()), None
+
+
+# Gemma's 27B models scale queries by hidden / heads rather than head_dim (as llama.cpp
+# decides, by their layer count): architecture -> block count of its 27B
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def gguf_config(path: str | Path) -> dict[str, Any]:
+    """Config values of a GGUF file that transformers' GGUF reader leaves at its defaults:
+    Gemma 2's soft-capping, Gemma's query scale, linear RoPE scaling (Gemma 3 4B and
+    larger), partial rotary dimensions (Phi-4-mini). Keys absent from the file are left out."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(Path(path))
+
+    def value(key: str) -> Any:
+        return field_value(reader, key)
+
+    arch = value("general.architecture")
+    out: dict[str, Any] = {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if arch == "gemma2" and value(f"{arch}.{key}") is not None:
+            out[key] = float(value(f"{arch}.{key}"))
+    hidden, heads = value(f"{arch}.embedding_length"), value(f"{arch}.attention.head_count")
+    head_dim = value(f"{arch}.attention.key_length") or (hidden // heads if heads else None)
+    if arch in _GEMMA_27B_LAYERS and head_dim:
+        big = value(f"{arch}.block_count") == _GEMMA_27B_LAYERS[arch]
+        out["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+    if value(f"{arch}.rope.scaling.type") == "linear":
+        out["rope_scaling"] = {
+            "rope_type": "linear",
+            "factor": float(value(f"{arch}.rope.scaling.factor")),
+        }
+    rotary = value(f"{arch}.rope.dimension_count")
+    if arch == "phi3" and rotary and head_dim and rotary < head_dim:
+        out["partial_rotary_factor"] = rotary / head_dim
+    return out

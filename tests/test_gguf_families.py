@@ -1,8 +1,9 @@
-"""GGUF files of the Llama, Qwen2 and Qwen3 architectures, written by the test as llama.cpp's
-converter writes them (its tensor names and metadata; Llama's q/k rows interleaved; the
-packaged SmolLM2 GGUF's tokenizer fields), served through `--model-id file.gguf`'s
-preparation: float32 tensors give the tokens of the safetensors model they came from, Q8_0
-ones those of its dequantized twin, packed."""
+"""GGUF files of the Llama, Qwen2, Qwen3, Phi-3, Gemma 2 and Gemma 3 architectures, written
+by the test as llama.cpp's converter writes them (its tensor names and metadata; Llama's q/k
+rows interleaved; Gemma's norms stored as 1 + w; the packaged SmolLM2 GGUF's tokenizer
+fields, or its vocabulary as a sentencepiece-style one for the families that have those),
+served through `--model-id file.gguf`'s preparation: float32 tensors give the tokens of the
+safetensors model they came from, Q8_0 ones those of its dequantized twin, packed."""
 
 from __future__ import annotations
 
@@ -17,24 +18,70 @@ from safetensors.torch import load_file, save_file
 
 from shard.embedded import find_gguf, gguf_model_dir
 from shard.errors import ModelLoadError
-from shard.gguf import _LAYER_NAMES, _TOP_NAMES, ARCHITECTURES, unpermute_rows
+from shard.gguf import gguf_config, unpermute_rows
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine
 from tests.test_prequantized import _assert_same, _run
 
-_TO_GGUF = {**{v: k for k, v in _TOP_NAMES.items()}}
+# llama.cpp's converter, written out here apart from shard/gguf.py's tables: Hugging Face's
+# names -> GGUF's, per family
+_TOP = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LLAMA = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_PHI3 = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.qkv_proj": "attn_qkv",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GEMMA = {
+    **_LLAMA,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+# GGUF architecture: (names, q/k rows interleaved, norm weights stored as 1 + w)
+LLAMA_CPP = {
+    "llama": (_LLAMA, True, False),
+    "qwen2": (_LLAMA, False, False),
+    "qwen3": (_LLAMA, False, False),
+    "phi3": (_PHI3, False, False),
+    "gemma2": (_GEMMA, False, True),
+    "gemma3": (_GEMMA, False, True),
+}
+# transformers' model type -> llama.cpp's architecture name
+_GGUF_ARCH = {"gemma3_text": "gemma3"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def gguf_name(name: str) -> str:
-    if name in _TO_GGUF:
-        return _TO_GGUF[name]
+def gguf_name(name: str, names: dict[str, str]) -> str:
+    if name in _TOP:
+        return _TOP[name]
     parts = name.split(".")  # model.layers.N.<module>.<proj>.<kind>
-    module = ".".join(parts[3:-1])
-    short = next(k for k, v in _LAYER_NAMES.items() if v == module)
-    return f"blk.{parts[2]}.{short}.{parts[-1]}"
+    return f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"
 
 
-def _copy_tokenizer(writer) -> None:
+def _copy_tokenizer(writer, sentencepiece: bool) -> None:
+    """SmolLM2's GGUF tokenizer fields; `sentencepiece`: its vocabulary as a llama-style
+    (sentencepiece) one, as Phi-3's and Gemma's files hold: "▁" for the space marker, a
+    score per token, the merges kept so transformers need not rebuild them."""
     import gguf
 
     reader = gguf.GGUFReader(find_gguf())
@@ -43,7 +90,17 @@ def _copy_tokenizer(writer) -> None:
             continue
         vtype = field.types[0]
         sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        value = field.contents()
+        if sentencepiece and key == "tokenizer.ggml.model":
+            value = "llama"
+        elif sentencepiece and key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            value = [v.replace("Ġ", "▁") for v in value]
+        elif sentencepiece and key == "tokenizer.ggml.pre":
+            continue
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    if sentencepiece:
+        count = len(reader.fields["tokenizer.ggml.tokens"].contents())
+        writer.add_token_scores([-float(i) for i in range(count)])
 
 
 def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torch.Tensor]:
@@ -51,7 +108,8 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     import gguf
 
     config = json.loads((model_dir / "config.json").read_text())
-    arch = config["model_type"]
+    arch = _GGUF_ARCH.get(config["model_type"], config["model_type"])
+    names, interleaved, one_plus = LLAMA_CPP[arch]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config["num_hidden_layers"])
@@ -62,24 +120,40 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    _copy_tokenizer(writer)
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    if arch.startswith("gemma"):
+        writer.add_sliding_window(config["sliding_window"])
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    if (config.get("rope_scaling") or {}).get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config["rope_scaling"]["factor"])
+    if config.get("partial_rotary_factor", 1.0) < 1.0:
+        head_dim = config["hidden_size"] // heads
+        writer.add_rope_dimension_count(int(head_dim * config["partial_rotary_factor"]))
+    _copy_tokenizer(writer, sentencepiece=arch in ("phi3", "gemma2", "gemma3"))
     served = {}
     for name, weight in sorted(load_file(str(model_dir / "model.safetensors")).items()):
         data = weight.float()
-        if ARCHITECTURES[arch] and name.endswith(("q_proj.weight", "k_proj.weight")):
+        stored = data
+        if interleaved and name.endswith(("q_proj.weight", "k_proj.weight")):
             count = heads if "q_proj" in name else kv_heads
             stored = torch.empty_like(data)
             stored[unpermute_rows(data.shape[0], count)] = data  # llama.cpp's interleaving
-        else:
-            stored = data
+        if one_plus and name.endswith("norm.weight"):
+            stored = data + 1.0  # llama.cpp folds Gemma's 1 + w in
         if kind == "Q8_0" and data.dim() == 2 and "embed" not in name:
             blocks = gguf.quants.quantize(stored.numpy(), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(gguf_name(name, names), blocks,
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)  # fmt: skip
             back = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
             back = torch.from_numpy(np.array(back)).reshape(data.shape)
             served[name] = back if stored is data else back[unpermute_rows(data.shape[0], count)]
         else:
-            writer.add_tensor(gguf_name(name), stored.numpy())
+            writer.add_tensor(gguf_name(name, names), stored.numpy())
             served[name] = data
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -88,48 +162,146 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     return served
 
 
+_GEMMA_CONFIG = {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8}
 FAMILIES = {
-    "llama": {},
-    "qwen2": {},
-    "qwen3": {"head_dim": 128},  # transformers reads no head_dim from a GGUF: Qwen3's 128
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": 128}),  # transformers reads no head_dim from it: 128
+    "phi3": ("phi3", {}),
+    "phi3-partial-rotary": ("phi3", {"partial_rotary_factor": 0.5}),  # Phi-4-mini's kind
+    "gemma2": (
+        "gemma2",
+        {**_GEMMA_CONFIG, "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 16},
+    ),
+    "gemma3": (  # layers 0-4 sliding, 5 global (its pattern), linear RoPE scaling (4B's)
+        "gemma3_text",
+        {
+            **_GEMMA_CONFIG,
+            "num_hidden_layers": 6,
+            "query_pre_attn_scalar": 16,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+        },
+    ),  # fmt: skip
 }
 
 
-@pytest.mark.parametrize("arch", sorted(FAMILIES))
-def test_a_gguf_file_serves_the_tokens_of_its_model(arch, smollm_dir, tmp_path, monkeypatch):
+def _random_norms(model_dir: Path) -> Path:
+    """Norm weights drawn at random (transformers starts Gemma's at 0, so 1 + w = 1 would
+    hide a wrong offset)."""
+    path = model_dir / "model.safetensors"
+    weights = load_file(str(path))
+    gen = torch.Generator().manual_seed(1)
+    for name, value in weights.items():
+        if name.endswith("norm.weight"):
+            weights[name] = torch.randn(value.shape, generator=gen) * 0.3
+    save_file(weights, str(path), metadata={"format": "pt"})
+    return model_dir
+
+
+def _with_tokenizer_of(model_dir: Path, served: Path, target: Path) -> Path:
+    """A copy of model_dir reading served's tokenizer (the GGUF's, as transformers made it)."""
+    shutil.copytree(model_dir, target)
+    for name in TOKENIZER_FILES:
+        (target / name).unlink(missing_ok=True)
+        if (served / name).exists():
+            shutil.copy(served / name, target / name)
+    return target
+
+
+@pytest.mark.parametrize("case", sorted(FAMILIES))
+def test_a_gguf_file_serves_the_tokens_of_its_model(case, smollm_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
-    tiny = build_tiny_model(tmp_path / arch, smollm_dir, arch, **FAMILIES[arch])
-    write_gguf(tiny, tmp_path / f"{arch}.gguf")
-    served = gguf_model_dir(tmp_path / f"{arch}.gguf")
+    model_type, overrides = FAMILIES[case]
+    tiny = _random_norms(build_tiny_model(tmp_path / case, smollm_dir, model_type, **overrides))
+    write_gguf(tiny, tmp_path / f"{case}.gguf")
+    served = gguf_model_dir(tmp_path / f"{case}.gguf")
     config = json.loads((served / "config.json").read_text())
-    assert config["model_type"] == arch and not list(served.glob("*.safetensors"))
-    _assert_same(_run(make_engine(served)), _run(make_engine(tiny)))
+    assert config["model_type"] == model_type and not list(served.glob("*.safetensors"))
+    want = json.loads((tiny / "config.json").read_text())
+    for key in (
+        "query_pre_attn_scalar",
+        "attn_logit_softcapping",
+        "rope_scaling",
+        "partial_rotary_factor",
+    ):
+        assert config.get(key) == want.get(key), key  # the file's values, not defaults
+    twin = _with_tokenizer_of(tiny, served, tmp_path / "twin")
+    _assert_same(_run(make_engine(served)), _run(make_engine(twin)))
 
 
-def test_q8_0_tensors_of_a_qwen2_gguf_are_served_packed(smollm_dir, tmp_path, monkeypatch):
+def test_gemma_norms_are_read_back_from_one_plus_w(smollm_dir, tmp_path):
+    from shard.gguf import GgufStore
+
+    tiny = _random_norms(build_tiny_model(tmp_path / "g", smollm_dir, "gemma2", **_GEMMA_CONFIG))
+    write_gguf(tiny, tmp_path / "g.gguf")
+    store, weights = GgufStore(tmp_path / "g.gguf"), load_file(str(tiny / "model.safetensors"))
+    for name in ("model.norm.weight", "model.layers.1.post_feedforward_layernorm.weight"):
+        assert torch.allclose(store.get(name), weights[name].float(), rtol=0, atol=1e-6)
+        assert not torch.equal(store.get(name), torch.zeros_like(store.get(name)))
+
+
+def test_gguf_config_follows_llama_cpp_for_gemma_27b(tmp_path):
+    """llama.cpp scales a 27B Gemma's queries by hidden / heads (not head_dim)."""
+    import gguf
+
+    for arch, layers, expected in (("gemma2", 46, 144), ("gemma2", 26, 128), ("gemma3", 62, 168)):
+        path = tmp_path / f"{arch}-{layers}.gguf"
+        writer = gguf.GGUFWriter(str(path), arch)
+        writer.add_block_count(layers)
+        writer.add_embedding_length(144 * 32 if expected != 168 else 5376)
+        writer.add_head_count(32)
+        writer.add_key_length(128)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert gguf_config(path)["query_pre_attn_scalar"] == expected, (arch, layers)
+
+
+@pytest.mark.parametrize("case", ["qwen2", "phi3", "gemma2"])
+def test_q8_0_tensors_of_a_gguf_are_served_packed(case, smollm_dir, tmp_path, monkeypatch):
+    """Q8_0 blocks (Phi-3's fused q/k/v and gate/up cut into their parts, packed) give the
+    tokens of the dequantized twin."""
     monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
-    tiny = build_tiny_model(tmp_path / "qwen2", smollm_dir, "qwen2")
+    model_type, overrides = FAMILIES[case]
+    tiny = _random_norms(build_tiny_model(tmp_path / case, smollm_dir, model_type, **overrides))
     weights = write_gguf(tiny, tmp_path / "q8.gguf", kind="Q8_0")
-    twin = tmp_path / "twin"
-    shutil.copytree(tiny, twin)
+    served = gguf_model_dir(tmp_path / "q8.gguf")
+    twin = _with_tokenizer_of(tiny, served, tmp_path / "twin")
     save_file({k: v.contiguous() for k, v in weights.items()}, str(twin / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
-    engine = make_engine(gguf_model_dir(tmp_path / "q8.gguf"))
+    engine = make_engine(served)
     layer = engine.runner.model.layers[0].qkv
     assert layer.method == "int8" and layer.group_size == 32  # the file's blocks, packed
     _assert_same(_run(engine), _run(make_engine(twin)))
 
 
-def test_an_unserved_gguf_architecture_is_refused_by_name(tmp_path):
+def _bare_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray]) -> Path:
     import gguf
 
-    from shard.gguf import GgufStore
-
-    writer = gguf.GGUFWriter(str(tmp_path / "phi3.gguf"), "phi3")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, value in tensors.items():
+        writer.add_tensor(name, np.asarray(value, dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelLoadError, match="GGUF architecture 'phi3' is not served"):
-        GgufStore(tmp_path / "phi3.gguf")
+    return path
+
+
+def test_an_unserved_gguf_architecture_is_refused_by_name(tmp_path):
+    from shard.gguf import GgufStore
+
+    path = _bare_gguf(tmp_path / "b.gguf", "bloom", {"token_embd.weight": np.zeros((4, 32))})
+    with pytest.raises(ModelLoadError, match="GGUF architecture 'bloom' is not served"):
+        GgufStore(path)
+
+
+def test_a_phi3_gguf_with_longrope_factors_is_refused(tmp_path):
+    from shard.gguf import GgufStore
+
+    tensors = {"token_embd.weight": np.zeros((4, 32)), "rope_factors_long.weight": np.ones(8)}
+    path = _bare_gguf(tmp_path / "p.gguf", "phi3", tensors)
+    with pytest.raises(ModelLoadError, match="longrope"):
+        GgufStore(path)
