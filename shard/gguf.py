@@ -17,6 +17,7 @@ gate_up tensors; Gemma's norm weights are stored as 1 + w (llama.cpp folds Gemma
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,10 +134,15 @@ class GgufStore:
                 f"{', '.join(ARCHITECTURES)} are (other families: their safetensors)"
             )
         self.arch = ARCHITECTURES[arch]
-        if any(t.name.startswith("rope_factors_") for t in self.reader.tensors):
+        unread = [
+            t.name
+            for t in self.reader.tensors
+            if t.name.startswith("rope_") and t.name not in _ROPE_TENSORS.get(arch, ())
+        ]
+        if unread:
             raise ModelLoadError(
-                f"{self.path.name}: a GGUF with rotary factor tensors (Phi-3's 128k longrope) "
-                "is not served; serve its safetensors checkpoint"
+                f"{self.path.name}: rotary tensors {', '.join(unread)} are not read for "
+                f"{arch}; serve its safetensors checkpoint"
             )
         self.heads = int(self._field(f"{arch}.attention.head_count"))
         self.kv_heads = int(self._field(f"{arch}.attention.head_count_kv") or self.heads)
@@ -218,12 +224,71 @@ class GgufStore:
 # Gemma's 27B models scale queries by hidden / heads rather than head_dim (as llama.cpp
 # decides, by their layer count): architecture -> block count of its 27B
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# Rotary tensors llama.cpp writes in place of a config's RoPE scaling, read by gguf_config:
+# Llama 3.1+'s per-frequency divisors, Phi-3's longrope factors
+_ROPE_TENSORS = {
+    "llama": ("rope_freqs.weight",),
+    "phi3": ("rope_factors_long.weight", "rope_factors_short.weight"),
+}
+
+
+def llama3_divisors(
+    dim: int, theta: float, factor: float, low: float, high: float, original: float
+) -> list[float]:
+    """What Llama 3's RoPE scaling divides each of the dim / 2 frequencies by (the values
+    llama.cpp stores as rope_freqs): 1 for wavelengths under original / high, `factor` over
+    original / low, a smooth blend between."""
+    out = []
+    for i in range(0, dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / dim)
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _llama3_scaling(divisors: list[float], dim: int, theta: float) -> dict[str, Any] | None:
+    """The rope_scaling that gives llama.cpp's rope_freqs `divisors`, with Llama 3's low and
+    high frequency factors (1 and 4, as every Llama 3.x has); the original context length
+    is read off a blended frequency (or 8192). ValueError when none reproduces them."""
+    factor = max(divisors)
+    if factor == 1.0:
+        return None
+    candidates = [8192.0]
+    for i, value in enumerate(divisors):
+        if 1.0 < value < factor:  # 1 / value = (1 - s) / factor + s, s = (original / wl - 1) / 3
+            smooth = (1 / value - 1 / factor) / (1 - 1 / factor)
+            candidates.append(round(2 * math.pi * theta ** (2 * i / dim) * (3 * smooth + 1)))
+    for original in candidates:
+        expected = llama3_divisors(dim, theta, factor, 1.0, 4.0, original)
+        if np.allclose(expected, divisors, rtol=1e-4):
+            return {
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": int(original),
+            }
+    raise ValueError("its rope_freqs are not Llama 3's RoPE scaling (low 1, high 4)")
+
+
+def _tensor_values(reader: Any, name: str) -> list[float] | None:
+    for tensor in reader.tensors:
+        if tensor.name == name:
+            return np.asarray(tensor.data, dtype=np.float32).reshape(-1).tolist()
+    return None
 
 
 def gguf_config(path: str | Path) -> dict[str, Any]:
     """Config values of a GGUF file that transformers' GGUF reader leaves at its defaults:
-    Gemma 2's soft-capping, Gemma's query scale, linear RoPE scaling (Gemma 3 4B and
-    larger), partial rotary dimensions (Phi-4-mini). Keys absent from the file are left out."""
+    Gemma 2's soft-capping, Gemma's query scale, RoPE scaling (linear: Gemma 3 4B and
+    larger; Llama 3.1+'s from its rope_freqs; Phi-3's longrope from its factor tensors),
+    partial rotary dimensions (Phi-4-mini). Keys absent from the file are left out;
+    ValueError for rope_freqs that are not Llama 3's scaling."""
     from gguf import GGUFReader
 
     reader = GGUFReader(Path(path))
@@ -246,7 +311,20 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
             "rope_type": "linear",
             "factor": float(value(f"{arch}.rope.scaling.factor")),
         }
-    rotary = value(f"{arch}.rope.dimension_count")
+    rotary = value(f"{arch}.rope.dimension_count") or head_dim
     if arch == "phi3" and rotary and head_dim and rotary < head_dim:
         out["partial_rotary_factor"] = rotary / head_dim
+    divisors = _tensor_values(reader, "rope_freqs.weight")
+    if arch == "llama" and divisors is not None and rotary:
+        theta = float(value(f"{arch}.rope.freq_base") or 10000.0)
+        scaling = _llama3_scaling(divisors, rotary, theta)
+        if scaling is not None:
+            out["rope_scaling"] = scaling
+    long = _tensor_values(reader, "rope_factors_long.weight")
+    if arch == "phi3" and long is not None:
+        short = _tensor_values(reader, "rope_factors_short.weight") or long
+        out["rope_scaling"] = {"type": "longrope", "long_factor": long, "short_factor": short}
+        original = value(f"{arch}.rope.scaling.original_context_length")
+        if original:
+            out["original_max_position_embeddings"] = int(original)
     return out

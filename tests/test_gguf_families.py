@@ -8,6 +8,7 @@ safetensors model they came from, Q8_0 ones those of its dequantized twin, packe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from shard.errors import ModelLoadError
 from shard.gguf import gguf_config, unpermute_rows
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine
+from tests.test_families import LONG, SHORT
 from tests.test_prequantized import _assert_same, _run
 
 # llama.cpp's converter, written out here apart from shard/gguf.py's tables: Hugging Face's
@@ -103,6 +105,45 @@ def _copy_tokenizer(writer, sentencepiece: bool) -> None:
         writer.add_token_scores([-float(i) for i in range(count)])
 
 
+def _llama_cpp_rope_freqs(config: dict) -> list[float]:
+    """llama.cpp's rope_freqs for a Llama 3 RoPE scaling (its converter's arithmetic)."""
+    scaling, theta = config["rope_scaling"], config["rope_theta"]
+    dim = config["hidden_size"] // config["num_attention_heads"]
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _write_rope(writer, config: dict) -> None:
+    """RoPE scaling as llama.cpp writes it: Llama 3's as rope_freqs divisors, Phi-3's longrope
+    as factor tensors and the original context; linear as metadata."""
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        writer.add_tensor("rope_freqs.weight", np.array(_llama_cpp_rope_freqs(config), np.float32))
+    elif kind == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+        for which in ("long", "short"):
+            factors = np.array(scaling[f"{which}_factor"], np.float32)
+            writer.add_tensor(f"rope_factors_{which}.weight", factors)
+    elif kind == "linear":
+        import gguf
+
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling["factor"])
+
+
 def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torch.Tensor]:
     """The model as a GGUF file; returns the weights it stands for (Q8_0: dequantized)."""
     import gguf
@@ -128,13 +169,11 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
-    if (config.get("rope_scaling") or {}).get("rope_type") == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config["rope_scaling"]["factor"])
     if config.get("partial_rotary_factor", 1.0) < 1.0:
         head_dim = config["hidden_size"] // heads
         writer.add_rope_dimension_count(int(head_dim * config["partial_rotary_factor"]))
     _copy_tokenizer(writer, sentencepiece=arch in ("phi3", "gemma2", "gemma3"))
+    _write_rope(writer, config)
     served = {}
     for name, weight in sorted(load_file(str(model_dir / "model.safetensors")).items()):
         data = weight.float()
@@ -162,6 +201,15 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     return served
 
 
+# prompts pass the original 16 positions, so the long factors are read too
+LONGROPE = {"type": "longrope", "short_factor": SHORT, "long_factor": LONG}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 _GEMMA_CONFIG = {"head_dim": 16, "tie_word_embeddings": True, "sliding_window": 8}
 FAMILIES = {
     "llama": ("llama", {}),
@@ -169,6 +217,8 @@ FAMILIES = {
     "qwen3": ("qwen3", {"head_dim": 128}),  # transformers reads no head_dim from it: 128
     "phi3": ("phi3", {}),
     "phi3-partial-rotary": ("phi3", {"partial_rotary_factor": 0.5}),  # Phi-4-mini's kind
+    "phi3-longrope": ("phi3", {"original_max_position_embeddings": 16, "rope_scaling": LONGROPE}),
+    "llama3-rope": ("llama", {"rope_scaling": LLAMA3_ROPE}),  # Llama 3.1+: rope_freqs
     "gemma2": (
         "gemma2",
         {**_GEMMA_CONFIG, "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 16},
@@ -183,6 +233,18 @@ FAMILIES = {
         },
     ),  # fmt: skip
 }
+
+
+def _rope(config: dict) -> tuple:
+    """A config's RoPE scaling: kind, factor, original context, long factors (float32's)."""
+    scaling = config.get("rope_scaling") or {}
+    original = scaling.get("original_max_position_embeddings")
+    return (
+        scaling.get("rope_type", scaling.get("type")),
+        scaling.get("factor"),
+        original or (config.get("original_max_position_embeddings") if scaling else None),
+        [round(v, 5) for v in scaling.get("long_factor", [])],
+    )
 
 
 def _random_norms(model_dir: Path) -> Path:
@@ -218,13 +280,9 @@ def test_a_gguf_file_serves_the_tokens_of_its_model(case, smollm_dir, tmp_path, 
     config = json.loads((served / "config.json").read_text())
     assert config["model_type"] == model_type and not list(served.glob("*.safetensors"))
     want = json.loads((tiny / "config.json").read_text())
-    for key in (
-        "query_pre_attn_scalar",
-        "attn_logit_softcapping",
-        "rope_scaling",
-        "partial_rotary_factor",
-    ):
+    for key in ("query_pre_attn_scalar", "attn_logit_softcapping", "partial_rotary_factor"):
         assert config.get(key) == want.get(key), key  # the file's values, not defaults
+    assert _rope(config) == _rope(want)
     twin = _with_tokenizer_of(tiny, served, tmp_path / "twin")
     _assert_same(_run(make_engine(served)), _run(make_engine(twin)))
 
@@ -298,10 +356,38 @@ def test_an_unserved_gguf_architecture_is_refused_by_name(tmp_path):
         GgufStore(path)
 
 
-def test_a_phi3_gguf_with_longrope_factors_is_refused(tmp_path):
+def test_rotary_tensors_a_family_does_not_read_are_refused(tmp_path):
     from shard.gguf import GgufStore
 
-    tensors = {"token_embd.weight": np.zeros((4, 32)), "rope_factors_long.weight": np.ones(8)}
-    path = _bare_gguf(tmp_path / "p.gguf", "phi3", tensors)
-    with pytest.raises(ModelLoadError, match="longrope"):
+    tensors = {"token_embd.weight": np.zeros((4, 32)), "rope_freqs.weight": np.ones(8)}
+    path = _bare_gguf(tmp_path / "q.gguf", "qwen2", tensors)
+    with pytest.raises(ModelLoadError, match="rotary tensors rope_freqs.weight"):
         GgufStore(path)
+
+
+def test_rope_freqs_that_are_not_llama3_scaling_are_refused(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "r.gguf"), "llama")
+    writer.add_embedding_length(32)
+    writer.add_head_count(4)  # heads of 8: 4 frequencies
+    writer.add_tensor("rope_freqs.weight", np.array([1.0, 3.0, 1.0, 8.0], np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    path = tmp_path / "r.gguf"
+    with pytest.raises(ValueError, match="not Llama 3's RoPE scaling"):
+        gguf_config(path)
+
+
+def test_llama3_rope_freqs_of_a_published_shape_give_its_config():
+    """Llama 3.1's scaling (factor 8, original 8192, theta 500000, head 128) is read back;
+    all-ones divisors are no scaling."""
+    from shard.gguf import _llama3_scaling
+
+    config = {"rope_theta": 500000.0, "hidden_size": 4096, "num_attention_heads": 32}
+    config["rope_scaling"] = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
+    scaling = _llama3_scaling(_llama_cpp_rope_freqs(config), 128, 500000.0)
+    assert scaling == config["rope_scaling"]
+    assert _llama3_scaling([1.0] * 64, 128, 500000.0) is None
