@@ -1,12 +1,13 @@
 """A GGUF file (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 or Gemma 3 architecture) as a
-weight store: its tensors under Hugging Face's names, Q8_0, Q4_0 and Q4_1 ones also in their
-packed forms, so they are served as they are.
+weight store: its tensors under Hugging Face's names, Q8_0, Q4_0, Q4_1 and Q4_K ones also in
+their packed forms, so they are served as they are.
 
 GGUF stores a [N, K] weight as N rows of blocks along the inputs: Q8_0 blocks of 32 are a
 float16 scale d and 32 int8 (w = d q); Q4_0 blocks are d and 16 bytes of nibbles
 (w = d (q - 8)); Q4_1 blocks are d, a float16 min m and the nibbles (w = d q + m), byte j
-holding inputs j and j + 16 (the layout `shard.models.quant` keeps). llama.cpp's converter
-interleaves the rows of Llama's (and Mistral's) q and k projections for its rotary form;
+holding inputs j and j + 16 (the layout `shard.models.quant` keeps); Q4_K super-blocks of
+256 become eight such groups with float32 scales and mins (`GgufStore._q4_k`). llama.cpp's
+converter interleaves the rows of Llama's (and Mistral's) q and k projections for its rotary form;
 they are put back in Hugging Face's order (a row permutation, so packed rows move whole);
 the other families' are stored in Hugging Face's order. Phi-3 keeps its fused qkv and
 gate_up tensors; Gemma's norm weights are stored as 1 + w (llama.cpp folds Gemma's
@@ -88,6 +89,9 @@ _TOP_NAMES = {
 }
 # bytes per block of 32 inputs
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+# Q4_K: super-blocks of 256 inputs (144 bytes), eight groups of 32 each
+SUPER = 256
+_SUPER_BYTES = {"Q4_K": 144}
 
 
 def hf_name(name: str, names: dict[str, str] = _LAYER_NAMES) -> str | None:
@@ -152,7 +156,7 @@ class GgufStore:
             if name is not None:
                 self._tensors[name] = tensor
         kinds = {t.tensor_type.name for t in self._tensors.values()}
-        others = sorted(kinds - set(_BLOCK_BYTES) - {"F32", "F16", "BF16"})
+        others = sorted(kinds - set(_BLOCK_BYTES) - set(_SUPER_BYTES) - {"F32", "F16", "BF16"})
         if others:
             log.info("%s: %s tensors are dequantized on load", self.path.name, ", ".join(others))
 
@@ -198,9 +202,11 @@ class GgufStore:
     def packed(self, name: str) -> tuple[str, torch.Tensor, tuple[torch.Tensor, ...], None] | None:
         """The tensor in `shard.models.quant`'s forms: ("int8", q [N, K], (scales [N, K/32],))
         or ("int4", q [N, K/2], (scales, mins)), inputs in order (None); None unless Q8_0,
-        Q4_0 or Q4_1."""
+        Q4_0, Q4_1 or Q4_K."""
         tensor = self._tensor(name)
         kind = tensor.tensor_type.name
+        if kind in _SUPER_BYTES:
+            return self._q4_k(name, tensor)
         if kind not in _BLOCK_BYTES:
             return None
         rows, k = self.shape(name)
@@ -219,6 +225,31 @@ class GgufStore:
         else:  # w = d (q - 8): the min is -8 d
             mins = d * -8
         return "int4", q, (d.contiguous(), mins.float().contiguous()), None
+
+    def _q4_k(self, name: str, tensor: Any) -> tuple[str, torch.Tensor, tuple, None]:
+        """Q4_K as int4 in groups of 32: per super-block of 256 inputs a float16 d and dmin,
+        12 bytes of eight 6-bit scales s and mins m, then 128 bytes in which 32-byte chunk c
+        holds group 2c in its low nibbles and group 2c + 1 in its high ones (input t of a
+        group in byte t). w = d s q - dmin m, so the groups' scales are d s in float32 (a
+        float16 times a 6-bit integer: exact) and their mins -dmin m; the nibbles are
+        repacked into the GGML block layout."""
+        rows, k = self.shape(name)
+        supers = k // SUPER
+        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(rows, supers, -1)
+        order = self._order(name, rows)
+        if order is not None:
+            raw = raw[order]
+        d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [rows, supers, 1]
+        dmin = raw[..., 2:4].contiguous().view(torch.float16).float()
+        low6, high6, rest = raw[..., 4:16].reshape(rows, supers, 3, 4).unbind(2)
+        scales = torch.cat([low6 & 0x3F, (rest & 0x0F) | ((low6 >> 2) & 0x30)], dim=-1)
+        mins = torch.cat([high6 & 0x3F, (rest >> 4) | ((high6 >> 2) & 0x30)], dim=-1)
+        chunks = raw[..., 16:].reshape(rows, supers, 4, 1, 32)
+        nibbles = torch.cat([chunks & 15, chunks >> 4], dim=3).reshape(rows, supers * 8, 32)
+        q = (nibbles[..., :16] | (nibbles[..., 16:] << 4)).reshape(rows, k // 2)
+        group_scales = (d * scales.float()).reshape(rows, k // BLOCK)
+        group_mins = -(dmin * mins.float()).reshape(rows, k // BLOCK)
+        return "int4", q.contiguous(), (group_scales, group_mins), None
 
 
 # Gemma's 27B models scale queries by hidden / heads rather than head_dim (as llama.cpp

@@ -391,3 +391,117 @@ def test_llama3_rope_freqs_of_a_published_shape_give_its_config():
     scaling = _llama3_scaling(_llama_cpp_rope_freqs(config), 128, 500000.0)
     assert scaling == config["rope_scaling"]
     assert _llama3_scaling([1.0] * 64, 128, 500000.0) is None
+
+
+def q4_k_blocks(rows: int, k: int, gen: torch.Generator) -> tuple[np.ndarray, torch.Tensor]:
+    """Random Q4_K blocks [rows, k / 256 * 144] packed by the test from known parts (float16
+    d and dmin, 6-bit scales and mins, nibbles) as ggml lays them out, and the weights
+    d s q - dmin m they stand for (float32)."""
+    supers = k // 256
+    d = (torch.rand(rows, supers, 1, generator=gen) * 4e-4 + 1e-4).half()
+    dmin = (torch.rand(rows, supers, 1, generator=gen) * 4e-4).half()
+    sc = torch.randint(0, 64, (rows, supers, 8), generator=gen, dtype=torch.uint8)
+    mn = torch.randint(0, 64, (rows, supers, 8), generator=gen, dtype=torch.uint8)
+    codes = torch.randint(0, 16, (rows, supers, 8, 32), generator=gen, dtype=torch.uint8)
+    packed_scales = torch.cat(
+        [
+            (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
+            (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
+        ],
+        dim=-1,
+    )
+    # 32-byte chunk c: group 2c in the low nibbles, group 2c + 1 in the high ones
+    pairs = codes.view(rows, supers, 4, 2, 32)
+    qs = (pairs[:, :, :, 0] | (pairs[:, :, :, 1] << 4)).reshape(rows, supers, 128)
+    raw = [d.view(torch.uint8), dmin.view(torch.uint8), packed_scales, qs]
+    blocks = torch.cat(raw, dim=-1).reshape(rows, supers * 144)
+    weights = d.float()[..., None] * sc.float()[..., None] * codes.float()
+    weights = weights - (dmin.float()[..., None] * mn.float()[..., None])
+    return blocks.numpy(), weights.reshape(rows, k)
+
+
+def test_q4_k_blocks_packed_from_known_values_unpack_to_them(tmp_path):
+    """Q4_K super-blocks come back as exactly their weights (as the gguf package's own
+    dequantization gives them too), packed as int4 in groups of 32 with float32 scales,
+    q rows in Hugging Face's order; the CPU kernel multiplies by them."""
+    import gguf
+
+    from shard.gguf import GgufStore
+    from shard.models.quant import QuantLinear, dequantize_int4
+    from tests.test_quant import _relative_error, _write_gguf
+
+    gen = torch.Generator().manual_seed(4)
+    n, k = 8, 512  # q: 2 heads of 4 rows
+    blocks, expected = q4_k_blocks(n, k, gen)
+    reference = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q4_K)
+    assert torch.equal(torch.from_numpy(np.array(reference)).reshape(n, k), expected)
+    kind = "Q4_K"
+    _write_gguf(
+        tmp_path / "k.gguf",
+        {"blk.0.ffn_down.weight": (blocks, kind), "blk.0.attn_q.weight": (blocks, kind)},
+    )
+    store = GgufStore(tmp_path / "k.gguf")
+    down, q = "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"
+    method, packed, params, _ = store.packed(down)
+    assert method == "int4" and params[0].dtype == torch.float32 and params[0].shape == (n, 16)
+    assert torch.equal(dequantize_int4(packed, *params), expected)
+    q_method, q_packed, q_params, _ = store.packed(q)
+    assert torch.equal(dequantize_int4(q_packed, *q_params), expected[unpermute_rows(n, 2)])
+    layer = QuantLinear(method, packed, params)
+    assert layer.kernels is not None
+    for rows in (1, 9):  # one row per packed row, and the register-blocked rows
+        x = torch.randn(rows, k, generator=gen)
+        assert _relative_error(layer(x), x.double() @ expected.double().T) < 1e-6
+    assert torch.equal(layer._dequantized(0, n, x), expected)  # the C++ dequantization
+
+
+def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypatch):
+    """A Q4_K_M-like file (Q4_K layers, a Q6_K LM head, which is dequantized) serves the
+    tokens of its dequantized twin, its layers packed as int4."""
+    import gguf
+
+    monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
+    sizes = {"hidden_size": 256, "intermediate_size": 512}  # K-quants need 256 inputs
+    tiny = build_tiny_model(tmp_path / "qwen2", smollm_dir, "qwen2", **sizes)
+    weights = load_file(str(tiny / "model.safetensors"))
+    config = json.loads((tiny / "config.json").read_text())
+    path, gen = tmp_path / "k.gguf", torch.Generator().manual_seed(5)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(256)
+    writer.add_feed_forward_length(512)
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    _copy_tokenizer(writer, sentencepiece=False)
+    served = {}
+    for name, value in sorted(weights.items()):
+        target = gguf_name(name, _LLAMA)
+        if value.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            blocks, served[name] = q4_k_blocks(*value.shape, gen)
+            writer.add_tensor(target, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        elif "lm_head" in name:  # Q6_K: random bytes, a small float16 d ending each block
+            blocks = torch.randint(0, 256, (value.shape[0], 210), generator=gen, dtype=torch.uint8)
+            blocks[:, 208:] = torch.full((value.shape[0], 1), 1e-3).half().view(torch.uint8)
+            writer.add_tensor(target, blocks.numpy(), raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+            back = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q6_K)
+            served[name] = torch.from_numpy(np.array(back)).reshape(value.shape)
+        else:
+            writer.add_tensor(target, value.float().numpy())
+            served[name] = value.float()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny, twin)
+    save_file({k: v.contiguous() for k, v in served.items()}, str(twin / "model.safetensors"),
+              metadata={"format": "pt"})  # fmt: skip
+    engine = make_engine(gguf_model_dir(path))
+    layer = engine.runner.model.layers[0].qkv
+    assert layer.method == "int4" and layer.group_size == 32
+    assert not hasattr(engine.runner.model.lm_head.linear, "method")  # Q6_K: dequantized
+    _assert_same(_run(engine), _run(make_engine(twin)))

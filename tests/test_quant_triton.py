@@ -55,6 +55,16 @@ def test_int4_kernel_multiplies_by_the_dequantized_weights(k, n, rows, group):
     assert _relative_error(q4_linear(x, packed, scales, mins), expected) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [1, 17])
+def test_int4_kernel_takes_float32_scales(rows):
+    """GGUF's Q4_K groups carry float32 scales (a float16 times a 6-bit integer)."""
+    weight, x = _case(256, 96, rows)
+    packed, scales, mins = quantize_int4(weight, 32)
+    wide = scales.float() * torch.randint(1, 64, scales.shape, generator=torch.Generator())
+    expected = x.double() @ dequantize_int4(packed, wide, mins).double().T
+    assert _relative_error(q4_linear(x, packed, wide, mins), expected) < 1e-5
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_bfloat16_inputs_take_bfloat16_weights(method):
     """As the dequantized path: weights rounded to bfloat16, products summed in float32."""

@@ -27,6 +27,7 @@ constexpr int64_t kBlock = 32;  // int4 inputs per GGML block (16 bytes)
 constexpr int64_t kFewRows = 8;
 
 inline float to_float(c10::Half h) { return static_cast<float>(h); }
+inline float to_float(float f) { return f; }
 
 // Row n of an int8 layer, dequantized into dst[0..k).
 inline void row_q8(const int8_t* q, const c10::Half* scales, int64_t k, int64_t groups,
@@ -39,8 +40,9 @@ inline void row_q8(const int8_t* q, const c10::Half* scales, int64_t k, int64_t 
   }
 }
 
-// Row n of an int4 layer (k / 2 bytes), dequantized into dst[0..k).
-inline void row_q4(const uint8_t* q, const c10::Half* scales, const float* mins, int64_t k,
+// Row n of an int4 layer (k / 2 bytes), dequantized into dst[0..k); S: the scales' type.
+template <typename S>
+inline void row_q4(const uint8_t* q, const S* scales, const float* mins, int64_t k,
                    int64_t groups, float* dst) {
   const int64_t g = k / groups;
   for (int64_t grp = 0; grp < groups; ++grp) {
@@ -80,8 +82,13 @@ inline __m256 load8(const int8_t* q) {  // 8 int8 weights as 8 floats
 }
 #endif
 
-// Widens n float16 values into dst.
-inline void widen_halves(const c10::Half* src, int64_t n, float* dst) {
+// n float32 scales (GGUF's K-quants: a float16 times a 6-bit integer) into dst.
+inline void widen_scales(const float* src, int64_t n, float* dst) {
+  std::copy(src, src + n, dst);
+}
+
+// Widens n float16 scales into dst.
+inline void widen_scales(const c10::Half* src, int64_t n, float* dst) {
   int64_t i = 0;
 #ifdef __F16C__
   for (; i + 8 <= n; i += 8)
@@ -176,9 +183,9 @@ void check(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& 
   TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
               "x: float32 or bfloat16 only");
   TORCH_CHECK(q.is_contiguous() && scales.is_contiguous(), "weights must be contiguous");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.dim() == 2 &&
-                  scales.size(0) == q.size(0) && k % scales.size(1) == 0,
-              "scales must be float16 [N, G] with G dividing K");
+  TORCH_CHECK((scales.scalar_type() == torch::kHalf || scales.scalar_type() == torch::kFloat) &&
+                  scales.dim() == 2 && scales.size(0) == q.size(0) && k % scales.size(1) == 0,
+              "scales must be float16 or float32 [N, G] with G dividing K");
   TORCH_CHECK((k / scales.size(1)) % multiple == 0, "group size must be a multiple of ",
               multiple);
 }
@@ -293,8 +300,9 @@ torch::Tensor dequantized(int64_t n_rows, int64_t k, const torch::Tensor& like, 
 
 namespace {
 
-void check_q8(const torch::Tensor& q) {
+void check_q8(const torch::Tensor& q, const torch::Tensor& scales) {
   TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 2, "q must be int8 [N, K]");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf, "int8 scales must be float16");
 }
 
 void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
@@ -307,7 +315,7 @@ void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::
 }  // namespace
 
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  check_q8(q);
+  check_q8(q, scales);
   const int64_t k = q.size(1), groups = scales.size(1);
   check(x, q, scales, k, 1);
   const int8_t* qp = q.data_ptr<int8_t>();
@@ -320,18 +328,17 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
   return product(
       xf, x, q.size(0), groups,
       [=](const float* xm, int64_t, int64_t n, float* sf, bool first) {
-        if (first) widen_halves(sp + n * groups, groups, sf);
+        if (first) widen_scales(sp + n * groups, groups, sf);
         return dot_q8(xm, qp + n * k, sf, k, groups);
       });
 }
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
-                        torch::Tensor mins) {
-  check_q4(q, scales, mins);
+template <typename S>
+torch::Tensor q4_linear_typed(const torch::Tensor& x, const torch::Tensor& q,
+                              const torch::Tensor& scales, const torch::Tensor& mins) {
   const int64_t k = 2 * q.size(1), groups = scales.size(1);
-  check(x, q, scales, k, kBlock);
   const uint8_t* qp = q.data_ptr<uint8_t>();
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const S* sp = scales.data_ptr<S>();
   const float* mp = mins.data_ptr<float>();
   const auto xf = x.to(torch::kFloat).contiguous();
   if (xf.size(0) > kFewRows)
@@ -343,14 +350,22 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
   return product(
       xf, x, q.size(0), groups,
       [=](const float* xm, int64_t m, int64_t n, float* params, bool first) {
-        if (first) widen_halves(sp + n * groups, groups, params);
+        if (first) widen_scales(sp + n * groups, groups, params);
         return dot_q4(xm, qp + n * k / 2, params, mp + n * groups, sums_p + m * groups, k,
                       groups);
       });
 }
 
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
+                        torch::Tensor mins) {
+  check_q4(q, scales, mins);
+  check(x, q, scales, 2 * q.size(1), kBlock);
+  if (scales.scalar_type() == torch::kFloat) return q4_linear_typed<float>(x, q, scales, mins);
+  return q4_linear_typed<c10::Half>(x, q, scales, mins);
+}
+
 torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor like) {
-  check_q8(q);
+  check_q8(q, scales);
   const int64_t k = q.size(1), groups = scales.size(1);
   const int8_t* qp = q.data_ptr<int8_t>();
   const c10::Half* sp = scales.data_ptr<c10::Half>();
@@ -359,17 +374,27 @@ torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor
   });
 }
 
+template <typename S>
+torch::Tensor q4_dequantize_typed(const torch::Tensor& q, const torch::Tensor& scales,
+                                  const torch::Tensor& mins, const torch::Tensor& like) {
+  const int64_t k = 2 * q.size(1), groups = scales.size(1);
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const S* sp = scales.data_ptr<S>();
+  const float* mp = mins.data_ptr<float>();
+  return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
+    row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
+  });
+}
+
 torch::Tensor q4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins,
                             torch::Tensor like) {
   check_q4(q, scales, mins);
   const int64_t k = 2 * q.size(1), groups = scales.size(1);
   TORCH_CHECK((k / groups) % kBlock == 0, "group size must be a multiple of 32");
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
-  const float* mp = mins.data_ptr<float>();
-  return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
-    row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
-  });
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf || scales.scalar_type() == torch::kFloat,
+              "scales must be float16 or float32");
+  if (scales.scalar_type() == torch::kFloat) return q4_dequantize_typed<float>(q, scales, mins, like);
+  return q4_dequantize_typed<c10::Half>(q, scales, mins, like);
 }
 
 }  // namespace pytgi

@@ -9,7 +9,8 @@ namespace pytgi {
 //   per output channel); w[n, k] = scales[n, k / g] * q[n, k].
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 // int4: q uint8 [N, K / 2], GGML's block layout: inputs in blocks of 32, byte j of a block
-//   holding input j in its low nibble and input j + 16 in its high nibble; scales float16 and
+//   holding input j in its low nibble and input j + 16 in its high nibble; scales float16 (or
+//   float32: GGUF's Q4_K, a float16 times a 6-bit integer) and
 //   mins float32, [N, G] (g a multiple of 32); w[n, k] = scales[n, k / g] * nibble + mins[n, k / g]
 //   (a float32 min holds GPTQ's and AWQ's -scale * zero exactly).
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
