@@ -1,18 +1,18 @@
 """A GGUF file (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2 or Gemma 3 architecture) as a
-weight store: its tensors under Hugging Face's names, Q8_0, Q4_0, Q4_1 and Q4_K ones also in
-their packed forms, so they are served as they are.
+weight store: its tensors under Hugging Face's names, Q8_0, Q4_0, Q4_1, Q4_K and Q6_K ones
+also in their packed forms, so they are served as they are.
 
 GGUF stores a [N, K] weight as N rows of blocks along the inputs: Q8_0 blocks of 32 are a
 float16 scale d and 32 int8 (w = d q); Q4_0 blocks are d and 16 bytes of nibbles
 (w = d (q - 8)); Q4_1 blocks are d, a float16 min m and the nibbles (w = d q + m), byte j
 holding inputs j and j + 16 (the layout `shard.models.quant` keeps); Q4_K super-blocks of
-256 become eight such groups with float32 scales and mins (`GgufStore._q4_k`). llama.cpp's
-converter interleaves the rows of Llama's (and Mistral's) q and k projections for its rotary form;
-they are put back in Hugging Face's order (a row permutation, so packed rows move whole);
-the other families' are stored in Hugging Face's order. Phi-3 keeps its fused qkv and
-gate_up tensors; Gemma's norm weights are stored as 1 + w (llama.cpp folds Gemma's
-"1 + weight" into them) and are read back as w. Other tensor types are dequantized by the
-`gguf` package, once each.
+256 become eight such groups with float32 scales and mins, Q6_K ones int8 in groups of 16
+with float32 scales (`GgufStore._q4_k`, `_q6_k`). llama.cpp's converter interleaves the rows
+of Llama's (and Mistral's) q and k projections for its rotary form; they are put back in
+Hugging Face's order (a row permutation, so packed rows move whole); the other families'
+are stored in Hugging Face's order. Phi-3 keeps its fused qkv and gate_up tensors; Gemma's
+norm weights are stored as 1 + w (llama.cpp folds Gemma's "1 + weight" into them) and are
+read back as w. Other tensor types are dequantized by the `gguf` package, once each.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ _TOP_NAMES = {
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
 # Q4_K: super-blocks of 256 inputs (144 bytes), eight groups of 32 each
 SUPER = 256
-_SUPER_BYTES = {"Q4_K": 144}
+_SUPER_BYTES = {"Q4_K": 144, "Q6_K": 210}
 
 
 def hf_name(name: str, names: dict[str, str] = _LAYER_NAMES) -> str | None:
@@ -202,11 +202,13 @@ class GgufStore:
     def packed(self, name: str) -> tuple[str, torch.Tensor, tuple[torch.Tensor, ...], None] | None:
         """The tensor in `shard.models.quant`'s forms: ("int8", q [N, K], (scales [N, K/32],))
         or ("int4", q [N, K/2], (scales, mins)), inputs in order (None); None unless Q8_0,
-        Q4_0, Q4_1 or Q4_K."""
+        Q4_0, Q4_1, Q4_K or Q6_K."""
         tensor = self._tensor(name)
         kind = tensor.tensor_type.name
-        if kind in _SUPER_BYTES:
+        if kind == "Q4_K":
             return self._q4_k(name, tensor)
+        if kind == "Q6_K":
+            return self._q6_k(name, tensor)
         if kind not in _BLOCK_BYTES:
             return None
         rows, k = self.shape(name)
@@ -226,6 +228,33 @@ class GgufStore:
             mins = d * -8
         return "int4", q, (d.contiguous(), mins.float().contiguous()), None
 
+    def _super_blocks(self, name: str, tensor: Any) -> torch.Tensor:
+        """The tensor's raw super-blocks [rows, K / 256, bytes], rows in HF's order."""
+        rows, k = self.shape(name)
+        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(rows, k // SUPER, -1)
+        order = self._order(name, rows)
+        return raw if order is None else raw[order]
+
+    def _q6_k(self, name: str, tensor: Any) -> tuple[str, torch.Tensor, tuple, None]:
+        """Q6_K as int8 in groups of 16: per super-block of 256 inputs, 128 bytes of low
+        nibbles (64-byte half h holds inputs 128h + t in its low nibbles and 128h + 64 + t
+        in its high ones), 64 bytes of high 2-bit pairs (32-byte half h: bits 2j..2j+1 of
+        byte t belong to input 128h + 32j + t), sixteen int8 scales s and a float16 d;
+        w = d s (q - 32), so the codes q - 32 fit int8 and the scales are d s in float32
+        (a float16 times an int8: exact)."""
+        rows, k = self.shape(name)
+        raw = self._super_blocks(name, tensor)
+        supers = k // SUPER
+        low = raw[..., :128].reshape(rows, supers, 2, 1, 64)
+        low = torch.cat([low & 15, low >> 4], dim=3).reshape(rows, supers, SUPER)
+        high = raw[..., 128:192].reshape(rows, supers, 2, 1, 32)
+        high = torch.cat([(high >> shift) & 3 for shift in (0, 2, 4, 6)], dim=3)
+        codes = (low | (high.reshape(rows, supers, SUPER) << 4)).to(torch.int16) - 32
+        d = raw[..., 208:210].contiguous().view(torch.float16).float()  # [rows, supers, 1]
+        scales = raw[..., 192:208].contiguous().view(torch.int8).float() * d
+        q = codes.to(torch.int8).reshape(rows, k)
+        return "int8", q, (scales.reshape(rows, k // 16),), None
+
     def _q4_k(self, name: str, tensor: Any) -> tuple[str, torch.Tensor, tuple, None]:
         """Q4_K as int4 in groups of 32: per super-block of 256 inputs a float16 d and dmin,
         12 bytes of eight 6-bit scales s and mins m, then 128 bytes in which 32-byte chunk c
@@ -235,10 +264,7 @@ class GgufStore:
         repacked into the GGML block layout."""
         rows, k = self.shape(name)
         supers = k // SUPER
-        raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).view(rows, supers, -1)
-        order = self._order(name, rows)
-        if order is not None:
-            raw = raw[order]
+        raw = self._super_blocks(name, tensor)
         d = raw[..., 0:2].contiguous().view(torch.float16).float()  # [rows, supers, 1]
         dmin = raw[..., 2:4].contiguous().view(torch.float16).float()
         low6, high6, rest = raw[..., 4:16].reshape(rows, supers, 3, 4).unbind(2)

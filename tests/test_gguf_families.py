@@ -457,8 +457,8 @@ def test_q4_k_blocks_packed_from_known_values_unpack_to_them(tmp_path):
 
 
 def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypatch):
-    """A Q4_K_M-like file (Q4_K layers, a Q6_K LM head, which is dequantized) serves the
-    tokens of its dequantized twin, its layers packed as int4."""
+    """A Q4_K_M-like file (Q4_K layers, a Q6_K LM head) serves the tokens of its
+    dequantized twin, its layers packed as int4 and its head as int8 in groups of 16."""
     import gguf
 
     monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
@@ -503,5 +503,38 @@ def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypa
     engine = make_engine(gguf_model_dir(path))
     layer = engine.runner.model.layers[0].qkv
     assert layer.method == "int4" and layer.group_size == 32
-    assert not hasattr(engine.runner.model.lm_head.linear, "method")  # Q6_K: dequantized
+    head = engine.runner.model.lm_head.linear
+    assert head.method == "int8" and head.group_size == 16 and head.kernels is not None
     _assert_same(_run(engine), _run(make_engine(twin)))
+
+
+def test_q6_k_blocks_unpack_to_the_gguf_package_s_weights(tmp_path):
+    """Q6_K super-blocks of random bytes (a float16 d set) come back as int8 codes in groups
+    of 16 with float32 scales giving exactly the gguf package's dequantized weights; the CPU
+    kernel multiplies by them at 1 and 9 rows."""
+    import gguf
+
+    from shard.gguf import GgufStore
+    from shard.models.quant import QuantLinear, dequantize_int8
+    from tests.test_quant import _relative_error, _write_gguf
+
+    gen = torch.Generator().manual_seed(6)
+    n, k = 8, 512
+    blocks = torch.randint(0, 256, (n, k // 256, 210), generator=gen, dtype=torch.uint8)
+    d = (torch.rand(n, k // 256, 1, generator=gen) * 1e-3 + 1e-4).half()
+    blocks[..., 208:] = d.view(torch.uint8)
+    blocks = blocks.reshape(n, -1).numpy()
+    expected = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q6_K)
+    expected = torch.from_numpy(np.array(expected)).reshape(n, k)
+    _write_gguf(tmp_path / "k.gguf", {"blk.0.ffn_down.weight": (blocks, "Q6_K")})
+    store = GgufStore(tmp_path / "k.gguf")
+    method, q, params, _ = store.packed("model.layers.0.mlp.down_proj.weight")
+    assert method == "int8" and q.dtype == torch.int8 and params[0].shape == (n, k // 16)
+    assert int(q.min()) >= -32 and int(q.max()) <= 31
+    assert torch.equal(dequantize_int8(q, *params), expected)
+    layer = QuantLinear(method, q, params)
+    assert layer.kernels is not None and layer.group_size == 16
+    for rows in (1, 9):
+        x = torch.randn(rows, k, generator=gen)
+        assert _relative_error(layer(x), x.double() @ expected.double().T) < 1e-6
+    assert torch.equal(layer._dequantized(0, n, x), expected)  # the C++ dequantization

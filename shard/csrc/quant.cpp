@@ -30,7 +30,8 @@ inline float to_float(c10::Half h) { return static_cast<float>(h); }
 inline float to_float(float f) { return f; }
 
 // Row n of an int8 layer, dequantized into dst[0..k).
-inline void row_q8(const int8_t* q, const c10::Half* scales, int64_t k, int64_t groups,
+template <typename S>
+inline void row_q8(const int8_t* q, const S* scales, int64_t k, int64_t groups,
                    float* dst) {
   const int64_t g = k / groups;
   for (int64_t grp = 0; grp < groups; ++grp, q += g, dst += g) {
@@ -117,6 +118,18 @@ inline float dot_q8(const float* x, const int8_t* q, const float* sf, int64_t k,
       }
       const __m256 part = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
       sum = _mm256_fmadd_ps(part, _mm256_set1_ps(sf[grp]), sum);
+    }
+    return hsum(sum);
+  }
+  if (g % 16 == 0) {  // GGUF's Q6_K: groups of 16
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+      for (int64_t i = 0; i < g; i += 16, x += 16, q += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x), load8(q), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 8), load8(q + 8), a1);
+      }
+      sum = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(sf[grp]), sum);
     }
     return hsum(sum);
   }
@@ -300,9 +313,8 @@ torch::Tensor dequantized(int64_t n_rows, int64_t k, const torch::Tensor& like, 
 
 namespace {
 
-void check_q8(const torch::Tensor& q, const torch::Tensor& scales) {
+void check_q8(const torch::Tensor& q) {
   TORCH_CHECK(q.scalar_type() == torch::kChar && q.dim() == 2, "q must be int8 [N, K]");
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf, "int8 scales must be float16");
 }
 
 void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::Tensor& mins) {
@@ -314,12 +326,12 @@ void check_q4(const torch::Tensor& q, const torch::Tensor& scales, const torch::
 
 }  // namespace
 
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
-  check_q8(q, scales);
+template <typename S>
+torch::Tensor q8_linear_typed(const torch::Tensor& x, const torch::Tensor& q,
+                              const torch::Tensor& scales) {
   const int64_t k = q.size(1), groups = scales.size(1);
-  check(x, q, scales, k, 1);
   const int8_t* qp = q.data_ptr<int8_t>();
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const S* sp = scales.data_ptr<S>();
   const auto xf = x.to(torch::kFloat).contiguous();
   if (xf.size(0) > kFewRows)
     return blocked(xf, x, q.size(0), [=](int64_t n, float* dst) {
@@ -331,6 +343,13 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) 
         if (first) widen_scales(sp + n * groups, groups, sf);
         return dot_q8(xm, qp + n * k, sf, k, groups);
       });
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales) {
+  check_q8(q);
+  check(x, q, scales, q.size(1), 1);
+  if (scales.scalar_type() == torch::kFloat) return q8_linear_typed<float>(x, q, scales);
+  return q8_linear_typed<c10::Half>(x, q, scales);
 }
 
 template <typename S>
@@ -364,14 +383,23 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
   return q4_linear_typed<c10::Half>(x, q, scales, mins);
 }
 
-torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor like) {
-  check_q8(q, scales);
+template <typename S>
+torch::Tensor q8_dequantize_typed(const torch::Tensor& q, const torch::Tensor& scales,
+                                  const torch::Tensor& like) {
   const int64_t k = q.size(1), groups = scales.size(1);
   const int8_t* qp = q.data_ptr<int8_t>();
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const S* sp = scales.data_ptr<S>();
   return dequantized(q.size(0), k, like, [=](int64_t n, float* dst) {
     row_q8(qp + n * k, sp + n * groups, k, groups, dst);
   });
+}
+
+torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor like) {
+  check_q8(q);
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf || scales.scalar_type() == torch::kFloat,
+              "scales must be float16 or float32");
+  if (scales.scalar_type() == torch::kFloat) return q8_dequantize_typed<float>(q, scales, like);
+  return q8_dequantize_typed<c10::Half>(q, scales, like);
 }
 
 template <typename S>

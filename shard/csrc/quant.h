@@ -5,8 +5,8 @@
 namespace pytgi {
 
 // x [M, K] float32 or bfloat16 -> [M, N] in x's dtype.
-// int8: q int8 [N, K]; scales float16 [N, G], G = K / g groups of g inputs (G = 1: one scale
-//   per output channel); w[n, k] = scales[n, k / g] * q[n, k].
+// int8: q int8 [N, K]; scales float16 (or float32: GGUF's Q6_K) [N, G], G = K / g groups of
+//   g inputs (G = 1: one scale per output channel); w[n, k] = scales[n, k / g] * q[n, k].
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 // int4: q uint8 [N, K / 2], GGML's block layout: inputs in blocks of 32, byte j of a block
 //   holding input j in its low nibble and input j + 16 in its high nibble; scales float16 (or

@@ -115,10 +115,11 @@ def group_for(in_features: int, group_size: int, what: str) -> int:
     return group_size
 
 
-def _kernels(device: torch.device, in_features: int) -> Any:
+def _kernels(device: torch.device, in_features: int, group_size: int) -> Any:
     """The products' kernels: pytgi's C++ ones on CPU (`max_rows` _KERNEL_ROWS), Triton's
-    on CUDA (any rows; inputs in whole blocks of 32); None: dequantize per call."""
-    if device.type == "cuda" and in_features % 32 == 0:
+    on CUDA (any rows; inputs and groups in whole blocks of 32, so not GGUF Q6_K's groups
+    of 16); None: dequantize per call."""
+    if device.type == "cuda" and in_features % 32 == 0 and group_size % 32 == 0:
         try:
             from shard.models.quant_triton import TritonQuant
         except ImportError:
@@ -162,7 +163,7 @@ class QuantLinear:
         self.out_features = weight.shape[0]
         inputs = weight.shape[1] * (2 if method == "int4" else 1)
         self.group_size = inputs // qparams[0].shape[1]
-        self.kernels = _kernels(weight.device, inputs) if kernels else None
+        self.kernels = _kernels(weight.device, inputs, self.group_size) if kernels else None
 
     @classmethod
     def quantize(
