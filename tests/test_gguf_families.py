@@ -23,7 +23,7 @@ from shard.gguf import gguf_config, unpermute_rows
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine
 from tests.test_families import LONG, SHORT
-from tests.test_prequantized import _assert_same, _run
+from tests.test_prequantized import PROMPTS, _assert_same, _run
 
 # llama.cpp's converter, written out here apart from shard/gguf.py's tables: Hugging Face's
 # names -> GGUF's, per family
@@ -456,13 +456,12 @@ def test_q4_k_blocks_packed_from_known_values_unpack_to_them(tmp_path):
     assert torch.equal(layer._dequantized(0, n, x), expected)  # the C++ dequantization
 
 
-def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypatch):
-    """A Q4_K_M-like file (Q4_K layers, a Q6_K LM head) serves the tokens of its
-    dequantized twin, its layers packed as int4 and its head as int8 in groups of 16."""
+def _q4_k_m_file(smollm_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A Q4_K_M-like GGUF (Q4_K layers, a Q6_K LM head, a float32 embedding) of a tiny Qwen2
+    with 256 inputs per layer (K-quants need them), and its dequantized safetensors twin."""
     import gguf
 
-    monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
-    sizes = {"hidden_size": 256, "intermediate_size": 512}  # K-quants need 256 inputs
+    sizes = {"hidden_size": 256, "intermediate_size": 512}
     tiny = build_tiny_model(tmp_path / "qwen2", smollm_dir, "qwen2", **sizes)
     weights = load_file(str(tiny / "model.safetensors"))
     config = json.loads((tiny / "config.json").read_text())
@@ -500,12 +499,35 @@ def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypa
     shutil.copytree(tiny, twin)
     save_file({k: v.contiguous() for k, v in served.items()}, str(twin / "model.safetensors"),
               metadata={"format": "pt"})  # fmt: skip
+    return path, twin
+
+
+def test_q4_k_tensors_of_a_gguf_are_served_packed(smollm_dir, tmp_path, monkeypatch):
+    """A Q4_K_M-like file serves the tokens of its dequantized twin, its layers packed as
+    int4 and its head as int8 in groups of 16."""
+    monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
+    path, twin = _q4_k_m_file(smollm_dir, tmp_path)
     engine = make_engine(gguf_model_dir(path))
     layer = engine.runner.model.layers[0].qkv
     assert layer.method == "int4" and layer.group_size == 32
     head = engine.runner.model.lm_head.linear
     assert head.method == "int8" and head.group_size == 16 and head.kernels is not None
     _assert_same(_run(engine), _run(make_engine(twin)))
+
+
+def test_q4_k_and_q6_k_tensors_over_two_shards(smollm_dir, tmp_path, monkeypatch):
+    """Each rank cuts its rows, and its columns at group boundaries, from the K-quant
+    blocks."""
+    from tests.test_tensor_parallel import ShardGroup
+
+    monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
+    path, twin = _q4_k_m_file(smollm_dir, tmp_path)
+    group = ShardGroup(gguf_model_dir(path), 2, tmp_path, [])
+    try:
+        got = group.generate(PROMPTS, 8)
+    finally:
+        group.stop()
+    _assert_same(got, _run(make_engine(twin)))
 
 
 def test_q6_k_blocks_unpack_to_the_gguf_package_s_weights(tmp_path):
