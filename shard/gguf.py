@@ -89,7 +89,7 @@ _TOP_NAMES = {
 }
 # bytes per block of 32 inputs
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-# Q4_K: super-blocks of 256 inputs (144 bytes), eight groups of 32 each
+# K-quants served packed: super-blocks of 256 inputs, bytes per super-block
 SUPER = 256
 _SUPER_BYTES = {"Q4_K": 144, "Q6_K": 210}
 

@@ -421,7 +421,8 @@ torch::Tensor q4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor
   TORCH_CHECK((k / groups) % kBlock == 0, "group size must be a multiple of 32");
   TORCH_CHECK(scales.scalar_type() == torch::kHalf || scales.scalar_type() == torch::kFloat,
               "scales must be float16 or float32");
-  if (scales.scalar_type() == torch::kFloat) return q4_dequantize_typed<float>(q, scales, mins, like);
+  if (scales.scalar_type() == torch::kFloat)
+    return q4_dequantize_typed<float>(q, scales, mins, like);
   return q4_dequantize_typed<c10::Half>(q, scales, mins, like);
 }
 
