@@ -3,7 +3,8 @@ by the test as llama.cpp's converter writes them (its tensor names and metadata;
 rows interleaved; Gemma's norms stored as 1 + w; the packaged SmolLM2 GGUF's tokenizer
 fields, or its vocabulary as a sentencepiece-style one for the families that have those),
 served through `--model-id file.gguf`'s preparation: float32 tensors give the tokens of the
-safetensors model they came from, Q8_0 ones those of its dequantized twin, packed."""
+safetensors model they came from (RoPE scaling read back from llama.cpp's tensors and keys),
+Q8_0, Q4_K and Q6_K ones those of its dequantized twin, packed."""
 
 from __future__ import annotations
 
