@@ -104,6 +104,24 @@ _GGUF_CLASSES = {
 }
 
 
+def _add_to_config(path: Path, values: dict) -> None:
+    """Writes `values` into a saved config.json; a RoPE scaling goes where the writing
+    transformers keeps it: `rope_scaling` (< 5) or into `rope_parameters` (>= 5; its global
+    layers' entry when it has one per layer type), which the spec reader prefers."""
+    config = json.loads(path.read_text())
+    values = dict(values)
+    scaling = values.pop("rope_scaling", None)
+    config.update(values)
+    params = config.get("rope_parameters")
+    if scaling is not None and isinstance(params, dict) and params:
+        target = params.get("full_attention", params)
+        kind = scaling.get("rope_type", scaling.get("type"))
+        target.update({k: v for k, v in scaling.items() if k != "type"}, rope_type=kind)
+    elif scaling is not None:
+        config["rope_scaling"] = scaling
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _prepare_gguf(path: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -119,9 +137,8 @@ def _prepare_gguf(path: Path, target: Path) -> None:
             if config.model_type not in _GGUF_CLASSES:
                 raise ValueError(f"GGUF architecture {config.model_type!r} is not served")
             config.architectures = [_GGUF_CLASSES[config.model_type]]
-        for key, value in gguf_config(path).items():  # what transformers does not read
-            setattr(config, key, value)
         config.save_pretrained(staging)
+        _add_to_config(staging / "config.json", gguf_config(path))  # what transformers skips
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(staging)
         _write_generation_config(staging, config)

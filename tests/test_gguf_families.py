@@ -8,6 +8,7 @@ Q8_0, Q4_K and Q6_K ones those of its dequantized twin, packed."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -106,9 +107,17 @@ def _copy_tokenizer(writer, sentencepiece: bool) -> None:
         writer.add_token_scores([-float(i) for i in range(count)])
 
 
+def _theta_scaling(config: dict) -> tuple[float, dict]:
+    """(rope theta, scaling or {}) of a config.json in either transformers' form."""
+    from common.model_spec import _rope
+
+    theta, scaling = _rope(copy.deepcopy(config))
+    return theta, scaling or {}
+
+
 def _llama_cpp_rope_freqs(config: dict) -> list[float]:
     """llama.cpp's rope_freqs for a Llama 3 RoPE scaling (its converter's arithmetic)."""
-    scaling, theta = config["rope_scaling"], config["rope_theta"]
+    theta, scaling = _theta_scaling(config)
     dim = config["hidden_size"] // config["num_attention_heads"]
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old = scaling["original_max_position_embeddings"]
@@ -129,12 +138,13 @@ def _llama_cpp_rope_freqs(config: dict) -> list[float]:
 def _write_rope(writer, config: dict) -> None:
     """RoPE scaling as llama.cpp writes it: Llama 3's as rope_freqs divisors, Phi-3's longrope
     as factor tensors and the original context; linear as metadata."""
-    scaling = config.get("rope_scaling") or {}
+    scaling = _theta_scaling(config)[1]
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "llama3":
         writer.add_tensor("rope_freqs.weight", np.array(_llama_cpp_rope_freqs(config), np.float32))
     elif kind == "longrope":
-        writer.add_rope_scaling_orig_ctx_len(config["original_max_position_embeddings"])
+        original = scaling.get("original_max_position_embeddings")
+        writer.add_rope_scaling_orig_ctx_len(original or config["original_max_position_embeddings"])
         for which in ("long", "short"):
             factors = np.array(scaling[f"{which}_factor"], np.float32)
             writer.add_tensor(f"rope_factors_{which}.weight", factors)
@@ -160,7 +170,7 @@ def write_gguf(model_dir: Path, path: Path, kind: str = "F32") -> dict[str, torc
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
-    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_rope_freq_base(_theta_scaling(config)[0])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     if config.get("head_dim"):
         writer.add_key_length(config["head_dim"])
@@ -238,7 +248,7 @@ FAMILIES = {
 
 def _rope(config: dict) -> tuple:
     """A config's RoPE scaling: kind, factor, original context, long factors (float32's)."""
-    scaling = config.get("rope_scaling") or {}
+    scaling = _theta_scaling(config)[1]
     original = scaling.get("original_max_position_embeddings")
     return (
         scaling.get("rope_type", scaling.get("type")),
@@ -275,7 +285,9 @@ def _with_tokenizer_of(model_dir: Path, served: Path, target: Path) -> Path:
 def test_a_gguf_file_serves_the_tokens_of_its_model(case, smollm_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
     model_type, overrides = FAMILIES[case]
-    tiny = _random_norms(build_tiny_model(tmp_path / case, smollm_dir, model_type, **overrides))
+    tiny = _random_norms(
+        build_tiny_model(tmp_path / case, smollm_dir, model_type, **copy.deepcopy(overrides))
+    )
     write_gguf(tiny, tmp_path / f"{case}.gguf")
     served = gguf_model_dir(tmp_path / f"{case}.gguf")
     config = json.loads((served / "config.json").read_text())
@@ -324,7 +336,9 @@ def test_q8_0_tensors_of_a_gguf_are_served_packed(case, smollm_dir, tmp_path, mo
     tokens of the dequantized twin."""
     monkeypatch.setenv("PYTGI_CACHE_DIR", str(tmp_path / "cache"))
     model_type, overrides = FAMILIES[case]
-    tiny = _random_norms(build_tiny_model(tmp_path / case, smollm_dir, model_type, **overrides))
+    tiny = _random_norms(
+        build_tiny_model(tmp_path / case, smollm_dir, model_type, **copy.deepcopy(overrides))
+    )
     weights = write_gguf(tiny, tmp_path / "q8.gguf", kind="Q8_0")
     served = gguf_model_dir(tmp_path / "q8.gguf")
     twin = _with_tokenizer_of(tiny, served, tmp_path / "twin")
@@ -388,7 +402,13 @@ def test_llama3_rope_freqs_of_a_published_shape_give_its_config():
     from shard.gguf import _llama3_scaling
 
     config = {"rope_theta": 500000.0, "hidden_size": 4096, "num_attention_heads": 32}
-    config["rope_scaling"] = {**LLAMA3_ROPE, "original_max_position_embeddings": 8192}
+    config["rope_scaling"] = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
     scaling = _llama3_scaling(_llama_cpp_rope_freqs(config), 128, 500000.0)
     assert scaling == config["rope_scaling"]
     assert _llama3_scaling([1.0] * 64, 128, 500000.0) is None
@@ -474,7 +494,7 @@ def _q4_k_m_file(smollm_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
     writer.add_feed_forward_length(512)
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_rope_freq_base(_theta_scaling(config)[0])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     _copy_tokenizer(writer, sentencepiece=False)
     served = {}
