@@ -89,9 +89,9 @@ _TOP_NAMES = {
 }
 # bytes per block of 32 inputs
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
-# K-quants served packed: super-blocks of 256 inputs, bytes per super-block
+# K-quants served packed, in super-blocks of 256 inputs (Q4_K 144 bytes, Q6_K 210)
 SUPER = 256
-_SUPER_BYTES = {"Q4_K": 144, "Q6_K": 210}
+_SUPER_KINDS = ("Q4_K", "Q6_K")
 
 
 def hf_name(name: str, names: dict[str, str] = _LAYER_NAMES) -> str | None:
@@ -124,7 +124,7 @@ def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
 
 class GgufStore:
     """The tensors of a GGUF file by Hugging Face name (the WeightStore interface),
-    plus `packed(name)`: the packed form of a Q8_0/Q4_0/Q4_1 tensor, else None."""
+    plus `packed(name)`: the packed form of a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensor, else None."""
 
     def __init__(self, path: str | Path) -> None:
         from gguf import GGUFReader
@@ -156,7 +156,7 @@ class GgufStore:
             if name is not None:
                 self._tensors[name] = tensor
         kinds = {t.tensor_type.name for t in self._tensors.values()}
-        others = sorted(kinds - set(_BLOCK_BYTES) - set(_SUPER_BYTES) - {"F32", "F16", "BF16"})
+        others = sorted(kinds - {*_BLOCK_BYTES, *_SUPER_KINDS, "F32", "F16", "BF16"})
         if others:
             log.info("%s: %s tensors are dequantized on load", self.path.name, ", ".join(others))
 
