@@ -24,7 +24,7 @@ COMPAT_VENV ?= .venv-compat
 COMPAT_TRANSFORMERS ?= 5.24.0
 COMPAT_TESTS := tests/test_loader.py tests/test_embedded.py tests/test_engine_smollm.py \
 	tests/test_router_e2e.py tests/test_compare.py tests/test_families.py tests/test_hub.py \
-	tests/test_gguf_families.py
+	tests/test_gguf_families.py tests/test_cpu_step.py
 
 install-compat:
 	$(PYTHON) -m venv $(COMPAT_VENV)

@@ -25,8 +25,8 @@ import torch
 log = logging.getLogger("shard")
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Every file of the module in CSRC: the sources compiled and the headers they include.
-SOURCES = ("cpu_kernels.cpp", "quant.cpp")
-HEADERS = ("quant.h",)
+SOURCES = ("bindings.cpp", "cpu_kernels.cpp", "quant.cpp", "decode_step.cpp")
+HEADERS = ("decode_step.h", "kernels.h", "quant.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp"]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}

@@ -24,6 +24,7 @@ from shard.kv_cache import KV_CACHE_DTYPES, KVCache, KVScales
 from shard.kv_calibration import scales_from
 from shard.loader import Store, WeightStore
 from shard.models import build_model
+from shard.models.cpu_step import CpuDecodeStep
 from shard.models.fp8 import fp8_products
 from shard.models.ops import TorchOps
 from shard.parallel import Parallel
@@ -155,6 +156,9 @@ class ModelRunner:
             group_size=config.quantize_group_size,
             kernels=not plain,
         )
+        # batch-1 decode forwards in one C++ call where the model allows (shard/models/cpu_step.py)
+        built = CpuDecodeStep.build(self.model, self.backend, parallel)
+        self.cpu_step, self.cpu_step_reason = built
         self.kv: KVCache | None = None  # allocated by Warmup
         # fp8 pools: the checkpoint's scales, else measured by calibrate_kv at Warmup
         self.kv_scales: list[KVScales] | None = None
@@ -178,7 +182,8 @@ class ModelRunner:
         if hasattr(layer, "kind"):  # quantized (int8, int4, fp8)
             return (
                 f"attention {self.backend.name}; matrix products: {layer.kind}; element-wise "
-                f"layer steps: {type(self.model.ops).__name__}; {self.precision}"
+                f"layer steps: {type(self.model.ops).__name__}; {self._step_report}; "
+                f"{self.precision}"
             )
         if layer.is_packed:
             gemm = "oneDNN packed weights"
@@ -190,8 +195,14 @@ class ModelRunner:
         ops = type(self.model.ops).__name__
         return (
             f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
-            f"element-wise layer steps: {ops}; {self.precision}"
+            f"element-wise layer steps: {ops}; {self._step_report}; {self.precision}"
         )
+
+    @property
+    def _step_report(self) -> str:
+        if self.cpu_step is not None:
+            return "batch-1 decode steps: one C++ call (DecodeStack)"
+        return f"batch-1 decode steps: per layer in Python ({self.cpu_step_reason})"
 
     @property
     def dtype_name(self) -> str:
@@ -326,6 +337,8 @@ class ModelRunner:
             hidden = self.graphs.run(inputs)  # None when no captured size holds the batch
             if hidden is not None:
                 return hidden
+        if self.cpu_step is not None and inputs.attention.query_lens == [1]:
+            return self.cpu_step.forward(inputs, self.kv)
         meta = self.backend.prepare(inputs.attention)
         return self.model.forward(inputs.input_ids, inputs.positions, meta, self.kv, self.backend)
 

@@ -156,7 +156,8 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
     name = "reference"
     use_cpu_kernel = True  # tests and benchmarks turn it off to compare with gather + SDPA
 
-    def _kernel_for(self, device: torch.device) -> bool:
+    def uses_cpu_kernel(self, device: torch.device) -> bool:
+        """Whether decode rows on `device` go through the C++ kernel (cpu_kernels.paged_decode)."""
         if not self.use_cpu_kernel or device.type != "cpu":
             return False
         from shard import cpu_kernels  # compiles once per machine
@@ -166,7 +167,7 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
     def store_kv(self, k_cache, v_cache, k, v, metadata: _Metadata, scales=NO_SCALES) -> None:
         """As the base class's; into an fp8 cache on CPU by one kernel call (PyTorch's
         conversion and scatter take ~10 ops per layer)."""
-        if is_fp8(k_cache) and self._kernel_for(k_cache.device):
+        if is_fp8(k_cache) and self.uses_cpu_kernel(k_cache.device):
             from shard import cpu_kernels
 
             cpu_kernels.store_fp8(k_cache, v_cache, k, v, metadata.slot_mapping, scales)
@@ -183,7 +184,7 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
             num_blocks = -(-max(inputs.context_lens[i] for i in decode_idx) // bs)
             tables = inputs.block_tables[decode_idx, :num_blocks]
             meta.decode_context = ctx
-            if self._kernel_for(device):
+            if self.uses_cpu_kernel(device):
                 meta.decode_tables = tables
             else:
                 meta.decode_blocks = tables.flatten()

@@ -15,7 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#include "quant.h"
+#include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,6 +29,7 @@
 #include <immintrin.h>
 #endif
 
+namespace pytgi {
 namespace {
 
 // bfloat16 is the top half of a float32: widening is a shift of the raw 16 bits, which
@@ -224,6 +225,8 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   });
 }
 
+}  // namespace
+
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor context, double scale,
                            int64_t window, double softcap, double k_scale, double v_scale) {
@@ -256,6 +259,8 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   return out;
 }
 
+namespace {
+
 // New K/V rows [T, KVH, D] (float32 or bfloat16) into an fp8 cache [N, BS, KVH, D] at
 // `slots` [T] (-1: skipped), as x * inv_scale.
 template <typename T>
@@ -271,6 +276,8 @@ void store_rows(const torch::Tensor& x, torch::Tensor& cache, const int64_t* slo
     for (int64_t i = 0; i < row; ++i) dst[i] = narrow_fp8(static_cast<float>(src[i]) * inv_scale);
   }
 }
+
+}  // namespace
 
 void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
                torch::Tensor slots, double inv_k, double inv_v) {
@@ -290,6 +297,8 @@ void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, to
     }
   }
 }
+
+namespace {
 
 // out[m, n] = x[m, :] . w[n, :] for a few rows x (decode: one per request). Each weight row
 // is read once from memory and used for every x row while it sits in L1, so the time is
@@ -312,6 +321,8 @@ void small_matmul(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor&
   });
 }
 
+}  // namespace
+
 torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "x and w dtypes differ");
@@ -327,6 +338,8 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
   }
   return out;
 }
+
+namespace {
 
 // RMSNorm of each row of x [T, H] (in float32), then rounded to x's dtype and scaled by
 // weight [H] (rounded again), as Hugging Face's Llama computes it. With `delta`, each row is
@@ -381,6 +394,8 @@ void norm_checked(const torch::Tensor& x, const torch::Tensor* delta, const torc
   }
 }
 
+}  // namespace
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   auto out = torch::empty_like(x);
   norm_checked(x, nullptr, weight, nullptr, out, eps);
@@ -395,6 +410,8 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Te
   norm_checked(x, &delta, weight, &sum, out, eps);
   return {sum, out};
 }
+
+namespace {
 
 // Rotary embedding of x [T, heads, D] (D contiguous, any row and head strides) with
 // cos, sin [T, R / 2] for the first R dims (the rest pass): the halves (x1, x2) become
@@ -427,6 +444,8 @@ void rotate_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::
   });
 }
 
+}  // namespace
+
 torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, heads, D] with D contiguous");
   TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
@@ -445,6 +464,8 @@ torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   return out;
 }
 
+namespace {
+
 // gate_up [T, 2I] (gate first) -> SiLU(gate) * up [T, I], SiLU rounded to the dtype first.
 template <typename T>
 void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
@@ -462,6 +483,8 @@ void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
   });
 }
 
+}  // namespace
+
 torch::Tensor silu_mul(torch::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
               "gate_up must be contiguous [T, 2I]");
@@ -478,18 +501,4 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
-  m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
-  m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
-  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");
-  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");
-  m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy");
-  m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]");
-  m.def("q8_linear", &pytgi::q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)");
-  m.def("q4_linear", &pytgi::q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
-  m.def("q8_dequantize", &pytgi::q8_dequantize, "int8 weights -> [N, K] in like's dtype");
-  m.def("q4_dequantize", &pytgi::q4_dequantize, "int4 weights -> [N, K] in like's dtype");
-}
+}  // namespace pytgi

@@ -1,0 +1,35 @@
+// The Python module of the CPU kernels (shard/cpu_kernels.py loads it).
+
+#include <torch/extension.h>
+
+#include <pybind11/stl.h>
+
+#include "decode_step.h"
+#include "kernels.h"
+#include "quant.h"
+
+namespace py = pybind11;
+using namespace pytgi;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
+  m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
+  m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");
+  m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy");
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]");
+  m.def("q8_linear", &q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)");
+  m.def("q4_linear", &q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
+  m.def("q8_dequantize", &q8_dequantize, "int8 weights -> [N, K] in like's dtype");
+  m.def("q4_dequantize", &q4_dequantize, "int4 weights -> [N, K] in like's dtype");
+  py::class_<Projection>(m, "Projection");
+  m.def("projection", &projection, "a linear layer for DecodeStack (decode_step.h)",
+        py::arg("kind"), py::arg("weight"), py::arg("scales") = py::none(),
+        py::arg("mins") = py::none(), py::arg("bias") = py::none());
+  py::class_<DecodeStack>(m, "DecodeStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>())
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("forward", &DecodeStack::forward)
+      .def_property_readonly("num_layers", &DecodeStack::num_layers);
+}

@@ -1,0 +1,64 @@
+// A batch-1 decode step of a Llama-style decoder in one call (decode_step.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <vector>
+
+namespace pytgi {
+
+// A linear layer as the step reads it: y = x w^T (+ bias) through the kernel for its form.
+struct Projection {
+  enum Kind : int64_t { kPlain = 0, kInt8 = 1, kInt4 = 2 };
+  int64_t kind = kPlain;
+  torch::Tensor weight;  // plain [N, K] in x's dtype; int8 [N, K]; int4 uint8 [N, K / 2]
+  torch::Tensor scales, mins, bias;  // as quant.h (undefined where the form has none)
+  torch::Tensor operator()(const torch::Tensor& x) const;
+};
+
+Projection projection(int64_t kind, torch::Tensor weight, std::optional<torch::Tensor> scales,
+                      std::optional<torch::Tensor> mins, std::optional<torch::Tensor> bias);
+
+struct DecodeLayer {
+  torch::Tensor input_norm, post_norm;  // [hidden]
+  torch::Tensor q_norm, k_norm;  // [D] per-head norms (Qwen3), else undefined
+  Projection qkv, o, gate_up, down;
+  int64_t window = 0;  // sliding-window keys, 0: all
+};
+
+// Every layer of a dense Llama-style decoder (Llama, Mistral, Qwen2/3, Phi-3) for one new
+// token: the kernels and the order of LlamaModel.forward with CpuOps and the reference
+// backend's CPU attention, so the hidden states are those, bit for bit.
+class DecodeStack {
+ public:
+  DecodeStack(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale,
+              torch::Tensor final_norm);
+  void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, Projection qkv,
+                 Projection o, Projection gate_up, Projection down, int64_t window,
+                 std::optional<torch::Tensor> q_norm, std::optional<torch::Tensor> k_norm);
+  // hidden [1, H] (the token's embedding); cos, sin [1, R / 2] in hidden's dtype; slot [1]
+  // int64 (the token's cache slot); table [1, W] int64 block ids; context [1] int64 (tokens
+  // attended, the new one included); keys, values: each layer's cache [N, BS, KVH, D];
+  // k_scales, v_scales: each layer's fp8 scales (1 for caches in hidden's dtype).
+  // Returns the final norm's output [1, H]; writes the token's K/V into every layer's cache.
+  torch::Tensor forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin,
+                        torch::Tensor slot, torch::Tensor table, torch::Tensor context,
+                        const std::vector<torch::Tensor>& keys,
+                        const std::vector<torch::Tensor>& values,
+                        const std::vector<double>& k_scales, const std::vector<double>& v_scales);
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  torch::Tensor attention(const DecodeLayer& layer, const torch::Tensor& x,
+                          const torch::Tensor& cos, const torch::Tensor& sin,
+                          const torch::Tensor& slot, const torch::Tensor& table,
+                          const torch::Tensor& context, torch::Tensor k_cache,
+                          torch::Tensor v_cache, double k_scale, double v_scale) const;
+
+  int64_t heads_, kv_heads_, head_dim_;
+  double eps_, scale_;
+  torch::Tensor final_norm_;
+  std::vector<DecodeLayer> layers_;
+};
+
+}  // namespace pytgi

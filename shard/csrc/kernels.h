@@ -1,0 +1,29 @@
+// CPU kernels of a decoder layer's steps (cpu_kernels.cpp); bound in bindings.cpp.
+// Shapes and rounding are documented where each is defined.
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace pytgi {
+
+// Decode attention: q [B, H, D] over paged caches [N, BS, KVH, D] -> [B, H, D].
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor tables, torch::Tensor context, double scale,
+                           int64_t window, double softcap, double k_scale, double v_scale);
+// New K/V rows [T, KVH, D] into fp8 caches at `slots` [T], multiplied by inv_k / inv_v.
+void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+               torch::Tensor slots, double inv_k, double inv_v);
+// x [M, K] @ w [N, K]^T for a few rows M, in x's dtype (float32 or bfloat16).
+torch::Tensor linear_small(torch::Tensor x, torch::Tensor w);
+// RMSNorm of x [T, H] scaled by weight [H].
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+// (x + delta, RMSNorm(x + delta)) for x, delta [T, H].
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor delta,
+                                                      torch::Tensor weight, double eps);
+// Rotary embedding of x [T, heads, D] with cos, sin [T, R / 2] -> contiguous [T, heads, D].
+torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+// gate_up [T, 2I] (gate first) -> SiLU(gate) * up [T, I].
+torch::Tensor silu_mul(torch::Tensor gate_up);
+
+}  // namespace pytgi
