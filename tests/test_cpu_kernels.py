@@ -135,6 +135,26 @@ def test_rotary_and_silu_match_torch(kernels, dtype, head_dim, rotary_dim):
     assert _relative(ours.silu_mul(gate_up), ref.silu_mul(gate_up)) < tolerance
 
 
+def test_exp_extremes_in_silu_and_softmax(kernels):
+    """The AVX2 exponential clamps its input (e^x stays a normal float32): SiLU of gates far
+    past +-88 and softmax over scores hundreds apart still match torch."""
+    gates = torch.tensor([-500.0, -200.0, -90.0, -88.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 88.0,
+                          90.0, 200.0, 500.0, 3.0, -3.0, 0.5])  # fmt: skip
+    gate_up = torch.cat([gates, torch.linspace(-2, 2, 16)]).view(1, 32)
+    from shard.models.ops import CpuOps, TorchOps
+
+    got, want = CpuOps(kernels).silu_mul(gate_up), TorchOps().silu_mul(gate_up)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-30) and torch.isfinite(got).all()
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(4, 16, 1, 64, generator=gen) * 30  # scores spread over thousands
+    v_cache = torch.randn(4, 16, 1, 64, generator=gen)
+    q = torch.randn(1, 2, 64, generator=gen) * 30
+    tables, context = torch.tensor([[1, 2, 3]]), torch.tensor([37])
+    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, context, 0.125)
+    ref = _gathered_sdpa(q, k_cache, v_cache, tables, context, 0.125)
+    assert torch.isfinite(out).all() and _relative(out, ref) < 1e-5
+
+
 def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 

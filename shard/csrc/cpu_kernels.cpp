@@ -113,6 +113,71 @@ inline void axpy(float a, const uint8_t* v, float* acc, int64_t d) {
     _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(scale, widen8(v + i), _mm256_loadu_ps(acc + i)));
   for (; i < d; ++i) acc[i] += a * widen(v[i]);
 }
+
+// 8 cached values as float32: float32 as they are, bfloat16 shifted into the high half.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// q . k[u] for 4 keys at once (d a multiple of 8): one reduction of the four accumulators
+// by horizontal adds instead of a horizontal sum per key.
+template <typename R>
+inline __m128 dot4(const float* q, const R* const* k, int64_t d) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t i = 0; i < d; i += 8) {
+    const __m256 x = _mm256_loadu_ps(q + i);
+    a0 = _mm256_fmadd_ps(x, load8(k[0] + i), a0);
+    a1 = _mm256_fmadd_ps(x, load8(k[1] + i), a1);
+    a2 = _mm256_fmadd_ps(x, load8(k[2] + i), a2);
+    a3 = _mm256_fmadd_ps(x, load8(k[3] + i), a3);
+  }
+  // hadd(a0, a1) = [a0 01, a0 23, a1 01, a1 23 | a0 45, a0 67, a1 45, a1 67]; twice more
+  // gives [a0 0123, a1 0123, a2 0123, a3 0123 | the 4567 sums], the halves added last.
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// e^x of 8 values: Cephes' expf, relative error ~1e-7; x is first clamped to [-87.3, 88.3]
+// (e^x stays a normal float32).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_floor_ps(
+      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
+                        5.0000001201e-1f})
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
+}
+
+// s[t] = e^(s[t] - top) for t < n; returns their sum.
+inline float exp_sum(float* s, int64_t n, float top) {
+  __m256 total = _mm256_setzero_ps();
+  const __m256 shift = _mm256_set1_ps(top);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
+    _mm256_storeu_ps(s + t, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = hsum(total);
+  for (; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
+  return sum;
+}
+#define PYTGI_ATTEND_AVX2 1  // dot4, exp8 and exp_sum are defined
+#else
+inline float exp_sum(float* s, int64_t n, float top) {
+  float sum = 0.f;
+  for (int64_t t = 0; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
+  return sum;
+}
 #endif
 
 template <typename R>
@@ -165,7 +230,26 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
   scores.resize(n * ctx);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(h0 + j) * q_head + i]) * scale;
-  for (int64_t t = 0; t < ctx; ++t) {  // scores[j, t] = q_j . k_(first + t)
+  int64_t t0 = 0;  // keys scored 4 at a time first where the rows are read in place
+#ifdef PYTGI_ATTEND_AVX2
+  if constexpr (!std::is_same_v<R, uint8_t>) {
+    if (d % 8 == 0) {
+      for (; t0 + 4 <= ctx; t0 += 4) {
+        const R* rows[4];
+        for (int64_t u = 0; u < 4; ++u) {
+          const int64_t pos = first + t0 + u;
+          rows[u] = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d + kv0 * d;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t off = ((h0 + j) / group - kv0) * d;
+          const R* keys[4] = {rows[0] + off, rows[1] + off, rows[2] + off, rows[3] + off};
+          _mm_storeu_ps(&scores[j * ctx + t0], dot4(&qf[j * d], keys, d));
+        }
+      }
+    }
+  }
+#endif
+  for (int64_t t = t0; t < ctx; ++t) {  // scores[j, t] = q_j . k_(first + t)
     const int64_t pos = first + t;
     const R* row = kp + (table[pos / bs] * bs + pos % bs) * kv_heads * d + kv0 * d;
     const auto* keys = row_values(row, kv_values, wide.data());
@@ -177,9 +261,7 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
   for (int64_t j = 0; j < n; ++j) {  // softmax over t
     float* s = &scores[j * ctx];
     const float top = *std::max_element(s, s + ctx);
-    float total = 0.f;
-    for (int64_t t = 0; t < ctx; ++t) total += (s[t] = std::exp(s[t] - top));
-    const float inv = 1.f / total;
+    const float inv = 1.f / exp_sum(s, ctx, top);
     for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
   }
   for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_(first + t)
@@ -474,7 +556,18 @@ void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
       const T* gate = gu + t * 2 * inter;
       const T* up = gate + inter;
       T* o = out + t * inter;
-      for (int64_t i = 0; i < inter; ++i) {
+      int64_t i = 0;
+#ifdef PYTGI_ATTEND_AVX2
+      if constexpr (std::is_same_v<T, float>) {  // bfloat16 rounds SiLU first: scalar
+        for (; i + 8 <= inter; i += 8) {
+          const __m256 g = _mm256_loadu_ps(gate + i);
+          const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+          const __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(up + i)));
+        }
+      }
+#endif
+      for (; i < inter; ++i) {
         const float g = gate[i];
         const float act = static_cast<float>(static_cast<T>(g / (1.f + std::exp(-g))));
         o[i] = static_cast<T>(act * static_cast<float>(up[i]));
