@@ -163,8 +163,9 @@ def main() -> None:
 
 
 def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
-    """shard/models/quant_triton.py's int8 (per output channel) and int4 (groups of 32)
-    kernels at this model's hidden size, for a decode step's rows and a prefill's."""
+    """shard/models/quant_triton.py's int8 (per output channel) and int4 (groups of 32, float16
+    scales, and float32 ones as GGUF's Q4_K has) kernels at this model's hidden size, for a
+    decode step's rows and a prefill's."""
     hidden = LAYERS[model][0]
     pointer = f"*{dtype}"
     sizes = dict.fromkeys(["M", "N", "K", "stride_x", "stride_out"], "i32")
@@ -183,6 +184,9 @@ def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
         results[f"q4_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
             quant_triton._q4_kernel, q4, c4, arch
         )
+        results[f"q4k_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+            quant_triton._q4_kernel, {**q4, "s_ptr": "*fp32"}, c4, arch
+        )  # GGUF Q4_K: float32 scales
     return results
 
 
