@@ -200,9 +200,13 @@ class ModelRunner:
 
     @property
     def _step_report(self) -> str:
+        """CPU: whether decode steps run in one C++ call (and up to how many rows), or why not."""
         if self.cpu_step is not None:
-            return "batch-1 decode steps: one C++ call (DecodeStack)"
-        return f"batch-1 decode steps: per layer in Python ({self.cpu_step_reason})"
+            rows = self.cpu_step.max_rows
+            return f"decode steps of up to {rows} rows: one C++ call (DecodeStack)"
+        if self.device.type != "cpu":
+            return "decode steps: per layer"
+        return f"decode steps: per layer in Python ({self.cpu_step_reason})"
 
     @property
     def dtype_name(self) -> str:
@@ -337,8 +341,10 @@ class ModelRunner:
             hidden = self.graphs.run(inputs)  # None when no captured size holds the batch
             if hidden is not None:
                 return hidden
-        if self.cpu_step is not None and inputs.attention.query_lens == [1]:
-            return self.cpu_step.forward(inputs, self.kv)
+        lens = inputs.attention.query_lens
+        if self.cpu_step is not None and len(lens) <= self.cpu_step.max_rows:
+            if all(n == 1 for n in lens):  # decode rows only
+                return self.cpu_step.forward(inputs, self.kv)
         meta = self.backend.prepare(inputs.attention)
         return self.model.forward(inputs.input_ids, inputs.positions, meta, self.kv, self.backend)
 

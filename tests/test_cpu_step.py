@@ -1,8 +1,9 @@
-"""The batch-1 decode step in one C++ call (shard/models/cpu_step.py) against the Python
-forward it replaces: the same engine generates with `runner.cpu_step` on and then off, and
-the tokens and log-probabilities must be equal exactly (the C++ stack calls the same kernels
-in the same order, so any difference is a defect, not rounding). Each case also checks that
-the step is in use (`cpu_step` built), so a silent fallback fails here.
+"""The decode step in one C++ call (shard/models/cpu_step.py) against the Python forward it
+replaces: the same engine generates with `runner.cpu_step` on and then off, each prompt
+alone and all in one batch, and the tokens and log-probabilities must be equal exactly (the
+C++ stack calls the same kernels in the same order, so any difference is a defect, not
+rounding). Each case also checks that the step ran (batch 1 always; several rows where the
+weights are quantized), so a silent fallback fails here.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tests.helpers import make_engine, run_to_end, spec
 PROMPTS = [
     "Once upon a time",
     "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32",
+    "The rain in Spain stays mainly in the plain.",
 ]
 NEW_TOKENS = 24  # past a block of 16 and past every window below
 LONGROPE = {
@@ -51,18 +53,28 @@ CASES = {
 
 
 def generate(engine, batch_id: int) -> tuple[list, list]:
+    """Tokens and log-probabilities of each prompt alone, then of all in one batch (the
+    shorter prompts decode beside the longer one's prefill, then all three decode)."""
     tokens, logprobs = [], []
     for i, prompt in enumerate(PROMPTS):
         c = run_to_end(engine, batch_id + i, [spec(i, prompt, NEW_TOKENS, ignore_eos=True)])
         tokens.append(c.tokens[i])
         logprobs.append(c.logprobs[i])
+    specs = [spec(10 + i, p, NEW_TOKENS, ignore_eos=True) for i, p in enumerate(PROMPTS)]
+    c = run_to_end(engine, batch_id + 9, specs)
+    tokens += [c.tokens[10 + i] for i in range(len(PROMPTS))]
+    logprobs += [c.logprobs[10 + i] for i in range(len(PROMPTS))]
     return tokens, logprobs
 
 
-def assert_step_equals_python(engine) -> None:
+def assert_step_equals_python(engine, quantized: bool = False) -> None:
     step = engine.runner.cpu_step
     assert step is not None, engine.runner.cpu_step_reason
+    assert step.max_rows == (64 if quantized else 1)  # plain weights: oneDNN past one row
     assert "one C++ call" in engine.runner.kernel_report()
+    rows: list[int] = []
+    forward = step.forward
+    step.forward = lambda inputs, kv: rows.append(len(inputs.input_ids)) or forward(inputs, kv)
     fused = generate(engine, 10)
     engine.runner.cpu_step = None
     try:
@@ -72,6 +84,7 @@ def assert_step_equals_python(engine) -> None:
     assert fused[0] == python[0]
     assert fused[1] == python[1]  # exactly: the same kernels on the same inputs
     assert engine.blocks_all_back()
+    assert 1 in rows and (max(rows) == len(PROMPTS)) == quantized, rows
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -79,13 +92,13 @@ def test_cpu_step_equals_the_python_forward(case, smollm_dir, tmp_path):
     model_type, overrides, options = CASES[case]
     model_dir = build_tiny_model(tmp_path, smollm_dir, model_type, **overrides)
     options = {"dtype": "float32", **options}
-    assert_step_equals_python(make_engine(model_dir, **options))
+    assert_step_equals_python(make_engine(model_dir, **options), "quantize" in options)
 
 
 def test_cpu_step_on_smollm2_from_its_gguf(smollm_dir):
     """The shipped model (30 layers, 9 heads over 3 KV heads) from its Q4_1 GGUF as int4."""
     engine = make_engine(smollm_dir, dtype="float32", quantize="int4", quantize_group_size=32)
-    assert_step_equals_python(engine)
+    assert_step_equals_python(engine, quantized=True)
 
 
 @pytest.mark.parametrize(

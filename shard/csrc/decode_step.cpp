@@ -1,13 +1,13 @@
-// A batch-1 decode step of a Llama-style decoder, every layer in one C++ call
+// A decode step of a Llama-style decoder, every layer in one C++ call
 // (shard/models/cpu_step.py). It calls the kernels LlamaModel.forward calls through CpuOps,
 // the linear layers and the reference backend, with the same inputs in the same order, so
 // its hidden states equal that path's bit for bit; what it saves is the Python between
 // them (~40 operations per layer, about 0.2 ms per layer on a 2-core AVX2 CPU).
 //
-// Per layer (T = 1, H query heads, KVH KV heads of D):
+// Per layer (B requests of one new token each, H query heads, KVH KV heads of D):
 //   x = norm(hidden) | (hidden, x) = add_norm(hidden, mlp_out)
-//   qkv = x Wqkv^T [1, (H + 2 KVH) D] -> q, k (per-head norms), rotated; v
-//   k, v -> the caches at `slot`; attn = paged_decode(q) [1, H, D]
+//   qkv = x Wqkv^T [B, (H + 2 KVH) D] -> q, k (per-head norms), rotated; v
+//   k, v -> the caches at `slots`; attn = paged_decode(q) [B, H, D]
 //   (hidden, x) = add_norm(hidden, attn Wo^T); mlp_out = down(SiLU(gate) * up)
 
 #include "decode_step.h"
@@ -67,13 +67,20 @@ void DecodeStack::add_layer(torch::Tensor input_norm, torch::Tensor post_norm, P
 
 namespace {
 
-// The new token's K or V row [KVH * D] (contiguous) into `cache` [N, BS, KVH, D] at `slot`.
-void store_row(const torch::Tensor& row, torch::Tensor& cache, int64_t slot) {
-  TORCH_CHECK(row.is_contiguous() && row.scalar_type() == cache.scalar_type(), "K/V row dtype");
+// Each new token's K or V row x[b] [KVH, D] (D and KVH contiguous within a row) into
+// `cache` [N, BS, KVH, D] at slots[b]; slot -1 writes nothing.
+void store_rows(const torch::Tensor& x, torch::Tensor& cache, const int64_t* slots) {
+  TORCH_CHECK(x.scalar_type() == cache.scalar_type(), "K/V rows in the cache's dtype");
   const int64_t width = cache.size(2) * cache.size(3), bytes = width * cache.element_size();
-  TORCH_CHECK(row.numel() == width && slot < cache.size(0) * cache.size(1), "K/V row, slot");
+  TORCH_CHECK(x.size(1) * x.size(2) == width && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "K/V rows [B, KVH, D] with each row contiguous");
   auto* base = static_cast<char*>(cache.data_ptr());
-  std::memcpy(base + slot * bytes, row.data_ptr(), bytes);
+  const auto* src = static_cast<const char*>(x.data_ptr());
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    if (slots[b] < 0) continue;
+    TORCH_CHECK(slots[b] < cache.size(0) * cache.size(1), "slot ", slots[b], " past the cache");
+    std::memcpy(base + slots[b] * bytes, src + b * x.stride(0) * x.element_size(), bytes);
+  }
 }
 
 // 1 / scale rounded to float32, as shard.kv_cache.inverse (every fp8 writer multiplies by it).
@@ -83,49 +90,48 @@ double inverse(double scale) { return static_cast<double>(static_cast<float>(1.0
 
 torch::Tensor DecodeStack::attention(const DecodeLayer& layer, const torch::Tensor& x,
                                      const torch::Tensor& cos, const torch::Tensor& sin,
-                                     const torch::Tensor& slot, const torch::Tensor& table,
+                                     const torch::Tensor& slots, const torch::Tensor& tables,
                                      const torch::Tensor& context, torch::Tensor k_cache,
                                      torch::Tensor v_cache, double k_scale,
                                      double v_scale) const {
-  const int64_t d = head_dim_, q_width = heads_ * d, kv_width = kv_heads_ * d;
-  auto qkv = layer.qkv(x);  // [1, (H + 2 KVH) D]
-  auto qk = qkv.narrow(1, 0, q_width + kv_width).view({1, heads_ + kv_heads_, d});
+  const int64_t d = head_dim_, q_width = heads_ * d, kv_width = kv_heads_ * d, b = x.size(0);
+  auto qkv = layer.qkv(x);  // [B, (H + 2 KVH) D]
+  auto qk = qkv.narrow(1, 0, q_width + kv_width).view({b, heads_ + kv_heads_, d});
   if (layer.q_norm.defined()) {  // Qwen3: each head normalized with its weight, then joined
-    auto q = rms_norm(qkv.narrow(1, 0, q_width).reshape({heads_, d}), layer.q_norm, eps_);
-    auto k = rms_norm(qkv.narrow(1, q_width, kv_width).reshape({kv_heads_, d}), layer.k_norm,
-                      eps_);
-    qk = torch::cat({q.view({1, heads_, d}), k.view({1, kv_heads_, d})}, 1);
+    auto q = rms_norm(qkv.narrow(1, 0, q_width).reshape({b * heads_, d}), layer.q_norm, eps_);
+    auto k = rms_norm(qkv.narrow(1, q_width, kv_width).reshape({b * kv_heads_, d}),
+                      layer.k_norm, eps_);
+    qk = torch::cat({q.view({b, heads_, d}), k.view({b, kv_heads_, d})}, 1);
   }
-  auto rotated = rotate(qk, cos, sin);  // [1, H + KVH, D], contiguous
+  auto rotated = rotate(qk, cos, sin);  // [B, H + KVH, D], contiguous
   auto k = rotated.narrow(1, heads_, kv_heads_);
-  auto v = qkv.narrow(1, q_width + kv_width, kv_width).view({1, kv_heads_, d});
-  const bool fp8 = k_cache.scalar_type() == torch::kFloat8_e4m3fn;
-  if (fp8) {
-    store_fp8(k_cache, v_cache, k, v, slot, inverse(k_scale), inverse(v_scale));
+  auto v = qkv.narrow(1, q_width + kv_width, kv_width).view({b, kv_heads_, d});
+  if (k_cache.scalar_type() == torch::kFloat8_e4m3fn) {
+    store_fp8(k_cache, v_cache, k, v, slots, inverse(k_scale), inverse(v_scale));
   } else {
-    const int64_t s = slot.item<int64_t>();
-    if (s >= 0) {
-      store_row(k, k_cache, s);
-      store_row(v, v_cache, s);
-    }
+    store_rows(k, k_cache, slots.data_ptr<int64_t>());
+    store_rows(v, v_cache, slots.data_ptr<int64_t>());
   }
-  auto attn = paged_decode(rotated.narrow(1, 0, heads_), k_cache, v_cache, table, context,
+  auto attn = paged_decode(rotated.narrow(1, 0, heads_), k_cache, v_cache, tables, context,
                            scale_, layer.window, 0.0, k_scale, v_scale);
-  return layer.o(attn.view({1, q_width}));
+  return layer.o(attn.view({b, q_width}));
 }
 
 torch::Tensor DecodeStack::forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin,
-                                   torch::Tensor slot, torch::Tensor table,
+                                   torch::Tensor slots, torch::Tensor tables,
                                    torch::Tensor context, const std::vector<torch::Tensor>& keys,
                                    const std::vector<torch::Tensor>& values,
                                    const std::vector<double>& k_scales,
                                    const std::vector<double>& v_scales) {
   const size_t n = layers_.size();
-  TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == 1 && hidden.is_contiguous(),
-              "one token's hidden state [1, H]");
+  TORCH_CHECK(hidden.dim() == 2 && hidden.is_contiguous(), "hidden states [B, H]");
+  const int64_t b = hidden.size(0);
   TORCH_CHECK(keys.size() == n && values.size() == n && k_scales.size() == n &&
                   v_scales.size() == n, "a cache and scales per layer");
-  TORCH_CHECK(slot.numel() == 1 && slot.scalar_type() == torch::kInt64, "slot [1] int64");
+  TORCH_CHECK(slots.numel() == b && slots.scalar_type() == torch::kInt64 &&
+                  slots.is_contiguous(), "slots [B] int64");
+  TORCH_CHECK(tables.size(0) == b && context.numel() == b && cos.size(0) == b,
+              "a block table, context length and rotary row per request");
   torch::Tensor x, mlp_out;
   for (size_t i = 0; i < n; ++i) {
     const DecodeLayer& layer = layers_[i];
@@ -134,7 +140,7 @@ torch::Tensor DecodeStack::forward(torch::Tensor hidden, torch::Tensor cos, torc
     } else {
       std::tie(hidden, x) = add_rms_norm(hidden, mlp_out, layer.input_norm, eps_);
     }
-    auto out = attention(layer, x, cos, sin, slot, table, context, keys[i], values[i],
+    auto out = attention(layer, x, cos, sin, slots, tables, context, keys[i], values[i],
                          k_scales[i], v_scales[i]);
     std::tie(hidden, x) = add_rms_norm(hidden, out, layer.post_norm, eps_);
     mlp_out = layer.down(silu_mul(layer.gate_up(x)));

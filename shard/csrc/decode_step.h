@@ -1,4 +1,4 @@
-// A batch-1 decode step of a Llama-style decoder in one call (decode_step.cpp).
+// A decode step of a Llama-style decoder in one call (decode_step.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -36,13 +36,14 @@ class DecodeStack {
   void add_layer(torch::Tensor input_norm, torch::Tensor post_norm, Projection qkv,
                  Projection o, Projection gate_up, Projection down, int64_t window,
                  std::optional<torch::Tensor> q_norm, std::optional<torch::Tensor> k_norm);
-  // hidden [1, H] (the token's embedding); cos, sin [1, R / 2] in hidden's dtype; slot [1]
-  // int64 (the token's cache slot); table [1, W] int64 block ids; context [1] int64 (tokens
-  // attended, the new one included); keys, values: each layer's cache [N, BS, KVH, D];
-  // k_scales, v_scales: each layer's fp8 scales (1 for caches in hidden's dtype).
-  // Returns the final norm's output [1, H]; writes the token's K/V into every layer's cache.
+  // B requests of one new token each: hidden [B, H] (their embeddings); cos, sin [B, R / 2]
+  // in hidden's dtype; slots [B] int64 (each token's cache slot, -1: not stored); tables
+  // [B, W] int64 block ids; context [B] int64 (tokens attended, the new one included);
+  // keys, values: each layer's cache [N, BS, KVH, D]; k_scales, v_scales: each layer's fp8
+  // scales (1 for caches in hidden's dtype). Returns the final norm's output [B, H]; writes
+  // the tokens' K/V into every layer's cache.
   torch::Tensor forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin,
-                        torch::Tensor slot, torch::Tensor table, torch::Tensor context,
+                        torch::Tensor slots, torch::Tensor tables, torch::Tensor context,
                         const std::vector<torch::Tensor>& keys,
                         const std::vector<torch::Tensor>& values,
                         const std::vector<double>& k_scales, const std::vector<double>& v_scales);
@@ -51,7 +52,7 @@ class DecodeStack {
  private:
   torch::Tensor attention(const DecodeLayer& layer, const torch::Tensor& x,
                           const torch::Tensor& cos, const torch::Tensor& sin,
-                          const torch::Tensor& slot, const torch::Tensor& table,
+                          const torch::Tensor& slots, const torch::Tensor& tables,
                           const torch::Tensor& context, torch::Tensor k_cache,
                           torch::Tensor v_cache, double k_scale, double v_scale) const;
 

@@ -34,20 +34,21 @@ from shard.parallel import Parallel
 PLAIN, INT8, INT4 = 0, 1, 2  # decode_step.h: Projection::Kind
 
 
-def _projection(kernels: Any, layer: Any) -> Any | None:
-    """The C++ form of a linear layer whose single-row path is one of our kernels; None for
-    any other (oneDNN-only weights, fp8, GPTQ act-order). One shard: a row-parallel layer's
-    sum over ranks is its own output, its bias added after."""
+def _projection(kernels: Any, layer: Any) -> tuple[Any, int] | None:
+    """The C++ form of a linear layer whose decode rows go through one of our kernels, and
+    up to how many rows they do (plain weights: 1, the single-row kernel; more go through
+    oneDNN); None for any other (oneDNN-only weights, fp8, GPTQ act-order). One shard: a
+    row-parallel layer's sum over ranks is its own output, its bias added after."""
     bias, make = layer.bias, kernels.projection
     if isinstance(layer, RowParallel):
         layer = layer.linear  # its bias is None: RowParallel adds it once, after the sum
     if isinstance(layer, Linear):
         if layer.plain is None or layer.kernels is None:
             return None
-        return make(PLAIN, layer.plain, bias=bias)
+        return make(PLAIN, layer.plain, bias=bias), 1
     if isinstance(layer, QuantLinear) and layer.kernels is kernels and layer.order is None:
         kind = INT8 if layer.method == "int8" else INT4
-        return make(kind, layer.weight, *layer.qparams, bias=bias)
+        return make(kind, layer.weight, *layer.qparams, bias=bias), layer.kernel_rows
     return None
 
 
@@ -69,11 +70,13 @@ def _unsupported(model: Any, backend: AttentionBackend, parallel: Parallel) -> s
 
 
 class CpuDecodeStep:
-    """`forward(inputs, kv) -> hidden [1, H]` (after the final norm) for a forward of one
-    decoding token; writes its K/V into every layer's cache."""
+    """`forward(inputs, kv) -> hidden [B, H]` (after the final norm) for a forward of B
+    decoding tokens, B <= `max_rows`; writes their K/V into every layer's cache."""
 
-    def __init__(self, model: LlamaModel, stack: Any) -> None:
-        self.model, self.stack = model, stack
+    def __init__(self, model: LlamaModel, stack: Any, max_rows: int) -> None:
+        # 1 with plain weights (the Python forward multiplies more rows in oneDNN); quantized
+        # ones go through the same kernels at any row count up to their kernels' limit
+        self.model, self.stack, self.max_rows = model, stack, max_rows
         self._kv: tuple[KVCache, list[float], list[float]] | None = None  # the pool's scales
 
     @classmethod
@@ -84,28 +87,39 @@ class CpuDecodeStep:
         reason = _unsupported(model, backend, parallel)
         if reason is not None:
             return None, reason
+        try:
+            return cls._build(model)
+        except RuntimeError as exc:  # a tensor the C++ checks refuse: the Python forward serves
+            return None, f"DecodeStack refused the model: {exc}"
+
+    @classmethod
+    def _build(cls, model: Any) -> tuple[CpuDecodeStep | None, str]:
         kernels = model.ops.kernels
         stack = kernels.DecodeStack(
             model.num_heads, model.num_kv_heads, model.head_dim, model.spec.rms_norm_eps,
             model.scale, model.norm,
         )  # fmt: skip
+        max_rows = 1 << 30
         for index, layer in enumerate(model.layers):
             names = ("qkv", "o_proj", "gate_up", "down")
             layers = (layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down)
-            projections = [_projection(kernels, x) for x in layers]
-            for name, projection, linear in zip(names, projections, layers, strict=True):
-                if projection is None:
+            projections = []
+            for name, linear in zip(names, layers, strict=True):
+                made = _projection(kernels, linear)
+                if made is None:
                     return None, f"{name} weights as {type(linear).__name__} without a kernel"
+                projections.append(made[0])
+                max_rows = min(max_rows, made[1])
             window = model.spec.layer_windows[index]
             stack.add_layer(
                 layer.input_norm, layer.post_norm, *projections, window, layer.q_norm,
                 layer.k_norm,
             )  # fmt: skip
-        return cls(model, stack), ""
+        return cls(model, stack, max_rows), ""
 
     def forward(self, inputs: ForwardInputs, kv: KVCache) -> torch.Tensor:
         model, attention = self.model, inputs.attention
-        cos, sin = model.rotary.tables(inputs.positions)  # [1, 1, R / 2]
+        cos, sin = model.rotary.tables(inputs.positions)  # [B, 1, R / 2]
         if self._kv is None or self._kv[0] is not kv:
             self._kv = (kv, [s.k for s in kv.scales], [s.v for s in kv.scales])
         context = torch.tensor(attention.context_lens, dtype=torch.int64)

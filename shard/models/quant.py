@@ -200,14 +200,17 @@ class QuantLinear:
             where = "dequantized per call"
         return f"{self.method} weight-only{group}, {where}"
 
+    @property
+    def kernel_rows(self) -> int:
+        """Inputs of up to this many rows go through the kernels; more, through tiles."""
+        return getattr(self.kernels, "max_rows", _KERNEL_ROWS)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.order is not None:
             flat = flat.index_select(1, self.order)
-        if self.kernels is not None and flat.shape[0] <= getattr(
-            self.kernels, "max_rows", _KERNEL_ROWS
-        ):
+        if self.kernels is not None and flat.shape[0] <= self.kernel_rows:
             if self.method == "int8":
                 out = self.kernels.q8_linear(flat, self.weight, *self.qparams)
             else:
