@@ -45,7 +45,8 @@ def cpu_flags() -> str:
 
 def has_bf16_instructions(flags: str | None = None) -> bool:
     """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Without, every
-    bfloat16 matrix product converts to float32 on the way, and float32 is faster."""
+    batched bfloat16 matrix product converts to float32 on the way, and float32 is faster
+    (single rows read bfloat16 weights in our own kernel at half float32's bytes)."""
     names = set((flags if flags is not None else cpu_flags()).split())
     return bool(names & {"avx512_bf16", "amx_bf16"})
 

@@ -172,7 +172,9 @@ class ModelRunner:
             if not cpu_kernels.has_bf16_instructions():
                 log.warning(
                     "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
-                    "each matrix product converts to float32 first; --dtype float32 is faster"
+                    "batched matrix products (prefill, decode of several requests) convert to "
+                    "float32 first; --dtype float32 is faster there (single-row decode steps "
+                    "read the bfloat16 weights in pytgi's kernel and stay fast)"
                 )
         log.info("kernels: %s", self.kernel_report())
 

@@ -1,4 +1,4 @@
-"""Batch-1 decode steps of Llama-style models in one C++ call (shard/csrc/decode_step.cpp).
+"""Decode steps of Llama-style models in one C++ call (shard/csrc/decode_step.cpp).
 
 At batch 1 on CPU a decode step is the weights' streaming plus a fixed cost: ~40
 Python-level operations per layer (views, splits, kernel calls, the KV store), about 0.2 ms
@@ -7,10 +7,11 @@ decoder to C++ (`DecodeStack`), which calls the same kernels in the same order a
 `LlamaModel.forward` with `CpuOps` and the reference backend's CPU attention, so the hidden
 states are bit for bit that path's (tests/test_cpu_step.py compares them).
 
-It serves what that path serves at one token: dense Llama-math decoders (Llama, Mistral,
-Qwen2 with its biases, Qwen3 with its per-head norms, Phi-3), float32 or bfloat16, weights
-plain (the kept single-row copy, `--cpu-gemv`) or int8/int4 in the CPU kernels, KV caches in
-the model's dtype or fp8, one shard. Anything else keeps the Python forward; `build` says why.
+It serves what that path serves through the same kernels: dense Llama-math decoders (Llama,
+Mistral, Qwen2 with its biases, Qwen3 with its per-head norms, Phi-3), float32 or bfloat16,
+weights plain (the kept single-row copy, `--cpu-gemv`: batch 1 only, as more rows go to
+oneDNN) or int8/int4 in the CPU kernels (up to their 64 rows), KV caches in the model's dtype
+or fp8, one shard. Anything else keeps the Python forward; `build` says why.
 """
 
 from __future__ import annotations
@@ -77,7 +78,6 @@ class CpuDecodeStep:
         # 1 with plain weights (the Python forward multiplies more rows in oneDNN); quantized
         # ones go through the same kernels at any row count up to their kernels' limit
         self.model, self.stack, self.max_rows = model, stack, max_rows
-        self._kv: tuple[KVCache, list[float], list[float]] | None = None  # the pool's scales
 
     @classmethod
     def build(
@@ -120,11 +120,11 @@ class CpuDecodeStep:
     def forward(self, inputs: ForwardInputs, kv: KVCache) -> torch.Tensor:
         model, attention = self.model, inputs.attention
         cos, sin = model.rotary.tables(inputs.positions)  # [B, 1, R / 2]
-        if self._kv is None or self._kv[0] is not kv:
-            self._kv = (kv, [s.k for s in kv.scales], [s.v for s in kv.scales])
         context = torch.tensor(attention.context_lens, dtype=torch.int64)
+        # read from the pool each call (a few us): nothing here may keep a freed pool alive
+        k_scales, v_scales = [s.k for s in kv.scales], [s.v for s in kv.scales]
         return self.stack.forward(
             model.embed(inputs.input_ids), cos.squeeze(1), sin.squeeze(1),
             attention.slot_mapping, attention.block_tables, context, kv.keys, kv.values,
-            self._kv[1], self._kv[2],
+            k_scales, v_scales,
         )  # fmt: skip
