@@ -12,6 +12,7 @@ a shard that finds no compiler logs one warning and keeps the pure-PyTorch decod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -32,6 +33,7 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
+@functools.cache
 def cpu_flags() -> str:
     """This CPU's flags line from /proc/cpuinfo (the processor's name elsewhere)."""
     try:
@@ -44,9 +46,9 @@ def cpu_flags() -> str:
 
 
 def has_bf16_instructions(flags: str | None = None) -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Without, every
-    batched bfloat16 matrix product converts to float32 on the way, and float32 is faster
-    (single rows read bfloat16 weights in our own kernel at half float32's bytes)."""
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX). Without, oneDNN's
+    bfloat16 products of several rows are several times slower than float32's, and our
+    layers widen the bfloat16 weights to float32 themselves (shard/models/linear.py)."""
     names = set((flags if flags is not None else cpu_flags()).split())
     return bool(names & {"avx512_bf16", "amx_bf16"})
 

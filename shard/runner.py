@@ -169,12 +169,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self._faults_fired: set[str] = set()  # markers of the test-only fault hook
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            if not cpu_kernels.has_bf16_instructions():
+            if not cpu_kernels.has_bf16_instructions() and not self._widens_bf16:
                 log.warning(
                     "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
-                    "batched matrix products (prefill, decode of several requests) convert to "
-                    "float32 first; --dtype float32 is faster there (single-row decode steps "
-                    "read the bfloat16 weights in pytgi's kernel and stay fast)"
+                    "batched matrix products (prefill, decode of several requests) take "
+                    "oneDNN's bfloat16 path, not pytgi's float32 widening (its CPU kernels "
+                    "are off, or oneDNN packed the weights); --dtype float32 is faster there"
                 )
         log.info("kernels: %s", self.kernel_report())
 
@@ -189,6 +189,8 @@ class ModelRunner:
             )
         if layer.is_packed:
             gemm = "oneDNN packed weights"
+        elif self._widens_bf16:
+            gemm = "bfloat16 rows widened to float32 (C++ up to 64 rows, float32 tiles past)"
         elif self.device.type == "cpu":
             gemm = "PyTorch linear (oneDNN cannot pack this dtype here)"
         else:
@@ -199,6 +201,11 @@ class ModelRunner:
             f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
             f"element-wise layer steps: {ops}; {self._step_report}; {self.precision}"
         )
+
+    @property
+    def _widens_bf16(self) -> bool:
+        """Whether the layers multiply bfloat16 weights in float32 (shard/models/linear.py)."""
+        return bool(getattr(self.model.layers[0].qkv, "widen", False))
 
     @property
     def _step_report(self) -> str:

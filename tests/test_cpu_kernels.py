@@ -82,7 +82,59 @@ def test_linear_single_row_path_matches_packed(kernels, dtype):
     x = torch.randn(1, 1, 64, generator=gen).to(dtype)
     assert torch.allclose(fast(x).float(), packed(x).float(), rtol=2e-2, atol=2e-2)
     several = torch.randn(5, 64, generator=gen).to(dtype)
-    assert torch.equal(fast(several), packed(several))  # more rows: oneDNN either way
+    if fast.widen:  # bfloat16 without bf16 instructions: float32 products in our kernel
+        assert torch.allclose(fast(several).float(), packed(several).float(), rtol=1e-2, atol=2e-2)
+    else:
+        assert torch.equal(fast(several), packed(several))  # more rows: oneDNN either way
+
+
+@pytest.mark.parametrize(
+    "rows,inner,outer", [(2, 13, 7), (5, 64, 96), (9, 576, 960), (64, 40, 31), (7, 1100, 17)]
+)
+def test_bf16_linear_is_the_float32_product_of_the_widened_weights(kernels, rows, inner, outer):
+    """Float32 inputs: the product of the bfloat16 weights (exact in float32) within float32
+    rounding; bfloat16 inputs: that, rounded once to bfloat16. Shapes cover the register
+    tiles' remainders (rows % 4, outputs % 3) and inputs not a multiple of 8."""
+    gen = torch.Generator().manual_seed(rows * inner)
+    w = torch.randn(outer, inner, generator=gen).bfloat16()
+    x = torch.randn(rows, inner, generator=gen)
+    ref = x.double() @ w.double().T
+    out = kernels.bf16_linear(x, w)
+    assert out.dtype == torch.float32
+    bound = 1e-6 * (x.double().abs() @ w.double().abs().T)
+    assert bool(((out.double() - ref).abs() <= bound).all())
+    half = kernels.bf16_linear(x.bfloat16(), w)
+    exact = x.bfloat16().double() @ w.double().T
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.double(), exact, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [2, 5, 64, 65, 130])
+def test_bf16_layer_without_bf16_instructions_widens_its_weights(kernels, monkeypatch, rows):
+    """Several rows of a bfloat16 layer on a CPU without bf16 instructions: float32 products
+    (the kernel up to 64 rows, float32 tiles of the weight past; here tiles of 20 output rows
+    and a partial last one), bias added after, as the single-row path adds it."""
+    import shard.models.linear as linear
+
+    monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(linear, "_TILE", 20 * 48)
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 48, generator=gen).bfloat16()
+    bias = torch.randn(70, generator=gen).bfloat16()
+    layer = Linear(w, bias, pack=False, gemv=True)
+    assert layer.widen
+    x = torch.randn(rows, 48, generator=gen).bfloat16()
+    ref = (x.double() @ w.double().T).bfloat16() + bias
+    linear._tiles.__dict__.clear()  # the tile buffer made afresh, under inference mode
+    with torch.inference_mode():  # as the shard runs; then outside it, as tools may
+        inside = layer(x.view(1, rows, 48))
+    out = layer(x.view(1, rows, 48))
+    assert out.shape == (1, rows, 70) and out.dtype == torch.bfloat16
+    assert torch.equal(inside, out)
+    assert torch.allclose(out[0].double(), ref.double(), rtol=2**-7, atol=1e-6)
+    monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: True)
+    assert not Linear(w, bias, pack=False, gemv=True).widen  # native bf16: torch's path
+    assert not Linear(w.float(), bias, pack=False, gemv=True).widen
 
 
 PROMPTS = ["The quick brown fox", "Hello", "In a hole in the ground there lived a hobbit."]
@@ -133,6 +185,20 @@ def test_rotary_and_silu_match_torch(kernels, dtype, head_dim, rotary_dim):
     assert got.shape == want.shape and _relative(got, want) < tolerance
     gate_up = torch.randn(3, 2 * 96, generator=gen).to(dtype) * 4
     assert _relative(ours.silu_mul(gate_up), ref.silu_mul(gate_up)) < tolerance
+
+
+def test_bf16_silu_rounds_as_the_torch_form(kernels):
+    """bfloat16 SiLU-gate, 8 lanes at a time and then the tail: SiLU rounded to bfloat16,
+    times up, rounded again (to nearest even), as torch's bfloat16 ops round; equal to them
+    on 10,000 random gates, a NaN gate giving NaN."""
+    from shard.models.ops import TorchOps
+
+    gen = torch.Generator().manual_seed(5)
+    gate_up = (torch.randn(4, 2 * 1251, generator=gen) * 4).bfloat16()
+    gate_up[0, 3] = float("nan")
+    got, want = kernels.silu_mul(gate_up), TorchOps().silu_mul(gate_up)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got[0, 3].isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
 def test_exp_extremes_in_silu_and_softmax(kernels):

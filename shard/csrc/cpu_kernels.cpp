@@ -171,7 +171,31 @@ inline float exp_sum(float* s, int64_t n, float top) {
   for (; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
   return sum;
 }
-#define PYTGI_ATTEND_AVX2 1  // dot4, exp8 and exp_sum are defined
+
+// 8 float32 rounded to bfloat16 as c10::BFloat16 rounds (to nearest, ties to even; NaN to
+// its quiet NaN), as raw bits in the low half of each 32-bit lane.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// v rounded to bfloat16 and widened back to float32.
+inline __m256 round_bf16(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
+}
+
+// Stores v rounded to bfloat16 at p[0..8).
+inline void store_bf16(uint16_t* p, __m256 v) {
+  const __m256i bits = bf16_bits(v);  // lanes < 2^16: the unsigned saturation keeps them
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#define PYTGI_ATTEND_AVX2 1  // dot4, exp8, exp_sum and the bfloat16 roundings are defined
 #else
 inline float exp_sum(float* s, int64_t n, float top) {
   float sum = 0.f;
@@ -558,12 +582,18 @@ void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
       T* o = out + t * inter;
       int64_t i = 0;
 #ifdef PYTGI_ATTEND_AVX2
-      if constexpr (std::is_same_v<T, float>) {  // bfloat16 rounds SiLU first: scalar
-        for (; i + 8 <= inter; i += 8) {
-          const __m256 g = _mm256_loadu_ps(gate + i);
-          const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-          const __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(up + i)));
+      using R = typename Raw<T>::type;
+      const R* g_raw = reinterpret_cast<const R*>(gate);
+      const R* u_raw = reinterpret_cast<const R*>(up);
+      for (; i + 8 <= inter; i += 8) {
+        const __m256 g = load8(g_raw + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+        if constexpr (std::is_same_v<T, float>) {
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, load8(u_raw + i)));
+        } else {  // bfloat16: SiLU rounded first, then the product
+          store_bf16(reinterpret_cast<uint16_t*>(o + i),
+                     _mm256_mul_ps(round_bf16(act), load8(u_raw + i)));
         }
       }
 #endif

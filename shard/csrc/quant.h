@@ -15,6 +15,11 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales);
 //   (a float32 min holds GPTQ's and AWQ's -scale * zero exactly).
 torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
                         torch::Tensor mins);
+// x [M, K] @ w [N, K]^T for bfloat16 w, in x's dtype, on CPUs without bf16 instructions
+//   (where oneDNN's bfloat16 products are several times slower than float32): the rows of w
+//   widened to float32 three at a time into L1 and multiplied as `q8_linear`'s many-row path
+//   does; float32 products and sums, rounded once at the end.
+torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w);
 // The weights [N, K] (in `like`'s dtype) that the two products above multiply by.
 torch::Tensor q8_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor like);
 torch::Tensor q4_dequantize(torch::Tensor q, torch::Tensor scales, torch::Tensor mins,

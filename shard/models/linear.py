@@ -9,11 +9,16 @@ Single-row inputs (batch-1 decode) go faster still through our own kernel
 (`cpu_kernels.linear_small`, 1.5-2x oneDNN's streaming rate here), which reads the plain
 weight: with `gemv` on, a packed layer also keeps its plain weight (the weights' memory twice).
 Where oneDNN cannot pack a dtype (bfloat16 on a CPU without AVX-512), the layer keeps only
-its plain weight and single rows still go through the kernel, at no extra memory.
+its plain weight and single rows still go through the kernel, at no extra memory. Its
+products of several rows would go through oneDNN's bfloat16 reference path there, 4-6x
+slower than float32 on a 2-core AVX2 EPYC; they go through `cpu_kernels.bf16_linear`
+instead (16 rows of the weight at a time widened to float32 into a panel in cache), and past
+_WIDEN_ROWS rows through float32 tiles of the weight and torch's float32 GEMM.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -25,6 +30,10 @@ _PACK_HINT = 32
 # multiple of it, so the cache (and the memory it holds) stays bounded under any traffic.
 _ROW_BUCKET = 64
 _PACKABLE = (torch.float32, torch.bfloat16)
+# Unpacked bfloat16 weights: up to this many rows through `bf16_linear`; more (prefill
+# chunks), through float32 tiles of at most _TILE weights and torch's GEMM.
+_WIDEN_ROWS = 64
+_TILE = 1 << 22
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
@@ -39,7 +48,7 @@ def _can_pack(weight: torch.Tensor) -> bool:
 class Linear:
     """A loaded linear layer; `__call__(x [..., in]) -> [..., out]`."""
 
-    __slots__ = ("weight", "bias", "is_packed", "out_features", "plain", "kernels")
+    __slots__ = ("weight", "bias", "is_packed", "out_features", "plain", "kernels", "widen")
 
     def __init__(
         self,
@@ -69,6 +78,12 @@ class Linear:
                 self.plain = weight.contiguous()
                 if not self.is_packed:
                     self.weight = self.plain
+        # bfloat16 products of several rows in float32 where the CPU has no bf16 instructions
+        self.widen = self.plain is not None and not self.is_packed
+        if self.widen:
+            from shard import cpu_kernels
+
+            self.widen = weight.dtype == torch.bfloat16 and not cpu_kernels.has_bf16_instructions()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -77,6 +92,8 @@ class Linear:
             if self.bias is not None:
                 out += self.bias
             return out.view(*shape[:-1], self.out_features)
+        if self.widen:
+            return self._widened(x)
         if not self.is_packed:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, shape[-1])
@@ -85,3 +102,46 @@ class Linear:
             flat = F.pad(flat, (0, 0, 0, _ROW_BUCKET - rows % _ROW_BUCKET))
         out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
         return out[:rows].view(*shape[:-1], self.out_features)
+
+    def _widened(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ the bfloat16 weight^T in float32 products, in x's dtype; the bias
+        added after, as the single-row path adds it."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] <= _WIDEN_ROWS:
+            out = self.kernels.bf16_linear(flat, self.plain)
+        else:
+            out = self._tiled(flat)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+    def _tiled(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [M, K] @ w^T through float32 tiles of whole output rows of w."""
+        assert self.plain is not None
+        x32 = flat.float()
+        inputs = self.plain.shape[1]
+        rows = max(1, _TILE // inputs)
+        tile = _tile_buffer(min(rows, self.out_features) * inputs)
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        for start in range(0, self.out_features, rows):
+            stop = min(start + rows, self.out_features)
+            widened = tile[: (stop - start) * inputs].view(stop - start, inputs)
+            widened.copy_(self.plain[start:stop])
+            out[:, start:stop] = F.linear(x32, widened)
+        return out
+
+
+_tiles = threading.local()
+
+
+def _tile_buffer(count: int) -> torch.Tensor:
+    """This thread's float32 scratch of at least `count` elements, kept between calls: a
+    fresh 16 MiB tile per call came as new pages from the kernel, zeroed on first touch,
+    which cost about as much as the widening itself. A normal tensor even when made under
+    inference mode: an inference tensor could not be written outside it later."""
+    buffer = getattr(_tiles, "buffer", None)
+    if buffer is None or buffer.numel() < count:
+        with torch.inference_mode(False):
+            buffer = _tiles.buffer = torch.empty(max(count, _TILE), dtype=torch.float32)
+    return buffer

@@ -14,7 +14,7 @@ AWQ's -scale * zero exactly; G groups of g = K / G inputs):
 `dequantize_*` give exactly the weights the kernels multiply by: a model whose weights are
 replaced by them serves the same tokens in float32 (how the tests check every path).
 On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
-weights once, up to 64 rows multiply rows dequantized a few at a time; more rows, a
+weights once, up to 64 rows multiply panels of 16 rows dequantized at a time; more rows, a
 dequantized copy a tile at a time through torch's GEMM); on CUDA in Triton
 kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
 the weights are dequantized per call.
@@ -33,11 +33,12 @@ METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 BLOCK = 32  # int4 inputs per GGML block
 # Up to this many rows the kernels multiply (shard/csrc/quant.cpp: up to 8 rows read the
-# packed weights once per row; more dequantize a few rows at a time into L1 for a
+# packed weights once per row; more dequantize 16 rows at a time into a panel for a
 # register-blocked product); beyond, dequantized tiles of at most _TILE elements go through
 # torch's GEMM (prefill chunks). Measured on a 2-core AVX2 EPYC, SmolLM2 decode steps (best
-# of 3 rounds): batch 16 int8 84 ms vs 142 ms through tiles (float32 91), batch 32 132 vs 183
-# (float32 134); per layer, at 128 rows the tiles win.
+# of 3 rounds), with the earlier register tile (4 rows by 3 weight rows): batch 16 int8 84 ms
+# vs 142 ms through tiles (float32 91), batch 32 132 vs 183 (float32 134); per layer, at 128
+# rows the tiles won. The panel product is 1.3-1.9x that tile's speed at 9-64 rows.
 _KERNEL_ROWS = 64
 _TILE = 1 << 22
 
