@@ -1,6 +1,6 @@
 """Served throughput of one model in several weight formats, through `pytgi-launcher`
 (streamed, TGI's API, EOS ignored): the fixed workload (128 in / 128 out) at concurrency 1
-(4 requests) and 32 (32 requests), per format: float32, int8, int4 (issue 16).
+(4 requests) and 32 (32 requests), per format: float32, bfloat16, int8, int4 (issues 16, 20).
 
     .venv/bin/python benchmarks/served_formats.py [--model-id DIR] [--format int8 ...]
 
@@ -21,7 +21,12 @@ from launched import launcher  # noqa: E402
 from loadgen import run_load, summarize  # noqa: E402
 from workloads import WORKLOADS, single_token_words  # noqa: E402
 
-FORMATS = {"float32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"]}
+FORMATS = {
+    "float32": [],
+    "bfloat16": ["--dtype", "bfloat16"],  # the later --dtype wins
+    "int8": ["--quantize", "int8"],
+    "int4": ["--quantize", "int4"],
+}
 
 
 def main() -> None:
