@@ -44,7 +44,9 @@ def set_widen(engine, on: bool) -> None:
         layers += [layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down]
     for layer in layers:
         layer = getattr(layer, "linear", layer)  # RowParallel holds its Linear
-        assert isinstance(layer, Linear) and layer.plain is not None and not layer.is_packed
+        assert isinstance(layer, Linear) and layer.plain is not None and not layer.is_packed, (
+            "oneDNN packed the bfloat16 weights (an AVX-512 CPU): they take its path here"
+        )
         layer.widen = on
 
 
