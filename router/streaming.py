@@ -73,6 +73,22 @@ async def start_stream(state: RouterState, make_events) -> StreamingResponse:
             async for chunk in events:
                 yield chunk
         finally:
-            state.release()
+            try:
+                await events.aclose()  # its request is cancelled now, not when collected
+            finally:
+                state.release()
 
-    return StreamingResponse(held(), media_type="text/event-stream")
+    return ClosingStream(held(), media_type="text/event-stream")
+
+
+class ClosingStream(StreamingResponse):
+    """A stream whose events are closed however the response ends. Starlette (1.x, ASGI
+    2.4 servers) turns a failed send into ClientDisconnect without closing the iterator, so
+    the stream's `finally` (its slot, its request's cancellation) would wait for the garbage
+    collector: a client that stopped reading held its slot indefinitely."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]

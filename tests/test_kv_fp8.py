@@ -281,15 +281,27 @@ def test_warmup_calibrates_the_scales(fp8_engine):
 @pytest.mark.slow
 def test_smollm2_perplexity_with_an_fp8_cache(smollm_dir):
     """SmolLM2 over 2,000 tokens of English (prompt chunks of 256 read the earlier ones
-    from the cache): fp8 K/V within 3% of float32 K/V's perplexity."""
+    from the cache): fp8 K/V within 3% of float32 K/V's perplexity, averaged over the
+    calibrated scales and those scales 0.1% up and down. One perplexity is a draw: where
+    fp8's grid falls moves it by about a percent (on a Zen 5 EPYC: 8.190 at the calibrated
+    scales, 8.102 and 8.137 at 1.001x and 0.999x), and a machine's float32 products (oneDNN's
+    kernels differ by CPU) move the calibrated scales by that much."""
     from tests.test_quant import _english_text, _perplexity
 
     options = dict(kv_bytes=256 << 20, max_total=2100)
     base = make_engine(smollm_dir, **options)
     ids = _english_text(base.tokenizer)
     reference = _perplexity(base, ids)
-    fp8 = _perplexity(make_engine(smollm_dir, kv_cache_dtype="fp8_e4m3fn", **options), ids)
-    print(f"perplexity float32 K/V {reference:.3f}, fp8 K/V {fp8:.3f}")
+    engine = make_engine(smollm_dir, kv_cache_dtype="fp8_e4m3fn", **options)
+    calibrated = list(engine.runner.kv.scales)
+    draws = []
+    for factor in (1.0, 1.001, 0.999):
+        engine.runner.kv.scales[:] = [
+            s._replace(k=s.k * factor, v=s.v * factor) for s in calibrated
+        ]
+        draws.append(_perplexity(engine, ids))
+    fp8 = sum(draws) / len(draws)
+    print(f"perplexity float32 K/V {reference:.3f}, fp8 K/V {fp8:.3f} (draws {draws})")
     assert abs(fp8 / reference - 1) < 0.03
 
 
