@@ -8,6 +8,8 @@ afresh. A module already built under that name is imported directly: torch's bui
 compile again whenever the source sits at another path (another checkout, a worktree), as
 its build file names the path. `make install` builds it ahead (`python -m shard.cpu_kernels`);
 a shard that finds no compiler logs one warning and keeps the pure-PyTorch decode path.
+PYTGI_CPU_KERNEL_CFLAGS adds compiler flags (a build of its own): `-mno-avx512f` builds the
+AVX2 forms on an AVX-512 CPU, as the tests do to check both on one machine.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import os
 import platform
 import threading
 from pathlib import Path
@@ -28,7 +31,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 # Every file of the module in CSRC: the sources compiled and the headers they include.
 SOURCES = ("bindings.cpp", "cpu_kernels.cpp", "quant.cpp", "decode_step.cpp")
 HEADERS = ("decode_step.h", "kernels.h", "quant.h")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", *os.environ.get("PYTGI_CPU_KERNEL_CFLAGS", "").split()]
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 

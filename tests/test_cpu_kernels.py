@@ -287,3 +287,30 @@ def test_a_built_kernel_loads_from_another_checkout_without_a_compiler(kernels, 
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.stdout.strip() == "loaded", result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "avx512f" not in cpu_kernels.cpu_flags().split(),
+    reason="no AVX-512 here: the other tests run the AVX2 forms of the kernels already",
+)
+def test_the_avx2_forms_of_the_kernels_on_an_avx512_cpu():
+    """An AVX-512 CPU compiles the 16-lane products (quant.cpp); the AVX2 ones, which other
+    CPUs run, are built here too (PYTGI_CPU_KERNEL_CFLAGS=-mno-avx512f, a module of its own)
+    and the kernel tests run against them in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTGI_CPU_KERNEL_CFLAGS": "-mno-avx512f"}
+    selection = "not avx2_forms and not engine and not serves and not shards and not smollm2"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
+         "tests/test_cpu_kernels.py", "tests/test_quant.py"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    print(result.stdout.strip().splitlines()[-1])
+    assert " passed" in result.stdout and " failed" not in result.stdout

@@ -53,6 +53,20 @@ def test_a_layer_multiplies_by_its_dequantized_weights(method, group, k, n, rows
         assert layer.weight.numel() * layer.weight.element_size() == n * k // 2
 
 
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 64])
+@pytest.mark.parametrize("group", [16, 32, 64])  # 16: GGUF's Q6_K; 32: Q8_0
+@pytest.mark.parametrize("k, n", [(576, 40), (1536, 17)])
+def test_a_grouped_int8_layer_multiplies_by_its_dequantized_weights(k, n, group, rows):
+    """int8 with a scale per group of inputs (GGUF's blocks), through the few-row products
+    (one dot per group, scaled as it is added) and the many-row panel."""
+    gen = torch.Generator().manual_seed(k + n + rows + group)
+    weight, x = torch.randn(n, k, generator=gen), torch.randn(rows, k, generator=gen)
+    q, scales = quantize_int8(weight, group)
+    layer = QuantLinear("int8", q, (scales,))
+    expected = x.double() @ dequantize_int8(q, scales).double().T
+    assert _relative_error(layer(x), expected) < 1e-5
+
+
 @pytest.mark.parametrize("rows", [1, 8, 64])
 @pytest.mark.parametrize("method, group", [("int8", 32), ("int8", 576), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -20,6 +21,9 @@
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #define PYTGI_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define PYTGI_AVX512 1  // 16-lane forms of the products below; AVX2's stay for other CPUs
 #endif
 
 namespace pytgi {
@@ -118,10 +122,60 @@ inline void widen_scales(const c10::Half* src, int64_t n, float* dst) {
   for (; i < n; ++i) dst[i] = to_float(src[i]);
 }
 
+#ifdef PYTGI_AVX512
+inline __m512 load16(const int8_t* q) {  // 16 int8 weights as 16 floats
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+}
+
+// x[0..g) . q[0..g) for one int8 group (g a multiple of 16), in 16 lanes.
+inline __m512 group_q8(const float* x, const int8_t* q, int64_t g) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= g; i += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(q + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), load16(q + i + 16), a1);
+  }
+  if (i < g) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(q + i), a0);
+  return _mm512_add_ps(a0, a1);
+}
+
+// x[0..g) . q for one int4 group (g / 32 blocks of 16 bytes): a block's 16 bytes widened to
+// 16 lanes hold inputs 0..15 in their low nibbles and 16..31 in their high nibbles.
+inline __m512 group_q4(const float* x, const uint8_t* q, int64_t g) {
+  const __m512i mask = _mm512_set1_epi32(15);
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (int64_t b = 0; b < g; b += kBlock, x += kBlock, q += kBlock / 2) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x), _mm512_cvtepi32_ps(_mm512_and_si512(d, mask)), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + 16), _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), a1);
+  }
+  return _mm512_add_ps(a0, a1);
+}
+
+// sum over groups of sf[grp] * part(grp), part in 16 lanes: two chains of scaled sums
+// (even and odd groups), as one chain of dependent multiply-adds per group of 32 would
+// bound the loop at the multiply-add's latency.
+template <typename Part>
+inline float scaled_groups(const float* sf, int64_t groups, Part part) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t grp = 0;
+  for (; grp + 2 <= groups; grp += 2) {
+    s0 = _mm512_fmadd_ps(part(grp), _mm512_set1_ps(sf[grp]), s0);
+    s1 = _mm512_fmadd_ps(part(grp + 1), _mm512_set1_ps(sf[grp + 1]), s1);
+  }
+  if (grp < groups) s0 = _mm512_fmadd_ps(part(grp), _mm512_set1_ps(sf[grp]), s0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+#endif
+
 // x[0..k) . (int8 row q with its group scales sf, as float32), reading q once.
 inline float dot_q8(const float* x, const int8_t* q, const float* sf, int64_t k, int64_t groups) {
   const int64_t g = k / groups;
   float total = 0.f;
+#ifdef PYTGI_AVX512
+  if (g % 16 == 0)
+    return scaled_groups(sf, groups, [&](int64_t grp) { return group_q8(x + grp * g, q + grp * g, g); });
+#endif
 #ifdef PYTGI_AVX2
   if (g % 32 == 0) {
     __m256 sum = _mm256_setzero_ps();
@@ -167,7 +221,17 @@ inline float dot_q8(const float* x, const int8_t* q, const float* sf, int64_t k,
 inline float dot_q4(const float* x, const uint8_t* q, const float* sf, const float* mf,
                     const float* sums, int64_t k, int64_t groups) {
   const int64_t g = k / groups;
-#ifdef PYTGI_AVX2
+#ifdef PYTGI_AVX512
+  __m512 mins = _mm512_setzero_ps();
+  int64_t first = 0;
+  for (; first + 16 <= groups; first += 16)
+    mins = _mm512_fmadd_ps(_mm512_loadu_ps(mf + first), _mm512_loadu_ps(sums + first), mins);
+  float offset = _mm512_reduce_add_ps(mins);
+  for (; first < groups; ++first) offset += mf[first] * sums[first];
+  return offset + scaled_groups(sf, groups, [&](int64_t grp) {
+    return group_q4(x + grp * g, q + grp * g / 2, g);
+  });
+#elif defined(PYTGI_AVX2)
   // sum_g m_g sums_g in 8 lanes: a scalar chain of dependent adds here cost more than the
   // products of a 576-input row (measured: 9.9 vs 14.6 G weights/s per core)
   __m256 lanes = _mm256_setzero_ps();
@@ -252,8 +316,14 @@ torch::Tensor product(const torch::Tensor& xf, const torch::Tensor& x, int64_t n
 // loads of the panel, 2 kMr multiply-adds, and no horizontal sums. Each weight is converted
 // once per call. Against the dot-product tile it replaced (4 x rows by 3 weight rows, each
 // sum reduced at its end), SmolLM2's 120 decoder products on one Zen 3 core: 32 rows 100 vs
-// 127-159 ms, 64 rows 178 vs 313-370 ms.
-constexpr int64_t kPanel = 16, kMr = 6, kChunk = 1024;
+// 127-159 ms, 64 rows 178 vs 313-370 ms. With AVX-512, kMr = 12 rows of one register of 16
+// sums each, one panel load per input (Zen 5, 2 cores, 32 rows: 28 vs 38 ms).
+constexpr int64_t kPanel = 16, kChunk = 1024;
+#ifdef PYTGI_AVX512
+constexpr int64_t kMr = 12;  // 12 of the 32 registers
+#else
+constexpr int64_t kMr = 6;
+#endif
 
 // rows [kPanel][stride] (inputs k0 .. k0 + len of each) -> panel [len][kPanel].
 inline void transpose_panel(const float* rows, int64_t stride, int64_t k0, int64_t len,
@@ -288,6 +358,14 @@ inline void transpose_panel(const float* rows, int64_t stride, int64_t k0, int64
     for (int64_t j = 0; j < kPanel; ++j) panel[k * kPanel + j] = rows[j * stride + k0 + k];
 }
 
+#ifdef PYTGI_AVX512
+// Row i (< MR) of a 16-lane panel tile: x_i[k] broadcast into its sums (named, as below).
+#define PYTGI_PANEL_ROW16(i)                                                   \
+  if constexpr (MR > i) acc##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * stride + k]), w, acc##i);
+#define PYTGI_PANEL_STORE16(i) \
+  if constexpr (MR > i) _mm512_storeu_ps(out + i * kPanel, acc##i);
+#endif
+
 #ifdef PYTGI_AVX2
 // Row i (< MR) of a panel tile: its broadcast x_i[k] into its two sums (named registers: GCC
 // -O3 kept an array of these sums in memory too, stored at every input, at half the speed).
@@ -310,7 +388,20 @@ template <int64_t MR>
 inline void panel_tile(const float* x, int64_t stride, const float* panel, int64_t len,
                        float* out) {
   static_assert(MR >= 1 && MR <= kMr);
-#ifdef PYTGI_AVX2
+#ifdef PYTGI_AVX512
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0;
+  __m512 acc5 = acc0, acc6 = acc0, acc7 = acc0, acc8 = acc0, acc9 = acc0, acc10 = acc0;
+  __m512 acc11 = acc0;
+  for (int64_t k = 0; k < len; ++k) {
+    const __m512 w = _mm512_loadu_ps(panel + k * kPanel);
+    PYTGI_PANEL_ROW16(0) PYTGI_PANEL_ROW16(1) PYTGI_PANEL_ROW16(2) PYTGI_PANEL_ROW16(3)
+    PYTGI_PANEL_ROW16(4) PYTGI_PANEL_ROW16(5) PYTGI_PANEL_ROW16(6) PYTGI_PANEL_ROW16(7)
+    PYTGI_PANEL_ROW16(8) PYTGI_PANEL_ROW16(9) PYTGI_PANEL_ROW16(10) PYTGI_PANEL_ROW16(11)
+  }
+  PYTGI_PANEL_STORE16(0) PYTGI_PANEL_STORE16(1) PYTGI_PANEL_STORE16(2) PYTGI_PANEL_STORE16(3)
+  PYTGI_PANEL_STORE16(4) PYTGI_PANEL_STORE16(5) PYTGI_PANEL_STORE16(6) PYTGI_PANEL_STORE16(7)
+  PYTGI_PANEL_STORE16(8) PYTGI_PANEL_STORE16(9) PYTGI_PANEL_STORE16(10) PYTGI_PANEL_STORE16(11)
+#elif defined(PYTGI_AVX2)
   // 2 MR sums, 2 panel values and one broadcast: 15 of the 16 registers
   __m256 lo0 = _mm256_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0, lo4 = lo0, lo5 = lo0;
   __m256 hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0, hi4 = lo0, hi5 = lo0;
@@ -332,19 +423,19 @@ inline void panel_tile(const float* x, int64_t stride, const float* panel, int64
 #endif
 }
 
+// panel_tile<mr> for a run-time mr in 1..kMr.
+template <int64_t... I>
+inline void panel_dispatch(int64_t mr, const float* x, int64_t stride, const float* panel,
+                           int64_t len, float* out, std::integer_sequence<int64_t, I...>) {
+  ((mr == I + 1 ? panel_tile<I + 1>(x, stride, panel, len, out) : void()), ...);
+}
+
 // acc[mr][kPanel] = (first) or += (after) panel_tile over mr (1..kMr) rows; `part` is room
 // for kMr x kPanel floats.
 inline void panel_rows(int64_t mr, const float* x, int64_t stride, const float* panel,
                        int64_t len, float* acc, bool first, float* part) {
   float* out = first ? acc : part;
-  switch (mr) {
-    case 1: panel_tile<1>(x, stride, panel, len, out); break;
-    case 2: panel_tile<2>(x, stride, panel, len, out); break;
-    case 3: panel_tile<3>(x, stride, panel, len, out); break;
-    case 4: panel_tile<4>(x, stride, panel, len, out); break;
-    case 5: panel_tile<5>(x, stride, panel, len, out); break;
-    default: panel_tile<kMr>(x, stride, panel, len, out); break;
-  }
+  panel_dispatch(mr, x, stride, panel, len, out, std::make_integer_sequence<int64_t, kMr>{});
   if (!first)
     for (int64_t i = 0; i < mr * kPanel; ++i) acc[i] += part[i];
 }
