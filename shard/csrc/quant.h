@@ -4,6 +4,16 @@
 
 namespace pytgi {
 
+// Rows up to which q8_linear / q4_linear multiply (more go through dequantized tiles and
+// torch's GEMM: shard/models/quant.py). With AVX-512 their 12 x 16 panel product outran the
+// tiles at every row count measured (Zen 5, 2 cores, SmolLM2 int8 prefill: 128 tokens 112
+// vs 233 ms, 8 x 128 799 vs 1219); with AVX2 the tiles won from about 128 rows.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+constexpr int64_t kKernelRows = int64_t{1} << 30;
+#else
+constexpr int64_t kKernelRows = 64;
+#endif
+
 // x [M, K] float32 or bfloat16 -> [M, N] in x's dtype.
 // int8: q int8 [N, K]; scales float16 (or float32: GGUF's Q6_K) [N, G], G = K / g groups of
 //   g inputs (G = 1: one scale per output channel); w[n, k] = scales[n, k / g] * q[n, k].

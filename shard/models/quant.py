@@ -38,7 +38,9 @@ BLOCK = 32  # int4 inputs per GGML block
 # torch's GEMM (prefill chunks). Measured on a 2-core AVX2 EPYC, SmolLM2 decode steps (best
 # of 3 rounds), with the earlier register tile (4 rows by 3 weight rows): batch 16 int8 84 ms
 # vs 142 ms through tiles (float32 91), batch 32 132 vs 183 (float32 134); per layer, at 128
-# rows the tiles won. The panel product is 1.3-1.9x that tile's speed at 9-64 rows.
+# rows the tiles won. The panel product is 1.3-1.9x that tile's speed at 9-64 rows. The
+# compiled module says its own limit (`max_rows`, shard/csrc/quant.h: every row count with
+# AVX-512); this is the limit of a module that does not.
 _KERNEL_ROWS = 64
 _TILE = 1 << 22
 
