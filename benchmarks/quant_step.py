@@ -39,6 +39,11 @@ CONFIGS = {
         dtype="float32", quantize="int4", quantize_group_size=32
     ),
     "int4 groups of 64": dict(dtype="float32", quantize="int4", quantize_group_size=64),
+    # served with --dtype bfloat16: bf16 dot products of the codes where the CPU has them
+    "int8 (bfloat16 activations)": dict(dtype="bfloat16", quantize="int8"),
+    "int4 groups of 32 (bfloat16 activations)": dict(
+        dtype="bfloat16", quantize="int4", quantize_group_size=32
+    ),
 }
 
 

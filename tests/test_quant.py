@@ -67,6 +67,34 @@ def test_a_grouped_int8_layer_multiplies_by_its_dequantized_weights(k, n, group,
     assert _relative_error(layer(x), expected) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [9, 13, 64])
+@pytest.mark.parametrize(
+    "method, group, k",
+    [("int8", 0, 576), ("int8", 0, 1536), ("int8", 16, 576), ("int8", 32, 2048),
+     ("int4", 32, 576), ("int4", 64, 1536), ("int4", 128, 2048)],
+)  # fmt: skip
+def test_bfloat16_inputs_of_many_rows_give_the_exact_products_rounded_once(method, group, k, rows):
+    """bfloat16 inputs of many rows (on CPUs with bf16 dot products: codes and inputs exact
+    in bfloat16, products exact, float32 sums, scales per group; per-channel int8 over two
+    1024-input chunks; groups of 16 to 128): x @ dequantized w in float64, rounded once to
+    bfloat16, within float32 summation."""
+    gen = torch.Generator().manual_seed(k + rows + group)
+    weight = torch.randn(40, k, generator=gen)
+    if method == "int8":
+        q, scales = quantize_int8(weight, group or None)
+        layer, reference = QuantLinear("int8", q, (scales,)), dequantize_int8(q, scales)
+    else:
+        packed, scales, mins = quantize_int4(weight, group)
+        layer = QuantLinear("int4", packed, (scales, mins))
+        reference = dequantize_int4(packed, scales, mins)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = x.double() @ reference.double().T
+    slack = 2**-8 * expected.abs() + 1e-5 * (x.double().abs() @ reference.double().abs().T)
+    assert ((out.double() - expected).abs() <= slack).all()
+
+
 def test_the_kernels_take_every_row_count_where_their_avx512_forms_outrun_the_tiles():
     """An AVX-512 build multiplies prefill chunks too (shard/csrc/quant.h: 2x the tiles'
     speed at 128 rows on a Zen 5); an AVX2 build hands more than 64 rows to the tiles."""

@@ -24,6 +24,9 @@
 #endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define PYTGI_AVX512 1  // 16-lane forms of the products below; AVX2's stay for other CPUs
+#if defined(__AVX512BF16__)
+#define PYTGI_DPBF16 1  // bfloat16 inputs of many rows through bf16 dot products
+#endif
 #endif
 
 namespace pytgi {
@@ -469,6 +472,146 @@ torch::Tensor blocked(const torch::Tensor& xf, const torch::Tensor& x, int64_t n
   return x.scalar_type() == torch::kFloat ? out : out.to(x.scalar_type());
 }
 
+#ifdef PYTGI_DPBF16
+// The many-row product for bfloat16 inputs on CPUs with bf16 dot products (vdpbf16ps: per
+// 32-bit lane, two bfloat16 products, exact in float32, added to a float32 sum). A weight's
+// integer code (int8 -127..127, int4 0..15) is exact in bfloat16 and so is a bfloat16 input:
+// each product x q is exact and summed in float32, the group's scale (and int4's min times
+// the group's input sum) applied once per group, as the float32 path's sums do. The panel
+// holds 16 weight rows' codes as pairs of inputs: [k / 2][16] 32-bit lanes (inputs 2p and
+// 2p + 1 of each row), transposed as the float32 panel is.
+
+// Row i (< MR) of a bf16 panel tile: its pair of inputs broadcast into its group sum.
+#define PYTGI_BF16_ROW(i)                                                                   \
+  if constexpr (MR > i)                                                                     \
+    acc##i = _mm512_dpbf16_ps(acc##i, (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * xs + p])), \
+                              (__m512bh)w);
+// ... then the group's sum scaled into the row's total (int4: plus min x input sum).
+#define PYTGI_BF16_GROUP(i)                                                    \
+  if constexpr (MR > i) {                                                      \
+    tot##i = _mm512_fmadd_ps(acc##i, sv, tot##i);                              \
+    if (mins) tot##i = _mm512_fmadd_ps(_mm512_set1_ps(sums[i * ss + s]), mv, tot##i); \
+    acc##i = _mm512_setzero_ps();                                              \
+  }
+#define PYTGI_BF16_LOAD(i) \
+  if constexpr (MR > i) tot##i = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out + i * kPanel);
+#define PYTGI_BF16_STORE(i) if constexpr (MR > i) _mm512_storeu_ps(out + i * kPanel, tot##i);
+
+// out[i][0..16) (+)= sum over segments s of scales[s] * (x_i pairs . panel pairs of s) (+
+// mins[s] * sums[i][s]) for MR rows; x_i = x + i * xs (32-bit pairs), `seg` pairs a segment.
+template <int64_t MR>
+inline void bf16_tile(const uint32_t* x, int64_t xs, const uint32_t* panel, int64_t pairs,
+                      int64_t seg, const float* scales, const float* mins, const float* sums,
+                      int64_t ss, float* out, bool first) {
+  static_assert(MR >= 1 && MR <= kMr);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0;
+  __m512 acc5 = acc0, acc6 = acc0, acc7 = acc0, acc8 = acc0, acc9 = acc0, acc10 = acc0;
+  __m512 acc11 = acc0, tot0, tot1, tot2, tot3, tot4, tot5, tot6, tot7, tot8, tot9, tot10, tot11;
+  PYTGI_BF16_LOAD(0) PYTGI_BF16_LOAD(1) PYTGI_BF16_LOAD(2) PYTGI_BF16_LOAD(3)
+  PYTGI_BF16_LOAD(4) PYTGI_BF16_LOAD(5) PYTGI_BF16_LOAD(6) PYTGI_BF16_LOAD(7)
+  PYTGI_BF16_LOAD(8) PYTGI_BF16_LOAD(9) PYTGI_BF16_LOAD(10) PYTGI_BF16_LOAD(11)
+  for (int64_t s = 0, p = 0; p < pairs; ++s) {
+    for (const int64_t end = p + seg; p < end; ++p) {
+      const __m512i w = _mm512_loadu_si512(panel + p * kPanel);
+      PYTGI_BF16_ROW(0) PYTGI_BF16_ROW(1) PYTGI_BF16_ROW(2) PYTGI_BF16_ROW(3)
+      PYTGI_BF16_ROW(4) PYTGI_BF16_ROW(5) PYTGI_BF16_ROW(6) PYTGI_BF16_ROW(7)
+      PYTGI_BF16_ROW(8) PYTGI_BF16_ROW(9) PYTGI_BF16_ROW(10) PYTGI_BF16_ROW(11)
+    }
+    const __m512 sv = _mm512_loadu_ps(scales + s * kPanel);
+    const __m512 mv = mins ? _mm512_loadu_ps(mins + s * kPanel) : sv;
+    PYTGI_BF16_GROUP(0) PYTGI_BF16_GROUP(1) PYTGI_BF16_GROUP(2) PYTGI_BF16_GROUP(3)
+    PYTGI_BF16_GROUP(4) PYTGI_BF16_GROUP(5) PYTGI_BF16_GROUP(6) PYTGI_BF16_GROUP(7)
+    PYTGI_BF16_GROUP(8) PYTGI_BF16_GROUP(9) PYTGI_BF16_GROUP(10) PYTGI_BF16_GROUP(11)
+  }
+  PYTGI_BF16_STORE(0) PYTGI_BF16_STORE(1) PYTGI_BF16_STORE(2) PYTGI_BF16_STORE(3)
+  PYTGI_BF16_STORE(4) PYTGI_BF16_STORE(5) PYTGI_BF16_STORE(6) PYTGI_BF16_STORE(7)
+  PYTGI_BF16_STORE(8) PYTGI_BF16_STORE(9) PYTGI_BF16_STORE(10) PYTGI_BF16_STORE(11)
+}
+
+template <int64_t... I>
+inline void bf16_dispatch(int64_t mr, std::integer_sequence<int64_t, I...>, const uint32_t* x,
+                          int64_t xs, const uint32_t* panel, int64_t pairs, int64_t seg,
+                          const float* scales, const float* mins, const float* sums, int64_t ss,
+                          float* out, bool first) {
+  ((mr == I + 1 ? bf16_tile<I + 1>(x, xs, panel, pairs, seg, scales, mins, sums, ss, out, first)
+                : void()),
+   ...);
+}
+
+// 16 float32 values (small integers) -> their bfloat16 bits at dst (exact).
+inline void store_codes(__m512 v, uint16_t* dst) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Row n's int8 codes as bfloat16 into dst[0..k) (k a multiple of 16).
+inline void codes_q8(const int8_t* q, int64_t k, uint16_t* dst) {
+  for (int64_t i = 0; i < k; i += 16) store_codes(load16(q + i), dst + i);
+}
+
+// Row n's int4 codes (GGML blocks) as bfloat16 into dst[0..k), in input order.
+inline void codes_q4(const uint8_t* q, int64_t k, uint16_t* dst) {
+  const __m512i mask = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < k; b += kBlock, q += kBlock / 2, dst += kBlock) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    store_codes(_mm512_cvtepi32_ps(_mm512_and_si512(d, mask)), dst);
+    store_codes(_mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), dst + 16);
+  }
+}
+
+// out [M, N] for bfloat16 x [M, K] (contiguous): `codes(n, dst)` writes row n's codes,
+// scales [N, G] (S: float16 or float32), mins [N, G] float32 or null, `sums` [M, G] the
+// inputs' group sums (int4). Groups tile kChunk or there is one group a row.
+template <typename S, typename Codes>
+torch::Tensor blocked_bf16(const torch::Tensor& x, int64_t n_rows, int64_t groups,
+                           const S* scales, const float* mins, const float* sums, Codes codes) {
+  const int64_t m_rows = x.size(0), k = x.size(1), g = k / groups;
+  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr<c10::BFloat16>());
+  auto out = torch::empty({m_rows, n_rows}, x.options().dtype(torch::kFloat));
+  float* op = out.data_ptr<float>();
+  const int64_t panels = (n_rows + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 2, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> rows(kPanel * k);
+    std::vector<uint32_t> panel(kPanel * std::min(k, kChunk) / 2);
+    std::vector<float> st(groups * kPanel), mt(mins ? groups * kPanel : 0), widened(groups);
+    std::vector<float> acc(m_rows * kPanel);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kPanel, nr = std::min(kPanel, n_rows - n0);
+      for (int64_t j = 0; j < kPanel; ++j) {  // rows past the end repeat the last; dropped
+        const int64_t n = n0 + std::min(j, nr - 1);
+        codes(n, rows.data() + j * k);
+        widen_scales(scales + n * groups, groups, widened.data());
+        for (int64_t grp = 0; grp < groups; ++grp) {
+          st[grp * kPanel + j] = widened[grp];
+          if (mins) mt[grp * kPanel + j] = mins[n * groups + grp];
+        }
+      }
+      for (int64_t k0 = 0; k0 < k; k0 += kChunk) {
+        const int64_t len = std::min(kChunk, k - k0);
+        const int64_t seg = groups == 1 ? len : g, g0 = groups == 1 ? 0 : k0 / g;
+        transpose_panel(reinterpret_cast<const float*>(rows.data()), k / 2, k0 / 2, len / 2,
+                        reinterpret_cast<float*>(panel.data()));
+        for (int64_t m0 = 0; m0 < m_rows; m0 += kMr)
+          bf16_dispatch(std::min(kMr, m_rows - m0), std::make_integer_sequence<int64_t, kMr>{},
+                        xp + (m0 * k + k0) / 2, k / 2, panel.data(), len / 2, seg / 2,
+                        st.data() + g0 * kPanel, mins ? mt.data() + g0 * kPanel : nullptr,
+                        sums ? sums + m0 * groups + g0 : nullptr, groups,
+                        acc.data() + m0 * kPanel, k0 == 0);
+      }
+      for (int64_t m = 0; m < m_rows; ++m)
+        std::copy_n(acc.data() + m * kPanel, nr, op + m * n_rows + n0);
+    }
+  });
+  return out.to(torch::kBFloat16);
+}
+
+// Whether blocked_bf16 takes x for a layer of k inputs in `groups` groups.
+inline bool takes_bf16(const torch::Tensor& x, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  return x.scalar_type() == torch::kBFloat16 && x.size(0) > kFewRows && g % 16 == 0 &&
+         (groups == 1 || kChunk % g == 0);
+}
+#endif
+
 template <typename Row>
 torch::Tensor dequantized(int64_t n_rows, int64_t k, const torch::Tensor& like, Row row) {
   auto out = torch::empty({n_rows, k}, torch::dtype(torch::kFloat));
@@ -502,6 +645,11 @@ torch::Tensor q8_linear_typed(const torch::Tensor& x, const torch::Tensor& q,
   const int64_t k = q.size(1), groups = scales.size(1);
   const int8_t* qp = q.data_ptr<int8_t>();
   const S* sp = scales.data_ptr<S>();
+#ifdef PYTGI_DPBF16
+  if (takes_bf16(x, k, groups))
+    return blocked_bf16(x.contiguous(), q.size(0), groups, sp, nullptr, nullptr,
+                        [=](int64_t n, uint16_t* dst) { codes_q8(qp + n * k, k, dst); });
+#endif
   const auto xf = x.to(torch::kFloat).contiguous();
   if (xf.size(0) > kFewRows)
     return blocked(xf, x, q.size(0), [=](int64_t n, float* dst) {
@@ -530,6 +678,13 @@ torch::Tensor q4_linear_typed(const torch::Tensor& x, const torch::Tensor& q,
   const S* sp = scales.data_ptr<S>();
   const float* mp = mins.data_ptr<float>();
   const auto xf = x.to(torch::kFloat).contiguous();
+#ifdef PYTGI_DPBF16
+  if (takes_bf16(x, k, groups)) {
+    const auto sums = group_sums(xf.data_ptr<float>(), xf.size(0), k, groups);
+    return blocked_bf16(x.contiguous(), q.size(0), groups, sp, mp, sums.data(),
+                        [=](int64_t n, uint16_t* dst) { codes_q4(qp + n * k / 2, k, dst); });
+  }
+#endif
   if (xf.size(0) > kFewRows)
     return blocked(xf, x, q.size(0), [=](int64_t n, float* dst) {
       row_q4(qp + n * k / 2, sp + n * groups, mp + n * groups, k, groups, dst);
