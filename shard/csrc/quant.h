@@ -7,7 +7,8 @@ namespace pytgi {
 // Rows up to which q8_linear / q4_linear multiply (more go through dequantized tiles and
 // torch's GEMM: shard/models/quant.py). With AVX-512 their 12 x 16 panel product outran the
 // tiles at every row count measured (Zen 5, 2 cores, SmolLM2 int8 prefill: 128 tokens 112
-// vs 233 ms, 8 x 128 799 vs 1219); with AVX2 the tiles won from about 128 rows.
+// vs 233 ms, 8 x 128 799 vs 1219); with AVX2 the tiles won from about 128 rows (measured
+// against the earlier 4 x 3 tile, not yet against the 6 x 16 panel).
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 constexpr int64_t kKernelRows = int64_t{1} << 30;
 #else
