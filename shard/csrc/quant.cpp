@@ -27,6 +27,8 @@
 #if defined(__AVX512BF16__)
 #define PYTGI_DPBF16 1  // bfloat16 inputs of many rows through bf16 dot products
 #endif
+// M(i) for the 12 rows of a 16-lane tile (each guarded by `if constexpr (MR > i)`)
+#define PYTGI_EACH12(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11)
 #endif
 
 namespace pytgi {
@@ -397,13 +399,9 @@ inline void panel_tile(const float* x, int64_t stride, const float* panel, int64
   __m512 acc11 = acc0;
   for (int64_t k = 0; k < len; ++k) {
     const __m512 w = _mm512_loadu_ps(panel + k * kPanel);
-    PYTGI_PANEL_ROW16(0) PYTGI_PANEL_ROW16(1) PYTGI_PANEL_ROW16(2) PYTGI_PANEL_ROW16(3)
-    PYTGI_PANEL_ROW16(4) PYTGI_PANEL_ROW16(5) PYTGI_PANEL_ROW16(6) PYTGI_PANEL_ROW16(7)
-    PYTGI_PANEL_ROW16(8) PYTGI_PANEL_ROW16(9) PYTGI_PANEL_ROW16(10) PYTGI_PANEL_ROW16(11)
+    PYTGI_EACH12(PYTGI_PANEL_ROW16)
   }
-  PYTGI_PANEL_STORE16(0) PYTGI_PANEL_STORE16(1) PYTGI_PANEL_STORE16(2) PYTGI_PANEL_STORE16(3)
-  PYTGI_PANEL_STORE16(4) PYTGI_PANEL_STORE16(5) PYTGI_PANEL_STORE16(6) PYTGI_PANEL_STORE16(7)
-  PYTGI_PANEL_STORE16(8) PYTGI_PANEL_STORE16(9) PYTGI_PANEL_STORE16(10) PYTGI_PANEL_STORE16(11)
+  PYTGI_EACH12(PYTGI_PANEL_STORE16)
 #elif defined(PYTGI_AVX2)
   // 2 MR sums, 2 panel values and one broadcast: 15 of the 16 registers
   __m256 lo0 = _mm256_setzero_ps(), lo1 = lo0, lo2 = lo0, lo3 = lo0, lo4 = lo0, lo5 = lo0;
@@ -507,25 +505,17 @@ inline void bf16_tile(const uint32_t* x, int64_t xs, const uint32_t* panel, int6
   __m512 acc0 = _mm512_setzero_ps(), acc1 = acc0, acc2 = acc0, acc3 = acc0, acc4 = acc0;
   __m512 acc5 = acc0, acc6 = acc0, acc7 = acc0, acc8 = acc0, acc9 = acc0, acc10 = acc0;
   __m512 acc11 = acc0, tot0, tot1, tot2, tot3, tot4, tot5, tot6, tot7, tot8, tot9, tot10, tot11;
-  PYTGI_BF16_LOAD(0) PYTGI_BF16_LOAD(1) PYTGI_BF16_LOAD(2) PYTGI_BF16_LOAD(3)
-  PYTGI_BF16_LOAD(4) PYTGI_BF16_LOAD(5) PYTGI_BF16_LOAD(6) PYTGI_BF16_LOAD(7)
-  PYTGI_BF16_LOAD(8) PYTGI_BF16_LOAD(9) PYTGI_BF16_LOAD(10) PYTGI_BF16_LOAD(11)
+  PYTGI_EACH12(PYTGI_BF16_LOAD)
   for (int64_t s = 0, p = 0; p < pairs; ++s) {
     for (const int64_t end = p + seg; p < end; ++p) {
       const __m512i w = _mm512_loadu_si512(panel + p * kPanel);
-      PYTGI_BF16_ROW(0) PYTGI_BF16_ROW(1) PYTGI_BF16_ROW(2) PYTGI_BF16_ROW(3)
-      PYTGI_BF16_ROW(4) PYTGI_BF16_ROW(5) PYTGI_BF16_ROW(6) PYTGI_BF16_ROW(7)
-      PYTGI_BF16_ROW(8) PYTGI_BF16_ROW(9) PYTGI_BF16_ROW(10) PYTGI_BF16_ROW(11)
+      PYTGI_EACH12(PYTGI_BF16_ROW)
     }
     const __m512 sv = _mm512_loadu_ps(scales + s * kPanel);
     const __m512 mv = mins ? _mm512_loadu_ps(mins + s * kPanel) : sv;
-    PYTGI_BF16_GROUP(0) PYTGI_BF16_GROUP(1) PYTGI_BF16_GROUP(2) PYTGI_BF16_GROUP(3)
-    PYTGI_BF16_GROUP(4) PYTGI_BF16_GROUP(5) PYTGI_BF16_GROUP(6) PYTGI_BF16_GROUP(7)
-    PYTGI_BF16_GROUP(8) PYTGI_BF16_GROUP(9) PYTGI_BF16_GROUP(10) PYTGI_BF16_GROUP(11)
+    PYTGI_EACH12(PYTGI_BF16_GROUP)
   }
-  PYTGI_BF16_STORE(0) PYTGI_BF16_STORE(1) PYTGI_BF16_STORE(2) PYTGI_BF16_STORE(3)
-  PYTGI_BF16_STORE(4) PYTGI_BF16_STORE(5) PYTGI_BF16_STORE(6) PYTGI_BF16_STORE(7)
-  PYTGI_BF16_STORE(8) PYTGI_BF16_STORE(9) PYTGI_BF16_STORE(10) PYTGI_BF16_STORE(11)
+  PYTGI_EACH12(PYTGI_BF16_STORE)
 }
 
 template <int64_t... I>
