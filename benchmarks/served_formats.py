@@ -26,6 +26,8 @@ FORMATS = {
     "bfloat16": ["--dtype", "bfloat16"],  # the later --dtype wins
     "int8": ["--quantize", "int8"],
     "int4": ["--quantize", "int4"],
+    "int8, bfloat16 activations": ["--dtype", "bfloat16", "--quantize", "int8"],
+    "int4, bfloat16 activations": ["--dtype", "bfloat16", "--quantize", "int4"],
 }
 
 
