@@ -221,30 +221,31 @@ inline float dot_q8(const float* x, const int8_t* q, const float* sf, int64_t k,
   return total;
 }
 
-// x[0..k) . (int4 row q with its group scales sf and mins mf, as float32), reading q once;
-// `sums` are x's group sums.
-inline float dot_q4(const float* x, const uint8_t* q, const float* sf, const float* mf,
-                    const float* sums, int64_t k, int64_t groups) {
-  const int64_t g = k / groups;
-#ifdef PYTGI_AVX512
-  __m512 mins = _mm512_setzero_ps();
-  int64_t first = 0;
-  for (; first + 16 <= groups; first += 16)
-    mins = _mm512_fmadd_ps(_mm512_loadu_ps(mf + first), _mm512_loadu_ps(sums + first), mins);
-  float offset = _mm512_reduce_add_ps(mins);
-  for (; first < groups; ++first) offset += mf[first] * sums[first];
-  return offset + scaled_groups(sf, groups, [&](int64_t grp) {
-    return group_q4(x + grp * g, q + grp * g / 2, g);
-  });
-#elif defined(PYTGI_AVX2)
-  // sum_g m_g sums_g in 8 lanes: a scalar chain of dependent adds here cost more than the
-  // products of a 576-input row (measured: 9.9 vs 14.6 G weights/s per core)
+#ifdef PYTGI_AVX2
+// sum_g m_g sums_g (int4's mins term) in 8 lanes: a scalar chain of dependent adds here cost
+// more than the products of a 576-input row (measured: 9.9 vs 14.6 G weights/s per core).
+inline float mins_term(const float* mf, const float* sums, int64_t groups) {
   __m256 lanes = _mm256_setzero_ps();
   int64_t first = 0;
   for (; first + 8 <= groups; first += 8)
     lanes = _mm256_fmadd_ps(_mm256_loadu_ps(mf + first), _mm256_loadu_ps(sums + first), lanes);
   float offset = hsum(lanes);
   for (; first < groups; ++first) offset += mf[first] * sums[first];
+  return offset;
+}
+#endif
+
+// x[0..k) . (int4 row q with its group scales sf and mins mf, as float32), reading q once;
+// `sums` are x's group sums.
+inline float dot_q4(const float* x, const uint8_t* q, const float* sf, const float* mf,
+                    const float* sums, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+#ifdef PYTGI_AVX512
+  return mins_term(mf, sums, groups) + scaled_groups(sf, groups, [&](int64_t grp) {
+    return group_q4(x + grp * g, q + grp * g / 2, g);
+  });
+#elif defined(PYTGI_AVX2)
+  const float offset = mins_term(mf, sums, groups);
   const __m256i mask = _mm256_set1_epi32(15);
   __m256 sum = _mm256_setzero_ps();
   for (int64_t grp = 0; grp < groups; ++grp) {
