@@ -8,16 +8,18 @@
 #   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields) and the
 #      fused layer kernels compiled (tests/test_fused_ops.py)
 #   4. decode step in-process: eager vs CUDA graphs (fused or torch element-wise ops) vs
-#      transformers vs the HBM bound (1B); the same step with fp8 / int8 / int4 weights and
-#      an fp8 KV cache; then where a batch-1 step's time goes (profiler)
+#      transformers vs the HBM bound (1B)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
-#   7. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
+#   7. where a batch-1 step's time goes (profiler); the step with fp8 / int8 / int4 weights
+#      and an fp8 KV cache
+#   8. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
 # The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
-# Every output lands in OUT_DIR (log, JSON, Markdown summary); exit status 1 if a step failed
-# or was skipped.
+# STEPS="models compare ..." runs only the named steps (step names as the log prints them;
+# a rerun of what failed). Every output lands in OUT_DIR (log, JSON, Markdown summary);
+# exit status 1 if a step failed or was skipped.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -65,12 +67,9 @@ check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest
 check decode-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 \
   --json "$OUT/decode_1b.json"
 
-check quant-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 --steps 32 \
-  --quantized
-
-check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
-
-if (( $(left) >= 60 )); then
+if ! wanted benchmark; then
+  :
+elif (( $(left) >= 60 )); then
   step "shard for pytgi-benchmark (1B)"
   UDS=/tmp/pytgi-gpu-bench
   $PY -m shard.cli serve "$MODELS/llama-1b" --uds-path $UDS --cuda-memory-fraction 0.5 \
@@ -90,12 +89,17 @@ check compare 200 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --dev
   --dtype bfloat16 --workload varied --concurrency 64 --concurrency 1 --requests 64 --no-cb \
   --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 --json "$OUT/compare_1b.json"
 
+check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
+
+check quant-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 --steps 32 \
+  --quantized
+
 check model-8b 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
   --models llama-8b
 if [ -f "$MODELS/llama-8b/config.json" ]; then
   check decode-8b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-8b" --batch 1,8,64 \
     --no-transformers --json "$OUT/decode_8b.json"
-else
+elif wanted decode-8b; then
   SKIPPED+=(decode-8b)
 fi
 

@@ -43,3 +43,10 @@ def test_a_step_with_too_little_left_is_skipped():
     out = _run("check late 60 touch /nonexistent/x\ncheck later 60 true", budget=11, spent=10)
     assert any("late skipped: 1 s of the 11 s budget left" in line for line in out)
     assert out[-2:] == ["FAILED=", "SKIPPED=late later"]
+
+
+def test_steps_names_the_only_steps_that_run():
+    script = "STEPS='b c'\ncheck a 10 false\ncheck b 10 true\ncheck c 10 false"
+    out = _run(script, budget=100, spent=0)
+    assert not any(" a " in line or line.endswith(" a") for line in out if line.startswith("==="))
+    assert out[-2:] == ["FAILED=c", "SKIPPED="]
