@@ -4,11 +4,11 @@
 # Prepare first on the development machine: bash benchmarks/gpu_prepare.sh (its header
 # gives the device call). Steps, each time-boxed so a slow one cannot eat the rest:
 #   1. versions of what the machine has; carried wheels installed; stubs import
-#   2. random-weight models of real shapes: SmolLM2-135M, Llama-3.2-1B
+#   2. random-weight models of real shapes: SmolLM2-135M, Llama-3.2-1B, Qwen3-0.6B
 #   3. tests marked gpu (backends vs transformers, CUDA graphs, kernels, Info fields) and the
 #      fused layer kernels compiled (tests/test_fused_ops.py)
 #   4. decode step in-process: eager vs CUDA graphs (fused or torch element-wise ops) vs
-#      transformers vs the HBM bound (1B)
+#      transformers vs the HBM bound (1B; then Qwen3-0.6B, a second family)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
@@ -57,15 +57,19 @@ PYEOF
 # profile's tables are in the log).
 
 check models 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenizer \
-  --models smollm2-135m,llama-1b
+  --models smollm2-135m,llama-1b,qwen3-0.6b
 ls -la "$MODELS"/*
 
-check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" $PY -m pytest \
+check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" \
+  PYTGI_GPU_FAMILY_DIR="$MODELS/qwen3-0.6b" $PY -m pytest \
   -m "gpu or not gpu" -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_ops.py \
   --junitxml="$OUT/gpu_tests.xml"
 
 check decode-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 \
   --json "$OUT/decode_1b.json"
+
+check decode-qwen3 60 $PY benchmarks/gpu_decode.py "$MODELS/qwen3-0.6b" --batch 1,8,64 \
+  --steps 32
 
 if ! wanted benchmark; then
   :

@@ -1,4 +1,5 @@
-"""Random-weight Llama models of real shapes, written as safetensors for the GPU check.
+"""Random-weight models of real shapes (Llama, and Qwen3 for a second family), written as
+safetensors for the GPU check.
 
 Weights are drawn on the GPU when there is one (an 8B model takes seconds, not minutes),
 normal with std 0.02 (norms 1), in bfloat16, and written in shards of at most 4 GiB with
@@ -50,6 +51,21 @@ SHAPES = {
         max_position_embeddings=131072,
         rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
     ),
+    "qwen3-0.6b": dict(  # Qwen3-0.6B: heads of 128 over a 1024 hidden, q/k norms per head
+        model_type="qwen3",
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        rope_theta=1000000.0,
+        max_position_embeddings=40960,
+        rope_scaling=None,
+        rms_norm_eps=1e-6,
+    ),
     "llama-8b": dict(  # Llama-3.1-8B
         hidden_size=4096,
         intermediate_size=14336,
@@ -68,36 +84,42 @@ SHARD_BYTES = 4 << 30
 
 
 def tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
-    """Hugging Face Llama parameter names -> shapes."""
+    """Hugging Face parameter names -> shapes (Llama's; Qwen3 adds its per-head q/k norms)."""
     hidden, inter = shape["hidden_size"], shape["intermediate_size"]
-    head_dim = hidden // shape["num_attention_heads"]
-    kv = shape["num_key_value_heads"] * head_dim
+    head_dim = shape.get("head_dim", hidden // shape["num_attention_heads"])
+    q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
     names: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (shape["vocab_size"], hidden)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
         names |= {
             p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.q_proj.weight": (q, hidden),
             p + "self_attn.k_proj.weight": (kv, hidden),
             p + "self_attn.v_proj.weight": (kv, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "self_attn.o_proj.weight": (hidden, q),
             p + "post_attention_layernorm.weight": (hidden,),
             p + "mlp.gate_proj.weight": (inter, hidden),
             p + "mlp.up_proj.weight": (inter, hidden),
             p + "mlp.down_proj.weight": (hidden, inter),
         }
+        if shape.get("model_type") == "qwen3":
+            names |= {p + "self_attn.q_norm.weight": (head_dim,),
+                      p + "self_attn.k_norm.weight": (head_dim,)}  # fmt: skip
     names["model.norm.weight"] = (hidden,)
     if not shape["tie_word_embeddings"]:
         names["lm_head.weight"] = (shape["vocab_size"], hidden)
     return names
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
 def config_json(shape: dict) -> dict:
-    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    model_type = shape.get("model_type", "llama")
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "head_dim": head_dim,
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "head_dim": shape["hidden_size"] // shape["num_attention_heads"],
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
         "bos_token_id": 1,

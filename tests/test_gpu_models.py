@@ -1,5 +1,5 @@
 """The random-weight models that benchmarks/gpu_check.sh builds load in both pytgi and
-transformers, with exactly the parameter names and shapes of transformers' Llama."""
+transformers, with exactly the parameter names and shapes of transformers' own classes (Llama, Qwen3)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from tests.helpers import make_engine, run_to_end, spec
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_shapes_match_transformers(name):
-    config = transformers.LlamaConfig(**config_json(SHAPES[name]))
+    values = config_json(SHAPES[name])
+    config = transformers.AutoConfig.for_model(**values)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert type(model).__name__ == values["architectures"][0]
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("lm_head.weight")
@@ -71,3 +73,23 @@ def test_gpu_decode_quantized_table_runs_on_cpu(tiny_model_dir):
     assert "refused: --quantize fp8 needs a GPU" in by_name["fp8 weights"]
     for name in ("bf16", "int8 weights", "int4 weights (g32)", "bf16, fp8 KV cache"):
         assert by_name[name].rstrip(" |").endswith("x"), by_name[name]
+
+
+def test_the_second_family_serves_and_matches_transformers(tmp_path, smollm_dir, monkeypatch):
+    """The Qwen3 shape (heads wider than hidden / heads, per-head q/k norms), cut to two
+    layers and SmolLM2's vocabulary so that it builds in seconds here."""
+    small = {**SHAPES["qwen3-0.6b"], "num_hidden_layers": 2, "vocab_size": 49152}
+    monkeypatch.setitem(SHAPES, "qwen3-0.6b", small)
+    path = build("qwen3-0.6b", tmp_path, smollm_dir)
+    engine = make_engine(path, dtype="bfloat16")
+    assert engine.model_spec.config["model_type"] == "qwen3"
+    prompt = "Hello there, how are you"
+    out = run_to_end(engine, 1, [spec(0, prompt, 4, ignore_eos=True)])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False).ids
+    with torch.inference_mode():
+        logits = hf(torch.tensor([ids + out.tokens[0]])).logits[0].float().log_softmax(-1)
+    for step, (token, ours) in enumerate(zip(out.tokens[0], out.logprobs[0], strict=True)):
+        theirs = logits[len(ids) - 1 + step]
+        assert theirs.max() - theirs[token] < 2e-2 and abs(theirs[token].item() - ours) < 2e-2

@@ -90,3 +90,48 @@ def test_a_layer_with_the_triton_kernels_serves_any_row_count(method):
     layer.kernels = TritonQuant()
     assert _relative_error(layer(x), expected.double()) < 1e-5
     assert "Triton" in layer.kind
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+@pytest.mark.parametrize("split", [2, 3])
+def test_slices_of_k_add_up_to_the_whole_product(rows, split):
+    """K split across programs (few-row decode steps on a large GPU): float32 partial sums,
+    added in one more launch; the last slice shorter than the others."""
+    weight, x = _case(1024 + 256, 48, rows)
+    q, scales = quantize_int8(weight, 32)
+    expected = x.double() @ dequantize_int8(q, scales).double().T
+    assert _relative_error(q8_linear(x, q, scales, split=split), expected) < 1e-5
+    packed, scales, mins = quantize_int4(weight, 64)
+    expected = x.double() @ dequantize_int4(packed, scales, mins).double().T
+    assert _relative_error(q4_linear(x, packed, scales, mins, split=split), expected) < 1e-5
+
+
+def test_k_is_split_until_the_gpu_has_enough_programs():
+    """On one multiprocessor (the interpreter's count) 8 programs are enough."""
+    from shard.models.quant_triton import split_k
+
+    cpu = torch.device("cpu")
+    assert split_k(1, 2048, 256, cpu) == (8, 256)  # one program: eight slices
+    assert split_k(4, 2048, 256, cpu) == (2, 1024)
+    assert split_k(8, 2048, 256, cpu) == (1, 2048)  # enough programs: K whole
+    assert split_k(2, 1000, 256, cpu) == (4, 256)  # 4 steps of 256 (the last one short)
+
+
+def test_fp8_rows_quantize_as_the_torch_form():
+    """fp8 layers' activations: the one-launch row quantization gives quantize_rows' codes
+    and scales (an all-zero row keeps the smallest scale)."""
+    from shard.kv_cache import FP8_MAX
+    from shard.models import fp8
+    from shard.models.quant_triton import fp8_rows
+
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
+    x[2] = 0
+    q, scales = fp8_rows(x, FP8_MAX, fp8._TINY)
+    ref_q, ref_scales = fp8.quantize_rows(x)
+    assert torch.equal(scales, ref_scales)
+    # Triton's interpreter drops the carry when rounding up crosses a power of two (124.3 ->
+    # 64, not 128); there the codes differ. tests/test_gpu.py checks every code on a GPU.
+    ours, theirs = q.float(), ref_q.float()
+    carry = (theirs.abs() == 2 ** theirs.abs().clamp(min=1).log2().round()) & (ours != theirs)
+    assert torch.equal(torch.where(carry, theirs, ours), theirs)
+    assert carry.sum() < 0.05 * x.numel()

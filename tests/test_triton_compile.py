@@ -87,22 +87,38 @@ def test_fp8_cache_kernels_compile(compiled, kernel, model, dtype, arch):
 @pytest.mark.parametrize("kernel", ["rms_norm", "add_rms_norm", "rotary", "silu_mul"])
 def test_layer_kernel_compiles(compiled, kernel, model, dtype, arch):
     """The fused layer kernels (shard/models/fused.py): element-wise, no shared-memory tiles
-    beyond the norm's reduction."""
+    beyond the norm's reduction. Rotary has no fma: torch rounds each product before the sum."""
     case = compiled[f"{kernel}/{model}/{dtype}/sm_{arch}"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
     assert case["shared"] <= SHARED_MEMORY_LIMIT
+    if kernel == "rotary" and arch == 90:  # sm_80 has no bf16 mul/add: single-rounding fmas
+        assert not case["fma"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", FP8_QUERIES)
 @pytest.mark.parametrize("rows", QUANT_ROWS)
-@pytest.mark.parametrize("kernel", ["q8_linear", "q4_linear", "q4k_linear"])
+@pytest.mark.parametrize("kernel", ["q8_linear", "q8g_linear", "q4_linear", "q4k_linear"])
 def test_quantized_layer_kernels_compile(compiled, kernel, rows, dtype, arch):
     """--quantize int8 / int4 on CUDA (shard/models/quant_triton.py), Llama-1B's layers;
-    q4k: int4 with GGUF Q4_K's float32 scales."""
+    q8g: int8 in GGUF Q8_0's groups of 32; q4k: int4 with GGUF Q4_K's float32 scales."""
     case = compiled[f"{kernel}_{rows}/llama-1b/{dtype}/sm_{arch}"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
     assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT  # tl.dot tiles
     assert case["tf32"] == (dtype != "fp32")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", FP8_QUERIES)
+@pytest.mark.parametrize("kernel", ["sum_splits", "fp8_rows"])
+def test_split_sums_and_fp8_rows_compile(compiled, kernel, dtype, arch):
+    """The split-K partial sums' adder and fp8 layers' activation quantization (a Hopper
+    `cvt` to e4m3 on sm_90; sm_80 converts in software and never serves fp8 layers)."""
+    case = compiled[f"{kernel}/llama-1b/{dtype}/sm_{arch}"]
+    if kernel == "fp8_rows" and arch < 89:  # no e4m3 there: fp8 layers are refused (fp8.py)
+        assert "fp8e4nv not supported" in case["error"]
+        return
+    assert "error" not in case, case.get("error")
+    assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")

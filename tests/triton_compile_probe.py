@@ -31,7 +31,9 @@ ARCHS = (90, 80)
 QUANT_ROWS = (1, 64)  # a decode step's tile (16 rows) and a prefill's (64)
 
 
-def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
+def compile_kernel(
+    kernel, signature: dict, constants: dict, arch: int, options: dict | None = None
+) -> dict:
     assert list(signature) + list(constants) == kernel.arg_names, kernel.arg_names
     source = ASTSource(
         fn=kernel,
@@ -39,7 +41,7 @@ def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
         constexprs=constants,
     )
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # noqa: BLE001 - reported to the test, which fails on it
         return {"error": f"{type(exc).__name__}: {exc}"}
     ptx = compiled.asm["ptx"]
@@ -48,6 +50,7 @@ def compile_kernel(kernel, signature: dict, constants: dict, arch: int) -> dict:
         "ptx_target": next(line for line in ptx.splitlines() if line.startswith(".target")),
         "shared": compiled.metadata.shared,
         "tf32": "tf32" in ptx,
+        "fma": "fma." in ptx,
     }
 
 
@@ -168,25 +171,38 @@ def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
     decode step's rows and a prefill's."""
     hidden = LAYERS[model][0]
     pointer = f"*{dtype}"
-    sizes = dict.fromkeys(["M", "N", "K", "stride_x", "stride_out"], "i32")
+    sizes = dict.fromkeys(["M", "N", "K", "stride_x", "stride_out", "k_per_split"], "i32")
     q8 = {"x_ptr": pointer, "q_ptr": "*i8", "s_ptr": "*fp16", "out_ptr": pointer, **sizes}
     q4 = {"x_ptr": pointer, "q_ptr": "*u8", "s_ptr": "*fp16", "m_ptr": "*fp32",
           "out_ptr": pointer, **sizes}  # fmt: skip
     results = {}
     for rows in QUANT_ROWS:
         c8 = quant_triton.constants(rows, hidden, 1, DTYPES[dtype])
-        precision = c8.pop("PRECISION")
         c4 = quant_triton.constants(rows, hidden, hidden // 32, DTYPES[dtype])
         results[f"q8_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q8_kernel, q8,
-            {**c8, "BLOCK_K": quant_triton.BLOCK_K, "PRECISION": precision}, arch,
-        )  # fmt: skip
+            quant_triton._q8_kernel, q8, c8, arch
+        )
+        results[f"q8g_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+            quant_triton._q8_kernel, q8, {**c8, "GROUPS": hidden // 32, "GROUP": 32}, arch
+        )  # GGUF Q8_0: a scale per 32 inputs, gathered across a step
         results[f"q4_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
             quant_triton._q4_kernel, q4, c4, arch
         )
         results[f"q4k_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
             quant_triton._q4_kernel, {**q4, "s_ptr": "*fp32"}, c4, arch
         )  # GGUF Q4_K: float32 scales
+    results[f"sum_splits/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+        quant_triton._sum_splits_kernel,
+        {"partial_ptr": "*fp32", "out_ptr": pointer, "count": "i32"},
+        {"SPLIT": 8, "BLOCK": 1024},
+        arch,
+    )
+    results[f"fp8_rows/{model}/{dtype}/sm_{arch}"] = compile_kernel(
+        quant_triton._fp8_rows_kernel,
+        {"x_ptr": pointer, "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "K": "i32", "stride_x": "i32"},
+        {"FP8_MAX": 448.0, "TINY": 1e-12, "BLOCK": 8192},
+        arch,
+    )
     return results
 
 
@@ -226,15 +242,15 @@ def compile_layer_kernels(model: str, dtype: str, pointer: str, head_dim: int, a
     block = triton.next_power_of_2(hidden)
     half = head_dim // 2
     cases = {
-        "rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": False}),
-        "add_rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": True}),
+        "rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": False}, None),
+        "add_rms_norm": (fused._rms_norm_kernel, norm, {"N": hidden, "BLOCK": block, "ADD": True}, None),
         "rotary": (fused._rotary_kernel, rotary,
-                   {"HALF": half, "BLOCK": triton.next_power_of_2(half)}),
-        "silu_mul": (fused._silu_mul_kernel, silu, {"INTER": inter, "BLOCK": fused.SILU_BLOCK}),
+                   {"HALF": half, "BLOCK": triton.next_power_of_2(half)}, fused.ROTARY_OPTIONS),
+        "silu_mul": (fused._silu_mul_kernel, silu, {"INTER": inter, "BLOCK": fused.SILU_BLOCK}, None),
     }  # fmt: skip
     return {
-        f"{name}/{model}/{dtype}/sm_{arch}": compile_kernel(kernel, signature, constants, arch)
-        for name, (kernel, signature, constants) in cases.items()
+        f"{name}/{model}/{dtype}/sm_{arch}": compile_kernel(kernel, sig, consts, arch, options)
+        for name, (kernel, sig, consts, options) in cases.items()
     }
 
 

@@ -51,6 +51,11 @@ def _rms_norm_kernel(
              mask=mask)  # fmt: skip
 
 
+# Compiled with fp fusion off: a product fused into the sum (one fma, one rounding) is not
+# torch's two rounded products and a rounded sum (seen on an H200: 1-2 ulps apart).
+ROTARY_OPTIONS = {"num_warps": 1, "enable_fp_fusion": False}
+
+
 @triton.jit
 def _rotary_kernel(
     x_ptr,
@@ -144,7 +149,7 @@ class TritonOps:
             half = cos.shape[1]  # rotary dimensions / 2: the rest of each head passes
             _rotary_kernel[(tokens, heads)](
                 x, positions, cos, sin, x.stride(0), x.stride(1),
-                HALF=half, BLOCK=triton.next_power_of_2(half), num_warps=1,
+                HALF=half, BLOCK=triton.next_power_of_2(half), **ROTARY_OPTIONS,
             )  # fmt: skip
         return x
 

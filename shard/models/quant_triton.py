@@ -1,27 +1,35 @@
 """Triton kernels for the weight-only int8 / int4 layers on CUDA (shard/models/quant.py's
-forms, which every source is repacked into at load: on-the-fly, GGUF, GPTQ, AWQ).
+forms, which every source is repacked into at load: on-the-fly, GGUF, GPTQ, AWQ), and the
+per-row fp8 quantization of activations for fp8 layers (shard/models/fp8.py).
 
 out [M, N] = x [M, K] @ dequantize(w)^T in x's dtype (bfloat16, float16 or float32). One
-program per (BLOCK_M rows, BLOCK_N outputs) walks K in blocks of 32 inputs (a GGML block;
-every group size is a multiple), dequantizes its weight tile in float32 (w = s q for int8,
-w = s q + m for int4), rounds it to x's dtype as `x @ dequantize(w).to(x.dtype)` would, and
-multiplies with tl.dot into a float32 accumulator. Operands go to tl.dot as float32 (values
-of x's dtype): tf32 holds bfloat16 and float16 values exactly, and "ieee" products keep
-float32 inputs whole. int4 bytes hold inputs j (low nibble) and
-j + 16 (high) of their block, so each block is two 16-input products, x's halves against
+program per (BLOCK_M rows, BLOCK_N outputs, one of SPLIT slices of K) walks its slice in
+steps of BLOCK_K inputs (a multiple of 32: a GGML block; every group size is a multiple of
+32), dequantizes its weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds
+it to x's dtype as `x @ dequantize(w).to(x.dtype)` would, and multiplies with tl.dot into a
+float32 accumulator. Operands go to tl.dot as float32 (values of x's dtype): tf32 holds
+bfloat16 and float16 values exactly, and "ieee" products keep float32 inputs whole. int4 bytes hold inputs j (low nibble) and j + 16 (high)
+of their block, so each step is two products, x's low and high halves of each block against
 the low and the high nibbles: no shuffle of the weights in registers.
+
+Decode steps have few rows, and the weights are all the bytes: a kernel there is as fast as
+the loads it keeps in flight. Few rows get narrow, deep tiles (16 outputs x 256 inputs) and,
+where outputs alone make too few programs to fill the GPU (a 2048-output layer: 128), K is
+split too (SPLIT slices, float32 partial sums, one more launch adds them up in x's dtype).
 
 They run on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how CI checks them).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_K = 32  # inputs per step: one GGML block
-BLOCK_N = 64
+PROGRAMS_PER_SM = 8  # programs to keep in flight per multiprocessor before splitting K
+FEW_ROWS = 16  # up to here: tl.dot's smallest row tile, narrow deep tiles, split K
 
 
 @triton.jit
@@ -29,12 +37,13 @@ def _q8_kernel(
     x_ptr,
     q_ptr,  # int8 [N, K]
     s_ptr,  # float16 [N, G]
-    out_ptr,
+    out_ptr,  # [M, N] in x's dtype, or float32 partial sums [SPLIT, M, N]
     M,
     N,
     K,
     stride_x,
     stride_out,
+    k_per_split,  # inputs per slice of K, a multiple of BLOCK_K
     GROUPS: tl.constexpr,  # G: scales per row
     GROUP: tl.constexpr,  # K / G inputs per scale
     BLOCK_M: tl.constexpr,
@@ -44,22 +53,26 @@ def _q8_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(2) * k_per_split
     k = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        x = tl.load(
-            x_ptr + rows[:, None] * stride_x + (start + k)[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )  # [BLOCK_M, BLOCK_K]
-        dtype = x.dtype
+    for start in range(first, first + k_per_split, BLOCK_K):
+        k_ok = (start + k) < K
+        x = tl.load(x_ptr + rows[:, None] * stride_x + (start + k)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         q = tl.load(q_ptr + cols[:, None].to(tl.int64) * K + (start + k)[None, :],
-                    mask=col_ok[:, None], other=0)  # fmt: skip
-        s = tl.load(s_ptr + cols * GROUPS + start // GROUP, mask=col_ok, other=0.0)
-        w = (q.to(tl.float32) * s.to(tl.float32)[:, None]).to(dtype).to(tl.float32)
+                    mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
+        if GROUP % BLOCK_K == 0:  # one scale per output across the step
+            s = tl.load(s_ptr + cols * GROUPS + start // GROUP, mask=col_ok, other=0.0)
+            w = q.to(tl.float32) * s.to(tl.float32)[:, None]
+        else:
+            s = tl.load(s_ptr + cols[:, None] * GROUPS + ((start + k) // GROUP)[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            w = q.to(tl.float32) * s.to(tl.float32)
+        w = w.to(x.dtype).to(tl.float32)
         acc += tl.dot(x.to(tl.float32), tl.trans(w), input_precision=PRECISION)
-    out = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    out = out_ptr + tl.program_id(2) * M * stride_out + rows[:, None] * stride_out + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -67,76 +80,166 @@ def _q8_kernel(
 def _q4_kernel(
     x_ptr,
     q_ptr,  # uint8 [N, K / 2], GGML block layout
-    s_ptr,  # float16 [N, G]
+    s_ptr,  # float16 (or float32) [N, G]
     m_ptr,  # float32 [N, G]
-    out_ptr,
+    out_ptr,  # [M, N] in x's dtype, or float32 partial sums [SPLIT, M, N]
     M,
     N,
     K,
     stride_x,
     stride_out,
+    k_per_split,
     GROUPS: tl.constexpr,
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = tl.arange(0, 16)  # byte j of a block: inputs j and j + 16
+    first = tl.program_id(2) * k_per_split
+    byte = tl.arange(0, BLOCK_K // 2)  # the step's bytes: byte j of block b holds
+    block = byte // 16  # inputs 32 b + j (low nibble) and 32 b + j + 16 (high)
+    low = block * 32 + byte % 16
     row_ok, col_ok = rows < M, cols < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for start in range(0, K, 32):
-        packed = tl.load(q_ptr + cols[:, None].to(tl.int64) * (K // 2) + (start // 2 + j)[None, :],
-                         mask=col_ok[:, None], other=0)  # fmt: skip
-        group = cols * GROUPS + start // GROUP
-        s = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        m = tl.load(m_ptr + group, mask=col_ok, other=0.0)[:, None]
+    for start in range(first, first + k_per_split, BLOCK_K):
+        k_ok = (start + low) < K  # K is whole blocks: a block is in or out
+        packed = tl.load(q_ptr + cols[:, None].to(tl.int64) * (K // 2) + (start // 2 + byte)[None, :],
+                         mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
+        if GROUP % BLOCK_K == 0:  # one scale and min per output across the step
+            group = cols * GROUPS + start // GROUP
+            s = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            m = tl.load(m_ptr + group, mask=col_ok, other=0.0)[:, None]
+        else:
+            group = cols[:, None] * GROUPS + ((start + block * 32) // GROUP)[None, :]
+            ok = col_ok[:, None] & k_ok[None, :]
+            s = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)
+            m = tl.load(m_ptr + group, mask=ok, other=0.0)
         x_row = x_ptr + rows[:, None] * stride_x + start
-        x_low = tl.load(x_row + j[None, :], mask=row_ok[:, None], other=0.0)  # [BLOCK_M, 16]
-        x_high = tl.load(x_row + 16 + j[None, :], mask=row_ok[:, None], other=0.0)
+        x_ok = row_ok[:, None] & k_ok[None, :]
+        x_low = tl.load(x_row + low[None, :], mask=x_ok, other=0.0)  # [BLOCK_M, BLOCK_K / 2]
+        x_high = tl.load(x_row + 16 + low[None, :], mask=x_ok, other=0.0)
         dtype = x_low.dtype
-        w_low = ((packed & 15).to(tl.float32) * s + m).to(dtype).to(tl.float32)  # [BLOCK_N, 16]
+        w_low = ((packed & 15).to(tl.float32) * s + m).to(dtype).to(tl.float32)
         w_high = ((packed >> 4).to(tl.float32) * s + m).to(dtype).to(tl.float32)
         acc += tl.dot(x_low.to(tl.float32), tl.trans(w_low), input_precision=PRECISION)
         acc += tl.dot(x_high.to(tl.float32), tl.trans(w_high), input_precision=PRECISION)
-    out = out_ptr + rows[:, None] * stride_out + cols[None, :]
+    out = out_ptr + tl.program_id(2) * M * stride_out + rows[:, None] * stride_out + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, count, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out [count] = the sum of partial [SPLIT, count] (float32), rounded once to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < count
+    total = tl.zeros([BLOCK], tl.float32)
+    for i in tl.static_range(SPLIT):
+        total += tl.load(partial_ptr + i * count + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fp8_rows_kernel(
+    x_ptr,
+    q_ptr,  # float8 e4m3fn [M, K]
+    s_ptr,  # float32 [M]
+    K,
+    stride_x,
+    FP8_MAX: tl.constexpr,
+    TINY: tl.constexpr,
+    BLOCK: tl.constexpr,  # next power of two >= K
+):
+    """Row m of x -> (fp8 codes, scale): scale = max(max|x_m|, TINY) / FP8_MAX, codes =
+    x_m / scale rounded to nearest (fp8.quantize_rows in one launch)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), TINY) / FP8_MAX
+    q = tl.clamp(tl.math.div_rn(x, scale), -FP8_MAX, FP8_MAX)
+    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: splits still happen on small tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def constants(rows: int, k: int, groups: int, dtype: torch.dtype) -> dict:
     """Compile-time constants of both kernels (tests compile them for CUDA with these)."""
+    few = rows <= FEW_ROWS
     return {
         "GROUPS": groups,
         "GROUP": k // groups,
-        "BLOCK_M": 16 if rows <= 16 else 64,  # 16: tl.dot's smallest tile (decode steps)
-        "BLOCK_N": BLOCK_N,
+        "BLOCK_M": 16 if few else 64,  # 16: tl.dot's smallest tile (decode steps)
+        "BLOCK_N": 16 if few else 64,
+        "BLOCK_K": min(256, max(32, triton.next_power_of_2(k))) if few else 32,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
 
 
-def _launch(kernel, x: torch.Tensor, n: int, k: int, tensors, groups: int, **extra):
+def split_k(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+    """(slices, inputs per slice): K split until PROGRAMS_PER_SM programs per multiprocessor
+    are in flight (or every slice is one step)."""
+    steps = triton.cdiv(k, block_k)
+    wanted = max(1, min(steps, PROGRAMS_PER_SM * _multiprocessors(device) // programs))
+    per = triton.cdiv(steps, wanted) * block_k
+    return triton.cdiv(k, per), per
+
+
+def _launch(kernel, x: torch.Tensor, n: int, k: int, tensors, groups: int, split=None):
+    """`split`: slices of K (tests); None: split_k's choice."""
     x = x.contiguous()
-    out = x.new_empty(x.shape[0], n)
-    c = constants(x.shape[0], k, groups, x.dtype)
-    grid = (triton.cdiv(x.shape[0], c["BLOCK_M"]), triton.cdiv(n, BLOCK_N))
-    kernel[grid](x, *tensors, out, x.shape[0], n, k, x.stride(0), out.stride(0), **c, **extra)
+    rows = x.shape[0]
+    out = x.new_empty(rows, n)
+    if rows == 0:
+        return out
+    c = constants(rows, k, groups, x.dtype)
+    grid_mn = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
+    slices, per = split_k(grid_mn[0] * grid_mn[1], k, c["BLOCK_K"], x.device)
+    if split is not None:
+        per = triton.cdiv(triton.cdiv(k, c["BLOCK_K"]), split) * c["BLOCK_K"]
+        slices = triton.cdiv(k, per)
+    target = out if slices == 1 else x.new_empty(slices, rows, n, dtype=torch.float32)
+    kernel[(*grid_mn, slices)](x, *tensors, target, rows, n, k, x.stride(0), n, per, **c)
+    if slices > 1:
+        count = rows * n
+        _sum_splits_kernel[(triton.cdiv(count, 1024),)](target, out, count, SPLIT=slices,
+                                                        BLOCK=1024)  # fmt: skip
     return out
 
 
-def q8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def q8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, split=None) -> torch.Tensor:
     """x [M, K] @ (s q)^T: q int8 [N, K], scales float16 [N, G] -> [M, N] in x's dtype."""
     n, k = q.shape
-    return _launch(_q8_kernel, x, n, k, (q, scales), scales.shape[1], BLOCK_K=BLOCK_K)
+    return _launch(_q8_kernel, x, n, k, (q, scales), scales.shape[1], split)
 
 
 def q4_linear(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, split=None
 ) -> torch.Tensor:
     """x [M, K] @ (s q + m)^T: packed uint8 [N, K / 2] (GGML blocks), scales float16 and
     mins float32 [N, G] -> [M, N] in x's dtype."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    return _launch(_q4_kernel, x, n, k, (packed, scales, mins), scales.shape[1])
+    return _launch(_q4_kernel, x, n, k, (packed, scales, mins), scales.shape[1], split)
+
+
+def fp8_rows(x: torch.Tensor, fp8_max: float, tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8 e4m3fn [M, K], float32 scales [M, 1]), one launch."""
+    rows, k = x.shape
+    q = torch.empty(rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(k)
+        _fp8_rows_kernel[(rows,)](x, q, scales, k, x.stride(0), FP8_MAX=fp8_max, TINY=tiny,
+                                  BLOCK=block, num_warps=4 if block <= 2048 else 8)  # fmt: skip
+    return q, scales
 
 
 class TritonQuant:
