@@ -12,8 +12,8 @@
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
 #      concurrency 64 and 1
-#   7. where a batch-1 step's time goes (profiler); the step with fp8 / int8 / int4 weights
-#      and an fp8 KV cache
+#   7. where a batch-1 step's time goes (profiler); the quantized layers' kernels alone at
+#      the 1B's shapes; the step with fp8 / int8 / int4 weights and an fp8 KV cache
 #   8. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
 # The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
@@ -94,6 +94,8 @@ check compare 200 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --dev
   --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 --json "$OUT/compare_1b.json"
 
 check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
+
+check quant-kernels 90 $PY benchmarks/gpu_quant_kernels.py
 
 check quant-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 --steps 32 \
   --quantized

@@ -234,11 +234,17 @@ def _sample(logprobs: torch.Tensor, generator: torch.Generator, fallback: int) -
 
 
 def _greedy(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:
-    """Every row greedy and no top-n: argmax and log-sum-exp, no [N, V] log-softmax written."""
-    best, ids = logits.max(-1)
-    logprobs = (best - torch.logsumexp(logits, -1)).tolist()
+    """Every row greedy and no top-n: argmax and log-sum-exp, no [N, V] log-softmax written
+    (on CUDA: two Triton launches, shard/sampling_triton.py)."""
+    if logits.is_cuda:
+        from shard.sampling_triton import greedy_choice
+
+        ids, logprobs = greedy_choice(logits)
+    else:
+        best, ids = logits.max(-1)
+        logprobs = best - torch.logsumexp(logits, -1)
     choices = []
-    for chooser, token, logprob in zip(choosers, ids.tolist(), logprobs, strict=True):
+    for chooser, token, logprob in zip(choosers, ids.tolist(), logprobs.tolist(), strict=True):
         chooser.record(token)
         choices.append(Choice(token, logprob))
     return choices

@@ -288,7 +288,7 @@ def _format_reference(hf_model, method: str, group: int):
     from shard.models import quant
 
     model = copy.deepcopy(hf_model)
-    for name, module in model.model.layers.named_modules():
+    for module in model.model.layers.modules():
         if isinstance(module, torch.nn.Linear):
             _dequantized_linear(module, method, group)
     if method != "fp8":

@@ -93,3 +93,21 @@ def test_the_second_family_serves_and_matches_transformers(tmp_path, smollm_dir,
     for step, (token, ours) in enumerate(zip(out.tokens[0], out.logprobs[0], strict=True)):
         theirs = logits[len(ids) - 1 + step]
         assert theirs.max() - theirs[token] < 2e-2 and abs(theirs[token].item() - ours) < 2e-2
+
+
+def test_gpu_quant_kernels_script_runs_on_cpu():
+    """benchmarks/gpu_quant_kernels.py under Triton's interpreter, tiny shapes: every form
+    timed, and every tile variant gives the default kernel's product."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_quant_kernels.py", "--device", "cpu", "--small",
+         "--rows", "1"],
+        check=True, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 2 + 1 + 8  # two headers, 2 layers, 8 variants
+    assert "wrong" not in result.stdout

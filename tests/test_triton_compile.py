@@ -112,10 +112,11 @@ def test_quantized_layer_kernels_compile(compiled, kernel, rows, dtype, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", FP8_QUERIES)
-@pytest.mark.parametrize("kernel", ["sum_splits", "fp8_rows"])
-def test_split_sums_and_fp8_rows_compile(compiled, kernel, dtype, arch):
-    """The split-K partial sums' adder and fp8 layers' activation quantization (a Hopper
-    `cvt` to e4m3 on sm_90; sm_80 converts in software and never serves fp8 layers)."""
+@pytest.mark.parametrize("kernel", ["sum_splits", "fp8_rows", "greedy_pieces", "greedy_merge"])
+def test_split_sums_fp8_rows_and_greedy_compile(compiled, kernel, dtype, arch):
+    """The split-K partial sums' adder, fp8 layers' activation quantization (a Hopper `cvt`
+    to e4m3 on sm_90; sm_80 has none and never serves fp8 layers) and the greedy choice's
+    two kernels (over bfloat16 or float32 logits)."""
     case = compiled[f"{kernel}/llama-1b/{dtype}/sm_{arch}"]
     if kernel == "fp8_rows" and arch < 89:  # no e4m3 there: fp8 layers are refused (fp8.py)
         assert "fp8e4nv not supported" in case["error"]

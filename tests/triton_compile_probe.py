@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shard import sampling_triton  # noqa: E402
 from shard.attention import triton_kernels as tk  # noqa: E402
 from shard.models import fused, quant_triton  # noqa: E402
 
@@ -162,6 +163,7 @@ def main() -> None:
                 results.update(compile_layer_kernels(model, name, pointer, head_dim, arch))
                 if model == "llama-1b" and name in FP8_QUERIES:
                     results.update(compile_quant_kernels(model, name, arch))
+                    results.update(compile_greedy_kernels(model, name, arch))
     print(json.dumps(results))
 
 
@@ -204,6 +206,23 @@ def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
         arch,
     )
     return results
+
+
+def compile_greedy_kernels(model: str, dtype: str, arch: int) -> dict:
+    """shard/sampling_triton.py: a row of logits in pieces, then the pieces merged."""
+    pieces = {"logits_ptr": f"*{dtype}", "stride_row": "i32", "V": "i32", "top_ptr": "*fp32",
+              "index_ptr": "*i32", "total_ptr": "*fp32", "C": "i32"}  # fmt: skip
+    merge = {"top_ptr": "*fp32", "index_ptr": "*i32", "total_ptr": "*fp32", "C": "i32",
+             "ids_ptr": "*i64", "logprobs_ptr": "*fp32"}  # fmt: skip
+    return {
+        f"greedy_pieces/{model}/{dtype}/sm_{arch}": compile_kernel(
+            sampling_triton._pieces_kernel, pieces, {"CHUNK": sampling_triton.CHUNK}, arch,
+            {"num_warps": 8},
+        ),
+        f"greedy_merge/{model}/{dtype}/sm_{arch}": compile_kernel(
+            sampling_triton._merge_kernel, merge, {"BLOCK": 32}, arch, {"num_warps": 1}
+        ),
+    }  # fmt: skip
 
 
 def compile_fp8(model: str, dtype: str, decode: dict, group: int, arch: int) -> dict:

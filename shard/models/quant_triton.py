@@ -8,9 +8,10 @@ steps of BLOCK_K inputs (a multiple of 32: a GGML block; every group size is a m
 32), dequantizes its weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds
 it to x's dtype as `x @ dequantize(w).to(x.dtype)` would, and multiplies with tl.dot into a
 float32 accumulator. Operands go to tl.dot as float32 (values of x's dtype): tf32 holds
-bfloat16 and float16 values exactly, and "ieee" products keep float32 inputs whole. int4 bytes hold inputs j (low nibble) and j + 16 (high)
-of their block, so each step is two products, x's low and high halves of each block against
-the low and the high nibbles: no shuffle of the weights in registers.
+bfloat16 and float16 values exactly, and "ieee" products keep float32 inputs whole. int4
+bytes hold inputs j (low nibble) and j + 16 (high) of their block, so each step is two
+products, x's low and high halves of each block against the low and the high nibbles: no
+shuffle of the weights in registers.
 
 Decode steps have few rows, and the weights are all the bytes: a kernel there is as fast as
 the loads it keeps in flight. Few rows get narrow, deep tiles (16 outputs x 256 inputs) and,
@@ -106,7 +107,8 @@ def _q4_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for start in range(first, first + k_per_split, BLOCK_K):
         k_ok = (start + low) < K  # K is whole blocks: a block is in or out
-        packed = tl.load(q_ptr + cols[:, None].to(tl.int64) * (K // 2) + (start // 2 + byte)[None, :],
+        row_bytes = q_ptr + cols[:, None].to(tl.int64) * (K // 2)
+        packed = tl.load(row_bytes + (start // 2 + byte)[None, :],
                          mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
         if GROUP % BLOCK_K == 0:  # one scale and min per output across the step
             group = cols * GROUPS + start // GROUP
