@@ -107,14 +107,16 @@ def test_slices_of_k_add_up_to_the_whole_product(rows, split):
 
 
 def test_k_is_split_until_the_gpu_has_enough_programs():
-    """On one multiprocessor (the interpreter's count) 8 programs are enough."""
+    """On one multiprocessor (the interpreter's count) 8 programs are enough; many rows'
+    partial sums limit the split."""
     from shard.models.quant_triton import split_k
 
     cpu = torch.device("cpu")
-    assert split_k(1, 2048, 256, cpu) == (8, 256)  # one program: eight slices
-    assert split_k(4, 2048, 256, cpu) == (2, 1024)
-    assert split_k(8, 2048, 256, cpu) == (1, 2048)  # enough programs: K whole
-    assert split_k(2, 1000, 256, cpu) == (4, 256)  # 4 steps of 256 (the last one short)
+    assert split_k(1, 1, 2048, 256, cpu) == (8, 256)  # one program: eight slices
+    assert split_k(4, 1, 2048, 256, cpu) == (2, 1024)
+    assert split_k(8, 1, 2048, 256, cpu) == (1, 2048)  # enough programs: K whole
+    assert split_k(2, 1, 1000, 256, cpu) == (4, 256)  # 4 steps of 256 (the last one short)
+    assert split_k(1, 64, 2048, 32, cpu) == (4, 512)  # 64 rows: 4 slices' sums = the weight
 
 
 def test_fp8_rows_quantize_as_the_torch_form():

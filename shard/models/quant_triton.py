@@ -186,11 +186,15 @@ def constants(rows: int, k: int, groups: int, dtype: torch.dtype) -> dict:
     }
 
 
-def split_k(programs: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
+def split_k(
+    programs: int, rows: int, k: int, block_k: int, device: torch.device
+) -> tuple[int, int]:
     """(slices, inputs per slice): K split until PROGRAMS_PER_SM programs per multiprocessor
-    are in flight (or every slice is one step)."""
+    are in flight, or every slice is one step, or the float32 partial sums (written and read
+    back: 8 bytes a row per slice and output) would outweigh an int8 weight (K bytes)."""
     steps = triton.cdiv(k, block_k)
-    wanted = max(1, min(steps, PROGRAMS_PER_SM * _multiprocessors(device) // programs))
+    wanted = PROGRAMS_PER_SM * _multiprocessors(device) // programs
+    wanted = max(1, min(steps, wanted, k // (8 * rows)))
     per = triton.cdiv(steps, wanted) * block_k
     return triton.cdiv(k, per), per
 
@@ -204,7 +208,7 @@ def _launch(kernel, x: torch.Tensor, n: int, k: int, tensors, groups: int, split
         return out
     c = constants(rows, k, groups, x.dtype)
     grid_mn = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
-    slices, per = split_k(grid_mn[0] * grid_mn[1], k, c["BLOCK_K"], x.device)
+    slices, per = split_k(grid_mn[0] * grid_mn[1], rows, k, c["BLOCK_K"], x.device)
     if split is not None:
         per = triton.cdiv(triton.cdiv(k, c["BLOCK_K"]), split) * c["BLOCK_K"]
         slices = triton.cdiv(k, per)
