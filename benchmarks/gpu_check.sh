@@ -18,7 +18,7 @@
 # The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
 # STEPS="models compare ..." runs only the named steps (step names as the log prints them;
-# a rerun of what failed). Every output lands in OUT_DIR (log, JSON, Markdown summary);
+# a rerun of what failed); GPU_TESTS="lossy" only the GPU tests pytest -k selects. Every output lands in OUT_DIR (log, JSON, Markdown summary);
 # exit status 1 if a step failed or was skipped.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
@@ -61,7 +61,7 @@ check models 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokenize
 ls -la "$MODELS"/*
 
 check gpu-tests 150 env PYTGI_GPU_MODEL_DIR="$MODELS/smollm2-135m" \
-  PYTGI_GPU_FAMILY_DIR="$MODELS/qwen3-0.6b" $PY -m pytest \
+  PYTGI_GPU_FAMILY_DIR="$MODELS/qwen3-0.6b" $PY -m pytest ${GPU_TESTS:+-k "$GPU_TESTS"} \
   -m "gpu or not gpu" -q -p no:cacheprovider tests/test_gpu.py tests/test_fused_ops.py \
   --junitxml="$OUT/gpu_tests.xml"
 

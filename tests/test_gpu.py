@@ -306,9 +306,11 @@ def _format_reference(hf_model, method: str, group: int):
 def test_lossy_formats_on_cuda(model_dir, hf_model, options):
     """Each format served with Triton attention and CUDA graphs; fp8 weights only where the
     GPU multiplies fp8 (elsewhere refused by name). Quantized weights are checked against
-    transformers multiplying by the same quantized numbers (within 0.06: the formats' own
-    error on this random model is larger, 0.31 for fp8 and 0.33 for int4 on the H200 against
-    bfloat16 weights); the fp8 cache against transformers' bfloat16 (within 0.1)."""
+    transformers multiplying by the same quantized numbers, within 0.06 (int8, int4) and
+    0.15 (fp8, whose activations are rounded to fp8 too: a 1-ulp difference upstream moves
+    a code by 1/16; 0.078 seen on the H200): the formats' own error on this random model is
+    larger, 0.31 (fp8) and 0.33 (int4) against bfloat16 weights on the H200. The fp8 cache
+    is checked against transformers' bfloat16 (within 0.1)."""
     from shard.errors import ModelLoadError
     from shard.models.fp8 import fp8_products
 
@@ -322,5 +324,6 @@ def test_lossy_formats_on_cuda(model_dir, hf_model, options):
         _near_transformers(engine, hf_model, 0.1)
     else:
         group = engine.config.quantize_group_size
-        _near_transformers(engine, _format_reference(hf_model, method, group), 0.06)
+        tolerance = 0.15 if method == "fp8" else 0.06  # fp8 rounds the activations too
+        _near_transformers(engine, _format_reference(hf_model, method, group), tolerance)
     _release(engine)

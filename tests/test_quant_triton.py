@@ -35,7 +35,7 @@ def _case(k: int, n: int, rows: int):
 
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("k, n", SHAPES)
-@pytest.mark.parametrize("group", [None, 32])  # per output channel; GGUF Q8_0's groups
+@pytest.mark.parametrize("group", [None, 16, 32])  # per output channel; Q6_K's, Q8_0's
 def test_int8_kernel_multiplies_by_the_dequantized_weights(k, n, rows, group):
     weight, x = _case(k, n, rows)
     q, scales = quantize_int8(weight, group)

@@ -102,7 +102,7 @@ def test_layer_kernel_compiles(compiled, kernel, model, dtype, arch):
 @pytest.mark.parametrize("kernel", ["q8_linear", "q8g_linear", "q4_linear", "q4k_linear"])
 def test_quantized_layer_kernels_compile(compiled, kernel, rows, dtype, arch):
     """--quantize int8 / int4 on CUDA (shard/models/quant_triton.py), Llama-1B's layers;
-    q8g: int8 in GGUF Q8_0's groups of 32; q4k: int4 with GGUF Q4_K's float32 scales."""
+    q8g: int8 in GGUF Q6_K's groups of 16; q4k: int4 with GGUF Q4_K's float32 scales."""
     case = compiled[f"{kernel}_{rows}/llama-1b/{dtype}/sm_{arch}"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")

@@ -179,14 +179,17 @@ def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
           "out_ptr": pointer, **sizes}  # fmt: skip
     results = {}
     for rows in QUANT_ROWS:
-        c8 = quant_triton.constants(rows, hidden, 1, DTYPES[dtype])
-        c4 = quant_triton.constants(rows, hidden, hidden // 32, DTYPES[dtype])
+        c8 = quant_triton.constants("int8", rows, hidden, 1, DTYPES[dtype])
+        c4 = quant_triton.constants("int4", rows, hidden, hidden // 32, DTYPES[dtype])
         results[f"q8_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
             quant_triton._q8_kernel, q8, c8, arch
         )
         results[f"q8g_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q8_kernel, q8, {**c8, "GROUPS": hidden // 32, "GROUP": 32}, arch
-        )  # GGUF Q8_0: a scale per 32 inputs, gathered across a step
+            quant_triton._q8_kernel,
+            q8,
+            quant_triton.constants("int8", rows, hidden, hidden // 16, DTYPES[dtype]),
+            arch,
+        )  # GGUF Q6_K: a scale per 16 inputs, gathered across a step
         results[f"q4_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
             quant_triton._q4_kernel, q4, c4, arch
         )

@@ -14,9 +14,9 @@ products, x's low and high halves of each block against the low and the high nib
 shuffle of the weights in registers.
 
 Decode steps have few rows, and the weights are all the bytes: a kernel there is as fast as
-the loads it keeps in flight. Few rows get narrow, deep tiles (16 outputs x 256 inputs) and,
-where outputs alone make too few programs to fill the GPU (a 2048-output layer: 128), K is
-split too (SPLIT slices, float32 partial sums, one more launch adds them up in x's dtype).
+the loads it keeps in flight. Where outputs alone make too few programs to fill the GPU (a
+2048-output layer: 64 at int8's 32-output tiles), K is split too (SPLIT slices, float32
+partial sums, one more launch adds them up in x's dtype); `constants` gives the tiles.
 
 They run on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how CI checks them).
 """
@@ -173,15 +173,26 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def constants(rows: int, k: int, groups: int, dtype: torch.dtype) -> dict:
-    """Compile-time constants of both kernels (tests compile them for CUDA with these)."""
-    few = rows <= FEW_ROWS
+def constants(kind: str, rows: int, k: int, groups: int, dtype: torch.dtype) -> dict:
+    """Compile-time constants of the `kind` ("int8" / "int4") kernel (tests compile them for
+    CUDA with these). Tiles as measured fastest at one row on an H200 (2026-11-29,
+    benchmarks/gpu_quant_kernels.py): int8 32 outputs x 256 inputs (per-channel scales:
+    one per output across a step); int4 64 x 32, one GGML block a step (its scales and mins
+    gathered per block across wider steps ran 3-6x slower). Groups narrower than a step
+    (GGUF Q6_K's 16) are gathered per input."""
+    few, group = rows <= FEW_ROWS, k // groups
+    if not few:
+        block_n, block_k = 64, 32
+    elif kind == "int8" and group % 256 == 0:
+        block_n, block_k = 32, min(256, triton.next_power_of_2(k))
+    else:
+        block_n, block_k = (32 if kind == "int8" else 64), 32
     return {
         "GROUPS": groups,
-        "GROUP": k // groups,
+        "GROUP": group,
         "BLOCK_M": 16 if few else 64,  # 16: tl.dot's smallest tile (decode steps)
-        "BLOCK_N": 16 if few else 64,
-        "BLOCK_K": min(256, max(32, triton.next_power_of_2(k))) if few else 32,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
 
@@ -199,14 +210,15 @@ def split_k(
     return triton.cdiv(k, per), per
 
 
-def _launch(kernel, x: torch.Tensor, n: int, k: int, tensors, groups: int, split=None):
+def _launch(kind: str, x: torch.Tensor, n: int, k: int, tensors, groups: int, split=None):
     """`split`: slices of K (tests); None: split_k's choice."""
     x = x.contiguous()
     rows = x.shape[0]
     out = x.new_empty(rows, n)
     if rows == 0:
         return out
-    c = constants(rows, k, groups, x.dtype)
+    kernel = _q8_kernel if kind == "int8" else _q4_kernel
+    c = constants(kind, rows, k, groups, x.dtype)
     grid_mn = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
     slices, per = split_k(grid_mn[0] * grid_mn[1], rows, k, c["BLOCK_K"], x.device)
     if split is not None:
@@ -224,7 +236,7 @@ def _launch(kernel, x: torch.Tensor, n: int, k: int, tensors, groups: int, split
 def q8_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, split=None) -> torch.Tensor:
     """x [M, K] @ (s q)^T: q int8 [N, K], scales float16 [N, G] -> [M, N] in x's dtype."""
     n, k = q.shape
-    return _launch(_q8_kernel, x, n, k, (q, scales), scales.shape[1], split)
+    return _launch("int8", x, n, k, (q, scales), scales.shape[1], split)
 
 
 def q4_linear(
@@ -233,7 +245,7 @@ def q4_linear(
     """x [M, K] @ (s q + m)^T: packed uint8 [N, K / 2] (GGML blocks), scales float16 and
     mins float32 [N, G] -> [M, N] in x's dtype."""
     n, k = packed.shape[0], packed.shape[1] * 2
-    return _launch(_q4_kernel, x, n, k, (packed, scales, mins), scales.shape[1], split)
+    return _launch("int4", x, n, k, (packed, scales, mins), scales.shape[1], split)
 
 
 def fp8_rows(x: torch.Tensor, fp8_max: float, tiny: float) -> tuple[torch.Tensor, torch.Tensor]:
