@@ -18,8 +18,9 @@
 # The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
 # STEPS="models compare ..." runs only the named steps (step names as the log prints them;
-# a rerun of what failed); GPU_TESTS="lossy" only the GPU tests pytest -k selects. Every output lands in OUT_DIR (log, JSON, Markdown summary);
-# exit status 1 if a step failed or was skipped.
+# a rerun of what failed); GPU_TESTS="lossy" only the GPU tests pytest -k selects. Every
+# output lands in OUT_DIR (log, JSON, Markdown summary); exit status 1 if a step failed or
+# was skipped.
 set -u
 OUT=${1:?usage: gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"

@@ -307,10 +307,10 @@ def test_lossy_formats_on_cuda(model_dir, hf_model, options):
     """Each format served with Triton attention and CUDA graphs; fp8 weights only where the
     GPU multiplies fp8 (elsewhere refused by name). Quantized weights are checked against
     transformers multiplying by the same quantized numbers, within 0.06 (int8, int4) and
-    0.15 (fp8, whose activations are rounded to fp8 too: a 1-ulp difference upstream moves
-    a code by 1/16; 0.078 seen on the H200): the formats' own error on this random model is
-    larger, 0.31 (fp8) and 0.33 (int4) against bfloat16 weights on the H200. The fp8 cache
-    is checked against transformers' bfloat16 (within 0.1)."""
+    0.15 (fp8, whose activations are rounded to fp8 too: a 1-ulp difference upstream can
+    move a code by one fp8 step, 1/16 to 1/8 of it; 0.078 seen on the H200). The formats'
+    own error on this random model is larger: 0.31 (fp8) and 0.33 (int4) from bfloat16
+    weights on the H200. The fp8 cache is checked against transformers' bfloat16 (0.1)."""
     from shard.errors import ModelLoadError
     from shard.models.fp8 import fp8_products
 

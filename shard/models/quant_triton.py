@@ -4,8 +4,8 @@ per-row fp8 quantization of activations for fp8 layers (shard/models/fp8.py).
 
 out [M, N] = x [M, K] @ dequantize(w)^T in x's dtype (bfloat16, float16 or float32). One
 program per (BLOCK_M rows, BLOCK_N outputs, one of SPLIT slices of K) walks its slice in
-steps of BLOCK_K inputs (a multiple of 32: a GGML block; every group size is a multiple of
-32), dequantizes its weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds
+steps of BLOCK_K inputs (a multiple of 32: a GGML block; int4 groups are whole blocks, and
+int8 groups narrower than a step, GGUF Q6_K's 16, take a scale per input), dequantizes its weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds
 it to x's dtype as `x @ dequantize(w).to(x.dtype)` would, and multiplies with tl.dot into a
 float32 accumulator. Operands go to tl.dot as float32 (values of x's dtype): tf32 holds
 bfloat16 and float16 values exactly, and "ieee" products keep float32 inputs whole. int4
@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 PROGRAMS_PER_SM = 8  # programs to keep in flight per multiprocessor before splitting K
-FEW_ROWS = 16  # up to here: tl.dot's smallest row tile, narrow deep tiles, split K
+FEW_ROWS = 16  # up to here: tl.dot's smallest row tile and the decode-step tiles
 
 
 @triton.jit
