@@ -5,13 +5,14 @@ per-row fp8 quantization of activations for fp8 layers (shard/models/fp8.py).
 out [M, N] = x [M, K] @ dequantize(w)^T in x's dtype (bfloat16, float16 or float32). One
 program per (BLOCK_M rows, BLOCK_N outputs, one of SPLIT slices of K) walks its slice in
 steps of BLOCK_K inputs (a multiple of 32: a GGML block; int4 groups are whole blocks, and
-int8 groups narrower than a step, GGUF Q6_K's 16, take a scale per input), dequantizes its weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds
-it to x's dtype as `x @ dequantize(w).to(x.dtype)` would, and multiplies with tl.dot into a
-float32 accumulator. Operands go to tl.dot as float32 (values of x's dtype): tf32 holds
-bfloat16 and float16 values exactly, and "ieee" products keep float32 inputs whole. int4
-bytes hold inputs j (low nibble) and j + 16 (high) of their block, so each step is two
-products, x's low and high halves of each block against the low and the high nibbles: no
-shuffle of the weights in registers.
+int8 groups narrower than a step, GGUF Q6_K's 16, take a scale per input), dequantizes its
+weight tile in float32 (w = s q for int8, w = s q + m for int4), rounds it to x's dtype as
+`x @ dequantize(w).to(x.dtype)` would, and multiplies with tl.dot into a float32
+accumulator. Operands go to tl.dot as float32 (values of x's dtype): tf32 holds bfloat16
+and float16 values exactly, and "ieee" products keep float32 inputs whole. int4 bytes hold
+inputs j (low nibble) and j + 16 (high) of their block, so each step is two products, x's
+low and high halves of each block against the low and the high nibbles: no shuffle of the
+weights in registers.
 
 Decode steps have few rows, and the weights are all the bytes: a kernel there is as fast as
 the loads it keeps in flight. Where outputs alone make too few programs to fill the GPU (a
