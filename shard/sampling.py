@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -233,13 +234,23 @@ def _sample(logprobs: torch.Tensor, generator: torch.Generator, fallback: int) -
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _cpu_kernels() -> Any | None:
+    from shard import cpu_kernels
+
+    return cpu_kernels.load()
+
+
 def _greedy(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:
     """Every row greedy and no top-n: argmax and log-sum-exp, no [N, V] log-softmax written
-    (on CUDA: two Triton launches, shard/sampling_triton.py)."""
+    (on CUDA two Triton launches, shard/sampling_triton.py; on CPU one C++ call of two
+    passes a row where the kernels build, torch's four otherwise)."""
+    kernels = _cpu_kernels() if logits.device.type == "cpu" else None
     if logits.is_cuda:
         from shard.sampling_triton import greedy_choice
 
         ids, logprobs = greedy_choice(logits)
+    elif kernels is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1:
+        ids, logprobs = kernels.greedy(logits)
     else:
         best, ids = logits.max(-1)
         logprobs = best - torch.logsumexp(logits, -1)

@@ -314,3 +314,30 @@ def test_the_avx2_forms_of_the_kernels_on_an_avx512_cpu():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     print(result.stdout.strip().splitlines()[-1])
     assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("vocab", [7, 49152, 1000 + 3])  # under one vector, SmolLM2's, a tail
+def test_greedy_is_torchs_argmax_and_logprob(kernels, rows, vocab):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(vocab)) * 5
+    ids, logprobs = kernels.greedy(logits)
+    assert torch.equal(ids, logits.argmax(-1))
+    expected = logits.max(-1).values - torch.logsumexp(logits, -1)
+    assert torch.allclose(logprobs, expected, atol=2e-6, rtol=0)
+
+
+def test_greedy_takes_the_first_of_equal_maxima_and_masked_rows(kernels):
+    """Ties: the first index (torch's argmax); -inf logits (a grammar's mask) add nothing;
+    a strided view of rows; an empty batch."""
+    logits = torch.full((3, 100), float("-inf"))
+    logits[0, [9, 40]] = 1.5
+    logits[1, [3, 17, 18]] = torch.tensor([0.5, 2.0, 2.0])
+    logits[2, 99] = -2.0
+    ids, logprobs = kernels.greedy(logits)
+    assert ids.tolist() == [9, 17, 99]
+    assert torch.allclose(logprobs, torch.log_softmax(logits, -1).max(-1).values)
+    wide = torch.randn(4, 300)
+    ids, _ = kernels.greedy(wide[:, :150])
+    assert torch.equal(ids, wide[:, :150].argmax(-1))
+    ids, logprobs = kernels.greedy(torch.empty(0, 50))
+    assert ids.shape == (0,) and logprobs.shape == (0,)

@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");
   m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy");
   m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]");
+  m.def("greedy", &greedy, "each row's first argmax of float32 logits and its log-probability");
   m.def("q8_linear", &q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)");
   m.def("q4_linear", &q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
   m.def("bf16_linear", &bf16_linear, "x [M, K] @ bfloat16 w[N, K]^T, rows widened (quant.h)");

@@ -25,5 +25,8 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Te
 torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 // gate_up [T, 2I] (gate first) -> SiLU(gate) * up [T, I].
 torch::Tensor silu_mul(torch::Tensor gate_up);
+// The greedy choice of each row of float32 logits [R, V]: (its first argmax int64 [R], that
+// token's log-probability max - logsumexp float32 [R]), two passes over each row.
+std::tuple<torch::Tensor, torch::Tensor> greedy(torch::Tensor logits);
 
 }  // namespace pytgi
