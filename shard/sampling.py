@@ -240,20 +240,25 @@ def _cpu_kernels() -> Any | None:
     return cpu_kernels.load()
 
 
+def _greedy_choice(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [N, V] -> (each row's first argmax [N], its log-probability [N])."""
+    if logits.is_cuda:
+        from shard.sampling_triton import greedy_choice
+
+        return greedy_choice(logits)
+    if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.stride(-1) == 1:
+        kernels = _cpu_kernels()
+        if kernels is not None:
+            return kernels.greedy(logits)
+    best, ids = logits.max(-1)
+    return ids, best - torch.logsumexp(logits, -1)
+
+
 def _greedy(logits: torch.Tensor, choosers: list[TokenChooser]) -> list[Choice]:
     """Every row greedy and no top-n: argmax and log-sum-exp, no [N, V] log-softmax written
     (on CUDA two Triton launches, shard/sampling_triton.py; on CPU one C++ call of two
     passes a row where the kernels build, torch's four otherwise)."""
-    kernels = _cpu_kernels() if logits.device.type == "cpu" else None
-    if logits.is_cuda:
-        from shard.sampling_triton import greedy_choice
-
-        ids, logprobs = greedy_choice(logits)
-    elif kernels is not None and logits.dtype == torch.float32 and logits.stride(-1) == 1:
-        ids, logprobs = kernels.greedy(logits)
-    else:
-        best, ids = logits.max(-1)
-        logprobs = best - torch.logsumexp(logits, -1)
+    ids, logprobs = _greedy_choice(logits)
     choices = []
     for chooser, token, logprob in zip(choosers, ids.tolist(), logprobs.tolist(), strict=True):
         chooser.record(token)

@@ -221,8 +221,9 @@ def _launch(kind: str, x: torch.Tensor, n: int, k: int, tensors, groups: int, sp
     kernel = _q8_kernel if kind == "int8" else _q4_kernel
     c = constants(kind, rows, k, groups, x.dtype)
     grid_mn = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
-    slices, per = split_k(grid_mn[0] * grid_mn[1], rows, k, c["BLOCK_K"], x.device)
-    if split is not None:
+    if split is None:
+        slices, per = split_k(grid_mn[0] * grid_mn[1], rows, k, c["BLOCK_K"], x.device)
+    else:
         per = triton.cdiv(triton.cdiv(k, c["BLOCK_K"]), split) * c["BLOCK_K"]
         slices = triton.cdiv(k, per)
     target = out if slices == 1 else x.new_empty(slices, rows, n, dtype=torch.float32)
