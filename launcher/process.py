@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child, between fork and exec
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+from common.lifetime import parent_env
 
 
 class Child:
-    """One process (`name` like "shard 0" or "router"); dies with the launcher."""
+    """One process (`name` like "shard 0" or "router"); dies with the launcher.
+
+    No preexec_fn: it would make Python fork() with gRPC's handlers (common/lifetime.py); the
+    child calls die_with_parent itself, from the environment entry given here."""
 
     def __init__(
         self, name: str, args: list[str], env: dict[str, str] | None = None, tail: int = 20
@@ -31,8 +27,7 @@ class Child:
             args,
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            env={**os.environ, **(env or {}), **parent_env()},
             text=True,
             bufsize=1,
         )

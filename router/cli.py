@@ -12,6 +12,7 @@ import click
 import uvicorn
 
 from common.config import RouterConfig, defaults
+from common.lifetime import die_with_parent
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
@@ -261,6 +262,7 @@ def start_metrics_server(state, config: RouterConfig) -> uvicorn.Server:
 @click.option("--json-output", is_flag=True, help="Log JSON lines.")
 def main(cors_allow_origin: tuple[str, ...], **options) -> None:
     """Serve TGI's and OpenAI's HTTP APIs over the shards at --master-shard-uds-path."""
+    die_with_parent()
     setup_logging("router", options["json_output"])
     try:
         options["master_shard_uds_path"] = options["master_shard_uds_path"] or default_uds_path()

@@ -15,6 +15,7 @@ from common.config import (
     parse_batch_sizes,
     parse_size,
 )
+from common.lifetime import die_with_parent
 from common.logs import setup_logging
 from common.paths import UnsafeDirectory, default_uds_path
 from common.rpc import SECRET_ENV
@@ -228,6 +229,7 @@ def serve(
     model_dir: str, json_output: bool, kv_cache_memory: str | None, dist_timeout: float, **options
 ) -> None:
     """Serve MODEL_DIR (a Hugging Face directory with safetensors) until SIGTERM/SIGINT."""
+    die_with_parent()
     log = setup_logging(f"shard-{options['rank']}", json_output)
     try:
         import torch
