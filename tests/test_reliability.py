@@ -332,7 +332,18 @@ def test_killed_shard_gives_clients_an_error_not_a_hang(tmp_path):
 
 
 # ---- 6. graceful shutdown ----
+async def _wait_for(what: str, check, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def test_sigterm_under_load_finishes_running_refuses_new_exits_0(tiny_model_dir, tmp_path):
+    """Each step waits for the state it acts on (all six running; the router told), not a
+    fixed sleep: on a loaded machine the requests could reach the router after the signal
+    (nothing to drain: it exits at once and the late request finds no listener)."""
+    new_tokens = 900  # seconds of steps for six rows: the late request comes well before
     srv = LauncherServer(
         tmp_path,
         [
@@ -347,17 +358,30 @@ def test_sigterm_under_load_finishes_running_refuses_new_exits_0(tiny_model_dir,
     try:
 
         async def go():
-            async with httpx.AsyncClient(base_url=srv.url, timeout=60) as client:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
                 body = {
                     "inputs": "run",
-                    "parameters": {"max_new_tokens": 400, "ignore_eos": True, "details": True},
+                    "parameters": {
+                        "max_new_tokens": new_tokens,
+                        "ignore_eos": True,
+                        "details": True,
+                    },
                 }
                 running = [
                     asyncio.ensure_future(client.post("/generate", json=body)) for _ in range(6)
                 ]
-                await asyncio.sleep(0.5)
+
+                async def all_running() -> bool:
+                    text = (await client.get("/metrics")).text
+                    return "\ntgi_batch_current_size 6.0" in text
+
+                await _wait_for("six running requests", all_running)
                 srv.proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+
+                async def router_told() -> bool:
+                    return "refusing new requests" in srv.log.read_text()
+
+                await _wait_for("the router's signal", router_told)
                 late = await client.post(
                     "/generate", json={"inputs": "late", "parameters": {"max_new_tokens": 2}}
                 )
@@ -365,7 +389,7 @@ def test_sigterm_under_load_finishes_running_refuses_new_exits_0(tiny_model_dir,
 
         running, late = asyncio.run(go())
         assert [r.status_code for r in running] == [200] * 6
-        assert all(r.json()["details"]["generated_tokens"] == 400 for r in running)
+        assert all(r.json()["details"]["generated_tokens"] == new_tokens for r in running)
         assert late.status_code == 503 and late.json()["error_type"] == "unhealthy"
         assert srv.proc.wait(timeout=60) == 0
     finally:
