@@ -5,7 +5,10 @@ matrix-multiply rate of torch's linear at the model's decode shapes (every layer
 at M = 1, 8 and 32 rows) and a prefill shape (M = 128), in the served `--dtype` (run again
 with `--dtype bfloat16` on a CPU with bf16 instructions); all with the shard's threads. Then pytgi through
 `pytgi-launcher`, streaming (TGI's API, EOS ignored, prefix cache off): TPOT p50 at
-concurrency 1, output tok/s at 8 and 32 on the fixed and varied workloads, TTFT p50.
+concurrency 1, output tok/s at 8 and 32 on the fixed and varied workloads, TTFT p50. Beside
+the TPOT: the engine's batch-1 decode step in this process (no gRPC, router or HTTP), so the
+table splits the TPOT into the step and the serving path; the bandwidth is read again after
+serving (a shared machine's drifts by tens of percent within an hour).
 
 Bounds, per figure:
 - TPOT at concurrency 1 >= bytes of the weights a step streams / read bandwidth;
@@ -117,6 +120,23 @@ def matmul_rate(shapes: Shapes, rows: int, dtype: torch.dtype, threads: int) -> 
     return flops / best
 
 
+def step_ms(model_dir: Path, dtype: str, prompt: int, steps: int) -> float:
+    """Median batch-1 decode step of the shard's engine in this process (no gRPC, no router),
+    after a prompt of `prompt` tokens: what a streamed TPOT would be with a free serving path."""
+    import gc
+
+    from quant_step import decode_ms
+
+    from tests.helpers import make_engine, spec
+
+    engine = make_engine(model_dir, kv_bytes=256 << 20, max_total=1024, dtype=dtype)
+    text = " ".join(single_token_words(model_dir)[:prompt])
+    ms = decode_ms(engine, [spec(0, text, steps + 8, ignore_eos=True)], steps)
+    del engine
+    gc.collect()
+    return ms
+
+
 def _shorter(request: Request, prompt: int, new: int) -> Request:
     """The request with at most `prompt` prompt tokens (its words are single tokens)."""
     words = request.prompt.split()[:prompt]
@@ -155,11 +175,14 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
     torch_dtype = getattr(torch, dtype)
     bandwidth = read_bandwidth(threads)
     rates = {rows: matmul_rate(shapes, rows, torch_dtype, threads) for rows in (1, 8, 32, 128)}
-    served = serve(model_dir, dtype, port, scale)
-    weight_bytes = shapes.params * BYTES[dtype]
     prompt = 128 if scale >= 1 else max(8, int(128 * scale))
+    step = step_ms(model_dir, dtype, prompt, max(4, int(64 * scale))) / 1e3
+    served = serve(model_dir, dtype, port, scale)
+    bandwidth_after = read_bandwidth(threads)  # shared machines drift within minutes
+    weight_bytes = shapes.params * BYTES[dtype]
     rows = [
         ("read bandwidth", f"{bandwidth / 1e9:.1f} GB/s", "", "", ""),
+        ("read bandwidth after serving", f"{bandwidth_after / 1e9:.1f} GB/s", "", "", ""),
         *[
             (f"matmul rate, M = {m}", f"{r / 1e9:.1f} GFLOP/s", "", "", "")
             for m, r in rates.items()
@@ -169,6 +192,10 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
     bound = weight_bytes / bandwidth
     rows.append(("TPOT p50, concurrency 1", f"{tpot * 1e3:.1f} ms", f"{bound * 1e3:.1f} ms",
                  f"{tpot / bound:.2f}x", "<= 1.25x"))  # fmt: skip
+    rows.append(("decode step in-process, batch 1", f"{step * 1e3:.1f} ms",
+                 f"{bound * 1e3:.1f} ms", f"{step / bound:.2f}x", ""))  # fmt: skip
+    rows.append(("serving path at c=1 (TPOT - step)", f"{(tpot - step) * 1e3:.1f} ms", "", "",
+                 ""))  # fmt: skip
     itl = served["c32"]["itl_s"]["median"]
     bound = shapes.flops(32) / rates[32]
     rows.append(("decode step of 32 (ITL p50, c=32)", f"{itl * 1e3:.1f} ms",
