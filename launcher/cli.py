@@ -252,6 +252,11 @@ def option(name: str, *short: str, **kwargs):
     help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
 )
 @option(
+    "--step-ahead/--no-step-ahead",
+    default=LAUNCHER_DEFAULTS["step_ahead"],
+    help="Shards run a decoding batch's next step before the router asks for it.",
+)
+@option(
     "--disable-custom-kernels",
     is_flag=True,
     help="PyTorch's ops only in the shards: no C++ GEMV, no Triton kernels (attention auto "

@@ -185,6 +185,13 @@ def main() -> None:
     "(costs the layers' weight memory once more).",
 )
 @click.option(
+    "--step-ahead/--no-step-ahead",
+    default=SHARD_DEFAULTS["step_ahead"],
+    show_default=True,
+    help="Run a decoding batch's next step before the router asks for it (the router's "
+    "round trip overlaps the step).",
+)
+@click.option(
     "--shard-secret",
     "secret",
     envvar=SECRET_ENV,

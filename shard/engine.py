@@ -51,6 +51,17 @@ class EngineInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class _Ahead:
+    """A step that ran before its call (ShardEngine.step_ahead): its result or its error,
+    and the requests it stepped (on every rank, whichever rank reports their tokens)."""
+
+    batch_id: int
+    stepped: frozenset[int]
+    result: StepResult | None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WarmupResult:
     max_supported_total_tokens: int
     max_input_tokens: int
@@ -68,6 +79,7 @@ class ShardEngine:
         self.runner = ModelRunner(config, self.model_spec, Parallel(config.rank, config.world_size))
         self.block_size = config.block_size
         self.batches: dict[int, Batch] = {}
+        self._ahead: _Ahead | None = None  # at most one step computed before its call
         if config.use_prefix_caching and not self.use_prefix_caching:
             log.info(
                 "prefix caching off: longrope recomputes a request's K/V past the original length"
@@ -243,7 +255,8 @@ class ShardEngine:
         else:
             batch = Batch(batch_id, requests)
         self.batches[batch.id] = batch
-        result = run_step(self.runner, self, batch, start, concat_ns)
+        ahead = self._take_ahead([cached.id] if cached is not None else [])
+        result = self._step(batch, start, concat_ns, ahead)
         result.refused = refused
         return result
 
@@ -253,6 +266,7 @@ class ShardEngine:
         if not batch_ids:
             raise InvalidRequest("Decode needs at least one batch")
         batches = [self._get_batch(i) for i in batch_ids]
+        ahead = self._take_ahead(batch_ids)
         concat_ns = None
         if len(batches) > 1:
             concat_start = time.perf_counter_ns()
@@ -260,17 +274,75 @@ class ShardEngine:
                 batches[0].requests.extend(other.requests)
                 del self.batches[other.id]
             concat_ns = time.perf_counter_ns() - concat_start
-        return run_step(self.runner, self, batches[0], start, concat_ns)
+        return self._step(batches[0], start, concat_ns, ahead)
+
+    def step_ahead(self, batch_id: int) -> bool:
+        """Runs the next step of `batch_id` now, before the router asks for it, when every
+        unfinished request in it decodes one token: the router's round trip (reply, its
+        bookkeeping, the next call) then overlaps the step instead of following it. The next
+        call naming the batch takes the result: a Decode returns it (stepping only the other
+        batches it names), a Prefill into it returns it with the new requests' tokens, a
+        FilterBatch keeps the kept requests' tokens, a ClearCache drops it. Never raises: an
+        error is raised by the call that takes the result. True when the step ran."""
+        batch = self.batches.get(batch_id)
+        if self._ahead is not None or batch is None:
+            return False
+        active = frozenset(r.id for r in batch.requests if not r.is_finished)
+        if not active or any(r.query_len != 1 for r in batch.requests if r.id in active):
+            return False  # nothing to do, or a prompt still being computed in chunks
+        try:
+            result = run_step(
+                self.runner, self, batch, time.perf_counter_ns(), None, clear_when_done=False
+            )
+        except Exception as exc:  # noqa: BLE001 - the batch's next call raises it
+            self._ahead = _Ahead(batch_id, active, None, exc)
+            return True
+        self._ahead = _Ahead(batch_id, active, result)
+        return True
+
+    def _take_ahead(self, batch_ids: list[int]) -> _Ahead | None:
+        """The step that ran ahead for one of `batch_ids`, now taken; raises its error."""
+        ahead = self._ahead
+        if ahead is None or ahead.batch_id not in batch_ids:
+            return None
+        self._ahead = None
+        if ahead.error is not None:
+            raise ahead.error
+        return ahead
+
+    def _step(
+        self, batch: Batch, start: int, concat_ns: int | None, ahead: _Ahead | None
+    ) -> StepResult:
+        """run_step over `batch`, leaving out the requests a step ahead already stepped and
+        returning that step's tokens with the new ones (their times added)."""
+        if ahead is None:
+            return run_step(self.runner, self, batch, start, concat_ns)
+        result = run_step(self.runner, self, batch, start, concat_ns, skip=ahead.stepped)
+        assert ahead.result is not None
+        result.generations = ahead.result.generations + result.generations
+        result.forward_ns += ahead.result.forward_ns
+        result.decode_ns += ahead.result.decode_ns
+        result.total_ns += ahead.result.total_ns
+        return result
 
     def filter(self, batch_id: int, request_ids: list[int]) -> CachedBatchInfo:
         batch = self._get_batch(batch_id)
         unknown = set(request_ids) - set(batch.request_ids)
         if unknown:
             raise InvalidRequest(f"requests {sorted(unknown)} are not in batch {batch_id}")
+        ahead = self._ahead
+        if ahead is not None and ahead.batch_id == batch_id:
+            kept = set(request_ids)
+            if ahead.result is not None:  # the left requests' tokens are not reported
+                gens = [g for g in ahead.result.generations if g.request_id in kept]
+                ahead.result.generations = gens
+            self._ahead = _Ahead(batch_id, ahead.stepped & kept, ahead.result, ahead.error)
         self.admission.release(batch.keep(set(request_ids)))
         return self.cached_info(batch)
 
     def clear(self, batch_id: int | None) -> None:
+        if self._ahead is not None and batch_id in (None, self._ahead.batch_id):
+            self._ahead = None
         ids = list(self.batches) if batch_id is None else [batch_id]
         for i in ids:
             batch = self.batches.pop(i, None)

@@ -217,11 +217,19 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         specs = convert.requests_from_pb(request.batch)
         cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
         result = await self._run(self.engine.prefill, request.batch.id, specs, cached_id)
+        self._step_ahead(result)
         return convert.step_to_pb(result, pb.PrefillResponse)
 
     async def Decode(self, request, context):
         result = await self._run(self.engine.decode, [b.id for b in request.batches])
+        self._step_ahead(result)
         return convert.step_to_pb(result, pb.DecodeResponse)
+
+    def _step_ahead(self, result) -> None:
+        """Queues the batch's next step on the engine thread before this reply is sent, so it
+        runs ahead of any later call (every rank queues it at the same point of the calls)."""
+        if self.config.step_ahead and result.batch is not None:
+            self._worker.submit(self.engine.step_ahead, result.batch.id)
 
 
 def _remove_socket(path: str) -> None:

@@ -36,11 +36,19 @@ class BatchHost(Protocol):
 
 
 def run_step(
-    runner: ModelRunner, host: BatchHost, batch: Batch, start_ns: int, concat_ns: int | None
+    runner: ModelRunner,
+    host: BatchHost,
+    batch: Batch,
+    start_ns: int,
+    concat_ns: int | None,
+    skip: frozenset[int] = frozenset(),
+    clear_when_done: bool = True,
 ) -> StepResult:
-    """Computes the next tokens of every unfinished request; emits a token for each request
-    whose computed tokens caught up with its tokens. Drops the batch when all finished."""
-    active = [r for r in batch.requests if not r.is_finished]
+    """Computes the next tokens of every unfinished request not in `skip` (requests whose
+    step ran ahead: see ShardEngine.step_ahead); emits a token for each request whose
+    computed tokens caught up with its tokens. Drops the batch when all finished, unless
+    `clear_when_done` is False (a step ahead: the batch's next call drops it)."""
+    active = [r for r in batch.requests if not r.is_finished and r.id not in skip]
     runner.check_fault()
     forward_start = time.perf_counter_ns()
     emitting: list[RequestState] = []
@@ -65,7 +73,7 @@ def run_step(
             generations.append(generation)
     decode_ns = time.perf_counter_ns() - decode_start
     cached: CachedBatchInfo | None = None
-    if all(r.is_finished for r in batch.requests):
+    if clear_when_done and all(r.is_finished for r in batch.requests):
         host.clear(batch.id)
     else:
         cached = host.cached_info(batch)

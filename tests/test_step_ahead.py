@@ -1,0 +1,195 @@
+"""A decoding batch's next step run before its call (ShardEngine.step_ahead): every call
+that can follow it returns exactly what it returns without it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from shard.sampling import SamplingParams
+from tests.helpers import Collector, make_engine, spec
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello",
+    "In a hole in the ground there lived a hobbit.",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return make_engine(tiny_model_dir)
+
+
+def _specs(max_new=(9, 4, 12), **options):
+    seeded = SamplingParams(do_sample=True, temperature=0.9, top_k=20, seed=7)
+    return [
+        spec(0, PROMPTS[0], max_new[0], ignore_eos=True, **options),
+        spec(1, PROMPTS[1], max_new[1], ignore_eos=True, sampling=seeded, **options),
+        spec(2, PROMPTS[2], max_new[2], **options),  # may end at EOS
+    ]
+
+
+def _run(engine, specs, ahead: bool) -> Collector:
+    """Prefill then decode to the end as the router does (finished requests filtered away);
+    with `ahead`, each reply is followed by step_ahead, as the shard's server queues it."""
+    collector = Collector()
+    result = engine.prefill(1, specs, None)
+    while True:
+        collector.add(result)
+        if result.batch is None:
+            return collector
+        if ahead:  # every row decodes one token here (no chunked prompt): it steps
+            assert engine.step_ahead(result.batch.id)
+        info = result.batch
+        keep = [i for i in info.request_ids if i not in collector.finished]
+        if len(keep) < len(info.request_ids):
+            info = engine.filter(info.id, keep)
+        result = engine.decode([info.id])
+
+
+def test_tokens_and_logprobs_equal_without_it(engine):
+    plain = _run(engine, _specs(), ahead=False)
+    ahead = _run(engine, _specs(), ahead=True)
+    assert ahead.tokens == plain.tokens
+    assert ahead.logprobs == plain.logprobs
+    assert ahead.finished == plain.finished
+    assert not engine.batches and engine._ahead is None
+    assert engine.blocks_all_back()
+
+
+def test_a_filter_drops_the_left_requests_step(engine):
+    """A request that leaves (its client went away) after the step ran ahead: its token is
+    never reported, the others' are."""
+    reference = _run(engine, _specs(max_new=(6, 6, 6)), ahead=False).tokens
+    collector = Collector()
+    first = engine.prefill(1, _specs(max_new=(6, 6, 6)), None)
+    collector.add(first)
+    assert engine.step_ahead(1)
+    kept = engine.filter(1, [0, 2])
+    assert kept.request_ids == [0, 2]
+    result = engine.decode([1])
+    assert sorted(g.request_id for g in result.generations) == [0, 2]
+    collector.add(result)
+    while result.batch is not None:
+        engine.step_ahead(result.batch.id)
+        result = engine.decode([result.batch.id])
+        collector.add(result)
+    assert collector.tokens[0] == reference[0] and collector.tokens[2][:6] == reference[2][:6]
+    assert collector.tokens[1] == reference[1][:1]
+    assert not engine.batches and engine.blocks_all_back()
+
+
+@pytest.mark.parametrize("join", ["prefill-into", "decode-merge"])
+def test_new_requests_join_a_batch_that_stepped_ahead(engine, join):
+    """The router adds requests to the running batch with a Prefill naming it (chunking
+    routers) or with a Prefill of their own and a Decode merging both: the running rows
+    take the step that ran ahead, the new ones are computed, all as without it."""
+    alone = {
+        i: _run(engine, [spec(i, PROMPTS[i], 8, ignore_eos=True)], ahead=False).tokens[i]
+        for i in range(3)
+    }
+    collector = Collector()
+    collector.add(engine.prefill(1, [spec(0, PROMPTS[0], 8, ignore_eos=True)], None))
+    collector.add(engine.decode([1]))
+    assert engine.step_ahead(1)
+    new = [spec(i, PROMPTS[i], 8, ignore_eos=True) for i in (1, 2)]
+    if join == "prefill-into":
+        result = engine.prefill(2, new, 1)
+    else:
+        collector.add(engine.prefill(2, new, None))
+        assert not engine.step_ahead(2)  # one at a time: batch 1's is pending
+        result = engine.decode([2, 1])
+    assert sorted(g.request_id for g in result.generations) == [0, 1, 2]
+    collector.add(result)
+    while result.batch is not None:
+        engine.step_ahead(result.batch.id)
+        keep = [i for i in result.batch.request_ids if i not in collector.finished]
+        info = result.batch
+        if len(keep) < len(info.request_ids):
+            info = engine.filter(info.id, keep)
+        result = engine.decode([info.id])
+        collector.add(result)
+    assert collector.tokens == alone
+    assert not engine.batches and engine.blocks_all_back()
+
+
+def test_a_batch_that_ends_in_its_step_ahead_ends_at_the_next_decode(engine):
+    first = engine.prefill(1, [spec(0, PROMPTS[0], 2, ignore_eos=True)], None)
+    assert engine.step_ahead(1)
+    assert 1 in engine.batches  # kept until the router asks
+    result = engine.decode([1])
+    assert result.batch is None and result.generations[0].finished is not None
+    assert len(first.generations) == 1 and not engine.batches
+    assert engine.blocks_all_back()
+
+
+def test_an_error_in_a_step_ahead_is_the_next_calls(engine, tmp_path):
+    runner = engine.runner
+    saved = runner.config
+    runner.config = dataclasses.replace(saved, fault_file=str(tmp_path / "f"))
+    try:
+        engine.prefill(1, [spec(0, PROMPTS[0], 8, ignore_eos=True)], None)
+        (tmp_path / "f").write_text("")  # the next forward fails
+        assert engine.step_ahead(1)  # never raises
+        assert isinstance(engine._ahead.error, RuntimeError)
+        with pytest.raises(RuntimeError, match="injected fault"):
+            engine.decode([1])
+    finally:
+        runner.config = saved
+    engine.clear(1)
+    assert not engine.batches and engine._ahead is None and engine.blocks_all_back()
+
+
+def test_clear_drops_it_and_chunked_prompts_do_not_step_ahead(engine):
+    engine.prefill(1, [spec(0, PROMPTS[0], 8, ignore_eos=True)], None)
+    assert engine.step_ahead(1)
+    engine.clear(None)
+    assert engine._ahead is None and not engine.batches
+    chunked = engine.prefill(2, [spec(0, PROMPTS[2], 8, ignore_eos=True, chunk_len=4)], None)
+    assert not chunked.generations  # the prompt is still being computed
+    assert not engine.step_ahead(2)
+    engine.clear(None)
+    assert engine.blocks_all_back()
+
+
+@pytest.mark.parametrize("on", [True, False])
+async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
+    """Through gRPC: after a Prefill's reply the batch's next step has run (or is running)
+    on the engine thread, ahead of any later call; `--no-step-ahead` turns it off."""
+    import grpc
+
+    from common.config import ShardConfig
+    from common.pb import pb, pb_grpc
+    from shard.server import TextGenerationService
+    from tests.test_grpc import _request
+
+    config = ShardConfig(
+        model_dir=engine.config.model_dir, uds_path=str(tmp_path / "s"), step_ahead=on
+    )
+    server = grpc.aio.server()
+    pb_grpc.add_TextGenerationServiceServicer_to_server(
+        TextGenerationService(engine.engine, config), server
+    )
+    server.add_insecure_port(config.url)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(config.url) as channel:
+            stub = pb_grpc.TextGenerationServiceStub(channel)
+            blocks = engine.pool.allocate(32)
+            request = _request(5, PROMPTS[0], 6, blocks=blocks, slots=[])
+            pre = await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=9, requests=[request])))
+            await stub.Health(pb.HealthRequest())  # after whatever the engine thread had queued
+            assert (engine._ahead is not None) == on
+            tokens = [g.tokens.ids[0] for g in pre.generations]
+            batch = pre.batch
+            while pre.HasField("batch"):
+                pre = await stub.Decode(pb.DecodeRequest(batches=[batch]))
+                tokens += [g.tokens.ids[0] for g in pre.generations]
+                batch = pre.batch
+            assert len(tokens) == 6
+            engine.pool.free(blocks)
+    finally:
+        await server.stop(None)
+    assert not engine.batches and engine._ahead is None
