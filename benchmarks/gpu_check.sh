@@ -11,7 +11,7 @@
 #      transformers vs the HBM bound (1B; then Qwen3-0.6B, a second family)
 #   5. pytgi-benchmark against a 1B shard, batch 1..256
 #   6. load generator (compare.py): pytgi vs transformers static batches, 1B, varied workload,
-#      concurrency 64 and 1
+#      concurrency 64 and 1; then the shards' step ahead on and off (step_ahead.py), 1B
 #   7. where a batch-1 step's time goes (profiler); the quantized layers' kernels alone at
 #      the 1B's shapes; the step with fp8 / int8 / int4 weights and an fp8 KV cache
 #   8. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
@@ -93,6 +93,10 @@ fi
 check compare 200 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --device cuda \
   --dtype bfloat16 --workload varied --concurrency 64 --concurrency 1 --requests 64 --no-cb \
   --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 --json "$OUT/compare_1b.json"
+
+check step-ahead 150 $PY benchmarks/step_ahead.py --model-id "$MODELS/llama-1b" \
+  --dtype bfloat16 --concurrency 1 --concurrency 16 --rounds 1 --new 64 \
+  --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5
 
 check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
 

@@ -51,8 +51,9 @@ class ShardConfig:
     quantize_group_size: int = 32  # int4: inputs per group (32, 64 or 128)
     cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
     # a decoding batch's next step runs as soon as a step's reply is queued, before the
-    # router asks for it (ShardEngine.step_ahead): the round trip overlaps the step
-    step_ahead: bool = True
+    # router asks for it (ShardEngine.step_ahead): the round trip overlaps the step. Off
+    # until it measures faster: on 2 CPU cores it did not (benchmarks/step_ahead.py)
+    step_ahead: bool = False
     # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
     disable_custom_kernels: bool = False
     # reported by Info; the router shares cached prefixes

@@ -193,3 +193,76 @@ async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
     finally:
         await server.stop(None)
     assert not engine.batches and engine._ahead is None
+
+
+@pytest.mark.slow
+def test_the_benchmark_fills_its_table(tiny_model_dir):
+    """benchmarks/step_ahead.py on the tiny model, briefly: both settings served every
+    request at each concurrency and every cell holds a number."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import free_port
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "step_ahead.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model-id", str(tiny_model_dir), "--prompt", "8",
+         "--new", "8", "--rounds", "1", "--requests-per-client", "1", "--concurrency", "1",
+         "--concurrency", "2", "--port", str(free_port())],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert "cores" in lines[0] and "float32" in lines[0]
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "---" not in line]
+    assert [cells[0].strip() for cells in rows[1:]] == ["1", "2"]
+    for cells in rows[1:]:
+        assert all(cell.strip()[0].isdigit() for cell in cells), cells
+
+
+@pytest.mark.slow
+def test_served_texts_equal_without_it(tiny_model_dir, tmp_path):
+    """Through pytgi-launcher and the router, concurrent requests (greedy and seeded, length
+    and stop-sequence ends, one cancelled midway) give the same texts with the step ahead."""
+    import asyncio
+
+    import httpx
+
+    from tests.conftest import LauncherServer
+
+    bodies = [
+        {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 12, "ignore_eos": True}},
+        {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": 5, "ignore_eos": True}},
+        {"inputs": PROMPTS[2], "parameters": {"max_new_tokens": 9, "do_sample": True,
+                                              "seed": 3, "ignore_eos": True}},
+    ]  # fmt: skip
+
+    async def serve(url: str) -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+            async def cancelled() -> None:  # leaves after its first tokens
+                body = {"inputs": PROMPTS[0], "parameters": {"max_new_tokens": 200}}
+                async with client.stream("POST", "/generate_stream", json=body) as reply:
+                    async for line in reply.aiter_lines():
+                        if line.startswith("data:"):
+                            break
+
+            replies = await asyncio.gather(
+                cancelled(), *(client.post("/generate", json=b) for b in bodies)
+            )
+            return [r.json()["generated_text"] for r in replies[1:]]
+
+    texts = {}
+    for setting in ("--no-step-ahead", "--step-ahead"):
+        workdir = tmp_path / setting.lstrip("-")
+        workdir.mkdir()
+        args = ["--model-id", str(tiny_model_dir), "--max-total-tokens", "1024", setting]
+        srv = LauncherServer(workdir, [*args, "--max-input-tokens", "100"])
+        try:
+            texts[setting] = asyncio.run(serve(srv.url))
+            texts[setting].append(asyncio.run(serve(srv.url))[0])  # a second round, warm
+        finally:
+            srv.stop()
+    assert texts["--step-ahead"] == texts["--no-step-ahead"]
+    assert all(texts["--step-ahead"])
