@@ -9,12 +9,7 @@ import pytest
 
 from shard.sampling import SamplingParams
 from tests.helpers import Collector, make_engine, spec
-
-PROMPTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello",
-    "In a hole in the ground there lived a hobbit.",
-]
+from tests.test_engine_tiny import PROMPTS
 
 
 @pytest.fixture(scope="module")
