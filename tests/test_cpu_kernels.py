@@ -43,9 +43,16 @@ def _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window=0, softca
 @pytest.mark.parametrize("window, softcap", [(0, 0.0), (1, 0.0), (17, 0.0), (64, 0.0), (17, 1.5)])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-@pytest.mark.parametrize("heads,kv_heads,dim", [(9, 3, 64), (4, 4, 32), (8, 1, 16)])
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim",
+    [(9, 3, 64), (4, 4, 32), (8, 1, 16), (16, 4, 128), (12, 1, 80), (6, 2, 24), (14, 2, 64)],
+)
 def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim, window, softcap):
-    """Windows (0: none) and soft-capped scores as well."""
+    """Windows (0: none) and soft-capped scores as well. The shapes take every form of the
+    kernel: values summed in registers for groups of 1-8 query heads (in one pass over the
+    keys, or several when dim is wide), a key at a time past 8 (12 per KV head here),
+    bfloat16 keys by bf16 dot products (dim a multiple of 32) or widened (80), and dims that
+    are no multiple of the vector width (24 with AVX-512)."""
     gen = torch.Generator().manual_seed(rows * 31 + heads)
     blocks, bs = 64, 16
     k_cache = torch.randn(blocks, bs, kv_heads, dim, generator=gen).to(dtype)
