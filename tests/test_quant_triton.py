@@ -106,6 +106,29 @@ def test_slices_of_k_add_up_to_the_whole_product(rows, split):
     assert _relative_error(q4_linear(x, packed, scales, mins, split=split), expected) < 1e-5
 
 
+def _nan_after(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a buffer whose next elements are NaN: a read past t's end shows."""
+    buffer = torch.full((t.numel() + 256,), float("nan"), dtype=t.dtype)
+    buffer[: t.numel()] = t.flatten()
+    return buffer[: t.numel()].view(t.shape)
+
+
+@pytest.mark.parametrize("group", [32, None])  # a scale per 32 inputs; per output channel
+def test_a_split_past_k_reads_no_scale_beyond_the_last(group):
+    """The last slice of a split K runs past K (1280 inputs in 3 slices of 448): its steps
+    there read no scale or min (the last output's would lie past the tensors' ends; found
+    as a NaN in the last output of the test above, once in a full run)."""
+    weight, x = _case(1024 + 256, 48, 1)
+    q, scales = quantize_int8(weight, group)
+    expected = x.double() @ dequantize_int8(q, scales).double().T
+    out = q8_linear(x, q, _nan_after(scales), split=3)
+    assert _relative_error(out, expected) < 1e-5
+    packed, scales, mins = quantize_int4(weight, 64 if group else 1280)
+    expected = x.double() @ dequantize_int4(packed, scales, mins).double().T
+    out = q4_linear(x, packed, _nan_after(scales), _nan_after(mins), split=3)
+    assert _relative_error(out, expected) < 1e-5
+
+
 def test_k_is_split_until_the_gpu_has_enough_programs():
     """On one multiprocessor (the interpreter's count) 8 programs are enough; many rows'
     partial sums limit the split."""

@@ -65,8 +65,10 @@ def _q8_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
         q = tl.load(q_ptr + cols[:, None].to(tl.int64) * K + (start + k)[None, :],
                     mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
-        if GROUP % BLOCK_K == 0:  # one scale per output across the step
-            s = tl.load(s_ptr + cols * GROUPS + start // GROUP, mask=col_ok, other=0.0)
+        if GROUP % BLOCK_K == 0:  # one scale per output across the step (none past K: the
+            # last slice of a split K may run past it, and 0 x what lies beyond can be NaN)
+            in_k = col_ok & (cols * 0 + start < K)
+            s = tl.load(s_ptr + cols * GROUPS + start // GROUP, mask=in_k, other=0.0)
             w = q.to(tl.float32) * s.to(tl.float32)[:, None]
         else:
             s = tl.load(s_ptr + cols[:, None] * GROUPS + ((start + k) // GROUP)[None, :],
@@ -113,8 +115,9 @@ def _q4_kernel(
                          mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
         if GROUP % BLOCK_K == 0:  # one scale and min per output across the step
             group = cols * GROUPS + start // GROUP
-            s = tl.load(s_ptr + group, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-            m = tl.load(m_ptr + group, mask=col_ok, other=0.0)[:, None]
+            ok = col_ok & (cols * 0 + start < K)  # none past K, as the int8 kernel
+            s = tl.load(s_ptr + group, mask=ok, other=0.0).to(tl.float32)[:, None]
+            m = tl.load(m_ptr + group, mask=ok, other=0.0)[:, None]
         else:
             group = cols[:, None] * GROUPS + ((start + block * 32) // GROUP)[None, :]
             ok = col_ok[:, None] & k_ok[None, :]
