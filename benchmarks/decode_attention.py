@@ -42,9 +42,12 @@ class Step:
         gen = torch.Generator().manual_seed(seed)
         width = -(-ctx // BLOCK)
         blocks = rows * width + 1  # block 0 unused, as the server's padding block
+        stored = dtype
+        if dtype == torch.float8_e4m3fn:  # an fp8 cache beside bfloat16 queries
+            dtype = torch.bfloat16
 
         def cache():
-            return torch.randn(blocks, BLOCK, kv_heads, dim, generator=gen).to(dtype)
+            return torch.randn(blocks, BLOCK, kv_heads, dim, generator=gen).to(stored)
 
         self.caches = [(cache(), cache()) for _ in range(layers)]
         order = torch.randperm(blocks - 1, generator=gen) + 1
@@ -52,7 +55,7 @@ class Step:
         self.context = torch.full((rows,), ctx)
         self.q = torch.randn(rows, heads, dim, generator=gen).to(dtype)
         self.scale = dim**-0.5
-        element = torch.finfo(dtype).bits // 8
+        element = torch.finfo(stored).bits // 8
         self.bytes = 2 * layers * rows * ctx * kv_heads * dim * element  # K and V read
 
     def kernel(self) -> None:
@@ -70,8 +73,8 @@ class Step:
         mask = (positions < self.context.unsqueeze(1))[:, None, None, :]
         grouped = self.q.view(rows, kv_heads, heads // kv_heads, dim)
         for k_cache, v_cache in self.caches:
-            keys = gather_blocks(k_cache, flat, rows).transpose(1, 2)
-            values = gather_blocks(v_cache, flat, rows).transpose(1, 2)
+            keys = gather_blocks(k_cache, flat, rows).to(self.q.dtype).transpose(1, 2)
+            values = gather_blocks(v_cache, flat, rows).to(self.q.dtype).transpose(1, 2)
             F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=self.scale)
 
 
@@ -88,14 +91,15 @@ def fastest_ms(fn, rounds: int, calls: int = 5) -> float:
 def measure(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows_out = []
-    for dtype in (torch.bfloat16, torch.float32):
+    for name in args.dtypes:
+        dtype = getattr(torch, name)
         for rows, ctx in args.cases:
             step = Step(rows, ctx, args.heads, args.kv_heads, args.head_dim, args.layers, dtype)
             with torch.inference_mode():
                 kernel = fastest_ms(step.kernel, args.rounds)
                 plain = fastest_ms(step.torch_path, args.rounds)
             rows_out.append(
-                {"dtype": str(dtype).removeprefix("torch."), "rows": rows, "keys": ctx,
+                {"dtype": name, "rows": rows, "keys": ctx,
                  "kernel_ms": kernel, "torch_ms": plain,
                  "gbps": step.bytes / kernel / 1e6}
             )  # fmt: skip
@@ -131,6 +135,12 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--kv-heads", type=int, default=3)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--dtypes",
+        type=lambda text: text.split(","),
+        default=["bfloat16", "float32"],
+        help="the caches' dtypes, comma-separated; float8_e4m3fn: beside bfloat16 queries",
+    )
     parser.add_argument(
         "--cases", type=parse_cases, default=CASES, help="requests x keys, comma-separated"
     )

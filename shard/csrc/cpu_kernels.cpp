@@ -211,6 +211,18 @@ struct Lanes {
     const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
+  static V load(const uint8_t* p) {  // 16 fp8 e4m3fn values, as widen8 does 8
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+    const __m512 normal = _mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23)));
+    const __m512 sub = _mm512_mul_ps(
+        _mm512_cvtepi32_ps(_mm512_and_si512(mag, _mm512_set1_epi32(7))), _mm512_set1_ps(0x1p-9f));
+    const __mmask16 is_sub = _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    return _mm512_castsi512_ps(_mm512_or_si512(
+        _mm512_castps_si512(_mm512_mask_blend_ps(is_sub, normal, sub)), sign));
+  }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
@@ -225,6 +237,7 @@ struct Lanes {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load(const uint16_t* p) { return load8(p); }
+  static V load(const uint8_t* p) { return widen8(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V v) { return hsum(v); }
@@ -458,10 +471,10 @@ bool values_of_group(int64_t group, const float* p, int64_t ctx, const R* vp,
 #endif
 
 #ifdef PYTGI_ATTEND_AVX2
-// attend() for caches in q's dtype (float32 or bfloat16) with d a multiple of the vector
-// width, in Lanes' vectors: bfloat16 keys are read in place by bf16 dot products where the
-// CPU has them, else each key's row (every KV head the task reads) is widened to float32
-// once for all the query heads (attend() widens it per query head); the values' sums stay in
+// attend() for d a multiple of the vector width, in Lanes' vectors: bfloat16 keys are read
+// in place by bf16 dot products where the CPU has them, else each key's row (every KV head
+// the task reads; bfloat16 or fp8) is widened to float32 once for all the query heads
+// (attend() widens it per query head); the values' sums stay in
 // registers (values_of). Key positions are walked block by block (attend() divides per key).
 // Keys kAhead ahead are prefetched. The same sums as attend()'s in another order. Against
 // attend(), before the prefetches (Zen 5, 2 cores, SmolLM2 decode steps alternating in one
@@ -470,7 +483,8 @@ bool values_of_group(int64_t group, const float* p, int64_t ctx, const R* vp,
 template <typename T, typename R>
 void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t first,
                   int64_t end, int64_t bs, int64_t kv_heads, int64_t group, int64_t d,
-                  int64_t q_head, float scale, float softcap, int64_t h0, int64_t h1, T* op,
+                  int64_t q_head, float scale, float softcap, float v_scale, int64_t h0,
+                  int64_t h1, T* op,
                   std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
                   std::vector<float>& wide, std::vector<int64_t>& slots) {
   using V = Lanes::V;
@@ -564,7 +578,7 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
     }
   }
   for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i]);
+    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i] * v_scale);
 }
 #endif
 
@@ -594,13 +608,12 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
       const int64_t r = task / splits, h0 = task % splits * per_split;
       const int64_t first = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
 #ifdef PYTGI_ATTEND_AVX2
-      if constexpr (!std::is_same_v<R, uint8_t>) {
-        if (d % Lanes::kWidth == 0) {
-          attend_lanes(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group,
-                       d, q_head, static_cast<float>(scale), static_cast<float>(softcap), h0,
-                       h0 + per_split, op + r * heads * d, qf, scores, acc, wide, slots);
-          continue;
-        }
+      if (d % Lanes::kWidth == 0) {
+        attend_lanes(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group,
+                     d, q_head, static_cast<float>(scale), static_cast<float>(softcap),
+                     static_cast<float>(v_scale), h0, h0 + per_split, op + r * heads * d, qf,
+                     scores, acc, wide, slots);
+        continue;
       }
 #endif
       attend(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group, d,
