@@ -199,9 +199,10 @@ inline void store_bf16(uint16_t* p, __m256 v) {
 }
 
 // The widest float32 vectors here (16 lanes with AVX-512, else 8), for the decode attention:
-// loads of float32 or bfloat16 (widened) values, multiply-adds, and 4 sums reduced at once.
+// loads of float32, bfloat16 or fp8 e4m3fn (widened) values, multiply-adds, and 4 sums
+// reduced at once.
 struct Lanes {
-#if defined(__AVX512F__) && !defined(PYTGI_LANES8)
+#ifdef __AVX512F__
   using V = __m512;
   static constexpr int64_t kWidth = 16;
   static V zero() { return _mm512_setzero_ps(); }
@@ -291,6 +292,18 @@ inline const float* row_values(const uint8_t* row, int64_t count, float* buf) {
   return buf;
 }
 
+// Scores [n, ctx] -> their softmax per row, each soft-capped first when softcap > 0.
+inline void soften(float* scores, int64_t n, int64_t ctx, float softcap) {
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = scores + j * ctx;
+    const float top = *std::max_element(s, s + ctx);
+    const float inv = 1.f / exp_sum(s, ctx, top);
+    for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
+  }
+}
+
 // Attends query heads [h0, h1) of request r to the keys at positions [first, end). Keys of
 // one slot lie together for all KV heads (KVH * D values), so a task that covers every head
 // reads each slot's row once.
@@ -335,14 +348,7 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
     for (int64_t j = 0; j < n; ++j)
       scores[j * ctx + t] = dot(&qf[j * d], keys + ((h0 + j) / group - kv0) * d, d);
   }
-  if (softcap > 0.f)
-    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
-  for (int64_t j = 0; j < n; ++j) {  // softmax over t
-    float* s = &scores[j * ctx];
-    const float top = *std::max_element(s, s + ctx);
-    const float inv = 1.f / exp_sum(s, ctx, top);
-    for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
-  }
+  soften(scores.data(), n, ctx, softcap);
   for (int64_t t = 0; t < ctx; ++t) {  // acc[j] = sum_t p[j, t] v_(first + t)
     const int64_t pos = first + t;
     const R* row = vp + (table[pos / bs] * bs + pos % bs) * kv_heads * d + kv0 * d;
@@ -410,9 +416,10 @@ inline void score_bf16(const uint16_t* qp, int64_t q_head, int64_t h0, int64_t n
 
 #ifdef PYTGI_ATTEND_AVX2
 // acc[g, i] = sum_t p[g, t] v_t[off + i] for the G query heads of one KV head (p: their
-// softmaxed scores, rows of `ctx`), i < d, d a multiple of 2 vector widths: the G x 2 sums
-// of two vectors of values stay in registers over every key (G <= 8 with 32 registers,
-// G <= 4 with 16), instead of a load and a store of each sum per key.
+// softmaxed scores, rows of `ctx`), i < d, d a multiple of S vector widths: per pass over
+// the keys the G x S sums of S vectors of values stay in registers, instead of a load and a
+// store of each sum per key. One pass over the keys, rather than several narrower ones,
+// measured faster (the rows' reads).
 template <int G, int S, typename R>
 void values_of(const float* p, int64_t ctx, const R* vp, const int64_t* slots, int64_t off,
                int64_t d, float* acc) {
@@ -474,8 +481,8 @@ bool values_of_group(int64_t group, const float* p, int64_t ctx, const R* vp,
 // attend() for d a multiple of the vector width, in Lanes' vectors: bfloat16 keys are read
 // in place by bf16 dot products where the CPU has them, else each key's row (every KV head
 // the task reads; bfloat16 or fp8) is widened to float32 once for all the query heads
-// (attend() widens it per query head); the values' sums stay in
-// registers (values_of). Key positions are walked block by block (attend() divides per key).
+// (attend() widens it per query head); the values' sums stay in registers (values_of). Key
+// positions are walked block by block (attend() divides per key).
 // Keys kAhead ahead are prefetched. The same sums as attend()'s in another order. Against
 // attend(), before the prefetches (Zen 5, 2 cores, SmolLM2 decode steps alternating in one
 // process): batch 32 bfloat16 0.80-0.92x its time, float32 0.93-0.96x; batch 1 (the whole
@@ -556,14 +563,7 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
       scores[j * ctx + t] = Lanes::sum(a);
     }
   }
-  if (softcap > 0.f)
-    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
-  for (int64_t j = 0; j < n; ++j) {  // softmax over t
-    float* s = &scores[j * ctx];
-    const float top = *std::max_element(s, s + ctx);
-    const float inv = 1.f / exp_sum(s, ctx, top);
-    for (int64_t u = 0; u < ctx; ++u) s[u] *= inv;
-  }
+  soften(scores.data(), n, ctx, softcap);
   // acc[j] = sum_t p[j, t] v_t: per KV head in registers where they fit, else a key at a time
   bool summed = n % group == 0 && h0 % group == 0;
   for (int64_t h = 0; summed && h < n / group; ++h)
