@@ -32,3 +32,25 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
         if name.startswith(("TPOT", "decode step", "prefill")):
             assert bound[0].isdigit() and ratio[0].isdigit(), name
             assert goal or name.startswith("decode step in-process"), name
+    notes = {figures[name][3] for name in figures if name.startswith("matmul rate")}
+    assert notes <= {"F.linear", "oneDNN packed", "F.linear / oneDNN packed",
+                     "oneDNN packed / F.linear"}, notes  # fmt: skip
+
+
+def test_the_rate_bound_counts_the_shard_s_own_packed_products():
+    """The matrix-multiply rate is the faster of `F.linear` and oneDNN's linear on weights
+    packed once, as the shard multiplies (a bound from `F.linear` alone read 204% at c=32)."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cpu_limits as module
+
+    weight, x = torch.randn(24, 40), torch.randn(3, 40)
+    forms = module._linear_forms(weight)
+    if torch.backends.mkldnn.is_available():
+        assert set(forms) == {"F.linear", "oneDNN packed"}
+    for name, form in forms.items():
+        torch.testing.assert_close(form(x), x @ weight.T, msg=name)
+    shapes = module.Shapes(layer=[(40, 24)], layers=1, head=(40, 8))
+    rate, form = module.matmul_rate(shapes, 4, torch.float32, 1)
+    assert rate > 0 and form in forms
