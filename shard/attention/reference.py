@@ -3,7 +3,8 @@
 Decode rows are attended in one batched call: on CPU by the compiled paged-decode kernel
 (shard/cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
 K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
-time (plain causal when nothing is cached, masked over the gathered prefix otherwise). A
+time (plain causal when nothing is cached, masked over the gathered prefix otherwise; in
+bfloat16 on a CPU with bf16 dot products by the compiled prefill kernel instead). A
 sliding window (`attend(..., window=w)`, per layer) narrows every mask to the last w keys;
 soft-capped scores (`softcap`, Gemma 2) take PyTorch's plain ops instead of SDPA.
 """
@@ -114,8 +115,31 @@ def attend_prefill_rows(
             q_t, k_t, v_t = (t.transpose(0, 1).unsqueeze(0) for t in (q_row, k_row, v_row))
             result = capped_attention(q_t, k_t, v_t, mask, scale, softcap)[0].transpose(0, 1)
         else:
-            result = _prefill(q_row, k_row, v_row, mask, scale, group)
+            result = None
+            if window <= 0 or window >= row.cached + row.length:  # plain causal
+                keys = row.cached + row.length  # the gathered blocks' padding dropped
+                result = _kernel_prefill(q_row, k_row[:keys], v_row[:keys], scale)
+            if result is None:
+                result = _prefill(q_row, k_row, v_row, mask, scale, group)
         out[row.start : row.start + row.length] = result
+
+
+def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
+    """q [n, H, D] over its causal keys k, v [ctx, KVH, D] (a cached prefix, then the n
+    new tokens) by the compiled kernel: bfloat16 on a CPU with bf16 dot products, D a
+    multiple of 32 up to 128 (2-4x SDPA's speed at 128-2048 tokens, benchmarks/RESULTS.md);
+    None where it does not apply."""
+    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        return None
+    head_dim = q.shape[2]
+    if head_dim % 32 or head_dim > 128 or q.stride(2) != 1 or q.stride(1) != head_dim:
+        return None
+    from shard import cpu_kernels
+
+    module = cpu_kernels.load()
+    if module is None or not hasattr(module, "prefill_attention"):
+        return None
+    return module.prefill_attention(q, k, v, scale)
 
 
 def capped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include "kernels.h"
+#include "vec_exp.h"
 
 #include <algorithm>
 #include <cmath>
@@ -92,13 +93,6 @@ inline __m256 widen8(const uint8_t* p) {
   return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), _mm256_castsi256_ps(sign));
 }
 
-inline float hsum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  x = _mm_add_ss(x, _mm_movehdup_ps(x));
-  return _mm_cvtss_f32(x);
-}
-
 inline float dot(const float* q, const uint8_t* k, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -139,39 +133,6 @@ inline __m128 dot4(const float* q, const R* const* k, int64_t d) {
   // gives [a0 0123, a1 0123, a2 0123, a3 0123 | the 4567 sums], the halves added last.
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-// e^x of 8 values: Cephes' expf, relative error ~1e-7; x is first clamped to [-87.3, 88.3]
-// (e^x stays a normal float32).
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 n = _mm256_floor_ps(
-      _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f,
-                        5.0000001201e-1f})
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i two_n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(two_n));
-}
-
-// s[t] = e^(s[t] - top) for t < n; returns their sum.
-inline float exp_sum(float* s, int64_t n, float top) {
-  __m256 total = _mm256_setzero_ps();
-  const __m256 shift = _mm256_set1_ps(top);
-  int64_t t = 0;
-  for (; t + 8 <= n; t += 8) {
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), shift));
-    _mm256_storeu_ps(s + t, e);
-    total = _mm256_add_ps(total, e);
-  }
-  float sum = hsum(total);
-  for (; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
-  return sum;
 }
 
 // 8 float32 rounded to bfloat16 as c10::BFloat16 rounds (to nearest, ties to even; NaN to
@@ -252,12 +213,6 @@ struct Lanes {
   }
 };
 #define PYTGI_ATTEND_AVX2 1  // dot4, exp8, exp_sum and the bfloat16 roundings are defined
-#else
-inline float exp_sum(float* s, int64_t n, float top) {
-  float sum = 0.f;
-  for (int64_t t = 0; t < n; ++t) sum += (s[t] = std::exp(s[t] - top));
-  return sum;
-}
 #endif
 
 template <typename R>

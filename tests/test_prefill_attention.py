@@ -1,0 +1,108 @@
+"""The compiled bfloat16 prefill attention (shard/csrc/cpu_kernels.cpp, bf16 dot products):
+causal over a cached prefix and the new tokens, against float32 SDPA within bfloat16's
+rounding; the reference backend's prefill rows take it where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shard import cpu_kernels
+from shard.attention import reference
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    module = cpu_kernels.load()
+    assert module is not None, "the CPU kernels must build here (make install builds them)"
+    if not hasattr(module, "prefill_attention"):
+        pytest.skip("no bf16 dot products on this CPU (avx512_bf16): prefill rows take SDPA")
+    return module
+
+
+def _reference(q, k, v, scale):
+    """float32 SDPA of q [n, H, D] over k, v [ctx, KVH, D], query i seeing keys <= ctx - n + i."""
+    n, ctx = q.shape[0], k.shape[0]
+    mask = torch.ones(n, ctx, dtype=torch.bool).tril(ctx - n)
+    q, k, v = (t.float().transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize(
+    "new, cached, heads, kv_heads, dim",
+    [(128, 0, 9, 3, 64), (5, 0, 9, 3, 64), (37, 63, 4, 2, 32), (200, 0, 8, 8, 128),
+     (1, 16, 6, 2, 64), (64, 236, 9, 3, 64), (9, 0, 2, 1, 96), (33, 0, 3, 1, 64)],
+)  # fmt: skip
+def test_prefill_attention_is_causal_sdpa_within_bfloat16(
+    kernels, new, cached, heads, kv_heads, dim
+):
+    """Rows past a block of 8 and keys past a pair or a chunk of 16, one KV head per query
+    head up to 9 per KV head, head sizes 32-128: each output within bfloat16's rounding of the
+    probabilities and of the output itself."""
+    gen = torch.Generator().manual_seed(new + cached + dim)
+    q = torch.randn(new, heads, dim, generator=gen).bfloat16()
+    k = torch.randn(cached + new, kv_heads, dim, generator=gen).bfloat16()
+    v = torch.randn(cached + new, kv_heads, dim, generator=gen).bfloat16()
+    out = kernels.prefill_attention(q, k, v, dim**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    expected = _reference(q, k, v, dim**-0.5)
+    slack = 2**-7 * (expected.abs() + v.float().abs().max())
+    assert ((out.float() - expected).abs() <= slack).all()
+
+
+def test_a_strided_query_view_reads_its_own_rows(kernels):
+    """q as a slice of a wider row (the fused QKV output) and k, v as views."""
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(20, (9 + 2 * 3) * 64, generator=gen).bfloat16()
+    q = qkv[:, : 9 * 64].view(20, 9, 64)
+    k = qkv[:, 9 * 64 : 12 * 64].view(20, 3, 64)
+    v = qkv[:, 12 * 64 :].view(20, 3, 64)
+    out = kernels.prefill_attention(q, k, v, 0.125)
+    torch.testing.assert_close(
+        out,
+        kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.125),
+        rtol=0,
+        atol=0,
+    )
+    expected = _reference(q, k, v, 0.125)
+    assert (
+        (out.float() - expected).abs() <= 2**-7 * (expected.abs() + v.float().abs().max())
+    ).all()
+
+
+@pytest.mark.parametrize("cached", [0, 21])
+def test_the_reference_backend_prefills_through_the_kernel(kernels, monkeypatch, cached):
+    """A request's prefill rows (fresh, or after a cached prefix gathered from its blocks with
+    their padding) go through the kernel, and agree with the SDPA path within bfloat16."""
+    calls = []
+    original = kernels.prefill_attention
+    monkeypatch.setattr(kernels, "prefill_attention", lambda *a: calls.append(a) or original(*a))
+    gen = torch.Generator().manual_seed(cached)
+    new, heads, kv_heads, dim, bs = 11, 9, 3, 64, 16
+    q = torch.randn(new, heads, dim, generator=gen).bfloat16()
+    k = torch.randn(new, kv_heads, dim, generator=gen).bfloat16()
+    v = torch.randn(new, kv_heads, dim, generator=gen).bfloat16()
+    blocks = -(-(cached + new) // bs)
+    k_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).bfloat16()
+    v_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).bfloat16()
+    table = torch.arange(1, blocks + 1)
+    slots = torch.arange(cached, cached + new) + bs  # block i + 1 holds positions of block i
+    k_cache.view(-1, kv_heads, dim)[slots] = k
+    v_cache.view(-1, kv_heads, dim)[slots] = v
+    if cached:
+        key_pos = torch.arange(blocks * bs).unsqueeze(0)
+        mask = key_pos <= torch.arange(cached, cached + new).unsqueeze(1)
+        row = reference.PrefillRow(0, new, table, mask, cached)
+    else:
+        row = reference.PrefillRow(0, new, None, None)
+    out = torch.empty_like(q)
+    reference.attend_prefill_rows(q, k, v, k_cache, v_cache, [row], dim**-0.5, out)
+    assert len(calls) == 1 and calls[0][1].shape[0] == cached + new  # padding dropped
+    keys = k_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
+    values = v_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
+    expected = _reference(q, keys, values, dim**-0.5)
+    assert (
+        (out.float() - expected).abs() <= 2**-7 * (expected.abs() + values.float().abs().max())
+    ).all()
