@@ -127,7 +127,7 @@ def attend_prefill_rows(
 def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
     """q [n, H, D] over its causal keys k, v [ctx, KVH, D] (a cached prefix, then the n
     new tokens) by the compiled kernel: bfloat16 on a CPU with bf16 dot products, D a
-    multiple of 32 up to 128 (2-4x SDPA's speed at 128-2048 tokens, benchmarks/RESULTS.md);
+    multiple of 32 up to 128 (3-6x SDPA's speed at 128-2048 tokens, benchmarks/RESULTS.md);
     None where it does not apply."""
     if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.bfloat16:
         return None

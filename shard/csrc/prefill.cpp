@@ -30,7 +30,8 @@ namespace {
 // values packed as pairs of keys (vt: [KVH][ctx16 / 2][D]), 4 rows x D / 16 sums in
 // registers. ctx16: the keys rounded up to 32 (whole chunks of 16 pairs), zeros past ctx.
 // Against PyTorch's SDPA (its CPU flash attention), SmolLM2's 9 query heads over 3 KV heads
-// of 64, Zen 5, 2 threads: 4.0x its speed at 128 tokens, 3.5x at 512, 2.2x at 2048.
+// of 64, Zen 5, 2 threads: 5.9x its speed at 128 tokens, 5.8x at 512, 3.2x at 2048 (with
+// the softmax in 16 lanes; its max and exponentials in 1 and 8 lanes: 4.0x, 3.5x, 2.2x).
 constexpr int64_t kPrefillRows = 8;
 
 // scores[r][0 .. chunks * 16) = scale * q_r . k_j for the R (<= kPrefillRows) rows q_r (each
@@ -79,15 +80,28 @@ inline void prefill_values(const uint32_t* probs, int64_t p_row, const uint32_t*
 }
 
 // Row r's scores [0, keys) -> its softmax rounded to bfloat16, in pairs of keys into
-// probs[0 .. pairs_out) (zeros past keys).
+// probs[0 .. pairs_out) (zeros past keys); s has room for 2 * pairs_out >= keys floats.
 inline void prefill_softmax(float* s, int64_t keys, int64_t pairs_out, uint32_t* probs) {
-  float top = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < keys; ++j) top = std::max(top, s[j]);
-  const float inv = 1.f / exp_sum(s, keys, top);
-  for (int64_t j = keys; j < 2 * pairs_out; ++j) s[j] = 0.f;
+  auto in = [keys](int64_t j) {  // the lanes of s[j .. j + 16) below keys
+    return static_cast<__mmask16>(keys - j >= 16 ? 0xFFFF : (1u << (keys - j)) - 1);
+  };
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 tops = lowest;
+  for (int64_t j = 0; j < keys; j += 16)
+    tops = _mm512_max_ps(tops, _mm512_mask_loadu_ps(lowest, in(j), s + j));
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(tops));
+  __m512 total = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j < keys; j += 16) {  // e^(s - top), zero past keys
+    const __m512 e = _mm512_maskz_mov_ps(in(j), exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), top)));
+    _mm512_storeu_ps(s + j, e);
+    total = _mm512_add_ps(total, e);
+  }
+  for (; j < 2 * pairs_out; j += 16) _mm512_storeu_ps(s + j, _mm512_setzero_ps());
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
   for (int64_t jp = 0; jp < pairs_out; jp += 16) {
-    const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(s + 2 * jp), _mm512_set1_ps(inv));
-    const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(s + 2 * jp + 16), _mm512_set1_ps(inv));
+    const __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(s + 2 * jp), inv);
+    const __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(s + 2 * jp + 16), inv);
     _mm512_storeu_si512(probs + jp, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
   }
 }
