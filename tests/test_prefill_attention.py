@@ -1,6 +1,7 @@
-"""The compiled bfloat16 prefill attention (shard/csrc/cpu_kernels.cpp, bf16 dot products):
-causal over a cached prefix and the new tokens, against float32 SDPA within bfloat16's
-rounding; the reference backend's prefill rows take it where it applies."""
+"""The compiled prefill attention (shard/csrc/prefill.cpp; AVX-512: float32, and bfloat16 by
+bf16 dot products): causal over a cached prefix and the new tokens, against float32 SDPA
+within float32's (bfloat16's) rounding; the reference backend's prefill rows take it where
+it applies."""
 
 from __future__ import annotations
 
@@ -17,8 +18,24 @@ def kernels():
     module = cpu_kernels.load()
     assert module is not None, "the CPU kernels must build here (make install builds them)"
     if not hasattr(module, "prefill_attention"):
-        pytest.skip("no bf16 dot products on this CPU (avx512_bf16): prefill rows take SDPA")
+        pytest.skip("no AVX-512 on this CPU: prefill rows take SDPA")
     return module
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def dtype(request, kernels):
+    if str(request.param).removeprefix("torch.") not in kernels.prefill_dtypes:
+        pytest.skip(f"{request.param} prefills take SDPA here (no bf16 dot products)")
+    return request.param
+
+
+def _within(out, expected, v, dtype) -> bool:
+    """Each output within the rounding of its dtype: float32 sums in another order, or
+    bfloat16's rounding of the probabilities and of the output."""
+    unit = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    return bool(
+        ((out.float() - expected).abs() <= unit * (expected.abs() + v.float().abs().max())).all()
+    )
 
 
 def _reference(q, k, v, scale):
@@ -35,58 +52,46 @@ def _reference(q, k, v, scale):
     [(128, 0, 9, 3, 64), (5, 0, 9, 3, 64), (37, 63, 4, 2, 32), (200, 0, 8, 8, 128),
      (1, 16, 6, 2, 64), (64, 236, 9, 3, 64), (9, 0, 2, 1, 96), (33, 0, 3, 1, 64)],
 )  # fmt: skip
-def test_prefill_attention_is_causal_sdpa_within_bfloat16(
-    kernels, new, cached, heads, kv_heads, dim
-):
+def test_prefill_attention_is_causal_sdpa(kernels, dtype, new, cached, heads, kv_heads, dim):
     """Rows past a block of 8 and keys past a pair or a chunk of 16, one KV head per query
-    head up to 9 per KV head, head sizes 32-128: each output within bfloat16's rounding of the
-    probabilities and of the output itself."""
+    head up to 9 per KV head, head sizes 32-128."""
     gen = torch.Generator().manual_seed(new + cached + dim)
-    q = torch.randn(new, heads, dim, generator=gen).bfloat16()
-    k = torch.randn(cached + new, kv_heads, dim, generator=gen).bfloat16()
-    v = torch.randn(cached + new, kv_heads, dim, generator=gen).bfloat16()
+    q = torch.randn(new, heads, dim, generator=gen).to(dtype)
+    k = torch.randn(cached + new, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(cached + new, kv_heads, dim, generator=gen).to(dtype)
     out = kernels.prefill_attention(q, k, v, dim**-0.5)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    expected = _reference(q, k, v, dim**-0.5)
-    slack = 2**-7 * (expected.abs() + v.float().abs().max())
-    assert ((out.float() - expected).abs() <= slack).all()
+    assert out.dtype == dtype and out.shape == q.shape
+    assert _within(out, _reference(q, k, v, dim**-0.5), v, dtype)
 
 
-def test_a_strided_query_view_reads_its_own_rows(kernels):
+def test_a_strided_query_view_reads_its_own_rows(kernels, dtype):
     """q as a slice of a wider row (the fused QKV output) and k, v as views."""
     gen = torch.Generator().manual_seed(3)
-    qkv = torch.randn(20, (9 + 2 * 3) * 64, generator=gen).bfloat16()
+    qkv = torch.randn(20, (9 + 2 * 3) * 64, generator=gen).to(dtype)
     q = qkv[:, : 9 * 64].view(20, 9, 64)
     k = qkv[:, 9 * 64 : 12 * 64].view(20, 3, 64)
     v = qkv[:, 12 * 64 :].view(20, 3, 64)
     out = kernels.prefill_attention(q, k, v, 0.125)
-    torch.testing.assert_close(
-        out,
-        kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.125),
-        rtol=0,
-        atol=0,
-    )
-    expected = _reference(q, k, v, 0.125)
-    assert (
-        (out.float() - expected).abs() <= 2**-7 * (expected.abs() + v.float().abs().max())
-    ).all()
+    dense = kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), 0.125)
+    torch.testing.assert_close(out, dense, rtol=0, atol=0)
+    assert _within(out, _reference(q, k, v, 0.125), v, dtype)
 
 
 @pytest.mark.parametrize("cached", [0, 21])
-def test_the_reference_backend_prefills_through_the_kernel(kernels, monkeypatch, cached):
+def test_the_reference_backend_prefills_through_the_kernel(kernels, dtype, monkeypatch, cached):
     """A request's prefill rows (fresh, or after a cached prefix gathered from its blocks with
-    their padding) go through the kernel, and agree with the SDPA path within bfloat16."""
+    their padding) go through the kernel, and agree with float32 SDPA."""
     calls = []
     original = kernels.prefill_attention
     monkeypatch.setattr(kernels, "prefill_attention", lambda *a: calls.append(a) or original(*a))
     gen = torch.Generator().manual_seed(cached)
     new, heads, kv_heads, dim, bs = 11, 9, 3, 64, 16
-    q = torch.randn(new, heads, dim, generator=gen).bfloat16()
-    k = torch.randn(new, kv_heads, dim, generator=gen).bfloat16()
-    v = torch.randn(new, kv_heads, dim, generator=gen).bfloat16()
+    q = torch.randn(new, heads, dim, generator=gen).to(dtype)
+    k = torch.randn(new, kv_heads, dim, generator=gen).to(dtype)
+    v = torch.randn(new, kv_heads, dim, generator=gen).to(dtype)
     blocks = -(-(cached + new) // bs)
-    k_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).bfloat16()
-    v_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).bfloat16()
+    k_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(blocks + 1, bs, kv_heads, dim, generator=gen).to(dtype)
     table = torch.arange(1, blocks + 1)
     slots = torch.arange(cached, cached + new) + bs  # block i + 1 holds positions of block i
     k_cache.view(-1, kv_heads, dim)[slots] = k
@@ -102,7 +107,4 @@ def test_the_reference_backend_prefills_through_the_kernel(kernels, monkeypatch,
     assert len(calls) == 1 and calls[0][1].shape[0] == cached + new  # padding dropped
     keys = k_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
     values = v_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
-    expected = _reference(q, keys, values, dim**-0.5)
-    assert (
-        (out.float() - expected).abs() <= 2**-7 * (expected.abs() + values.float().abs().max())
-    ).all()
+    assert _within(out, _reference(q, keys, values, dim**-0.5), values, dtype)

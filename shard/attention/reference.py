@@ -3,8 +3,9 @@
 Decode rows are attended in one batched call: on CPU by the compiled paged-decode kernel
 (shard/cpu_kernels.py, K/V read from the blocks in place), elsewhere or without a compiler over
 K/V gathered from their block tables into SDPA. Prefill rows are attended one request at a
-time (plain causal when nothing is cached, masked over the gathered prefix otherwise; in
-bfloat16 on a CPU with bf16 dot products by the compiled prefill kernel instead). A
+time (plain causal when nothing is cached, masked over the gathered prefix otherwise; with
+AVX-512 by the compiled prefill kernel instead, float32 and, with bf16 dot products,
+bfloat16). A
 sliding window (`attend(..., window=w)`, per layer) narrows every mask to the last w keys;
 soft-capped scores (`softcap`, Gemma 2) take PyTorch's plain ops instead of SDPA.
 """
@@ -126,10 +127,10 @@ def attend_prefill_rows(
 
 def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
     """q [n, H, D] over its causal keys k, v [ctx, KVH, D] (a cached prefix, then the n
-    new tokens) by the compiled kernel: bfloat16 on a CPU with bf16 dot products, D a
-    multiple of 32 up to 128 (3-6x SDPA's speed at 128-2048 tokens, benchmarks/RESULTS.md);
-    None where it does not apply."""
-    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+    new tokens) by the compiled kernel: with AVX-512, float32, and bfloat16 where the CPU
+    has bf16 dot products; D a multiple of 32 up to 128 (bfloat16: 3-6x SDPA's speed at
+    128-2048 tokens, benchmarks/RESULTS.md); None where it does not apply."""
+    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
         return None
     head_dim = q.shape[2]
     if head_dim % 32 or head_dim > 128 or q.stride(2) != 1 or q.stride(1) != head_dim:
@@ -137,7 +138,9 @@ def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
     from shard import cpu_kernels
 
     module = cpu_kernels.load()
-    if module is None or not hasattr(module, "prefill_attention"):
+    if module is None or str(q.dtype).removeprefix("torch.") not in getattr(
+        module, "prefill_dtypes", ()
+    ):
         return None
     return module.prefill_attention(q, k, v, scale)
 

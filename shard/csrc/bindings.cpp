@@ -13,8 +13,13 @@ using namespace pytgi;
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
+#ifdef __AVX512F__
+  m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)");
 #ifdef __AVX512BF16__
-  m.def("prefill_attention", &prefill_attention, "causal bfloat16 prefill attention (kernels.h)");
+  m.attr("prefill_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
+#else
+  m.attr("prefill_dtypes") = std::vector<std::string>{"float32"};
+#endif
 #endif
   m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");

@@ -11,9 +11,10 @@ namespace pytgi {
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                            torch::Tensor tables, torch::Tensor context, double scale,
                            int64_t window, double softcap, double k_scale, double v_scale);
-#ifdef __AVX512BF16__
+#ifdef __AVX512F__
 // Causal attention of a prefill's n new tokens q [n, H, D] over its keys k, v [ctx, KVH, D]
-// (ctx >= n: a cached prefix then the new tokens), bfloat16 -> [n, H, D] (prefill_attention).
+// (ctx >= n: a cached prefix then the new tokens) -> [n, H, D], float32 and, where the CPU
+// has bf16 dot products, bfloat16 (prefill.cpp; bindings.cpp lists them as prefill_dtypes).
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
 #endif
 // New K/V rows [T, KVH, D] into fp8 caches at `slots` [T], multiplied by inv_k / inv_v.
