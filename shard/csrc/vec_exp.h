@@ -1,5 +1,5 @@
-// e^x and sums of 8 float32 lanes, shared by the kernels' softmaxes and activations
-// (cpu_kernels.cpp, prefill.cpp).
+// e^x in 8 and 16 float32 lanes and 8-lane sums, shared by the kernels' softmaxes and
+// activations (cpu_kernels.cpp, prefill.cpp).
 #pragma once
 
 #include <cmath>
