@@ -181,9 +181,11 @@ class ModelRunner:
     def kernel_report(self) -> str:
         """Which code paths this shard runs, for its start-up log."""
         layer = self.model.layers[0].qkv
+        prefill = self.backend.prefill_report(self.dtype, self.device)
+        attention = self.backend.name + (f" (prefill rows: {prefill})" if prefill else "")
         if hasattr(layer, "kind"):  # quantized (int8, int4, fp8)
             return (
-                f"attention {self.backend.name}; matrix products: {layer.kind}; element-wise "
+                f"attention {attention}; matrix products: {layer.kind}; element-wise "
                 f"layer steps: {type(self.model.ops).__name__}; {self._step_report}; "
                 f"{self.precision}"
             )
@@ -198,7 +200,7 @@ class ModelRunner:
         gemv = "C++ single-row kernel" if layer.kernels is not None else "as the batched path"
         ops = type(self.model.ops).__name__
         return (
-            f"attention {self.backend.name}; matrix products: {gemm}; batch-1 rows: {gemv}; "
+            f"attention {attention}; matrix products: {gemm}; batch-1 rows: {gemv}; "
             f"element-wise layer steps: {ops}; {self._step_report}; {self.precision}"
         )
 

@@ -105,6 +105,16 @@ def test_the_reference_backend_prefills_through_the_kernel(kernels, dtype, monke
     out = torch.empty_like(q)
     reference.attend_prefill_rows(q, k, v, k_cache, v_cache, [row], dim**-0.5, out)
     assert len(calls) == 1 and calls[0][1].shape[0] == cached + new  # padding dropped
+    plain = torch.empty_like(q)  # the backend's kernels off (use_cpu_kernel): SDPA
+    reference.attend_prefill_rows(q, k, v, k_cache, v_cache, [row], dim**-0.5, plain, kernel=False)
+    assert len(calls) == 1
     keys = k_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
     values = v_cache[1:].reshape(-1, kv_heads, dim)[: cached + new]
     assert _within(out, _reference(q, keys, values, dim**-0.5), values, dtype)
+
+
+def test_the_start_up_report_names_the_prefill_path(kernels, dtype):
+    backend = reference.ReferenceBackend()
+    assert backend.prefill_report(dtype, torch.device("cpu")).startswith("C++ kernel")
+    backend.use_cpu_kernel = False
+    assert backend.prefill_report(dtype, torch.device("cpu")) == "SDPA"

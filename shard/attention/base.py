@@ -59,6 +59,11 @@ class AttentionBackend(ABC, Generic[M]):
         if name is not None:  # one class may serve under several registry names
             self.name = name
 
+    def prefill_report(self, dtype: torch.dtype, device: torch.device) -> str | None:
+        """What attends plain prefill rows in `dtype` on `device`, for the shard's start-up
+        log; None: the backend's own single path."""
+        return None
+
     @abstractmethod
     def prepare(self, inputs: AttentionInputs) -> M:
         """Builds backend metadata once per forward (gather indices, masks, ...)."""

@@ -96,10 +96,11 @@ def prefill_row(inputs: AttentionInputs, i: int) -> PrefillRow:
 
 def attend_prefill_rows(
     q, k, v, k_cache, v_cache, rows: list[PrefillRow], scale, out, window=0, softcap=0.0,
-    scales=NO_SCALES,
+    scales=NO_SCALES, kernel: bool = True,
 ) -> None:  # fmt: skip
-    """Fills the `out` rows of each prefilling request, one SDPA call per request; keys and
-    values as the cache holds them (fp8 ones times `scales`)."""
+    """Fills the `out` rows of each prefilling request, one SDPA call (or, with `kernel`,
+    one call of the compiled prefill kernel where it applies) per request; keys and values as
+    the cache holds them (fp8 ones times `scales`)."""
     group = q.shape[1] // k.shape[1]
     for row in rows:
         q_row = q[row.start : row.start + row.length]
@@ -117,7 +118,7 @@ def attend_prefill_rows(
             result = capped_attention(q_t, k_t, v_t, mask, scale, softcap)[0].transpose(0, 1)
         else:
             result = None
-            if window <= 0 or window >= row.cached + row.length:  # plain causal
+            if kernel and (window <= 0 or window >= row.cached + row.length):  # plain causal
                 keys = row.cached + row.length  # the gathered blocks' padding dropped
                 result = _kernel_prefill(q_row, k_row[:keys], v_row[:keys], scale)
             if result is None:
@@ -125,24 +126,30 @@ def attend_prefill_rows(
         out[row.start : row.start + row.length] = result
 
 
-def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
-    """q [n, H, D] over its causal keys k, v [ctx, KVH, D] (a cached prefix, then the n
-    new tokens) by the compiled kernel: with AVX-512, float32, and bfloat16 where the CPU
-    has bf16 dot products; D a multiple of 32 up to 128 (bfloat16: 3-6x SDPA's speed at
-    128-2048 tokens, benchmarks/RESULTS.md); None where it does not apply."""
-    if q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype:
-        return None
-    head_dim = q.shape[2]
-    if head_dim % 32 or head_dim > 128 or q.stride(2) != 1 or q.stride(1) != head_dim:
+def _prefill_module(q: torch.Tensor):
+    """The compiled module if its prefill kernel takes q's dtype and device, else None: with
+    AVX-512, float32, and bfloat16 where the CPU has bf16 dot products."""
+    if q.device.type != "cpu":
         return None
     from shard import cpu_kernels
 
     module = cpu_kernels.load()
-    if module is None or str(q.dtype).removeprefix("torch.") not in getattr(
-        module, "prefill_dtypes", ()
-    ):
+    dtypes = getattr(module, "prefill_dtypes", ())
+    return module if str(q.dtype).removeprefix("torch.") in dtypes else None
+
+
+def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
+    """q [n, H, D] over its causal keys k, v [ctx, KVH, D] (a cached prefix, then the n
+    new tokens) by the compiled kernel (`_prefill_module`), D a multiple of 32 up to 128
+    (bfloat16: 3-6x SDPA's speed at 128-2048 tokens, benchmarks/RESULTS.md); None where it
+    does not apply."""
+    if not q.dtype == k.dtype == v.dtype:
         return None
-    return module.prefill_attention(q, k, v, scale)
+    head_dim = q.shape[2]
+    if head_dim % 32 or head_dim > 128 or q.stride(2) != 1 or q.stride(1) != head_dim:
+        return None
+    module = _prefill_module(q)
+    return None if module is None else module.prefill_attention(q, k, v, scale)
 
 
 def capped_attention(q, k, v, mask, scale: float, softcap: float) -> torch.Tensor:
@@ -191,6 +198,12 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
 
         return cpu_kernels.load() is not None
 
+    def prefill_report(self, dtype: torch.dtype, device: torch.device) -> str:
+        probe = torch.empty(0, dtype=dtype, device=device)
+        if self.use_cpu_kernel and _prefill_module(probe) is not None:
+            return "C++ kernel where plain causal, else SDPA"
+        return "SDPA"
+
     def store_kv(self, k_cache, v_cache, k, v, metadata: _Metadata, scales=NO_SCALES) -> None:
         """As the base class's; into an fp8 cache on CPU by one kernel call (PyTorch's
         conversion and scatter take ~10 ops per layer)."""
@@ -237,7 +250,10 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
                 return out_dec
             out[rows] = out_dec
         rows_p = metadata.prefill_rows
-        attend_prefill_rows(q, k, v, k_cache, v_cache, rows_p, scale, out, window, softcap, scales)
+        attend_prefill_rows(
+            q, k, v, k_cache, v_cache, rows_p, scale, out, window, softcap, scales,
+            kernel=self.use_cpu_kernel,
+        )  # fmt: skip
         return out
 
     @staticmethod
