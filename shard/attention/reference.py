@@ -126,16 +126,16 @@ def attend_prefill_rows(
         out[row.start : row.start + row.length] = result
 
 
-def _prefill_module(q: torch.Tensor):
-    """The compiled module if its prefill kernel takes q's dtype and device, else None: with
+def _prefill_module(dtype: torch.dtype, device: torch.device):
+    """The compiled module if its prefill kernel takes `dtype` on `device`, else None: with
     AVX-512, float32, and bfloat16 where the CPU has bf16 dot products."""
-    if q.device.type != "cpu":
+    if device.type != "cpu":
         return None
     from shard import cpu_kernels
 
     module = cpu_kernels.load()
     dtypes = getattr(module, "prefill_dtypes", ())
-    return module if str(q.dtype).removeprefix("torch.") in dtypes else None
+    return module if str(dtype).removeprefix("torch.") in dtypes else None
 
 
 def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
@@ -148,7 +148,7 @@ def _kernel_prefill(q, k, v, scale: float) -> torch.Tensor | None:
     head_dim = q.shape[2]
     if head_dim % 32 or head_dim > 128 or q.stride(2) != 1 or q.stride(1) != head_dim:
         return None
-    module = _prefill_module(q)
+    module = _prefill_module(q.dtype, q.device)
     return None if module is None else module.prefill_attention(q, k, v, scale)
 
 
@@ -199,8 +199,7 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         return cpu_kernels.load() is not None
 
     def prefill_report(self, dtype: torch.dtype, device: torch.device) -> str:
-        probe = torch.empty(0, dtype=dtype, device=device)
-        if self.use_cpu_kernel and _prefill_module(probe) is not None:
+        if self.use_cpu_kernel and _prefill_module(dtype, device) is not None:
             return "C++ kernel where plain causal, else SDPA"
         return "SDPA"
 
