@@ -220,7 +220,7 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
                 " / ".join(dict.fromkeys([before[1][m][1], after[1][m][1]])),
             )
             for m in before[1]
-        ],  # fmt: skip
+        ],
     ]
     tpot = served["c1"]["tpot_s"]["median"]
     bound = weight_bytes / bandwidth
