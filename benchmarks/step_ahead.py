@@ -1,12 +1,14 @@
-"""Served throughput and TPOT with the shards' step ahead (`--step-ahead`) and without it,
-on any device: `pytgi-launcher` started once per setting and round, the settings taking
-turns (a shared machine drifts within minutes), each keeping its best round.
+"""Served throughput and TPOT with the shards' step ahead (`--step-ahead`) and without it
+(or another on/off launcher setting, `--flag huge-pages`), on any device: `pytgi-launcher`
+started once per setting and round, the settings taking turns (a shared machine drifts
+within minutes), each keeping its best round.
 
 The fixed workload (`--prompt` / `--new` tokens, EOS ignored, prefix cache off), streamed
 through TGI's API by the load generator at each `--concurrency`.
 
     .venv/bin/python benchmarks/step_ahead.py [--model-id DIR] [--dtype bfloat16]
         [--concurrency 1 --concurrency 8] [--rounds 2] [--launcher-arg=--cuda-memory-fraction ...]
+        [--flag huge-pages]
 
 Run with nothing else on the machine (../shared/BENCHMARKING.md).
 """
@@ -25,7 +27,11 @@ from launched import launcher  # noqa: E402
 from loadgen import run_load, summarize  # noqa: E402
 from workloads import WORKLOADS, single_token_words  # noqa: E402
 
-SETTINGS = ("--no-step-ahead", "--step-ahead")
+
+
+def settings(flag: str) -> tuple[str, str]:
+    """The launcher's (off, on) flags of an on/off setting."""
+    return f"--no-{flag}", f"--{flag}"
 
 
 def measure(model_dir: Path, args: argparse.Namespace) -> dict[tuple[str, int], dict]:
@@ -36,7 +42,7 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict[tuple[str, int], 
              "--max-input-tokens", str(args.prompt + 4), *args.launcher_arg]  # fmt: skip
     best: dict[tuple[str, int], dict] = {}
     for _ in range(args.rounds):
-        for setting in SETTINGS:
+        for setting in settings(args.flag):
             with launcher(args.port, *flags, setting) as server:
                 for concurrency in args.concurrency:
                     requests = WORKLOADS["fixed"](
@@ -56,13 +62,13 @@ def measure(model_dir: Path, args: argparse.Namespace) -> dict[tuple[str, int], 
     return best
 
 
-def table(best: dict[tuple[str, int], dict], concurrencies: list[int]) -> str:
+def table(best: dict[tuple[str, int], dict], concurrencies: list[int], flag: str) -> str:
     lines = [
         "| concurrency | tok/s off | tok/s on | on / off | TPOT p50 off | TPOT p50 on |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for c in concurrencies:
-        off, on = best[SETTINGS[0], c], best[SETTINGS[1], c]
+        off, on = (best[setting, c] for setting in settings(flag))
         rate_off, rate_on = off["output_token_throughput"], on["output_token_throughput"]
         lines.append(
             f"| {c} | {rate_off:.1f} | {rate_on:.1f} | {rate_on / rate_off:.3f} | "
@@ -84,6 +90,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--port", type=int, default=3023)
     parser.add_argument("--launcher-arg", action="append", default=[], help="extra launcher flag")
+    parser.add_argument(
+        "--flag", default="step-ahead", help="the on/off launcher setting compared (--X/--no-X)"
+    )
     args = parser.parse_args()
     args.concurrency = args.concurrency or [1, 8]
     model_dir = args.model_id or default_model_dir()
@@ -92,9 +101,10 @@ def main() -> None:
 
     gpu = f"{torch.cuda.get_device_name()}; " if torch.cuda.is_available() else ""
     print(f"{gpu}{cpu_line()}; {model_dir.name}, {args.dtype}; fixed {args.prompt} in / {args.new} "
-          f"out; best of {args.rounds} rounds, settings alternating")  # fmt: skip
+          f"out; --{args.flag} on and off, best of {args.rounds} rounds, settings "
+          "alternating")  # fmt: skip
     print()
-    print(table(best, args.concurrency))
+    print(table(best, args.concurrency, args.flag))
 
 
 if __name__ == "__main__":

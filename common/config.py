@@ -50,6 +50,8 @@ class ShardConfig:
     quantize: str | None = None  # None, "int8" or "int4"
     quantize_group_size: int = 32  # int4: inputs per group (32, 64 or 128)
     cpu_gemv: bool = True  # CPU: plain weights kept too, for batch-1 steps (more memory)
+    # CPU: weights and KV pools in 2 MiB pages where the kernel offers them (shard/hugepages.py)
+    huge_pages: bool = True
     # a decoding batch's next step runs as soon as a step's reply is queued, before the
     # router asks for it (ShardEngine.step_ahead): the round trip overlaps the step. Off
     # until it measures faster: 0.998-1.036x on 2 CPU cores (benchmarks/step_ahead.py)

@@ -252,6 +252,12 @@ def option(name: str, *short: str, **kwargs):
     help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
 )
 @option(
+    "--huge-pages/--no-huge-pages",
+    default=LAUNCHER_DEFAULTS["huge_pages"],
+    help="CPU: shards keep their weights and KV pool in 2 MiB pages (Linux transparent huge "
+    "pages).",
+)
+@option(
     "--step-ahead/--no-step-ahead",
     default=LAUNCHER_DEFAULTS["step_ahead"],
     help="Shards run a decoding batch's next step before the router asks for it.",

@@ -57,6 +57,7 @@ class LauncherConfig:
     quantize: str | None = _SHARD["quantize"]
     quantize_group_size: int = _SHARD["quantize_group_size"]
     cpu_gemv: bool = _SHARD["cpu_gemv"]
+    huge_pages: bool = _SHARD["huge_pages"]
     step_ahead: bool = _SHARD["step_ahead"]
     disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
     kv_cache_memory: str | None = _SHARD["kv_cache_memory"]

@@ -185,6 +185,13 @@ def main() -> None:
     "(costs the layers' weight memory once more).",
 )
 @click.option(
+    "--huge-pages/--no-huge-pages",
+    default=SHARD_DEFAULTS["huge_pages"],
+    show_default=True,
+    help="CPU: keep the weights and the KV pool in 2 MiB pages (Linux transparent huge "
+    "pages), which decode steps read faster.",
+)
+@click.option(
     "--step-ahead/--no-step-ahead",
     default=SHARD_DEFAULTS["step_ahead"],
     show_default=True,

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from shard import hugepages
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite e4m3fn value
 KV_CACHE_DTYPES = {"fp8_e4m3fn": FP8}  # --kv-cache-dtype values (TGI's names)
@@ -76,10 +78,15 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         scales: list[KVScales] | None = None,
+        huge_pages: bool = False,
     ) -> None:
+        """`huge_pages` (CPU): every pool in one arena of 2 MiB pages (shard/hugepages.py)."""
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if huge_pages:
+            pools = hugepages.zeros(2 * num_layers, shape, dtype)
+        else:
+            pools = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2 * num_layers)]
+        self.keys, self.values = pools[:num_layers], pools[num_layers:]
         self.scales = scales or [NO_SCALES] * num_layers  # used by fp8 pools only
         assert len(self.scales) == num_layers
         self.num_blocks = num_blocks

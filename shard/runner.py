@@ -13,7 +13,7 @@ import torch
 
 from common.config import ShardConfig
 from common.model_spec import PREQUANTIZED, prequantized
-from shard import cpu_kernels, memory
+from shard import cpu_kernels, hugepages, memory
 from shard.attention import AttentionInputs, get_backend, resolve_backend_name
 from shard.cuda_graphs import DecodeGraphs
 from shard.embedded import gguf_source
@@ -156,6 +156,13 @@ class ModelRunner:
             group_size=config.quantize_group_size,
             kernels=not plain,
         )
+        self.huge_pages = config.huge_pages and self.device.type == "cpu"
+        if self.huge_pages:  # before the C++ step below takes references to the weights
+            moved = hugepages.relocate(self.model)
+            log.info(
+                "weights: %.0f MB in one arena%s", moved / 1e6,
+                " of 2 MiB pages" if hugepages.available() else " (no huge pages here)",
+            )  # fmt: skip
         # batch-1 decode forwards in one C++ call where the model allows (shard/models/cpu_step.py)
         built = CpuDecodeStep.build(self.model, self.backend, parallel)
         self.cpu_step, self.cpu_step_reason = built
@@ -274,6 +281,7 @@ class ModelRunner:
             self.kv_dtype,
             self.device,
             self.kv_scales,
+            huge_pages=self.huge_pages,
         )
 
     def calibrate_kv(self, ids: list[int]) -> None:

@@ -192,8 +192,9 @@ async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
 
 @pytest.mark.slow
 def test_the_benchmark_fills_its_table(tiny_model_dir):
-    """benchmarks/step_ahead.py on the tiny model, briefly: both settings served every
-    request at each concurrency and every cell holds a number."""
+    """benchmarks/step_ahead.py on the tiny model, briefly (comparing another setting, as
+    it can): both settings served every request at each concurrency and every cell holds a
+    number."""
     import subprocess
     import sys
     from pathlib import Path
@@ -204,12 +205,12 @@ def test_the_benchmark_fills_its_table(tiny_model_dir):
     result = subprocess.run(
         [sys.executable, str(script), "--model-id", str(tiny_model_dir), "--prompt", "8",
          "--new", "8", "--rounds", "1", "--requests-per-client", "1", "--concurrency", "1",
-         "--concurrency", "2", "--port", str(free_port())],
+         "--concurrency", "2", "--port", str(free_port()), "--flag", "huge-pages"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert "cores" in lines[0] and "float32" in lines[0]
+    assert "cores" in lines[0] and "float32" in lines[0] and "--huge-pages on and off" in lines[0]
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "---" not in line]
     assert [cells[0].strip() for cells in rows[1:]] == ["1", "2"]
     for cells in rows[1:]:
