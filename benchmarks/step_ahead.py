@@ -28,7 +28,6 @@ from loadgen import run_load, summarize  # noqa: E402
 from workloads import WORKLOADS, single_token_words  # noqa: E402
 
 
-
 def settings(flag: str) -> tuple[str, str]:
     """The launcher's (off, on) flags of an on/off setting."""
     return f"--no-{flag}", f"--{flag}"

@@ -29,7 +29,14 @@ import torch
 log = logging.getLogger("shard")
 CSRC = Path(__file__).resolve().parent / "csrc"
 # Every file of the module in CSRC: the sources compiled and the headers they include.
-SOURCES = ("bindings.cpp", "cpu_kernels.cpp", "prefill.cpp", "quant.cpp", "decode_step.cpp")
+SOURCES = (
+    "bindings.cpp",
+    "cpu_kernels.cpp",
+    "prefill.cpp",
+    "pairs.cpp",
+    "quant.cpp",
+    "decode_step.cpp",
+)
 HEADERS = ("decode_step.h", "kernels.h", "quant.h", "vec_exp.h")
 FLAGS = ["-O3", "-march=native", "-fopenmp", *os.environ.get("PYTGI_CPU_KERNEL_CFLAGS", "").split()]
 _lock = threading.Lock()

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import mmap
 import sys
 from functools import cache
 from pathlib import Path
@@ -27,7 +28,6 @@ import torch
 log = logging.getLogger(__name__)
 
 HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14  # <sys/mman.h>, Linux
 _ALIGN = 64  # each tensor in an arena starts on a cache line
 _TRIM_EVERY = 32 << 20  # bytes copied between handing freed memory back
 _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -45,35 +45,28 @@ def _libc() -> Any:
 
 
 @cache
-def _madvise() -> Any:
-    """libc's madvise, or None where huge pages cannot be asked for."""
-    libc = _libc()
-    try:
-        if libc is None or "[never]" in _THP.read_text():
-            return None
-    except OSError:
-        return None
-    fn = libc.madvise
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
 def available() -> bool:
     """Whether arenas here are advised for huge pages."""
-    return _madvise() is not None
+    try:
+        return hasattr(mmap, "MADV_HUGEPAGE") and "[never]" not in _THP.read_text()
+    except OSError:
+        return False
 
 
 def arena(nbytes: int) -> torch.Tensor:
-    """uint8 [nbytes] on a 2 MiB boundary, its pages not yet touched, advised for huge pages
-    where the system has them (the first write to each 2 MiB then maps a huge page)."""
-    raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
+    """uint8 [nbytes] on a 2 MiB boundary in memory of its own (a fresh anonymous mapping,
+    no page touched yet: the C heap may hand out pages already mapped small), advised for
+    huge pages where the system has them (the first write to each 2 MiB maps a huge one).
+    The mapping lives as long as any tensor on it."""
+    region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)  # shared: no THP
+    raw = torch.frombuffer(region, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
-    out = raw[start : start + nbytes]
-    madvise = _madvise()
-    if madvise is not None and nbytes > 0 and madvise(out.data_ptr(), nbytes, _MADV_HUGEPAGE):
-        log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-    return out
+    if available() and nbytes > 0:
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+        except OSError as exc:  # an old kernel: small pages, as before
+            log.debug("madvise(MADV_HUGEPAGE): %s", exc)
+    return raw[start : start + nbytes]
 
 
 Shapes = list[tuple[tuple[int, ...], torch.dtype]]

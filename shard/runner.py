@@ -24,7 +24,7 @@ from shard.kv_cache import KV_CACHE_DTYPES, KVCache, KVScales
 from shard.kv_calibration import scales_from
 from shard.loader import Store, WeightStore
 from shard.models import build_model
-from shard.models.cpu_step import CpuDecodeStep
+from shard.models.cpu_step import ANY, CpuDecodeStep
 from shard.models.fp8 import fp8_products
 from shard.models.ops import TorchOps
 from shard.parallel import Parallel
@@ -196,7 +196,9 @@ class ModelRunner:
                 f"layer steps: {type(self.model.ops).__name__}; {self._step_report}; "
                 f"{self.precision}"
             )
-        if layer.is_packed:
+        if layer.pairs is not None:
+            gemm = "bfloat16 panels by bf16 dot products (C++ pairs_linear)"
+        elif layer.is_packed:
             gemm = "oneDNN packed weights"
         elif self._widens_bf16:
             gemm = "bfloat16 rows widened to float32 (C++ up to 64 rows, float32 tiles past)"
@@ -204,7 +206,7 @@ class ModelRunner:
             gemm = "PyTorch linear (oneDNN cannot pack this dtype here)"
         else:
             gemm = "PyTorch linear"
-        gemv = "C++ single-row kernel" if layer.kernels is not None else "as the batched path"
+        gemv = "C++ single-row kernel" if layer.plain is not None else "as the batched path"
         ops = type(self.model.ops).__name__
         return (
             f"attention {attention}; matrix products: {gemm}; batch-1 rows: {gemv}; "
@@ -221,7 +223,8 @@ class ModelRunner:
         """CPU: whether decode steps run in one C++ call (and up to how many rows), or why not."""
         if self.cpu_step is not None:
             rows = self.cpu_step.max_rows
-            return f"decode steps of up to {rows} rows: one C++ call (DecodeStack)"
+            limit = "any number of" if rows >= ANY else f"up to {rows}"
+            return f"decode steps of {limit} rows: one C++ call (DecodeStack)"
         if self.device.type != "cpu":
             return "decode steps: per layer"
         return f"decode steps: per layer in Python ({self.cpu_step_reason})"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from shard import cpu_kernels
 from tests.conftest import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_limits.py"
@@ -33,13 +34,14 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
             assert bound[0].isdigit() and ratio[0].isdigit(), name
             assert goal or name.startswith("decode step in-process"), name
     notes = {figures[name][3] for name in figures if name.startswith("matmul rate")}
-    assert notes <= {"F.linear", "oneDNN packed", "F.linear / oneDNN packed",
-                     "oneDNN packed / F.linear"}, notes  # fmt: skip
+    forms = {"F.linear", "oneDNN packed", "pairs panels"}
+    assert all(set(note.split(" / ")) <= forms for note in notes), notes
 
 
 def test_the_rate_bound_counts_the_shard_s_own_packed_products():
-    """The matrix-multiply rate is the faster of `F.linear` and oneDNN's linear on weights
-    packed once, as the shard multiplies (a bound from `F.linear` alone read 204% at c=32)."""
+    """The matrix-multiply rate is the fastest of `F.linear`, oneDNN's linear on weights
+    packed once and (bfloat16, with bf16 dot products) our panels of input pairs, as the
+    shard multiplies (a bound from `F.linear` alone read 204% at c=32)."""
     import torch
 
     sys.path.insert(0, str(SCRIPT.parent))
@@ -54,3 +56,10 @@ def test_the_rate_bound_counts_the_shard_s_own_packed_products():
     shapes = module.Shapes(layer=[(40, 24)], layers=1, head=(40, 8))
     rate, form = module.matmul_rate(shapes, 4, torch.float32, 1)
     assert rate > 0 and form in forms
+    half, xh = weight.bfloat16(), x.bfloat16()
+    forms = module._linear_forms(half)
+    kernels = cpu_kernels.load()
+    assert ("pairs panels" in forms) == hasattr(kernels, "pairs_linear")
+    for name, form in forms.items():
+        exact = xh.double() @ half.double().T
+        torch.testing.assert_close(form(xh).double(), exact, rtol=2**-7, atol=1e-5, msg=name)

@@ -3,7 +3,7 @@ replaces: the same engine generates with `runner.cpu_step` on and then off, each
 alone and all in one batch, and the tokens and log-probabilities must be equal exactly (the
 C++ stack calls the same kernels in the same order, so any difference is a defect, not
 rounding). Each case also checks that the step ran (batch 1 always; several rows where the
-weights are quantized), so a silent fallback fails here.
+weights are quantized, or bfloat16 in pairs_linear's panels), so a silent fallback fails here.
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from shard.models.cpu_step import CpuDecodeStep
+from shard.models.cpu_step import ANY, CpuDecodeStep
 from tests.conftest import build_tiny_model
 from tests.helpers import make_engine, run_to_end, spec
 
@@ -46,6 +47,7 @@ CASES = {
     ),
     "phi4-partial-rotary": ("phi3", {"partial_rotary_factor": 0.75}, {}),
     "llama-bfloat16": ("llama", {}, {"dtype": "bfloat16"}),
+    "llama-biases-tied-bfloat16": ("llama", BIASES, {"dtype": "bfloat16"}),
     "llama-int8": ("llama", {}, {"quantize": "int8"}),
     "qwen2-int4": ("qwen2", {}, {"quantize": "int4", "quantize_group_size": 32}),
     "llama-fp8-kv": ("llama", {}, {"kv_cache_dtype": "fp8_e4m3fn"}),
@@ -67,11 +69,21 @@ def generate(engine, batch_id: int) -> tuple[list, list]:
     return tokens, logprobs
 
 
+def step_rows(engine, quantized: bool) -> int:
+    """Rows the C++ step takes: quantized, the kernels' own limit (quant.h); bfloat16 where
+    the build has pairs_linear (bf16 dot products), any; other plain weights one (more go
+    through oneDNN)."""
+    kernels = engine.runner.model.ops.kernels
+    if quantized:
+        return kernels.max_rows
+    pairs = engine.runner.dtype == torch.bfloat16 and hasattr(kernels, "pairs_linear")
+    return ANY if pairs else 1
+
+
 def assert_step_equals_python(engine, quantized: bool = False) -> None:
     step = engine.runner.cpu_step
     assert step is not None, engine.runner.cpu_step_reason
-    # plain weights: oneDNN past one row; quantized: the kernels' own limit (quant.h)
-    assert step.max_rows == (engine.runner.model.ops.kernels.max_rows if quantized else 1)
+    assert step.max_rows == step_rows(engine, quantized)
     assert "one C++ call" in engine.runner.kernel_report()
     rows: list[int] = []
     forward = step.forward
@@ -85,7 +97,7 @@ def assert_step_equals_python(engine, quantized: bool = False) -> None:
     assert fused[0] == python[0]
     assert fused[1] == python[1]  # exactly: the same kernels on the same inputs
     assert engine.blocks_all_back()
-    assert 1 in rows and (max(rows) == len(PROMPTS)) == quantized, rows
+    assert 1 in rows and (max(rows) == len(PROMPTS)) == (step.max_rows > 1), rows
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -16,6 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
   m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)");
 #ifdef __AVX512BF16__
+  m.def("pack_pairs", &pack_pairs, "bfloat16 weights [N, K] -> pairs_linear's panels (kernels.h)");
+  m.def("pairs_linear", &pairs_linear, "bfloat16 x [M, K] @ packed w^T (kernels.h)");
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
 #else
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32"};
@@ -37,7 +39,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Projection>(m, "Projection");
   m.def("projection", &projection, "a linear layer for DecodeStack (decode_step.h)",
         py::arg("kind"), py::arg("weight"), py::arg("scales") = py::none(),
-        py::arg("mins") = py::none(), py::arg("bias") = py::none());
+        py::arg("mins") = py::none(), py::arg("bias") = py::none(),
+        py::arg("pairs") = py::none(), py::arg("n") = 0);
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)

@@ -19,10 +19,24 @@
 
 namespace pytgi {
 
+namespace {
+
+// Plain weights: bfloat16 panels (pairs_linear) past one row, or for every row where the
+// layer kept no row-major copy; else the single-row kernel.
+torch::Tensor plain_product(const Projection& p, const torch::Tensor& x) {
+#ifdef __AVX512BF16__
+  if (p.pairs.defined() && (x.size(0) > 1 || !p.weight.defined()))
+    return pairs_linear(x, p.pairs, p.n);
+#endif
+  return linear_small(x, p.weight);
+}
+
+}  // namespace
+
 torch::Tensor Projection::operator()(const torch::Tensor& x) const {
   torch::Tensor out;
   switch (kind) {
-    case kPlain: out = linear_small(x, weight); break;
+    case kPlain: out = plain_product(*this, x); break;
     case kInt8: out = q8_linear(x, weight, scales); break;
     case kInt4: out = q4_linear(x, weight, scales, mins); break;
     default: TORCH_CHECK(false, "unknown projection kind ", kind);
@@ -31,14 +45,26 @@ torch::Tensor Projection::operator()(const torch::Tensor& x) const {
   return out;
 }
 
-Projection projection(int64_t kind, torch::Tensor weight, std::optional<torch::Tensor> scales,
-                      std::optional<torch::Tensor> mins, std::optional<torch::Tensor> bias) {
+Projection projection(int64_t kind, std::optional<torch::Tensor> weight,
+                      std::optional<torch::Tensor> scales, std::optional<torch::Tensor> mins,
+                      std::optional<torch::Tensor> bias, std::optional<torch::Tensor> pairs,
+                      int64_t n) {
   TORCH_CHECK(kind >= Projection::kPlain && kind <= Projection::kInt4, "unknown kind ", kind);
   TORCH_CHECK(kind == Projection::kPlain || scales.has_value(), "quantized forms need scales");
   TORCH_CHECK(kind != Projection::kInt4 || mins.has_value(), "int4 needs its mins");
+  TORCH_CHECK(weight.has_value() || (kind == Projection::kPlain && pairs.has_value()),
+              "a weight, or plain bfloat16 weights' pairs");
+#ifndef __AVX512BF16__
+  TORCH_CHECK(!pairs.has_value(), "pairs need bf16 dot products, which this build lacks");
+#endif
   Projection p;
   p.kind = kind;
-  p.weight = weight.contiguous();
+  if (weight) p.weight = weight->contiguous();
+  if (pairs) {
+    TORCH_CHECK(kind == Projection::kPlain && n > 0, "pairs: plain weights of n > 0 columns");
+    p.pairs = *pairs;
+    p.n = n;
+  }
   if (scales) p.scales = *scales;
   if (mins) p.mins = *mins;
   if (bias) p.bias = *bias;

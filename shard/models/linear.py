@@ -14,6 +14,12 @@ products of several rows would go through oneDNN's bfloat16 reference path there
 slower than float32 on a 2-core AVX2 EPYC; they go through `cpu_kernels.bf16_linear`
 instead (16 rows of the weight at a time widened to float32 into a panel in cache), and past
 _WIDEN_ROWS rows through float32 tiles of the weight and torch's float32 GEMM.
+
+Where the CPU has bf16 dot products (AVX-512 BF16), bfloat16 weights are packed into our own
+panels of input pairs instead of oneDNN's layout (`cpu_kernels.pairs_linear`,
+shard/csrc/pairs.cpp), which every row count of several rows takes: its products stream the
+weights under the arithmetic, 1.3-1.5x oneDNN's time at 8-64 rows, within 4% of it at 512-2048
+(benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -48,7 +54,9 @@ def _can_pack(weight: torch.Tensor) -> bool:
 class Linear:
     """A loaded linear layer; `__call__(x [..., in]) -> [..., out]`."""
 
-    __slots__ = ("weight", "bias", "is_packed", "out_features", "plain", "kernels", "widen")
+    __slots__ = (
+        "weight", "bias", "is_packed", "out_features", "plain", "kernels", "widen", "pairs"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -59,9 +67,13 @@ class Linear:
     ) -> None:
         self.out_features = weight.shape[0]
         self.bias = bias
-        self.is_packed = pack and _can_pack(weight)
         self.plain: torch.Tensor | None = None  # [out, in] for single-row inputs
         self.kernels: Any = None  # the compiled cpu_kernels module
+        # [P, in / 2, 16] int32: bfloat16 weights in pairs_linear's panels, else None
+        self.pairs: torch.Tensor | None = None
+        if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
+            self.kernels, self.pairs = _pairs(weight)
+        self.is_packed = self.pairs is None and pack and _can_pack(weight)
         if self.is_packed:
             try:
                 self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
@@ -89,6 +101,11 @@ class Linear:
         shape = x.shape
         if shape.numel() == shape[-1] and self.plain is not None:  # a single row
             out = self.kernels.linear_small(x.reshape(1, shape[-1]), self.plain)
+            if self.bias is not None:
+                out += self.bias
+            return out.view(*shape[:-1], self.out_features)
+        if self.pairs is not None:  # the bias added after, as after linear_small
+            out = self.kernels.pairs_linear(x.reshape(-1, shape[-1]), self.pairs, self.out_features)
             if self.bias is not None:
                 out += self.bias
             return out.view(*shape[:-1], self.out_features)
@@ -130,6 +147,17 @@ class Linear:
             widened.copy_(self.plain[start:stop])
             out[:, start:stop] = F.linear(x32, widened)
         return out
+
+
+def _pairs(weight: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """(the kernels module, `weight` packed for its pairs_linear) where this CPU's build has
+    it (bf16 dot products) and the inputs pair up; else (None, None)."""
+    from shard import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if kernels is None or not hasattr(kernels, "pairs_linear") or weight.shape[1] % 2:
+        return None, None
+    return kernels, kernels.pack_pairs(weight)
 
 
 _tiles = threading.local()
