@@ -107,14 +107,14 @@ def read_bandwidth(threads: int) -> float:
 
 def _linear_forms(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """The ways to multiply by `weight` here: `F.linear`; oneDNN's linear on the weight
-    packed once where oneDNN packs its dtype; bfloat16 in our panels of input pairs where
-    the CPU has bf16 dot products (the shard's forms: shard/models/linear.py)."""
-    from shard.models.linear import _PACK_HINT, _can_pack, _pairs
+    packed once where oneDNN packs its dtype; our panels where the CPU's build takes its
+    dtype (the shard's forms: shard/models/linear.py)."""
+    from shard.models.linear import _PACK_HINT, _can_pack, _panels
 
     forms = {"F.linear": lambda x: F.linear(x, weight)}
-    kernels, pairs = _pairs(weight) if weight.dtype == torch.bfloat16 else (None, None)
-    if pairs is not None:
-        forms["pairs panels"] = lambda x: kernels.pairs_linear(x, pairs, weight.shape[0])
+    kernels, panels = _panels(weight)
+    if panels is not None:
+        forms["our panels"] = lambda x: kernels.panel_linear(x, panels, weight.shape[0])
     if _can_pack(weight):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
         forms["oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(

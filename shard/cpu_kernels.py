@@ -33,7 +33,7 @@ SOURCES = (
     "bindings.cpp",
     "cpu_kernels.cpp",
     "prefill.cpp",
-    "pairs.cpp",
+    "panels.cpp",
     "quant.cpp",
     "decode_step.cpp",
 )

@@ -196,8 +196,8 @@ class ModelRunner:
                 f"layer steps: {type(self.model.ops).__name__}; {self._step_report}; "
                 f"{self.precision}"
             )
-        if layer.pairs is not None:
-            gemm = "bfloat16 panels by bf16 dot products (C++ pairs_linear)"
+        if layer.panels is not None:
+            gemm = "our panels (C++ panel_linear)"
         elif layer.is_packed:
             gemm = "oneDNN packed weights"
         elif self._widens_bf16:

@@ -34,7 +34,7 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
             assert bound[0].isdigit() and ratio[0].isdigit(), name
             assert goal or name.startswith("decode step in-process"), name
     notes = {figures[name][3] for name in figures if name.startswith("matmul rate")}
-    forms = {"F.linear", "oneDNN packed", "pairs panels"}
+    forms = {"F.linear", "oneDNN packed", "our panels"}
     assert all(set(note.split(" / ")) <= forms for note in notes), notes
 
 
@@ -49,8 +49,11 @@ def test_the_rate_bound_counts_the_shard_s_own_packed_products():
 
     weight, x = torch.randn(24, 40), torch.randn(3, 40)
     forms = module._linear_forms(weight)
+    kernels = cpu_kernels.load()
+    panels = "our panels" in forms
+    assert panels == ("float32" in getattr(kernels, "panel_dtypes", ()))
     if torch.backends.mkldnn.is_available():
-        assert set(forms) == {"F.linear", "oneDNN packed"}
+        assert set(forms) - {"our panels"} == {"F.linear", "oneDNN packed"}
     for name, form in forms.items():
         torch.testing.assert_close(form(x), x @ weight.T, msg=name)
     shapes = module.Shapes(layer=[(40, 24)], layers=1, head=(40, 8))
@@ -58,8 +61,7 @@ def test_the_rate_bound_counts_the_shard_s_own_packed_products():
     assert rate > 0 and form in forms
     half, xh = weight.bfloat16(), x.bfloat16()
     forms = module._linear_forms(half)
-    kernels = cpu_kernels.load()
-    assert ("pairs panels" in forms) == hasattr(kernels, "pairs_linear")
+    assert ("our panels" in forms) == ("bfloat16" in getattr(kernels, "panel_dtypes", ()))
     for name, form in forms.items():
         exact = xh.double() @ half.double().T
         torch.testing.assert_close(form(xh).double(), exact, rtol=2**-7, atol=1e-5, msg=name)

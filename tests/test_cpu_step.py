@@ -3,7 +3,7 @@ replaces: the same engine generates with `runner.cpu_step` on and then off, each
 alone and all in one batch, and the tokens and log-probabilities must be equal exactly (the
 C++ stack calls the same kernels in the same order, so any difference is a defect, not
 rounding). Each case also checks that the step ran (batch 1 always; several rows where the
-weights are quantized, or bfloat16 in pairs_linear's panels), so a silent fallback fails here.
+weights are quantized, or plain in panel_linear's panels), so a silent fallback fails here.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from shard.models.cpu_step import ANY, CpuDecodeStep
 from tests.conftest import build_tiny_model
@@ -70,14 +69,14 @@ def generate(engine, batch_id: int) -> tuple[list, list]:
 
 
 def step_rows(engine, quantized: bool) -> int:
-    """Rows the C++ step takes: quantized, the kernels' own limit (quant.h); bfloat16 where
-    the build has pairs_linear (bf16 dot products), any; other plain weights one (more go
-    through oneDNN)."""
+    """Rows the C++ step takes: quantized, the kernels' own limit (quant.h); plain weights
+    in panels (their dtype in the build's panel_dtypes), any; other plain weights one (more
+    go through oneDNN)."""
     kernels = engine.runner.model.ops.kernels
     if quantized:
         return kernels.max_rows
-    pairs = engine.runner.dtype == torch.bfloat16 and hasattr(kernels, "pairs_linear")
-    return ANY if pairs else 1
+    panels = engine.runner.dtype_name in getattr(kernels, "panel_dtypes", ())
+    return ANY if panels else 1
 
 
 def assert_step_equals_python(engine, quantized: bool = False) -> None:
@@ -119,7 +118,12 @@ def test_cpu_step_on_smollm2_from_its_gguf(smollm_dir):
     [
         ("gemma2", {"head_dim": 16}, {}, "has its own forward"),
         ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, {}, "mixture-of-experts"),
-        ("llama", {}, {"cpu_gemv": False}, "qkv weights as Linear without a kernel"),
+        (  # neither the single-row copy nor panels (with them, every row takes the panels)
+            "llama",
+            {},
+            {"cpu_gemv": False, "pack_linear": False},
+            "qkv weights as Linear without a kernel",
+        ),
         ("llama", {}, {"disable_custom_kernels": True}, "not on CPU with pytgi's kernels"),
     ],
 )

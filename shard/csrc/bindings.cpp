@@ -15,13 +15,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
 #ifdef __AVX512F__
   m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)");
+  m.def("pack_panels", &pack_panels, "weights [N, K] -> panel_linear's panels (kernels.h)");
+  m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)");
 #ifdef __AVX512BF16__
-  m.def("pack_pairs", &pack_pairs, "bfloat16 weights [N, K] -> pairs_linear's panels (kernels.h)");
-  m.def("pairs_linear", &pairs_linear, "bfloat16 x [M, K] @ packed w^T (kernels.h)");
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
 #else
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32"};
 #endif
+  m.attr("panel_dtypes") = m.attr("prefill_dtypes");  // the same instructions
 #endif
   m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
@@ -40,7 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("projection", &projection, "a linear layer for DecodeStack (decode_step.h)",
         py::arg("kind"), py::arg("weight"), py::arg("scales") = py::none(),
         py::arg("mins") = py::none(), py::arg("bias") = py::none(),
-        py::arg("pairs") = py::none(), py::arg("n") = 0);
+        py::arg("panels") = py::none(), py::arg("n") = 0);
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)

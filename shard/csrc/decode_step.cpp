@@ -21,12 +21,12 @@ namespace pytgi {
 
 namespace {
 
-// Plain weights: bfloat16 panels (pairs_linear) past one row, or for every row where the
-// layer kept no row-major copy; else the single-row kernel.
+// Plain weights: their panels (panel_linear) past one row, or for every row where the layer
+// kept no row-major copy; else the single-row kernel.
 torch::Tensor plain_product(const Projection& p, const torch::Tensor& x) {
-#ifdef __AVX512BF16__
-  if (p.pairs.defined() && (x.size(0) > 1 || !p.weight.defined()))
-    return pairs_linear(x, p.pairs, p.n);
+#ifdef __AVX512F__
+  if (p.panels.defined() && (x.size(0) > 1 || !p.weight.defined()))
+    return panel_linear(x, p.panels, p.n);
 #endif
   return linear_small(x, p.weight);
 }
@@ -47,22 +47,22 @@ torch::Tensor Projection::operator()(const torch::Tensor& x) const {
 
 Projection projection(int64_t kind, std::optional<torch::Tensor> weight,
                       std::optional<torch::Tensor> scales, std::optional<torch::Tensor> mins,
-                      std::optional<torch::Tensor> bias, std::optional<torch::Tensor> pairs,
+                      std::optional<torch::Tensor> bias, std::optional<torch::Tensor> panels,
                       int64_t n) {
   TORCH_CHECK(kind >= Projection::kPlain && kind <= Projection::kInt4, "unknown kind ", kind);
   TORCH_CHECK(kind == Projection::kPlain || scales.has_value(), "quantized forms need scales");
   TORCH_CHECK(kind != Projection::kInt4 || mins.has_value(), "int4 needs its mins");
-  TORCH_CHECK(weight.has_value() || (kind == Projection::kPlain && pairs.has_value()),
-              "a weight, or plain bfloat16 weights' pairs");
-#ifndef __AVX512BF16__
-  TORCH_CHECK(!pairs.has_value(), "pairs need bf16 dot products, which this build lacks");
+  TORCH_CHECK(weight.has_value() || (kind == Projection::kPlain && panels.has_value()),
+              "a weight, or plain weights' panels");
+#ifndef __AVX512F__
+  TORCH_CHECK(!panels.has_value(), "panels need AVX-512, which this build lacks");
 #endif
   Projection p;
   p.kind = kind;
   if (weight) p.weight = weight->contiguous();
-  if (pairs) {
-    TORCH_CHECK(kind == Projection::kPlain && n > 0, "pairs: plain weights of n > 0 columns");
-    p.pairs = *pairs;
+  if (panels) {
+    TORCH_CHECK(kind == Projection::kPlain && n > 0, "panels: plain weights of n > 0 columns");
+    p.panels = *panels;
     p.n = n;
   }
   if (scales) p.scales = *scales;
@@ -124,8 +124,10 @@ torch::Tensor DecodeStack::attention(const DecodeLayer& layer, const torch::Tens
   auto qkv = layer.qkv(x);  // [B, (H + 2 KVH) D]
   auto qk = qkv.narrow(1, 0, q_width + kv_width).view({b, heads_ + kv_heads_, d});
   if (layer.q_norm.defined()) {  // Qwen3: each head normalized with its weight, then joined
-    auto q = rms_norm(qkv.narrow(1, 0, q_width).reshape({b * heads_, d}), layer.q_norm, eps_);
-    auto k = rms_norm(qkv.narrow(1, q_width, kv_width).reshape({b * kv_heads_, d}),
+    // contiguous: with one KV head, k of several rows reshapes to a strided view
+    auto q = rms_norm(qkv.narrow(1, 0, q_width).reshape({b * heads_, d}).contiguous(),
+                      layer.q_norm, eps_);
+    auto k = rms_norm(qkv.narrow(1, q_width, kv_width).reshape({b * kv_heads_, d}).contiguous(),
                       layer.k_norm, eps_);
     qk = torch::cat({q.view({b, heads_, d}), k.view({b, kv_heads_, d})}, 1);
   }

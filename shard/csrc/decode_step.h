@@ -13,16 +13,16 @@ struct Projection {
   int64_t kind = kPlain;
   torch::Tensor weight;  // plain [N, K] in x's dtype; int8 [N, K]; int4 uint8 [N, K / 2]
   torch::Tensor scales, mins, bias;  // as quant.h (undefined where the form has none)
-  // plain bfloat16: pack_pairs(weight) (kernels.h), which rows past one (every row without
+  // plain weights: pack_panels(weight) (kernels.h), which rows past one (every row without
   // `weight`) go through; else undefined
-  torch::Tensor pairs;
+  torch::Tensor panels;
   int64_t n = 0;  // output columns
   torch::Tensor operator()(const torch::Tensor& x) const;
 };
 
 Projection projection(int64_t kind, std::optional<torch::Tensor> weight,
                       std::optional<torch::Tensor> scales, std::optional<torch::Tensor> mins,
-                      std::optional<torch::Tensor> bias, std::optional<torch::Tensor> pairs,
+                      std::optional<torch::Tensor> bias, std::optional<torch::Tensor> panels,
                       int64_t n);
 
 struct DecodeLayer {

@@ -17,12 +17,13 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // has bf16 dot products, bfloat16 (prefill.cpp; bindings.cpp lists them as prefill_dtypes).
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
 #endif
-#ifdef __AVX512BF16__
-// bfloat16 weights w [N, K] (K even) packed for pairs_linear: [P, K / 2, 16] int32 (pairs.cpp).
-torch::Tensor pack_pairs(torch::Tensor w);
-// x [M, K] @ w^T for bfloat16 x and pack_pairs(w) -> bfloat16 [M, N], by bf16 dot products
-// summed in float32 and rounded once.
-torch::Tensor pairs_linear(torch::Tensor x, torch::Tensor packed, int64_t n);
+#ifdef __AVX512F__
+// Weights w [N, K] packed for panel_linear (panels.cpp): float32 [P, K, 16]; bfloat16 (K even,
+// with bf16 dot products) [P, K / 2, 16] int32, a pair of inputs per word.
+torch::Tensor pack_panels(torch::Tensor w);
+// x [M, K] @ w^T for pack_panels(w) -> [M, N] in x's dtype (float32 sums; bfloat16 rounded
+// once); x float32 with float32 panels, bfloat16 with bfloat16 ones.
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n);
 #endif
 // New K/V rows [T, KVH, D] into fp8 caches at `slots` [T], multiplied by inv_k / inv_v.
 void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,

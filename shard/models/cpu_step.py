@@ -10,7 +10,7 @@ states are bit for bit that path's (tests/test_cpu_step.py compares them).
 It serves what that path serves through the same kernels: dense Llama-math decoders (Llama,
 Mistral, Qwen2 with its biases, Qwen3 with its per-head norms, Phi-3), float32 or bfloat16,
 weights plain (the kept single-row copy, `--cpu-gemv`: batch 1 only, as more rows go to
-oneDNN; bfloat16 in pairs_linear's panels on CPUs with bf16 dot products: any rows) or
+oneDNN; in panel_linear's panels with AVX-512: any rows) or
 int8/int4 in the CPU kernels (up to their 64 rows), KV caches in the model's dtype or fp8,
 one shard. Anything else keeps the Python forward; `build` says why.
 """
@@ -40,16 +40,16 @@ ANY = 1 << 30  # rows a projection takes with no limit
 def _projection(kernels: Any, layer: Any) -> tuple[Any, int] | None:
     """The C++ form of a linear layer whose decode rows go through one of our kernels, and
     up to how many rows they do (plain weights: 1, the single-row kernel, as more go through
-    oneDNN; bfloat16 panels: any); None for any other (oneDNN-only weights, fp8, GPTQ
+    oneDNN; panels: any); None for any other (oneDNN-only weights, fp8, GPTQ
     act-order). One shard: a row-parallel layer's sum over ranks is its own output, its bias
     added after."""
     bias, make = layer.bias, kernels.projection
     if isinstance(layer, RowParallel):
         layer = layer.linear  # its bias is None: RowParallel adds it once, after the sum
     if isinstance(layer, Linear):
-        if layer.pairs is not None:  # bfloat16 panels: every row count (pairs_linear)
-            pairs, n = layer.pairs, layer.out_features
-            return make(PLAIN, layer.plain, bias=bias, pairs=pairs, n=n), ANY
+        if layer.panels is not None:  # every row count (panel_linear)
+            panels, n = layer.panels, layer.out_features
+            return make(PLAIN, layer.plain, bias=bias, panels=panels, n=n), ANY
         if layer.plain is None or layer.kernels is None:
             return None
         return make(PLAIN, layer.plain, bias=bias), 1

@@ -15,11 +15,11 @@ slower than float32 on a 2-core AVX2 EPYC; they go through `cpu_kernels.bf16_lin
 instead (16 rows of the weight at a time widened to float32 into a panel in cache), and past
 _WIDEN_ROWS rows through float32 tiles of the weight and torch's float32 GEMM.
 
-Where the CPU has bf16 dot products (AVX-512 BF16), bfloat16 weights are packed into our own
-panels of input pairs instead of oneDNN's layout (`cpu_kernels.pairs_linear`,
-shard/csrc/pairs.cpp), which every row count of several rows takes: its products stream the
-weights under the arithmetic, 1.3-1.5x oneDNN's time at 8-64 rows, within 4% of it at 512-2048
-(benchmarks/RESULTS.md).
+With AVX-512, float32 weights (and bfloat16 ones where the CPU has bf16 dot products) are
+packed into our own panels instead of oneDNN's layout (`cpu_kernels.panel_linear`,
+shard/csrc/panels.cpp), which every input of several rows takes: its products stream the
+weights under the arithmetic, 1.3-1.6x faster than oneDNN's at 8-32 rows, within 2-4% of it
+at 512-2048 (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Linear:
     """A loaded linear layer; `__call__(x [..., in]) -> [..., out]`."""
 
     __slots__ = (
-        "weight", "bias", "is_packed", "out_features", "plain", "kernels", "widen", "pairs"
+        "weight", "bias", "is_packed", "out_features", "plain", "kernels", "widen", "panels"
     )  # fmt: skip
 
     def __init__(
@@ -64,16 +64,20 @@ class Linear:
         bias: torch.Tensor | None = None,
         pack: bool = True,
         gemv: bool = False,
+        panels: bool = True,
     ) -> None:
+        """`pack`: the weight packed (our panels where `panels` and the CPU's build take its
+        dtype, else oneDNN's layout); `gemv`: a plain copy kept for single rows (CPU)."""
         self.out_features = weight.shape[0]
         self.bias = bias
         self.plain: torch.Tensor | None = None  # [out, in] for single-row inputs
         self.kernels: Any = None  # the compiled cpu_kernels module
-        # [P, in / 2, 16] int32: bfloat16 weights in pairs_linear's panels, else None
-        self.pairs: torch.Tensor | None = None
-        if pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16:
-            self.kernels, self.pairs = _pairs(weight)
-        self.is_packed = self.pairs is None and pack and _can_pack(weight)
+        # the weight in panel_linear's panels (float32 [P, in, 16]; bfloat16 [P, in / 2, 16]
+        # int32, pairs of inputs), else None
+        self.panels: torch.Tensor | None = None
+        if pack and panels and weight.device.type == "cpu":
+            self.kernels, self.panels = _panels(weight)
+        self.is_packed = self.panels is None and pack and _can_pack(weight)
         if self.is_packed:
             try:
                 self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
@@ -104,8 +108,9 @@ class Linear:
             if self.bias is not None:
                 out += self.bias
             return out.view(*shape[:-1], self.out_features)
-        if self.pairs is not None:  # the bias added after, as after linear_small
-            out = self.kernels.pairs_linear(x.reshape(-1, shape[-1]), self.pairs, self.out_features)
+        if self.panels is not None:  # the bias added after, as after linear_small
+            flat = x.reshape(-1, shape[-1])
+            out = self.kernels.panel_linear(flat, self.panels, self.out_features)
             if self.bias is not None:
                 out += self.bias
             return out.view(*shape[:-1], self.out_features)
@@ -149,15 +154,19 @@ class Linear:
         return out
 
 
-def _pairs(weight: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
-    """(the kernels module, `weight` packed for its pairs_linear) where this CPU's build has
-    it (bf16 dot products) and the inputs pair up; else (None, None)."""
+def _panels(weight: torch.Tensor) -> tuple[Any, torch.Tensor | None]:
+    """(the kernels module, `weight` packed for its panel_linear) where this CPU's build
+    takes the weight's dtype (AVX-512: float32; bf16 dot products: bfloat16, inputs paired);
+    else (None, None)."""
     from shard import cpu_kernels
 
     kernels = cpu_kernels.load()
-    if kernels is None or not hasattr(kernels, "pairs_linear") or weight.shape[1] % 2:
+    dtype = str(weight.dtype).removeprefix("torch.")
+    if kernels is None or dtype not in getattr(kernels, "panel_dtypes", ()):
         return None, None
-    return kernels, kernels.pack_pairs(weight)
+    if weight.dtype == torch.bfloat16 and weight.shape[1] % 2:
+        return None, None
+    return kernels, kernels.pack_panels(weight)
 
 
 _tiles = threading.local()

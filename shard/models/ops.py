@@ -83,6 +83,8 @@ class CpuOps(TorchOps):
         return x.dim() == 2 and x.dtype in self._DTYPES and all(t.is_contiguous() for t in tensors)
 
     def norm(self, x, weight, eps):
+        if x.dim() == 2 and not x.is_contiguous():  # e.g. one KV head's k rows of a batch
+            x = x.contiguous()  # the kernel on a copy, as the C++ decode step does
         if not self._fits(x, weight):
             return super().norm(x, weight, eps)
         return self.kernels.rms_norm(x, weight, eps)

@@ -152,7 +152,8 @@ class Loader:
         self.store, self.parallel, self.head_dim = store, parallel, head_dim
         self.dtype, self.device, self.pack, self.gemv = dtype, device, pack, gemv
         self.quantize, self.group_size = quantize, group_size
-        self.kernels = kernels  # False: quantized layers dequantize per call
+        # False: quantized layers dequantize per call, plain ones take no panels of ours
+        self.kernels = kernels
         self.nbytes = 0  # bytes of every tensor loaded so far (quantized ones: packed)
 
     def __contains__(self, name: str) -> bool:
@@ -271,7 +272,8 @@ class Loader:
         if stored is not None:
             return stored
         if self.quantize is None:
-            return Linear(self.tensor(param), bias, pack=self.pack, gemv=self.gemv)
+            weight = self.tensor(param)
+            return Linear(weight, bias, pack=self.pack, gemv=self.gemv, panels=self.kernels)
         if self.quantize == "fp8":  # this rank's rows or columns, per output channel
             fp8 = Fp8Linear.quantize(self.tensor(param, count=False), bias)
             self.nbytes += fp8.nbytes
@@ -311,4 +313,5 @@ class Loader:
             layer = QuantLinear.quantize(weight, None, "int8", 0, kernels=self.kernels)
             self.nbytes += layer.nbytes
             return VocabHead(layer, self.parallel)
-        return VocabHead(Linear(weight, pack=self.pack, gemv=self.gemv), self.parallel)
+        head = Linear(weight, pack=self.pack, gemv=self.gemv, panels=self.kernels)
+        return VocabHead(head, self.parallel)
