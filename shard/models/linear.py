@@ -67,7 +67,8 @@ class Linear:
         panels: bool = True,
     ) -> None:
         """`pack`: the weight packed (our panels where `panels` and the CPU's build take its
-        dtype, else oneDNN's layout); `gemv`: a plain copy kept for single rows (CPU)."""
+        dtype, else oneDNN's layout); `gemv`: a plain copy kept for single rows (CPU; not
+        beside bfloat16 panels, which take single rows as fast)."""
         self.out_features = weight.shape[0]
         self.bias = bias
         self.plain: torch.Tensor | None = None  # [out, in] for single-row inputs
@@ -85,6 +86,10 @@ class Linear:
                 self.is_packed = False
         if not self.is_packed:
             self.weight = weight
+        if self.panels is not None and weight.dtype == torch.bfloat16:
+            # single rows through the panels too (bf16 dot products: as fast as the single-
+            # row kernel), so the layer holds its weights once, not plain and packed
+            self.weight, gemv = self.panels, False
         if gemv and weight.device.type == "cpu" and weight.dtype in _PACKABLE:
             from shard import cpu_kernels
 
