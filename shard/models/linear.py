@@ -19,7 +19,8 @@ With AVX-512, float32 weights (and bfloat16 ones where the CPU has bf16 dot prod
 packed into our own panels instead of oneDNN's layout (`cpu_kernels.panel_linear`,
 shard/csrc/panels.cpp), which every input of several rows takes: its products stream the
 weights under the arithmetic, 1.3-1.6x faster than oneDNN's at 8-32 rows, within 2-4% of it
-at 512-2048 (benchmarks/RESULTS.md).
+at 512-2048 (benchmarks/RESULTS.md). bfloat16 panels take single rows as fast as
+`linear_small`, so those layers keep no plain copy: their weights are held once.
 """
 
 from __future__ import annotations
