@@ -45,7 +45,7 @@ class ShardConfig:
     cuda_graphs: tuple[int, ...] = field(
         default=(), metadata={ALWAYS: True, TEXT: graph_sizes_text}
     )
-    pack_linear: bool = True  # packed weights on CPU: our panels or oneDNN's (shard/models/linear.py)
+    pack_linear: bool = True  # CPU weights packed: our panels or oneDNN's (models/linear.py)
     # weight-only quantization of the decoder's linear layers on load (shard/models/quant.py)
     quantize: str | None = None  # None, "int8" or "int4"
     quantize_group_size: int = 32  # int4: inputs per group (32, 64 or 128)
