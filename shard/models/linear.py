@@ -87,11 +87,17 @@ class Linear:
                 self.is_packed = False
         if not self.is_packed:
             self.weight = weight
-        if self.panels is not None and weight.dtype == torch.bfloat16:
-            # single rows through the panels too (bf16 dot products: as fast as the single-
-            # row kernel), so the layer holds its weights once, not plain and packed
-            self.weight, gemv = self.panels, False
-        if gemv and weight.device.type == "cpu" and weight.dtype in _PACKABLE:
+        # bfloat16 panels take single rows as fast as the single-row kernel (bf16 dot
+        # products): the layer then holds its weights once, not plain and packed
+        rows_in_panels = self.panels is not None and weight.dtype == torch.bfloat16
+        if rows_in_panels:
+            self.weight = self.panels
+        if (
+            gemv
+            and not rows_in_panels
+            and weight.device.type == "cpu"
+            and weight.dtype in _PACKABLE
+        ):
             from shard import cpu_kernels
 
             self.kernels = cpu_kernels.load()
