@@ -44,6 +44,9 @@ CONFIGS = {
     "int4 groups of 32 (bfloat16 activations)": dict(
         dtype="bfloat16", quantize="int4", quantize_group_size=32
     ),
+    "int4 groups of 64 (bfloat16 activations)": dict(
+        dtype="bfloat16", quantize="int4", quantize_group_size=64
+    ),
 }
 
 

@@ -35,6 +35,7 @@ SOURCES = (
     "prefill.cpp",
     "panels.cpp",
     "quant.cpp",
+    "qpanels.cpp",
     "decode_step.cpp",
 )
 HEADERS = ("decode_step.h", "kernels.h", "quant.h", "vec_exp.h")

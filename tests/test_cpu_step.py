@@ -49,6 +49,13 @@ CASES = {
     "llama-biases-tied-bfloat16": ("llama", BIASES, {"dtype": "bfloat16"}),
     "llama-int8": ("llama", {}, {"quantize": "int8"}),
     "qwen2-int4": ("qwen2", {}, {"quantize": "int4", "quantize_group_size": 32}),
+    # bfloat16 models' quantized layers in our quantized panels where the CPU takes them
+    "llama-int8-bfloat16": ("llama", {}, {"quantize": "int8", "dtype": "bfloat16"}),
+    "qwen2-int4-bfloat16": (
+        "qwen2",
+        {},
+        {"quantize": "int4", "quantize_group_size": 32, "dtype": "bfloat16"},
+    ),
     "llama-fp8-kv": ("llama", {}, {"kv_cache_dtype": "fp8_e4m3fn"}),
 }
 

@@ -31,14 +31,25 @@ torch::Tensor plain_product(const Projection& p, const torch::Tensor& x) {
   return linear_small(x, p.weight);
 }
 
+// Quantized weights: their panels (qpanel_linear) where packed, else quant.cpp's products.
+torch::Tensor quantized_product(const Projection& p, const torch::Tensor& x) {
+#ifdef PYTGI_QPANELS
+  if (p.panels.defined())
+    return qpanel_linear(x, p.panels, p.scales,
+                         p.kind == Projection::kInt4 ? std::optional(p.mins) : std::nullopt, p.n);
+#endif
+  if (p.kind == Projection::kInt8) return q8_linear(x, p.weight, p.scales);
+  return q4_linear(x, p.weight, p.scales, p.mins);
+}
+
 }  // namespace
 
 torch::Tensor Projection::operator()(const torch::Tensor& x) const {
   torch::Tensor out;
   switch (kind) {
     case kPlain: out = plain_product(*this, x); break;
-    case kInt8: out = q8_linear(x, weight, scales); break;
-    case kInt4: out = q4_linear(x, weight, scales, mins); break;
+    case kInt8:
+    case kInt4: out = quantized_product(*this, x); break;
     default: TORCH_CHECK(false, "unknown projection kind ", kind);
   }
   if (bias.defined()) out.add_(bias);
@@ -52,16 +63,19 @@ Projection projection(int64_t kind, std::optional<torch::Tensor> weight,
   TORCH_CHECK(kind >= Projection::kPlain && kind <= Projection::kInt4, "unknown kind ", kind);
   TORCH_CHECK(kind == Projection::kPlain || scales.has_value(), "quantized forms need scales");
   TORCH_CHECK(kind != Projection::kInt4 || mins.has_value(), "int4 needs its mins");
-  TORCH_CHECK(weight.has_value() || (kind == Projection::kPlain && panels.has_value()),
-              "a weight, or plain weights' panels");
+  TORCH_CHECK(weight.has_value() || panels.has_value(), "a weight, or its panels");
 #ifndef __AVX512F__
   TORCH_CHECK(!panels.has_value(), "panels need AVX-512, which this build lacks");
+#endif
+#ifndef PYTGI_QPANELS
+  TORCH_CHECK(kind == Projection::kPlain || !panels.has_value(),
+              "quantized panels need AVX-512 with bf16 dot products, which this build lacks");
 #endif
   Projection p;
   p.kind = kind;
   if (weight) p.weight = weight->contiguous();
   if (panels) {
-    TORCH_CHECK(kind == Projection::kPlain && n > 0, "panels: plain weights of n > 0 columns");
+    TORCH_CHECK(n > 0, "panels: n > 0 output columns");
     p.panels = *panels;
     p.n = n;
   }

@@ -14,7 +14,8 @@ struct Projection {
   torch::Tensor weight;  // plain [N, K] in x's dtype; int8 [N, K]; int4 uint8 [N, K / 2]
   torch::Tensor scales, mins, bias;  // as quant.h (undefined where the form has none)
   // plain weights: pack_panels(weight) (kernels.h), which rows past one (every row without
-  // `weight`) go through; else undefined
+  // `weight`) go through; quantized ones: qpanel_linear's codes (quant.h; `scales` and
+  // `mins` then in its panels too), which every row goes through; else undefined
   torch::Tensor panels;
   int64_t n = 0;  // output columns
   torch::Tensor operator()(const torch::Tensor& x) const;

@@ -55,6 +55,9 @@ def _projection(kernels: Any, layer: Any) -> tuple[Any, int] | None:
         return make(PLAIN, layer.plain, bias=bias), 1
     if isinstance(layer, QuantLinear) and layer.kernels is kernels and layer.order is None:
         kind = INT8 if layer.method == "int8" else INT4
+        if layer.panels:  # every row count (qpanel_linear)
+            n = layer.out_features
+            return make(kind, None, *layer.qparams, bias=bias, panels=layer.weight, n=n), ANY
         return make(kind, layer.weight, *layer.qparams, bias=bias), layer.kernel_rows
     return None
 

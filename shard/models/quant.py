@@ -15,7 +15,12 @@ AWQ's -scale * zero exactly; G groups of g = K / G inputs):
 replaced by them serves the same tokens in float32 (how the tests check every path).
 On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
 weights once, up to 64 rows multiply panels of 16 rows dequantized at a time; more rows, a
-dequantized copy a tile at a time through torch's GEMM); on CUDA in Triton
+dequantized copy a tile at a time through torch's GEMM). A bfloat16 model's layers are
+repacked at load into our quantized panels where the CPU has AVX-512 with bf16 dot
+products (`into_panels`; shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
+order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
+decode steps against bfloat16 weights: batch 1 1.8-2.4x, batch 32 0.89-0.97x, where
+quant.cpp's products gave 0.58x; benchmarks/RESULTS.md); on CUDA in Triton
 kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
 the weights are dequantized per call.
 """
@@ -28,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.errors import ModelLoadError
+from shard.models import qpanels
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -148,6 +154,7 @@ class QuantLinear:
         "out_features",
         "group_size",
         "kernels",
+        "panels",
     )
 
     def __init__(
@@ -166,7 +173,28 @@ class QuantLinear:
         self.out_features = weight.shape[0]
         inputs = weight.shape[1] * (2 if method == "int4" else 1)
         self.group_size = inputs // qparams[0].shape[1]
-        self.kernels = _kernels(weight.device, inputs, self.group_size) if kernels else None
+        self.kernels: Any = _kernels(weight.device, inputs, self.group_size) if kernels else None
+        # True once `weight` and `qparams` are in qpanel_linear's panels (`into_panels`)
+        self.panels = False
+
+    def into_panels(self) -> bool:
+        """Repack the weights for `qpanel_linear` (bfloat16 inputs only; the layer holds them
+        once, packed) where the CPU's build has it and the groups fit (int4: an even number
+        of input pairs a group); whether it did."""
+        kernels, k = self.kernels, self.group_size * self.qparams[0].shape[1]
+        if not hasattr(kernels, "qpanel_linear") or self.panels or k % 4:
+            return False
+        if self.method == "int4" and self.group_size % 16:  # the kernel's sums of x
+            return False
+        if self.method == "int8":
+            self.weight, scales = qpanels.int8(self.weight, self.qparams[0])
+            self.qparams = (scales,)
+        else:
+            codes = unpack_int4(self.weight)
+            self.weight, *params = qpanels.int4(codes, *self.qparams)
+            self.qparams = tuple(params)
+        self.panels = True
+        return True
 
     @classmethod
     def quantize(
@@ -187,7 +215,7 @@ class QuantLinear:
     def keep_inputs(self, start: int, stop: int) -> None:
         """Per-channel int8: keep input columns start:stop only (a row-parallel rank's share
         of a layer quantized whole, so every rank uses the full rows' scales)."""
-        assert self.method == "int8" and self.qparams[0].shape[1] == 1
+        assert self.method == "int8" and self.qparams[0].shape[1] == 1 and not self.panels
         self.weight = self.weight[:, start:stop].contiguous()
         self.group_size = stop - start
 
@@ -201,6 +229,8 @@ class QuantLinear:
         where = getattr(self.kernels, "name", "pytgi's CPU kernels")
         if self.kernels is None:
             where = "dequantized per call"
+        if self.panels:
+            where = "our quantized panels (C++ qpanel_linear)"
         return f"{self.method} weight-only{group}, {where}"
 
     @property
@@ -213,7 +243,12 @@ class QuantLinear:
         flat = x.reshape(-1, shape[-1])
         if self.order is not None:
             flat = flat.index_select(1, self.order)
-        if self.kernels is not None and flat.shape[0] <= self.kernel_rows:
+        if self.panels:  # every row count; bfloat16 only (qpanel_linear refuses others)
+            mins = self.qparams[1] if self.method == "int4" else None
+            out = self.kernels.qpanel_linear(
+                flat, self.weight, self.qparams[0], mins, self.out_features
+            )
+        elif self.kernels is not None and flat.shape[0] <= self.kernel_rows:
             if self.method == "int8":
                 out = self.kernels.q8_linear(flat, self.weight, *self.qparams)
             else:

@@ -219,8 +219,10 @@ class Loader:
         if forms[0][0] == "fp8":
             layer = Fp8Linear(joined[0], joined[1], bias)
         else:
-            layer = QuantLinear(
-                forms[0][0], joined[0], tuple(joined[1:]), bias, order, kernels=self.kernels
+            layer = self._paneled(
+                QuantLinear(
+                    forms[0][0], joined[0], tuple(joined[1:]), bias, order, kernels=self.kernels
+                )
             )
         self.nbytes += layer.nbytes
         return layer
@@ -288,7 +290,15 @@ class Loader:
         layer = QuantLinear.quantize(weight, bias, self.quantize, group, kernels=self.kernels)
         if whole_rows and self.parallel.world_size > 1:
             layer.keep_inputs(*self.parallel.split(weight.shape[1]))
+        layer = self._paneled(layer)
         self.nbytes += layer.nbytes
+        return layer
+
+    def _paneled(self, layer: QuantLinear) -> QuantLinear:
+        """A quantized layer of a bfloat16 model repacked into our quantized panels where the
+        CPU takes them (`--no-pack-linear` keeps the row-major codes)."""
+        if self.pack and layer.kernels is not None and self.dtype == torch.bfloat16:
+            layer.into_panels()
         return layer
 
     def embedding(self, name: str, vocab_size: int) -> VocabEmbedding:
@@ -311,6 +321,7 @@ class Loader:
             weight = self.tensor(Param.of(name, split=Split.ROWS), count=not quantized)
         if self.quantize in METHODS:
             layer = QuantLinear.quantize(weight, None, "int8", 0, kernels=self.kernels)
+            layer = self._paneled(layer)
             self.nbytes += layer.nbytes
             return VocabHead(layer, self.parallel)
         head = Linear(weight, pack=self.pack, gemv=self.gemv, panels=self.kernels)

@@ -1,0 +1,273 @@
+// Weight-only int8 / int4 products of bfloat16 rows on panels packed at load (CPUs with
+// AVX-512 and bf16 dot products; shard/models/quant.py packs them).
+//
+// A unit is 32 output columns (two panels of 16). Per pair of inputs (2p, 2p + 1) it holds
+// the codes in the order a bf16 dot product (vdpbf16ps) reads them: lane j of a panel is
+// column j's two codes, the even input's in the low half.
+// - int8: 64 bytes a pair, panel 0's 32 codes then panel 1's; each code converted through
+//   float32 (exact: -128..127 are bfloat16 integers).
+// - int4: 64 bytes two pairs; 16-bit word i holds word i of (pair, panel) (0, 0), (0, 1),
+//   (1, 0), (1, 1) in its nibbles, lowest first. A code c is read as 16 + c, whose bfloat16
+//   bits are 0x4180 | c << 3 (16..31 share an exponent): one shift and one bitwise select a
+//   word of 32. The offset is folded into the mins, which the packer gives as m - 16 s.
+// Codes and x are exact in bfloat16, so each product is exact in float32; a group's float32
+// sum is scaled once (int4: plus its min times the group's sum of x), as quant.cpp's float32
+// forms do. Scales and mins are float32 [U, G, 32], zero past N; outputs rounded once.
+//
+// A tile of up to 12 x rows by the unit's two panels keeps 24 sums in registers (few rows:
+// several sums per row, so enough dot products are in flight). The first tile converts the
+// codes in registers as it reads them; with more than 12 rows it also writes them, a chunk
+// of 256 pairs at a time, to an L1 buffer of bfloat16 pairs that the other row tiles read.
+// Codes are prefetched 4 KiB ahead of the tile reading them, so they stream from memory
+// under the arithmetic (as panels.cpp does for plain weights). SmolLM2's 120 decoder
+// products, Zen 5, 2 cores, against quant.cpp's products (bfloat16 inputs): int8 1 row
+// 3.47 -> 2.49 ms, 8 rows 15.4 -> 3.1, 32 rows 17.6 -> 9.4; int4 groups of 64: 3.05 ->
+// 2.11, 14.2 -> 3.6, 19.2 -> 11.0; bfloat16 panels: 4.8, 5.0, 9.2 ms.
+
+#include "quant.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pytgi {
+namespace {
+
+constexpr int64_t kLanes = 16, kCols = 32;  // columns of a panel, of a unit
+constexpr int64_t kRows = 12;               // x rows of a tile
+constexpr int64_t kChunk = 256;             // pairs of inputs converted at a time
+// Codes are prefetched this many bytes ahead of the tile reading them (up to the end of the
+// thread's units): of 0 / 1 / 4 / 16 KiB, 4 fastest for SmolLM2's 120 decoder products at 1
+// and 8 rows (Zen 5, 2 cores: int8 1 row 2.80 / 2.90 / 2.49 / 2.52 ms).
+constexpr int64_t kAhead = 4096;
+
+// Each form reads kPairs pairs of inputs (kBytes bytes) at a time into w[pair][panel].
+
+// int8 codes, 64 bytes a pair, converted through float32 (exact).
+struct Q8 {
+  static constexpr int64_t kBytes = 64, kPairs = 1;
+  static __m512 quarter(const uint8_t* c) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
+  }
+  static void weights(const uint8_t* c, __m512bh (&w)[kPairs][2]) {
+    w[0][0] = _mm512_cvtne2ps_pbh(quarter(c + 16), quarter(c));  // low half: second operand
+    w[0][1] = _mm512_cvtne2ps_pbh(quarter(c + 48), quarter(c + 32));
+  }
+};
+
+// int4 codes, 64 bytes two pairs: 16-bit word i holds word i of (pair, panel) (0, 0), (0, 1),
+// (1, 0), (1, 1) in its nibbles, low first. A code c is read as 16 + c, whose bfloat16 bits
+// are 0x4180 | c << 3 (16..31 share an exponent), so each word takes one shift and one
+// bitwise select; quant.py folds the offset into the mins (m - 16 s).
+struct Q4 {
+  static constexpr int64_t kBytes = 64, kPairs = 2;
+  static __m512bh at(__m512i bits) {  // code bits at 3..6 (among others) -> bfloat16 16 + c
+    return (__m512bh)_mm512_ternarylogic_epi32(bits, _mm512_set1_epi16(0x78),
+                                               _mm512_set1_epi16(0x4180), 0xEA);  // a & b | c
+  }
+  static void weights(const uint8_t* c, __m512bh (&w)[kPairs][2]) {
+    const __m512i v = _mm512_loadu_si512(c);
+    w[0][0] = at(_mm512_slli_epi16(v, 3));
+    w[0][1] = at(_mm512_srli_epi16(v, 1));
+    w[1][0] = at(_mm512_srli_epi16(v, 5));
+    w[1][1] = at(_mm512_srli_epi16(v, 9));
+  }
+};
+
+// Codes already converted: two panels of bfloat16 pairs, 128 bytes a pair.
+struct Converted {
+  static constexpr int64_t kBytes = 128, kPairs = 1;
+  static void weights(const uint8_t* c, __m512bh (&w)[kPairs][2]) {
+    w[0][0] = (__m512bh)_mm512_loadu_si512(c);
+    w[0][1] = (__m512bh)_mm512_loadu_si512(c + 64);
+  }
+};
+
+// What a tile reads besides its codes: segments (groups) of `seg` pairs, segment s scaled by
+// scales[s][0..32) (int4: plus mins[s][..] times sums[i * ss + s], row i's sum of x over it).
+struct Groups {
+  int64_t seg;
+  const float* scales;
+  const float* mins;  // null for int8
+  const float* sums;  // [rows][ss] float32, null for int8
+  int64_t ss;
+};
+
+// Independent sums per row and panel for MR rows: enough chains of dot products in flight
+// to cover their latency when there are few rows (one row: 2 chains would leave most cycles
+// waiting on the previous sum).
+template <int MR>
+constexpr int sets() { return MR <= 3 ? 4 : MR <= 6 ? 2 : 1; }
+
+// tot[i][0..32) += the unit's two panels' products with x rows i < MR over `pairs` pairs
+// (x: 32-bit pairs, row stride xs; codes: Src's bytes a pair). `keep`: room for the pairs'
+// converted weights (Converted's layout), written as they are read, or null. While it runs,
+// `ahead` bytes from `next` are prefetched (null: none).
+template <typename Src, int MR>
+void tile(const uint32_t* x, int64_t xs, const uint8_t* codes, int64_t pairs, Groups g,
+          float* tot, uint8_t* keep, int64_t dist, const uint8_t* limit) {
+  constexpr int S = sets<MR>();
+  auto step = [&](int set, int64_t p, __m512 (&acc)[S][MR][2]) {
+    const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;  // p: a multiple of kPairs
+    if (dist && at + dist < limit) _mm_prefetch(reinterpret_cast<const char*>(at + dist), _MM_HINT_T0);
+    __m512bh w[Src::kPairs][2];
+    Src::weights(at, w);
+    for (int q = 0; q < Src::kPairs; ++q) {
+      if (keep) {
+        _mm512_storeu_si512(keep + (p + q) * 128, (__m512i)w[q][0]);
+        _mm512_storeu_si512(keep + (p + q) * 128 + 64, (__m512i)w[q][1]);
+      }
+#pragma GCC unroll 12
+      for (int i = 0; i < MR; ++i) {
+        const auto xv = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * xs + p + q]));
+        acc[set][i][0] = _mm512_dpbf16_ps(acc[set][i][0], xv, w[q][0]);
+        acc[set][i][1] = _mm512_dpbf16_ps(acc[set][i][1], xv, w[q][1]);
+      }
+    }
+  };
+  __m512 tr[MR][2];  // the totals (in registers where few rows leave room)
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
+  for (int64_t s = 0, p = 0; p < pairs; ++s) {
+    __m512 acc[S][MR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int k = 0; k < S; ++k) acc[k][i][0] = acc[k][i][1] = _mm512_setzero_ps();
+    const int64_t end = std::min(pairs, p + g.seg);
+    constexpr int64_t kStep = Src::kPairs;  // segments hold whole steps (int4: even pairs)
+    for (; p + S * kStep <= end; p += S * kStep)
+#pragma GCC unroll 4
+      for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
+    for (; p < end; p += kStep) step(0, p, acc);
+    const float* sv = g.scales + s * kCols;
+    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) {
+        __m512 sum = acc[0][i][j];
+        for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
+        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
+        if (mv)
+          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
+        tr[i][j] = v;
+      }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+}
+
+template <typename Src, int... R>
+void tile_of(int64_t mr, std::integer_sequence<int, R...>, const uint32_t* x, int64_t xs,
+             const uint8_t* codes, int64_t pairs, Groups g, float* tot, uint8_t* keep,
+             int64_t dist, const uint8_t* limit) {
+  ((mr == R + 1 ? tile<Src, R + 1>(x, xs, codes, pairs, g, tot, keep, dist, limit) : void()),
+   ...);
+}
+
+// sums[m][grp] = sum over group grp of x row m (bfloat16 bits, K inputs; groups of a
+// multiple of 16), in float32: 16 lanes of partial sums, then theirs. (A scalar loop, one
+// dependent add per input, took ~16 us a call at 32 rows: as long as the product.)
+std::vector<float> group_sums(const uint16_t* x, int64_t m, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  std::vector<float> sums(m * groups);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const uint16_t* in = x + r * k + grp * g;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < g; i += kLanes) {  // bfloat16 -> float32: the bits shifted up
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i));
+        s = _mm512_add_ps(s, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+      }
+      sums[r * groups + grp] = _mm512_reduce_add_ps(s);
+    }
+  return sums;
+}
+
+template <typename Src>
+void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const float* scales,
+              const float* mins, int64_t groups, int64_t units, int64_t n, uint16_t* out) {
+  const int64_t m = x.size(0), seg = pairs / groups;  // pairs of a group
+  const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr());
+  const std::vector<float> sums =
+      mins ? group_sums(reinterpret_cast<const uint16_t*>(xp), m, 2 * pairs, groups)
+           : std::vector<float>();
+  const int64_t unit = pairs / Src::kPairs * Src::kBytes;  // bytes of a unit's codes
+  // a chunk holds whole groups (one group a row: the chunk is its own segment)
+  const int64_t chunk = groups == 1 ? kChunk : std::max(seg, kChunk / seg * seg);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tot(m * kCols);
+    std::vector<uint8_t> converted(m > kRows ? chunk * Converted::kBytes : 0);
+    for (int64_t u = begin; u < end; ++u) {
+      std::fill(tot.begin(), tot.end(), 0.f);
+      for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
+        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;
+        const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
+        Groups g{groups == 1 ? len : seg, scales + (u * groups + s0) * kCols,
+                 mins ? mins + (u * groups + s0) * kCols : nullptr,
+                 mins ? sums.data() + s0 : nullptr, groups};
+        // the first row tile converts the codes (keeping them for the others, if any)
+        uint8_t* keep = m > kRows ? converted.data() : nullptr;
+        tile_of<Src>(std::min(kRows, m), std::make_integer_sequence<int, kRows>{}, xp + p0,
+                     pairs, c, len, g, tot.data(), keep, kAhead, codes + end * unit);
+        for (int64_t r = kRows; r < m; r += kRows) {
+          Groups rows = g;
+          if (rows.sums) rows.sums += r * groups;
+          tile_of<Converted>(std::min(kRows, m - r), std::make_integer_sequence<int, kRows>{},
+                             xp + r * pairs + p0, pairs, converted.data(), len, rows,
+                             tot.data() + r * kCols, nullptr, 0, nullptr);
+        }
+      }
+      const int64_t c0 = u * kCols, cols = std::min(kCols, n - c0);
+      const __mmask32 mask = cols >= kCols ? ~0u : (1u << cols) - 1;
+      for (int64_t r = 0; r < m; ++r) {  // rounded once to bfloat16
+        const __m512 lo = _mm512_loadu_ps(tot.data() + r * kCols);
+        const __m512 hi = _mm512_loadu_ps(tot.data() + r * kCols + kLanes);
+        _mm512_mask_storeu_epi16(out + r * n + c0, mask, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                            std::optional<torch::Tensor> mins, int64_t n) {
+  const bool q8 = codes.scalar_type() == torch::kChar;
+  TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == 64 &&
+                  (q8 || codes.scalar_type() == torch::kByte),
+              "codes: int8 [U, K / 2, 64] or uint8 [U, K / 4, 64] (quant.py's panels)");
+  const int64_t units = codes.size(0), pairs = codes.size(1) * (q8 ? Q8::kPairs : Q4::kPairs);
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.dim() == 3 &&
+                  scales.size(0) == units && scales.size(2) == kCols && scales.is_contiguous(),
+              "scales: float32 [U, G, 32]");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(groups > 0 && pairs % groups == 0 && (q8 || pairs / groups % 8 == 0),
+              "groups must tile the pairs of inputs (int4: groups of a multiple of 16 inputs)");
+  TORCH_CHECK(q8 != mins.has_value(), "mins: int4 only, and int4 needs them");
+  if (mins)
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kFloat &&
+                    mins->is_contiguous(), "mins: float32, shaped like scales");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == 2 * pairs,
+              "x: bfloat16 [M, K] with K the layer's inputs");
+  TORCH_CHECK(n > 0 && n <= units * kCols, "n past the packed columns");
+  x = x.contiguous();
+  auto out = torch::empty({x.size(0), n}, x.options());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
+  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
+  if (q8)
+    multiply<Q8>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+  else
+    multiply<Q4>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+  return out;
+}
+
+}  // namespace pytgi
+
+#endif

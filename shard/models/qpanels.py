@@ -1,0 +1,59 @@
+"""Quantized weights packed for `qpanel_linear` (shard/csrc/qpanels.cpp), where a CPU has
+AVX-512 and bf16 dot products and the model serves bfloat16.
+
+Units of 32 output columns (two panels of 16); rows past N are zero codes with zero scales.
+Per pair of inputs (2p, 2p + 1), word i of a panel (i = 2 j + h) is column j's code for
+input 2p + h:
+- int8: codes int8 [U, K / 2, 64]: per pair, panel 0's 32 words then panel 1's.
+- int4: codes uint8 [U, K / 4, 64]: per two pairs, 32 little-endian 16-bit words, word i
+  holding (pair 0, panel 0), (pair 0, panel 1), (pair 1, panel 0), (pair 1, panel 1)'s word i
+  in its nibbles, lowest first. The kernel reads a code c as 16 + c, so the mins are given
+  as m - 16 s.
+Scales (and int4's mins) float32 [U, G, 32].
+"""
+
+from __future__ import annotations
+
+import torch
+
+UNIT = 32  # output columns of a unit
+OFFSET = 16  # what the int4 kernel adds to each code (bfloat16 16..31 share an exponent)
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [U * 32, ...], zero rows past N."""
+    extra = -t.shape[0] % UNIT
+    return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra else t
+
+
+def _words(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] -> [U, K / 2, 2 (panel), 32 (word 2 j + h)]."""
+    n, k = _padded(codes).shape
+    units = _padded(codes).view(n // UNIT, 2, UNIT // 2, k // 2, 2)  # unit, panel, j, pair, h
+    return units.permute(0, 3, 1, 2, 4).reshape(n // UNIT, k // 2, 2, UNIT)
+
+
+def params(values: torch.Tensor) -> torch.Tensor:
+    """scales or mins [N, G] -> float32 [U, G, 32]."""
+    padded = _padded(values.float())
+    return padded.view(-1, UNIT, padded.shape[1]).transpose(1, 2).contiguous()
+
+
+def int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q int8 [N, K] (K even), scales [N, G] -> (codes [U, K / 2, 64], scales [U, G, 32])."""
+    words = _words(q)
+    return words.reshape(words.shape[0], words.shape[1], 2 * UNIT).contiguous(), params(scales)
+
+
+def int4(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes uint8 [N, K] in 0..15 (K a multiple of 4), scales, mins [N, G] -> (codes
+    [U, K / 4, 64], scales [U, G, 32], mins - 16 scales [U, G, 32])."""
+    words = _words(codes)
+    two = words.view(words.shape[0], words.shape[1] // 2, 2, 2, UNIT)  # [U, K/4, pair, panel, i]
+    low = two[:, :, 0, 0] | (two[:, :, 0, 1] << 4)  # each word's low byte (little-endian)
+    high = two[:, :, 1, 0] | (two[:, :, 1, 1] << 4)
+    packed = torch.stack([low, high], dim=-1).reshape(two.shape[0], two.shape[1], 2 * UNIT)
+    shifted = mins.float() - OFFSET * scales.float()
+    return packed.contiguous(), params(scales), params(shifted)

@@ -1,0 +1,173 @@
+"""Quantized panels (shard/models/qpanels.py, shard/csrc/qpanels.cpp): the packed layout
+word by word; `qpanel_linear` gives x @ dequantized w exactly where float32 sums are exact
+(small integers, power-of-two scales) and within float32 summation elsewhere, for 1..256
+rows, int8 per channel and in groups, int4 in groups of 32..128, columns past a unit's end;
+bfloat16 quantized models take the panels (and `--no-pack-linear` keeps the codes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shard import cpu_kernels
+from shard.models import qpanels
+from shard.models.quant import (
+    QuantLinear,
+    dequantize_int4,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
+from tests.helpers import make_engine
+from tests.test_quant import PROMPTS, _run, models  # noqa: F401 (a fixture)
+
+KERNELS = cpu_kernels.load()
+pytestmark = pytest.mark.skipif(
+    not hasattr(KERNELS, "qpanel_linear"), reason="needs AVX-512 with bf16 dot products"
+)
+ROWS = [1, 2, 3, 7, 12, 13, 24, 25, 64, 256]
+
+
+def _int8(n: int, k: int, group: int, gen: torch.Generator, exact: bool):
+    """(packed args, dequantized w [N, K] float64) for random codes and scales."""
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scales = _scales(n, k // group, gen, exact)
+    packed = qpanels.int8(q, scales)
+    return (*packed, None), dequantize_int8(q, scales).double()
+
+
+def _int4(n: int, k: int, group: int, gen: torch.Generator, exact: bool):
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales = _scales(n, k // group, gen, exact)
+    mins = -8 * scales.float() if exact else torch.randn(n, k // group, generator=gen)
+    packed = qpanels.int4(codes, scales, mins)
+    return packed, dequantize_int4(pack_int4(codes), scales, mins).double()
+
+
+def _scales(n: int, groups: int, gen: torch.Generator, exact: bool) -> torch.Tensor:
+    if exact:  # powers of two: every product and sum below stays an exact float32
+        return (2.0 ** torch.randint(-3, 2, (n, groups), generator=gen)).half()
+    return (torch.rand(n, groups, generator=gen) * 0.1 + 0.01).half()
+
+
+FORMS = [("int8", 576), ("int8", 32), ("int8", 16), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("method, group", FORMS)
+def test_small_integers_give_exactly_the_rounded_sum(method, group, rows):
+    """x in -4..4 and power-of-two scales: the float32 sums are exact, so the output is the
+    float64 product rounded once to bfloat16, for every row count and a partial last unit."""
+    gen = torch.Generator().manual_seed(rows * 7 + group)
+    n, k = 70, 576 if group != 128 else 1024
+    args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=True)
+    x = torch.randint(-4, 5, (rows, k), generator=gen).bfloat16()
+    out = KERNELS.qpanel_linear(x, *args, n)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+    assert torch.equal(out, (x.double() @ w.T).bfloat16())
+
+
+SHAPES = [(960, 576), (576, 1536), (33, 128)]  # SmolLM2's qkv and down; a partial unit
+LAYERS = [(m, g, n, k) for m, g in FORMS for n, k in SHAPES if k % g == 0]
+
+
+@pytest.mark.parametrize("rows", [1, 9, 32, 100])
+@pytest.mark.parametrize("method, group, n, k", LAYERS)
+def test_random_values_are_within_float32_summation(method, group, n, k, rows):
+    gen = torch.Generator().manual_seed(n + k + rows + group)
+    args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=False)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    expected = x.double() @ w.T
+    slack = 2**-8 * expected.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
+    assert ((KERNELS.qpanel_linear(x, *args, n).double() - expected).abs() <= slack).all()
+
+
+def test_the_int8_layout_word_by_word():
+    q = torch.arange(70 * 8, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(70, 8)
+    codes, scales = qpanels.int8(q, torch.ones(70, 1).half())
+    assert codes.shape == (3, 4, 64) and scales.shape == (3, 1, 32)
+    for u, p, panel, j, h in [(0, 0, 0, 0, 0), (0, 3, 1, 15, 1), (1, 2, 0, 7, 1), (2, 1, 0, 5, 0)]:
+        assert codes[u, p, panel * 32 + 2 * j + h] == q[32 * u + 16 * panel + j, 2 * p + h]
+    assert (codes[2, :, 12:] == 0).all() and (scales[2, 0, 6:] == 0).all()  # rows 70.. pad
+
+
+def test_the_int4_layout_nibble_by_nibble_with_the_offset_in_the_mins():
+    codes = torch.arange(40 * 8).remainder(16).to(torch.uint8).view(40, 8)
+    scales, mins = torch.full((40, 1), 0.5).half(), torch.full((40, 1), 3.0)
+    packed, s, m = qpanels.int4(codes, scales, mins)
+    assert packed.shape == (2, 2, 64) and packed.dtype == torch.uint8
+    words = packed.view(torch.int16).int() & 0xFFFF  # [U, K / 4, 32] little-endian words
+    for u, two, i in [(0, 0, 0), (0, 1, 31), (1, 0, 9), (1, 1, 14)]:
+        for nibble, (pair, panel) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            row, col = 32 * u + 16 * panel + i // 2, 2 * (2 * two + pair) + i % 2
+            want = codes[row, col] if row < 40 else 0  # rows 40.. pad
+            assert (words[u, two, i] >> (4 * nibble)) & 15 == want
+    assert torch.equal(m[0, 0], torch.full((32,), 3.0 - 16 * 0.5))
+
+
+def test_refusals_name_what_is_wrong():
+    args, _ = _int4(32, 64, 32, torch.Generator().manual_seed(0), exact=False)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        KERNELS.qpanel_linear(torch.randn(2, 64), *args, 32)
+    with pytest.raises(RuntimeError, match="inputs"):
+        KERNELS.qpanel_linear(torch.randn(2, 128).bfloat16(), *args, 32)
+    with pytest.raises(RuntimeError, match="mins"):
+        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1], None, 32)
+    with pytest.raises(RuntimeError, match="past the packed"):
+        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), *args, 33)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_layer_in_panels_multiplies_as_its_codes_do(method):
+    """`into_panels` repacks a layer (held once: its `weight` becomes the panels); its
+    products of bfloat16 rows equal the row-major codes' within float32 summation."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(100, 576, generator=gen)
+    layer = QuantLinear.quantize(weight, torch.randn(100).bfloat16(), method, 64)
+    codes = QuantLinear.quantize(weight, layer.bias, method, 64)
+    if method == "int4":
+        reference = dequantize_int4(layer.weight, *layer.qparams)
+    else:
+        reference = dequantize_int8(layer.weight, *layer.qparams)
+    assert layer.into_panels() and layer.panels and not layer.into_panels()
+    assert layer.weight.shape[0] == 4 and "quantized panels" in layer.kind
+    for rows in (1, 5, 40):
+        x = torch.randn(2, rows, 576, generator=gen).bfloat16()
+        out, old = layer(x), codes(x)
+        assert out.shape == old.shape == (2, rows, 100) and out.dtype == torch.bfloat16
+        product = x.double() @ reference.double().T  # rounded once, then the bias added
+        expected = product + layer.bias.double()
+        slack = 2**-8 * (product.abs() + expected.abs()) + 1e-5 * (
+            x.double().abs() @ reference.abs().double().T
+        )
+        assert ((out.double() - expected).abs() <= slack).all()
+        assert ((old.double() - expected).abs() <= slack).all()
+
+
+def test_an_int4_layer_keeps_its_codes_for_groups_the_kernel_cannot_sum():
+    q, scales = quantize_int8(torch.randn(32, 36), 4)  # int8 in groups of 4: pairs even
+    assert QuantLinear("int8", q, (scales,)).into_panels()
+    packed, scales, mins = quantize_int4(torch.randn(32, 64), 32)
+    layer = QuantLinear("int4", packed, (scales, mins))
+    layer.group_size = 8  # as a checkpoint's odd group would be
+    assert not layer.into_panels() and unpack_int4(layer.weight).shape == (32, 64)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_bfloat16_quantized_model_serves_through_the_panels(models, method):  # noqa: F811
+    """Every quantized layer of a bfloat16 model (the head's int8 too) in panels, the tokens
+    those of the same model on the row-major codes (`--no-pack-linear`)."""
+    options = dict(dtype="bfloat16", quantize=method, quantize_group_size=32)
+    paneled = make_engine(models["llama"], **options)
+    model = paneled.runner.model
+    assert all(x.qkv.panels and x.mlp.down.linear.panels for x in model.layers)
+    assert model.lm_head.linear.panels
+    assert "quantized panels" in paneled.runner.kernel_report()
+    rows = make_engine(models["llama"], pack_linear=False, **options)
+    assert not rows.runner.model.layers[0].qkv.panels
+    got, want = _run(paneled), _run(rows)
+    assert got[0] == want[0]
+    for i in want[1]:
+        assert max(abs(a - b) for a, b in zip(got[1][i], want[1][i], strict=True)) < 0.05
