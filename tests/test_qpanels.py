@@ -34,7 +34,7 @@ def _int8(n: int, k: int, group: int, gen: torch.Generator, exact: bool):
     """(packed args, dequantized w [N, K] float64) for random codes and scales."""
     q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     scales = _scales(n, k // group, gen, exact)
-    packed = qpanels.int8(q, scales)
+    packed = qpanels.int8_panels(q, scales)
     return (*packed, None), dequantize_int8(q, scales).double()
 
 
@@ -42,7 +42,7 @@ def _int4(n: int, k: int, group: int, gen: torch.Generator, exact: bool):
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
     scales = _scales(n, k // group, gen, exact)
     mins = -8 * scales.float() if exact else torch.randn(n, k // group, generator=gen)
-    packed = qpanels.int4(codes, scales, mins)
+    packed = qpanels.int4_panels(codes, scales, mins)
     return packed, dequantize_int4(pack_int4(codes), scales, mins).double()
 
 
@@ -86,7 +86,7 @@ def test_random_values_are_within_float32_summation(method, group, n, k, rows):
 
 def test_the_int8_layout_word_by_word():
     q = torch.arange(70 * 8, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(70, 8)
-    codes, scales = qpanels.int8(q, torch.ones(70, 1).half())
+    codes, scales = qpanels.int8_panels(q, torch.ones(70, 1).half())
     assert codes.shape == (3, 4, 64) and scales.shape == (3, 1, 32)
     for u, p, panel, j, h in [(0, 0, 0, 0, 0), (0, 3, 1, 15, 1), (1, 2, 0, 7, 1), (2, 1, 0, 5, 0)]:
         assert codes[u, p, panel * 32 + 2 * j + h] == q[32 * u + 16 * panel + j, 2 * p + h]
@@ -96,7 +96,7 @@ def test_the_int8_layout_word_by_word():
 def test_the_int4_layout_nibble_by_nibble_with_the_offset_in_the_mins():
     codes = torch.arange(40 * 8).remainder(16).to(torch.uint8).view(40, 8)
     scales, mins = torch.full((40, 1), 0.5).half(), torch.full((40, 1), 3.0)
-    packed, s, m = qpanels.int4(codes, scales, mins)
+    packed, s, m = qpanels.int4_panels(codes, scales, mins)
     assert packed.shape == (2, 2, 64) and packed.dtype == torch.uint8
     words = packed.view(torch.int16).int() & 0xFFFF  # [U, K / 4, 32] little-endian words
     for u, two, i in [(0, 0, 0), (0, 1, 31), (1, 0, 9), (1, 1, 14)]:

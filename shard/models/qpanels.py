@@ -39,13 +39,13 @@ def params(values: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, UNIT, padded.shape[1]).transpose(1, 2).contiguous()
 
 
-def int8(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_panels(q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q int8 [N, K] (K even), scales [N, G] -> (codes [U, K / 2, 64], scales [U, G, 32])."""
     words = _words(q)
     return words.reshape(words.shape[0], words.shape[1], 2 * UNIT).contiguous(), params(scales)
 
 
-def int4(
+def int4_panels(
     codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """codes uint8 [N, K] in 0..15 (K a multiple of 4), scales, mins [N, G] -> (codes

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from shard.errors import ModelLoadError
-from shard.models import qpanels
+from shard.models.qpanels import int4_panels, int8_panels
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -187,11 +187,11 @@ class QuantLinear:
         if self.method == "int4" and self.group_size % 16:  # the kernel's sums of x
             return False
         if self.method == "int8":
-            self.weight, scales = qpanels.int8(self.weight, self.qparams[0])
+            self.weight, scales = int8_panels(self.weight, self.qparams[0])
             self.qparams = (scales,)
         else:
             codes = unpack_int4(self.weight)
-            self.weight, *params = qpanels.int4(codes, *self.qparams)
+            self.weight, *params = int4_panels(codes, *self.qparams)
             self.qparams = tuple(params)
         self.panels = True
         return True
