@@ -8,7 +8,10 @@ and the peak resident memory of a fresh process loading it.
 Shared virtual machines drift by tens of percent between minutes, so the configurations
 take turns over `--rounds` rounds and each keeps its fastest median.
 
-    .venv/bin/python benchmarks/quant_step.py [--steps 30] [--rounds 3] [--append]
+    .venv/bin/python benchmarks/quant_step.py [--steps 30] [--rounds 3] [--codes] [--append]
+
+`--codes` adds the bfloat16-activation forms with `--no-pack-linear`: their codes row-major
+through quant.cpp's products instead of our quantized panels (qpanels.cpp), same run.
 
 Run with nothing else on the machine (../shared/BENCHMARKING.md).
 """
@@ -100,8 +103,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--codes", action="store_true", help="add the row-major codes' forms")
     parser.add_argument("--append", action="store_true", help=f"append the table to {RESULTS}")
     args = parser.parse_args()
+    if args.codes:
+        for name, options in list(CONFIGS.items()):
+            if "quantize" in options and options["dtype"] == "bfloat16":
+                CONFIGS[f"{name}, row-major codes"] = dict(options, pack_linear=False)
     from shard.embedded import default_model_dir
 
     model_dir = default_model_dir()

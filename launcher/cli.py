@@ -252,6 +252,12 @@ def option(name: str, *short: str, **kwargs):
     help="CPU: faster batch-1 decode steps for the layers' weight memory once more.",
 )
 @option(
+    "--pack-linear/--no-pack-linear",
+    default=LAUNCHER_DEFAULTS["pack_linear"],
+    help="CPU: linear weights packed at load (with AVX-512 our panels, quantized ones too where "
+    "the CPU has bf16 dot products; else oneDNN's layout): faster batched decode and prefill.",
+)
+@option(
     "--huge-pages/--no-huge-pages",
     default=LAUNCHER_DEFAULTS["huge_pages"],
     help="CPU: shards keep their weights and KV pool in 2 MiB pages (Linux transparent huge "

@@ -57,6 +57,7 @@ class LauncherConfig:
     quantize: str | None = _SHARD["quantize"]
     quantize_group_size: int = _SHARD["quantize_group_size"]
     cpu_gemv: bool = _SHARD["cpu_gemv"]
+    pack_linear: bool = _SHARD["pack_linear"]
     huge_pages: bool = _SHARD["huge_pages"]
     step_ahead: bool = _SHARD["step_ahead"]
     disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
