@@ -20,9 +20,10 @@
 // of 256 pairs at a time, to an L1 buffer of bfloat16 pairs that the other row tiles read.
 // Codes are prefetched 4 KiB ahead of the tile reading them, so they stream from memory
 // under the arithmetic (as panels.cpp does for plain weights). SmolLM2's 120 decoder
-// products, Zen 5, 2 cores, against quant.cpp's products (bfloat16 inputs): int8 1 row
-// 3.47 -> 2.49 ms, 8 rows 15.4 -> 3.1, 32 rows 17.6 -> 9.4; int4 groups of 64: 3.05 ->
-// 2.11, 14.2 -> 3.6, 19.2 -> 11.0; bfloat16 panels: 4.8, 5.0, 9.2 ms.
+// products, Zen 5, 2 cores, bfloat16 rows, quant.cpp's products on the row-major codes ->
+// these (benchmarks/qpanel_products.py): int8 1 / 8 / 32 rows 3.38 / 15.0 / 17.7 -> 2.85 /
+// 3.23 / 9.01 ms; int4 groups of 64 2.96 / 13.8 / 18.0 -> 2.06 / 2.75 / 8.99 ms; bfloat16
+// weights in panels.cpp's panels 5.78 / 5.92 / 9.28 ms.
 
 #include "quant.h"
 

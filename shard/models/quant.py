@@ -19,8 +19,8 @@ dequantized copy a tile at a time through torch's GEMM). A bfloat16 model's laye
 repacked at load into our quantized panels where the CPU has AVX-512 with bf16 dot
 products (`into_panels`; shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
 order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
-decode steps against bfloat16 weights: batch 1 1.8-2.4x, batch 32 0.89-0.97x, where
-quant.cpp's products gave 0.58x; benchmarks/RESULTS.md); on CUDA in Triton
+decode steps against bfloat16 weights: batch 1 1.7-2.4x, batch 32 0.84-0.97x, where
+quant.cpp's products gave 0.51-0.58x; benchmarks/RESULTS.md); on CUDA in Triton
 kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
 the weights are dequantized per call.
 """
