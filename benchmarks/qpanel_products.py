@@ -1,10 +1,10 @@
 """SmolLM2's 120 decoder products (30 layers of qkv, o, gate_up, down; random weights of
-its shapes, streamed from memory) on bfloat16 rows: bfloat16 weights in our panels against
-int8 (per output channel) and int4 (groups of 64) weights, each in quant.cpp's products on
-the row-major codes and in our quantized panels (issue 16). The forms take turns within
-each of `--rounds` rounds; each keeps its median.
+its shapes, streamed from memory) on bfloat16 (or `--dtype float32`) rows: weights of that
+dtype in our panels against int8 (per output channel) and int4 (groups of 64) weights, each
+in quant.cpp's products on the row-major codes and in our quantized panels (issue 16). The
+forms take turns within each of `--rounds` rounds; each keeps its median.
 
-    .venv/bin/python benchmarks/qpanel_products.py [--rounds 7] [--rows 1 --rows 8 ...]
+    .venv/bin/python benchmarks/qpanel_products.py [--dtype float32] [--rounds 7] [--rows 8]
 
 Needs AVX-512 with bf16 dot products. Run with nothing else on the machine.
 """
@@ -28,10 +28,10 @@ from shard.models.qpanels import int4_panels, int8_panels  # noqa: E402
 from shard.models.quant import quantize_int4, quantize_int8, unpack_int4  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # (out, in)
-FORMS = ["bfloat16 panels", "int8 codes", "int8 panels", "int4 codes", "int4 panels"]
+FORMS = ["plain panels", "int8 codes", "int8 panels", "int4 codes", "int4 panels"]
 
 
-def layers(kernels) -> list[dict]:
+def layers(kernels, dtype: torch.dtype) -> list[dict]:
     torch.manual_seed(0)
     made = []
     for n, k in SHAPES:
@@ -39,18 +39,18 @@ def layers(kernels) -> list[dict]:
         q8, s8 = quantize_int8(w)
         q4, s4, m4 = quantize_int4(w, 64)
         made.append({
-            "n": n, "k": k, "bfloat16 panels": (kernels.pack_panels(w.bfloat16()),),
+            "n": n, "k": k, "plain panels": (kernels.pack_panels(w.to(dtype)),),
             "int8 codes": (q8, s8), "int8 panels": (*int8_panels(q8, s8), None),
             "int4 codes": (q4, s4, m4), "int4 panels": int4_panels(unpack_int4(q4), s4, m4),
         })  # fmt: skip
     return made
 
 
-def run(kernels, made: list[dict], form: str, rows: int) -> float:
-    """ms for the 120 products of `rows` bfloat16 rows in `form`."""
-    xs = {k: torch.randn(rows, k).bfloat16() for k in (576, 1536)}
+def run(kernels, made: list[dict], form: str, rows: int, dtype: torch.dtype) -> float:
+    """ms for the 120 products of `rows` rows of `dtype` in `form`."""
+    xs = {k: torch.randn(rows, k).to(dtype) for k in (576, 1536)}
     call = {
-        "bfloat16 panels": lambda x, a, n: kernels.panel_linear(x, *a, n),
+        "plain panels": lambda x, a, n: kernels.panel_linear(x, *a, n),
         "int8 codes": lambda x, a, n: kernels.q8_linear(x, *a),
         "int8 panels": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
         "int4 codes": lambda x, a, n: kernels.q4_linear(x, *a),
@@ -66,20 +66,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--rows", type=int, action="append")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     kernels = cpu_kernels.load()
     if not hasattr(kernels, "qpanel_linear"):
         sys.exit("this CPU's build has no quantized panels (AVX-512 with bf16 dot products)")
-    made = layers(kernels)
+    made = layers(kernels, dtype)
     print(f"{cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"median ms of {args.rounds} rounds, forms alternating\n")  # fmt: skip
+          f"{args.dtype} rows; median ms of {args.rounds} rounds, forms alternating\n")  # fmt: skip
     print("| rows | " + " | ".join(FORMS) + " |")
     print("|---:|" + "---:|" * len(FORMS))
     for rows in args.rows or [1, 8, 32, 128]:
         times: dict[str, list[float]] = {form: [] for form in FORMS}
         for _ in range(args.rounds):
             for form in FORMS:
-                times[form].append(run(kernels, made, form, rows))
+                times[form].append(run(kernels, made, form, rows, dtype))
         cells = " | ".join(f"{statistics.median(times[f]):.2f}" for f in FORMS)
         print(f"| {rows} | {cells} |", flush=True)
 

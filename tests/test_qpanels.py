@@ -1,8 +1,9 @@
 """Quantized panels (shard/models/qpanels.py, shard/csrc/qpanels.cpp): the packed layout
 word by word; `qpanel_linear` gives x @ dequantized w exactly where float32 sums are exact
-(small integers, power-of-two scales) and within float32 summation elsewhere, for 1..256
-rows, int8 per channel and in groups, int4 in groups of 32..128, columns past a unit's end;
-bfloat16 quantized models take the panels (and `--no-pack-linear` keeps the codes)."""
+(small integers, power-of-two scales) and within float32 summation elsewhere, for bfloat16
+and float32 rows, 1..256 of them, int8 per channel and in groups, int4 in groups of 32..128,
+columns past a unit's end; quantized models take the panels (and `--no-pack-linear` keeps
+the codes)."""
 
 from __future__ import annotations
 
@@ -55,32 +56,37 @@ def _scales(n: int, groups: int, gen: torch.Generator, exact: bool) -> torch.Ten
 FORMS = [("int8", 576), ("int8", 32), ("int8", 16), ("int4", 32), ("int4", 64), ("int4", 128)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("method, group", FORMS)
-def test_small_integers_give_exactly_the_rounded_sum(method, group, rows):
+def test_small_integers_give_exactly_the_rounded_sum(method, group, rows, dtype):
     """x in -4..4 and power-of-two scales: the float32 sums are exact, so the output is the
-    float64 product rounded once to bfloat16, for every row count and a partial last unit."""
+    float64 product rounded once to x's dtype, for every row count (float32: up to 4 rows
+    converted in registers, more through the buffer) and a partial last unit."""
     gen = torch.Generator().manual_seed(rows * 7 + group)
     n, k = 70, 576 if group != 128 else 1024
     args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=True)
-    x = torch.randint(-4, 5, (rows, k), generator=gen).bfloat16()
+    x = torch.randint(-4, 5, (rows, k), generator=gen).to(dtype)
     out = KERNELS.qpanel_linear(x, *args, n)
-    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
-    assert torch.equal(out, (x.double() @ w.T).bfloat16())
+    assert out.dtype == dtype and out.shape == (rows, n)
+    assert torch.equal(out, (x.double() @ w.T).to(dtype))
 
 
 SHAPES = [(960, 576), (576, 1536), (33, 128)]  # SmolLM2's qkv and down; a partial unit
 LAYERS = [(m, g, n, k) for m, g in FORMS for n, k in SHAPES if k % g == 0]
 
 
-@pytest.mark.parametrize("rows", [1, 9, 32, 100])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 4, 9, 32, 100])
 @pytest.mark.parametrize("method, group, n, k", LAYERS)
-def test_random_values_are_within_float32_summation(method, group, n, k, rows):
+def test_random_values_are_within_float32_summation(method, group, n, k, rows, dtype):
+    """Within float32 summation (bfloat16: and one rounding) of x @ dequantized w."""
     gen = torch.Generator().manual_seed(n + k + rows + group)
     args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=False)
-    x = torch.randn(rows, k, generator=gen).bfloat16()
+    x = torch.randn(rows, k, generator=gen).to(dtype)
     expected = x.double() @ w.T
-    slack = 2**-8 * expected.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
+    rounding = 2**-8 if dtype == torch.bfloat16 else 0.0
+    slack = rounding * expected.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
     assert ((KERNELS.qpanel_linear(x, *args, n).double() - expected).abs() <= slack).all()
 
 
@@ -109,8 +115,8 @@ def test_the_int4_layout_nibble_by_nibble_with_the_offset_in_the_mins():
 
 def test_refusals_name_what_is_wrong():
     args, _ = _int4(32, 64, 32, torch.Generator().manual_seed(0), exact=False)
-    with pytest.raises(RuntimeError, match="bfloat16"):
-        KERNELS.qpanel_linear(torch.randn(2, 64), *args, 32)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        KERNELS.qpanel_linear(torch.randn(2, 64).half(), *args, 32)
     with pytest.raises(RuntimeError, match="inputs"):
         KERNELS.qpanel_linear(torch.randn(2, 128).bfloat16(), *args, 32)
     with pytest.raises(RuntimeError, match="mins"):
@@ -119,13 +125,14 @@ def test_refusals_name_what_is_wrong():
         KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), *args, 33)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_layer_in_panels_multiplies_as_its_codes_do(method):
+def test_a_layer_in_panels_multiplies_as_its_codes_do(method, dtype):
     """`into_panels` repacks a layer (held once: its `weight` becomes the panels); its
-    products of bfloat16 rows equal the row-major codes' within float32 summation."""
+    products equal the row-major codes' within float32 summation (bfloat16: and roundings)."""
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(100, 576, generator=gen)
-    layer = QuantLinear.quantize(weight, torch.randn(100).bfloat16(), method, 64)
+    layer = QuantLinear.quantize(weight, torch.randn(100).to(dtype), method, 64)
     codes = QuantLinear.quantize(weight, layer.bias, method, 64)
     if method == "int4":
         reference = dequantize_int4(layer.weight, *layer.qparams)
@@ -134,12 +141,13 @@ def test_a_layer_in_panels_multiplies_as_its_codes_do(method):
     assert layer.into_panels() and layer.panels and not layer.into_panels()
     assert layer.weight.shape[0] == 4 and "quantized panels" in layer.kind
     for rows in (1, 5, 40):
-        x = torch.randn(2, rows, 576, generator=gen).bfloat16()
+        x = torch.randn(2, rows, 576, generator=gen).to(dtype)
         out, old = layer(x), codes(x)
-        assert out.shape == old.shape == (2, rows, 100) and out.dtype == torch.bfloat16
+        assert out.shape == old.shape == (2, rows, 100) and out.dtype == dtype
         product = x.double() @ reference.double().T  # rounded once, then the bias added
         expected = product + layer.bias.double()
-        slack = 2**-8 * (product.abs() + expected.abs()) + 1e-5 * (
+        rounding = 2**-8 if dtype == torch.bfloat16 else 0.0
+        slack = rounding * (product.abs() + expected.abs()) + 1e-5 * (
             x.double().abs() @ reference.abs().double().T
         )
         assert ((out.double() - expected).abs() <= slack).all()
@@ -155,11 +163,12 @@ def test_an_int4_layer_keeps_its_codes_for_groups_the_kernel_cannot_sum():
     assert not layer.into_panels() and unpack_int4(layer.weight).shape == (32, 64)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_a_bfloat16_quantized_model_serves_through_the_panels(models, method):  # noqa: F811
-    """Every quantized layer of a bfloat16 model (the head's int8 too) in panels, the tokens
-    those of the same model on the row-major codes (`--no-pack-linear`)."""
-    options = dict(dtype="bfloat16", quantize=method, quantize_group_size=32)
+def test_a_quantized_model_serves_through_the_panels(models, method, dtype):  # noqa: F811
+    """Every quantized layer of a bfloat16 or float32 model (the head's int8 too) in panels,
+    the tokens those of the same model on the row-major codes (`--no-pack-linear`)."""
+    options = dict(dtype=dtype, quantize=method, quantize_group_size=32)
     paneled = make_engine(models["llama"], **options)
     model = paneled.runner.model
     assert all(x.qkv.panels and x.mlp.down.linear.panels for x in model.layers)

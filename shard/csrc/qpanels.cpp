@@ -1,5 +1,5 @@
-// Weight-only int8 / int4 products of bfloat16 rows on panels packed at load (CPUs with
-// AVX-512 and bf16 dot products; shard/models/quant.py packs them).
+// Weight-only int8 / int4 products of bfloat16 (and float32, below) rows on panels packed at
+// load (CPUs with AVX-512 and bf16 dot products; shard/models/qpanels.py packs them).
 //
 // A unit is 32 output columns (two panels of 16). Per pair of inputs (2p, 2p + 1) it holds
 // the codes in the order a bf16 dot product (vdpbf16ps) reads them: lane j of a panel is
@@ -48,6 +48,14 @@ constexpr int64_t kAhead = 4096;
 
 // Each form reads kPairs pairs of inputs (kBytes bytes) at a time into w[pair][panel].
 
+// A panel's 32 words of a pair as float32, lanes (column j, input h) in order 2 j + h: words
+// 0..15 in `lo`, 16..31 in `hi` -> input 0's and input 1's 16 columns.
+inline void unpair(__m512 lo, __m512 hi, __m512& even, __m512& odd) {
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  even = _mm512_permutex2var_ps(lo, evens, hi);
+  odd = _mm512_permutex2var_ps(lo, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), hi);
+}
+
 // int8 codes, 64 bytes a pair, converted through float32 (exact).
 struct Q8 {
   static constexpr int64_t kBytes = 64, kPairs = 1;
@@ -57,6 +65,11 @@ struct Q8 {
   static void weights(const uint8_t* c, __m512bh (&w)[kPairs][2]) {
     w[0][0] = _mm512_cvtne2ps_pbh(quarter(c + 16), quarter(c));  // low half: second operand
     w[0][1] = _mm512_cvtne2ps_pbh(quarter(c + 48), quarter(c + 32));
+  }
+  // float32: w[pair][input h][panel], 16 columns' weights for one input
+  static void weights32(const uint8_t* c, __m512 (&w)[kPairs][2][2]) {
+    for (int panel = 0; panel < 2; ++panel)
+      unpair(quarter(c + 32 * panel), quarter(c + 32 * panel + 16), w[0][0][panel], w[0][1][panel]);
   }
 };
 
@@ -76,6 +89,22 @@ struct Q4 {
     w[0][1] = at(_mm512_srli_epi16(v, 1));
     w[1][0] = at(_mm512_srli_epi16(v, 5));
     w[1][1] = at(_mm512_srli_epi16(v, 9));
+  }
+  // float32 16 + c: bits 0x41800000 | c << 19; words widened to 32 bits, nibble n to 19..22
+  template <int N>
+  static __m512 at32(__m512i words) {
+    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+        _mm512_slli_epi32(words, 19 - 4 * N), _mm512_set1_epi32(0x00780000),
+        _mm512_set1_epi32(0x41800000), 0xEA));
+  }
+  static void weights32(const uint8_t* c, __m512 (&w)[kPairs][2][2]) {
+    const __m512i v = _mm512_loadu_si512(c);
+    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));  // words 0..15
+    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1));
+    unpair(at32<0>(lo), at32<0>(hi), w[0][0][0], w[0][1][0]);
+    unpair(at32<1>(lo), at32<1>(hi), w[0][0][1], w[0][1][1]);
+    unpair(at32<2>(lo), at32<2>(hi), w[1][0][0], w[1][1][0]);
+    unpair(at32<3>(lo), at32<3>(hi), w[1][0][1], w[1][1][1]);
   }
 };
 
@@ -235,6 +264,165 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
   });
 }
 
+// ---- float32 rows (float32 models): the same panels, each code converted to float32 (int4:
+// 16 + c, bits 0x41800000 | c << 19) and the pairs split into their two inputs, then
+// multiply-adds (products rounded in float32, as quant.cpp's float32 forms). Up to 4 rows
+// convert in registers as the tile reads them; more convert a chunk of 128 pairs into an L1
+// buffer [pair][input][panel][16] that tiles of up to 12 rows by two panels read. SmolLM2's
+// 120 decoder products, float32 rows, row-major codes -> these: int8 1 / 8 / 32 rows 3.23 /
+// 14.8 / 27.8 -> 2.97 / 6.91 / 17.9 ms; int4 groups of 64 2.69 / 13.5 / 27.3 -> 2.35 / 6.18 /
+// 17.1 ms; float32 weights in panels.cpp's panels 11.3 / 11.5 / 18.2 ms.
+
+constexpr int64_t kChunk32 = 128;  // pairs of a float32 chunk (32 KiB)
+constexpr int64_t kRawRows32 = 4;  // up to this many rows convert in registers, no buffer
+
+// Codes already converted to float32: [pair][input][panel][16], 256 bytes a pair.
+struct Converted32 {
+  static constexpr int64_t kBytes = 256, kPairs = 1;
+  static void weights32(const uint8_t* c, __m512 (&w)[kPairs][2][2]) {
+    const auto* f = reinterpret_cast<const float*>(c);
+    for (int h = 0; h < 2; ++h)
+      for (int panel = 0; panel < 2; ++panel)
+        w[0][h][panel] = _mm512_loadu_ps(f + (h * 2 + panel) * kLanes);
+  }
+};
+
+// tot[i][0..32) += the panels' products with float32 rows i < MR over `pairs` pairs of codes
+// in Src's form (x rows of stride xs inputs), prefetching `dist` bytes ahead (not at or past
+// `limit`; 0: none).
+template <typename Src, int MR>
+void tile32(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs, Groups g,
+            float* tot, int64_t dist, const uint8_t* limit) {
+  constexpr int S = sets<MR>();
+  __m512 tr[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
+  auto step = [&](int set, int64_t p, __m512 (&acc)[S][MR][2]) {
+    const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
+    if (dist && at + dist < limit) _mm_prefetch(reinterpret_cast<const char*>(at + dist), _MM_HINT_T0);
+    __m512 w[Src::kPairs][2][2];
+    Src::weights32(at, w);
+    for (int q = 0; q < Src::kPairs; ++q)
+      for (int h = 0; h < 2; ++h) {
+#pragma GCC unroll 12
+        for (int i = 0; i < MR; ++i) {
+          const __m512 xv = _mm512_set1_ps(x[i * xs + 2 * (p + q) + h]);
+          acc[set][i][0] = _mm512_fmadd_ps(xv, w[q][h][0], acc[set][i][0]);
+          acc[set][i][1] = _mm512_fmadd_ps(xv, w[q][h][1], acc[set][i][1]);
+        }
+      }
+  };
+  for (int64_t s = 0, p = 0; p < pairs; ++s) {
+    __m512 acc[S][MR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int k = 0; k < S; ++k) acc[k][i][0] = acc[k][i][1] = _mm512_setzero_ps();
+    const int64_t end = std::min(pairs, p + g.seg);
+    constexpr int64_t kStep = Src::kPairs;
+    for (; p + S * kStep <= end; p += S * kStep)
+#pragma GCC unroll 4
+      for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
+    for (; p < end; p += kStep) step(0, p, acc);
+    const float* sv = g.scales + s * kCols;
+    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) {
+        __m512 sum = acc[0][i][j];
+        for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
+        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
+        if (mv)
+          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
+        tr[i][j] = v;
+      }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+}
+
+template <typename Src, int... R>
+void tile32_of(int64_t mr, std::integer_sequence<int, R...>, const float* x, int64_t xs,
+               const uint8_t* codes, int64_t pairs, Groups g, float* tot, int64_t dist,
+               const uint8_t* limit) {
+  ((mr == R + 1 ? tile32<Src, R + 1>(x, xs, codes, pairs, g, tot, dist, limit) : void()), ...);
+}
+
+// `pairs` pairs of Src's codes -> the float32 buffer, prefetching `dist` bytes ahead (not
+// at or past `limit`).
+template <typename Src>
+void convert32(const uint8_t* codes, int64_t pairs, float* out, const uint8_t* limit) {
+  for (int64_t p = 0; p < pairs; p += Src::kPairs) {
+    const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
+    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+    __m512 w[Src::kPairs][2][2];
+    Src::weights32(at, w);
+    for (int q = 0; q < Src::kPairs; ++q)
+      for (int h = 0; h < 2; ++h)
+        for (int panel = 0; panel < 2; ++panel)
+          _mm512_storeu_ps(out + ((p + q) * 2 + h) * kCols + panel * kLanes, w[q][h][panel]);
+  }
+}
+
+// sums[m][grp] = sum over group grp of float32 row m, in float32 (16 lanes, then theirs).
+std::vector<float> group_sums32(const float* x, int64_t m, int64_t k, int64_t groups) {
+  const int64_t g = k / groups;
+  std::vector<float> sums(m * groups);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t i = 0; i < g; i += kLanes) s = _mm512_add_ps(s, _mm512_loadu_ps(x + r * k + grp * g + i));
+      sums[r * groups + grp] = _mm512_reduce_add_ps(s);
+    }
+  return sums;
+}
+
+template <typename Src>
+void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const float* scales,
+                const float* mins, int64_t groups, int64_t units, int64_t n, float* out) {
+  const int64_t m = x.size(0), seg = pairs / groups;
+  const float* xp = x.data_ptr<float>();
+  const std::vector<float> sums = mins ? group_sums32(xp, m, 2 * pairs, groups) : std::vector<float>();
+  const int64_t unit = pairs / Src::kPairs * Src::kBytes;
+  const int64_t chunk = groups == 1 ? kChunk32 : std::max(seg, kChunk32 / seg * seg);
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> tot(m * kCols), converted(m > kRawRows32 ? chunk * 2 * kCols : 0);
+    for (int64_t u = begin; u < end; ++u) {
+      std::fill(tot.begin(), tot.end(), 0.f);
+      for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
+        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;
+        const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
+        Groups g{groups == 1 ? len : seg, scales + (u * groups + s0) * kCols,
+                 mins ? mins + (u * groups + s0) * kCols : nullptr,
+                 mins ? sums.data() + s0 : nullptr, groups};
+        if (m <= kRawRows32) {  // converted in registers as the tile reads them
+          tile32_of<Src>(m, std::make_integer_sequence<int, kRawRows32>{}, xp + 2 * p0,
+                         2 * pairs, c, len, g, tot.data(), kAhead, codes + end * unit);
+          continue;
+        }
+        convert32<Src>(c, len, converted.data(), codes + end * unit);
+        const auto* buffer = reinterpret_cast<const uint8_t*>(converted.data());
+        for (int64_t r = 0; r < m; r += kRows) {
+          Groups rows = g;
+          if (rows.sums) rows.sums += r * groups;
+          tile32_of<Converted32>(std::min(kRows, m - r), std::make_integer_sequence<int, kRows>{},
+                                 xp + r * 2 * pairs + 2 * p0, 2 * pairs, buffer, len, rows,
+                                 tot.data() + r * kCols, 0, nullptr);
+        }
+      }
+      const int64_t c0 = u * kCols, cols = std::min(kCols, n - c0);
+      const __mmask32 mask = cols >= kCols ? ~0u : (1u << cols) - 1;
+      for (int64_t r = 0; r < m; ++r) {
+        float* o = out + r * n + c0;
+        _mm512_mask_storeu_ps(o, static_cast<__mmask16>(mask), _mm512_loadu_ps(tot.data() + r * kCols));
+        _mm512_mask_storeu_ps(o + kLanes, static_cast<__mmask16>(mask >> kLanes),
+                              _mm512_loadu_ps(tot.data() + r * kCols + kLanes));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
@@ -254,11 +442,23 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   if (mins)
     TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kFloat &&
                     mins->is_contiguous(), "mins: float32, shaped like scales");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kBFloat16 && x.size(1) == 2 * pairs,
-              "x: bfloat16 [M, K] with K the layer's inputs");
+  const bool f32 = x.scalar_type() == torch::kFloat;
+  TORCH_CHECK(x.dim() == 2 && (f32 || x.scalar_type() == torch::kBFloat16) &&
+                  x.size(1) == 2 * pairs,
+              "x: bfloat16 or float32 [M, K] with K the layer's inputs");
   TORCH_CHECK(n > 0 && n <= units * kCols, "n past the packed columns");
   x = x.contiguous();
   auto out = torch::empty({x.size(0), n}, x.options());
+  if (f32) {
+    const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
+    const float* mp = mins ? mins->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    if (q8)
+      multiply32<Q8>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+    else
+      multiply32<Q4>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+    return out;
+  }
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
   const float* mp = mins ? mins->data_ptr<float>() : nullptr;

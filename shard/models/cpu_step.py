@@ -11,7 +11,8 @@ It serves what that path serves through the same kernels: dense Llama-math decod
 Mistral, Qwen2 with its biases, Qwen3 with its per-head norms, Phi-3), float32 or bfloat16,
 weights plain (the kept single-row copy, `--cpu-gemv`: batch 1 only, as more rows go to
 oneDNN; in panel_linear's panels with AVX-512: any rows) or
-int8/int4 in the CPU kernels (up to their 64 rows), KV caches in the model's dtype or fp8,
+int8/int4 in the CPU kernels (up to their 64 rows; in quantized panels: any rows), KV
+caches in the model's dtype or fp8,
 one shard. Anything else keeps the Python forward; `build` says why.
 """
 

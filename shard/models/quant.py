@@ -15,12 +15,13 @@ AWQ's -scale * zero exactly; G groups of g = K / G inputs):
 replaced by them serves the same tokens in float32 (how the tests check every path).
 On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
 weights once, up to 64 rows multiply panels of 16 rows dequantized at a time; more rows, a
-dequantized copy a tile at a time through torch's GEMM). A bfloat16 model's layers are
-repacked at load into our quantized panels where the CPU has AVX-512 with bf16 dot
-products (`into_panels`; shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
+dequantized copy a tile at a time through torch's GEMM). A bfloat16 or float32 model's
+layers are repacked at load into our quantized panels where the CPU has AVX-512 with bf16
+dot products (`into_panels`; shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
 order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
 decode steps against bfloat16 weights: batch 1 1.7-2.4x, batch 32 0.84-0.97x, where
-quant.cpp's products gave 0.51-0.58x; benchmarks/RESULTS.md); on CUDA in Triton
+quant.cpp's products gave 0.51-0.58x; float32 activations at batch 32 0.53-0.55x, from
+0.38x; benchmarks/RESULTS.md); on CUDA in Triton
 kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
 the weights are dequantized per call.
 """
@@ -178,9 +179,9 @@ class QuantLinear:
         self.panels = False
 
     def into_panels(self) -> bool:
-        """Repack the weights for `qpanel_linear` (bfloat16 inputs only; the layer holds them
-        once, packed) where the CPU's build has it and the groups fit (int4: an even number
-        of input pairs a group); whether it did."""
+        """Repack the weights for `qpanel_linear` (bfloat16 or float32 inputs; the layer holds
+        them once, packed) where the CPU's build has it and the groups fit (int4: groups of
+        a multiple of 16 inputs); whether it did."""
         kernels, k = self.kernels, self.group_size * self.qparams[0].shape[1]
         if not hasattr(kernels, "qpanel_linear") or self.panels or k % 4:
             return False
@@ -243,7 +244,7 @@ class QuantLinear:
         flat = x.reshape(-1, shape[-1])
         if self.order is not None:
             flat = flat.index_select(1, self.order)
-        if self.panels:  # every row count; bfloat16 only (qpanel_linear refuses others)
+        if self.panels:  # every row count; bfloat16 or float32 (qpanel_linear refuses others)
             mins = self.qparams[1] if self.method == "int4" else None
             out = self.kernels.qpanel_linear(
                 flat, self.weight, self.qparams[0], mins, self.out_features

@@ -97,6 +97,9 @@ class RowParallel:
         return out if self.bias is None else out + self.bias
 
 
+# Model dtypes whose quantized layers take our quantized panels (shard/csrc/qpanels.cpp)
+_PANEL_DTYPES = (torch.bfloat16, torch.float32)
+
 # What Loader.linear gives: a layer over this rank's slice, summed over ranks if row-parallel
 Projection = Linear | QuantLinear | Fp8Linear | RowParallel
 
@@ -295,9 +298,9 @@ class Loader:
         return layer
 
     def _paneled(self, layer: QuantLinear) -> QuantLinear:
-        """A quantized layer of a bfloat16 model repacked into our quantized panels where the
-        CPU takes them (`--no-pack-linear` keeps the row-major codes)."""
-        if self.pack and layer.kernels is not None and self.dtype == torch.bfloat16:
+        """A quantized layer of a bfloat16 or float32 model repacked into our quantized panels
+        where the CPU takes them (`--no-pack-linear` keeps the row-major codes)."""
+        if self.pack and layer.kernels is not None and self.dtype in _PANEL_DTYPES:
             layer.into_panels()
         return layer
 
