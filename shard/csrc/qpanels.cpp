@@ -133,10 +133,48 @@ struct Groups {
 template <int MR>
 constexpr int sets() { return MR <= 3 ? 4 : MR <= 6 ? 2 : 1; }
 
+// The loop of both tiles: `step(set, p, acc)` adds pairs p .. p + kStep - 1 into the sums
+// acc[set] (sets taking turns); each segment's sets are added and scaled into the totals
+// tot[i][0..32) (int4: plus the min times row i's sum of x over the segment), which stay in
+// registers across segments.
+template <int MR, int S, int64_t kStep, typename Step>
+void segments(int64_t pairs, const Groups& g, float* tot, Step step) {
+  __m512 tr[MR][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
+  for (int64_t s = 0, p = 0; p < pairs; ++s) {
+    __m512 acc[S][MR][2];
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int k = 0; k < S; ++k) acc[k][i][0] = acc[k][i][1] = _mm512_setzero_ps();
+    const int64_t end = std::min(pairs, p + g.seg);  // segments hold whole steps
+    for (; p + S * kStep <= end; p += S * kStep)
+#pragma GCC unroll 4
+      for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
+    for (; p < end; p += kStep) step(0, p, acc);
+    const float* sv = g.scales + s * kCols;
+    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) {
+        __m512 sum = acc[0][i][j];
+        for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
+        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
+        if (mv)
+          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
+        tr[i][j] = v;
+      }
+  }
+#pragma GCC unroll 12
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+}
+
 // tot[i][0..32) += the unit's two panels' products with x rows i < MR over `pairs` pairs
 // (x: 32-bit pairs, row stride xs; codes: Src's bytes a pair). `keep`: room for the pairs'
-// converted weights (Converted's layout), written as they are read, or null. While it runs,
-// `ahead` bytes from `next` are prefetched (null: none).
+// converted weights (Converted's layout), written as they are read, or null. Codes are
+// prefetched `dist` bytes ahead of those read (not at or past `limit`; 0: none).
 template <typename Src, int MR>
 void tile(const uint32_t* x, int64_t xs, const uint8_t* codes, int64_t pairs, Groups g,
           float* tot, uint8_t* keep, int64_t dist, const uint8_t* limit) {
@@ -159,37 +197,7 @@ void tile(const uint32_t* x, int64_t xs, const uint8_t* codes, int64_t pairs, Gr
       }
     }
   };
-  __m512 tr[MR][2];  // the totals (in registers where few rows leave room)
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
-  for (int64_t s = 0, p = 0; p < pairs; ++s) {
-    __m512 acc[S][MR][2];
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i)
-      for (int k = 0; k < S; ++k) acc[k][i][0] = acc[k][i][1] = _mm512_setzero_ps();
-    const int64_t end = std::min(pairs, p + g.seg);
-    constexpr int64_t kStep = Src::kPairs;  // segments hold whole steps (int4: even pairs)
-    for (; p + S * kStep <= end; p += S * kStep)
-#pragma GCC unroll 4
-      for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
-    for (; p < end; p += kStep) step(0, p, acc);
-    const float* sv = g.scales + s * kCols;
-    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 2; ++j) {
-        __m512 sum = acc[0][i][j];
-        for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
-        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
-        if (mv)
-          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
-        tr[i][j] = v;
-      }
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+  segments<MR, S, Src::kPairs>(pairs, g, tot, step);
 }
 
 template <typename Src, int... R>
@@ -294,10 +302,6 @@ template <typename Src, int MR>
 void tile32(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs, Groups g,
             float* tot, int64_t dist, const uint8_t* limit) {
   constexpr int S = sets<MR>();
-  __m512 tr[MR][2];
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
   auto step = [&](int set, int64_t p, __m512 (&acc)[S][MR][2]) {
     const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
     if (dist && at + dist < limit) _mm_prefetch(reinterpret_cast<const char*>(at + dist), _MM_HINT_T0);
@@ -313,33 +317,7 @@ void tile32(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs, Gro
         }
       }
   };
-  for (int64_t s = 0, p = 0; p < pairs; ++s) {
-    __m512 acc[S][MR][2];
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i)
-      for (int k = 0; k < S; ++k) acc[k][i][0] = acc[k][i][1] = _mm512_setzero_ps();
-    const int64_t end = std::min(pairs, p + g.seg);
-    constexpr int64_t kStep = Src::kPairs;
-    for (; p + S * kStep <= end; p += S * kStep)
-#pragma GCC unroll 4
-      for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
-    for (; p < end; p += kStep) step(0, p, acc);
-    const float* sv = g.scales + s * kCols;
-    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i)
-      for (int j = 0; j < 2; ++j) {
-        __m512 sum = acc[0][i][j];
-        for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
-        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
-        if (mv)
-          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
-        tr[i][j] = v;
-      }
-  }
-#pragma GCC unroll 12
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+  segments<MR, S, Src::kPairs>(pairs, g, tot, step);
 }
 
 template <typename Src, int... R>
@@ -349,8 +327,8 @@ void tile32_of(int64_t mr, std::integer_sequence<int, R...>, const float* x, int
   ((mr == R + 1 ? tile32<Src, R + 1>(x, xs, codes, pairs, g, tot, dist, limit) : void()), ...);
 }
 
-// `pairs` pairs of Src's codes -> the float32 buffer, prefetching `dist` bytes ahead (not
-// at or past `limit`).
+// `pairs` pairs of Src's codes -> the float32 buffer (Converted32's layout), prefetching
+// kAhead bytes ahead (not at or past `limit`).
 template <typename Src>
 void convert32(const uint8_t* codes, int64_t pairs, float* out, const uint8_t* limit) {
   for (int64_t p = 0; p < pairs; p += Src::kPairs) {
