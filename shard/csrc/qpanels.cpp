@@ -208,6 +208,14 @@ void tile_of(int64_t mr, std::integer_sequence<int, R...>, const uint32_t* x, in
    ...);
 }
 
+// The groups of unit u's chunk from segment s0 on (segments of `seg` pairs), as tiles read
+// them; `sums` [rows][groups] (empty for int8).
+Groups chunk_groups(int64_t u, int64_t s0, int64_t seg, int64_t groups, const float* scales,
+                    const float* mins, const std::vector<float>& sums) {
+  const int64_t at = (u * groups + s0) * kCols;
+  return {seg, scales + at, mins ? mins + at : nullptr, mins ? sums.data() + s0 : nullptr, groups};
+}
+
 // sums[m][grp] = sum over group grp of x row m (bfloat16 bits, K inputs; groups of a
 // multiple of 16), in float32: 16 lanes of partial sums, then theirs. (A scalar loop, one
 // dependent add per input, took ~16 us a call at 32 rows: as long as the product.)
@@ -244,11 +252,9 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
     for (int64_t u = begin; u < end; ++u) {
       std::fill(tot.begin(), tot.end(), 0.f);
       for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
-        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;
+        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;  // its first segment
         const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
-        Groups g{groups == 1 ? len : seg, scales + (u * groups + s0) * kCols,
-                 mins ? mins + (u * groups + s0) * kCols : nullptr,
-                 mins ? sums.data() + s0 : nullptr, groups};
+        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, scales, mins, sums);
         // the first row tile converts the codes (keeping them for the others, if any)
         uint8_t* keep = m > kRows ? converted.data() : nullptr;
         tile_of<Src>(std::min(kRows, m), std::make_integer_sequence<int, kRows>{}, xp + p0,
@@ -369,11 +375,9 @@ void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, con
     for (int64_t u = begin; u < end; ++u) {
       std::fill(tot.begin(), tot.end(), 0.f);
       for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
-        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;
+        const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;  // its first segment
         const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
-        Groups g{groups == 1 ? len : seg, scales + (u * groups + s0) * kCols,
-                 mins ? mins + (u * groups + s0) * kCols : nullptr,
-                 mins ? sums.data() + s0 : nullptr, groups};
+        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, scales, mins, sums);
         if (m <= kRawRows32) {  // converted in registers as the tile reads them
           tile32_of<Src>(m, std::make_integer_sequence<int, kRawRows32>{}, xp + 2 * p0,
                          2 * pairs, c, len, g, tot.data(), kAhead, codes + end * unit);
