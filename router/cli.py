@@ -65,6 +65,9 @@ async def serve(config: RouterConfig) -> None:
         log.warning(warning)
     try:
         await server.serve()
+    except SystemExit:  # uvicorn's own exit when it cannot bind: ours below says what to do
+        if server.started:
+            raise
     finally:
         loop_task.cancel()
         if metrics_server is not None:

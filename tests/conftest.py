@@ -69,12 +69,40 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), smollm_dir)
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to bind(0) and to connect()'s own end."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
+    """A loopback port that is free now and stays free until a test binds it.
+
+    Taken below the ephemeral range: a port from bind(0) can be handed again, by the kernel,
+    to any socket that connects (gloo's ranks open many), before the process meant for it
+    binds it (a router then exits with uvicorn's startup failure, 3). No port twice a run.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_http(url: str, procs, timeout: float = 180) -> None:

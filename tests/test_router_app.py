@@ -332,3 +332,24 @@ async def test_chat_without_max_tokens_may_use_the_context_left(client_for):
     assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     request = state.scheduler.client.requests[-1]
     assert request.params.max_new_tokens == 2000 - len(request.input_ids)  # max_total_tokens
+
+
+async def test_a_busy_port_is_one_clear_startup_error(smollm_dir, monkeypatch):
+    """uvicorn exits the process (3) when it cannot bind; the router says which port instead."""
+    import socket
+
+    from common.config import RouterConfig
+    from router import cli
+    from router.startup import StartupError
+
+    async def fake_state(config):
+        return make_state(smollm_dir)
+
+    monkeypatch.setattr(cli, "build_state", fake_state)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = RouterConfig("/tmp/x", str(smollm_dir), hostname="127.0.0.1", port=port)
+        with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await asyncio.wait_for(cli.serve(config), 30)
