@@ -99,7 +99,7 @@ def test_the_int8_layout_word_by_word():
     assert (codes[2, :, 12:] == 0).all() and (scales[2, 0, 6:] == 0).all()  # rows 70.. pad
 
 
-def test_the_int4_layout_nibble_by_nibble_with_the_offset_in_the_mins():
+def test_the_int4_layout_nibble_by_nibble():
     codes = torch.arange(40 * 8).remainder(16).to(torch.uint8).view(40, 8)
     scales, mins = torch.full((40, 1), 0.5).half(), torch.full((40, 1), 3.0)
     packed, s, m = qpanels.int4_panels(codes, scales, mins)
@@ -110,7 +110,47 @@ def test_the_int4_layout_nibble_by_nibble_with_the_offset_in_the_mins():
             row, col = 32 * u + 16 * panel + i // 2, 2 * (2 * two + pair) + i % 2
             want = codes[row, col] if row < 40 else 0  # rows 40.. pad
             assert (words[u, two, i] >> (4 * nibble)) & 15 == want
-    assert torch.equal(m[0, 0], torch.full((32,), 3.0 - 16 * 0.5))
+    assert torch.equal(m[0, 0, :8], torch.full((8,), 3.0).half()) and (m[1, 0, 8:] == 0).all()
+
+
+def test_parameters_are_float16_where_every_one_is_a_float16_value():
+    """GGUF's Q4_0 / Q4_1 / Q8_0 and on-the-fly quantization keep float16 (2 bytes a group
+    and column); a float32 min that float16 would round (GPTQ's s z, Q4_K) keeps both float32
+    and the values as given."""
+    codes = torch.zeros(32, 64, dtype=torch.uint8)
+    scales, mins = torch.full((32, 2), 0.1).half(), torch.full((32, 2), -0.75)
+    _, s, m = qpanels.int4_panels(codes, scales, mins)
+    assert s.dtype == m.dtype == torch.float16
+    _, s, m = qpanels.int4_panels(codes, scales, mins + 1e-4)
+    assert s.dtype == m.dtype == torch.float32 and torch.equal(m[0, 0, 0], mins[0, 0] + 1e-4)
+    assert torch.equal(s[0, 0, 0], scales[0, 0].float())
+    assert qpanels.int8_panels(codes.to(torch.int8), scales)[1].dtype == torch.float16
+    q4k_scales = torch.full((32, 2), 0.1).half().float() * 37  # a float16 times a 6-bit scale
+    assert qpanels.int8_panels(codes.to(torch.int8), q4k_scales)[1].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 32])
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_float16_and_float32_parameters_give_the_same_products(method, rows, dtype):
+    """The same float16 values in float32 panels: the products agree bit for bit (the mins'
+    offset, m - 16 s, is taken in float32 either way)."""
+    gen = torch.Generator().manual_seed(rows)
+    scales = (torch.rand(96, 8, generator=gen) * 0.1 + 0.01).half()
+    if method == "int8":
+        q = torch.randint(-127, 128, (96, 256), generator=gen, dtype=torch.int8)
+        (codes, scales), mins = qpanels.int8_panels(q, scales), None
+    else:
+        q = torch.randint(0, 16, (96, 256), generator=gen, dtype=torch.uint8)
+        mins = torch.randn(96, 8, generator=gen).half()
+        codes, scales, mins = qpanels.int4_panels(q, scales, mins)
+    assert scales.dtype == torch.float16
+    x = torch.randn(rows, 256, generator=gen).to(dtype)
+    halves = KERNELS.qpanel_linear(x, codes, scales, mins, 96)
+    singles = KERNELS.qpanel_linear(
+        x, codes, scales.float(), None if mins is None else mins.float(), 96
+    )
+    assert torch.equal(halves, singles)
 
 
 def test_refusals_name_what_is_wrong():
@@ -123,6 +163,10 @@ def test_refusals_name_what_is_wrong():
         KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1], None, 32)
     with pytest.raises(RuntimeError, match="past the packed"):
         KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), *args, 33)
+    with pytest.raises(RuntimeError, match="mins: shaped like scales, in their dtype"):
+        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1], args[2].half(), 32)
+    with pytest.raises(RuntimeError, match="scales: float16 or float32"):
+        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1].double(), None, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

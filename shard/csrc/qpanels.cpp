@@ -9,10 +9,13 @@
 // - int4: 64 bytes two pairs; 16-bit word i holds word i of (pair, panel) (0, 0), (0, 1),
 //   (1, 0), (1, 1) in its nibbles, lowest first. A code c is read as 16 + c, whose bfloat16
 //   bits are 0x4180 | c << 3 (16..31 share an exponent): one shift and one bitwise select a
-//   word of 32. The offset is folded into the mins, which the packer gives as m - 16 s.
+//   word of 32. The offset goes into the mins as each group is scaled: m - 16 s, in float32
+//   (as exact as quant.cpp's float32 forms: 16 s is exact, the difference rounded once).
 // Codes and x are exact in bfloat16, so each product is exact in float32; a group's float32
 // sum is scaled once (int4: plus its min times the group's sum of x), as quant.cpp's float32
-// forms do. Scales and mins are float32 [U, G, 32], zero past N; outputs rounded once.
+// forms do. Scales (and int4's mins) [U, G, 32], zero past N, are float16 where every one is
+// a float16 value (GGUF's Q8_0 / Q4_0 / Q4_1, on-the-fly int8 and int4), else float32 (Q4_K,
+// Q6_K, GPTQ's mins s z). Outputs rounded once.
 //
 // A tile of up to 12 x rows by the unit's two panels keeps 24 sums in registers (few rows:
 // several sums per row, so enough dot products are in flight). The first tile converts the
@@ -76,7 +79,7 @@ struct Q8 {
 // int4 codes, 64 bytes two pairs: 16-bit word i holds word i of (pair, panel) (0, 0), (0, 1),
 // (1, 0), (1, 1) in its nibbles, low first. A code c is read as 16 + c, whose bfloat16 bits
 // are 0x4180 | c << 3 (16..31 share an exponent), so each word takes one shift and one
-// bitwise select; quant.py folds the offset into the mins (m - 16 s).
+// bitwise select; the offset comes out with the mins as each group is scaled (m - 16 s).
 struct Q4 {
   static constexpr int64_t kBytes = 64, kPairs = 2;
   static __m512bh at(__m512i bits) {  // code bits at 3..6 (among others) -> bfloat16 16 + c
@@ -117,15 +120,43 @@ struct Converted {
   }
 };
 
+// A layer's group parameters: scales and int4's mins m (w = s q + m; null for int8), both
+// [U, G, 32], float16 (`half`) or float32.
+struct Params {
+  const void* scales;
+  const void* mins;
+  bool half;
+};
+
 // What a tile reads besides its codes: segments (groups) of `seg` pairs, segment s scaled by
-// scales[s][0..32) (int4: plus mins[s][..] times sums[i * ss + s], row i's sum of x over it).
+// scales[s][0..32) (int4: plus (mins[s][..] - 16 scales[s][..]) times sums[i * ss + s], row
+// i's sum of x over it).
 struct Groups {
   int64_t seg;
-  const float* scales;
-  const float* mins;  // null for int8
+  const void* scales;  // float16 or float32 (`half`) from the chunk's first segment on
+  const void* mins;    // null for int8
+  bool half;
   const float* sums;  // [rows][ss] float32, null for int8
   int64_t ss;
 };
+
+// 16 parameters from element `at` of p, float16 (`half`) or float32.
+inline __m512 param16(const void* p, int64_t at, bool half) {
+  if (half)
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + at)));
+  return _mm512_loadu_ps(static_cast<const float*>(p) + at);
+}
+
+// Segment s's scales (sc) and, for int4, its mins with the codes' offset taken out (mn).
+inline void group_params(const Groups& g, int64_t s, __m512 (&sc)[2], __m512 (&mn)[2]) {
+  for (int j = 0; j < 2; ++j) {
+    const int64_t at = s * kCols + j * kLanes;
+    sc[j] = param16(g.scales, at, g.half);
+    if (g.mins)  // m - 16 s: 16 s exact, the difference rounded once
+      mn[j] = _mm512_fnmadd_ps(_mm512_set1_ps(16.f), sc[j], param16(g.mins, at, g.half));
+  }
+}
 
 // Independent sums per row and panel for MR rows: enough chains of dot products in flight
 // to cover their latency when there are few rows (one row: 2 chains would leave most cycles
@@ -153,16 +184,15 @@ void segments(int64_t pairs, const Groups& g, float* tot, Step step) {
 #pragma GCC unroll 4
       for (int k = 0; k < S; ++k) step(k, p + k * kStep, acc);
     for (; p < end; p += kStep) step(0, p, acc);
-    const float* sv = g.scales + s * kCols;
-    const float* mv = g.mins ? g.mins + s * kCols : nullptr;
+    __m512 sc[2], mn[2];
+    group_params(g, s, sc, mn);
 #pragma GCC unroll 12
     for (int i = 0; i < MR; ++i)
       for (int j = 0; j < 2; ++j) {
         __m512 sum = acc[0][i][j];
         for (int k = 1; k < S; ++k) sum = _mm512_add_ps(sum, acc[k][i][j]);
-        __m512 v = _mm512_fmadd_ps(sum, _mm512_loadu_ps(sv + j * kLanes), tr[i][j]);
-        if (mv)
-          v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), _mm512_loadu_ps(mv + j * kLanes), v);
+        __m512 v = _mm512_fmadd_ps(sum, sc[j], tr[i][j]);
+        if (g.mins) v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[i * g.ss + s]), mn[j], v);
         tr[i][j] = v;
       }
   }
@@ -210,10 +240,12 @@ void tile_of(int64_t mr, std::integer_sequence<int, R...>, const uint32_t* x, in
 
 // The groups of unit u's chunk from segment s0 on (segments of `seg` pairs), as tiles read
 // them; `sums` [rows][groups] (empty for int8).
-Groups chunk_groups(int64_t u, int64_t s0, int64_t seg, int64_t groups, const float* scales,
-                    const float* mins, const std::vector<float>& sums) {
-  const int64_t at = (u * groups + s0) * kCols;
-  return {seg, scales + at, mins ? mins + at : nullptr, mins ? sums.data() + s0 : nullptr, groups};
+Groups chunk_groups(int64_t u, int64_t s0, int64_t seg, int64_t groups, const Params& q,
+                    const std::vector<float>& sums) {
+  const int64_t at = (u * groups + s0) * kCols * (q.half ? 2 : 4);  // bytes
+  const auto from = [at](const void* p) { return static_cast<const uint8_t*>(p) + at; };
+  return {seg,  from(q.scales), q.mins ? from(q.mins) : nullptr,
+          q.half, q.mins ? sums.data() + s0 : nullptr, groups};
 }
 
 // sums[m][grp] = sum over group grp of x row m (bfloat16 bits, K inputs; groups of a
@@ -236,12 +268,12 @@ std::vector<float> group_sums(const uint16_t* x, int64_t m, int64_t k, int64_t g
 }
 
 template <typename Src>
-void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const float* scales,
-              const float* mins, int64_t groups, int64_t units, int64_t n, uint16_t* out) {
+void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const Params& q,
+              int64_t groups, int64_t units, int64_t n, uint16_t* out) {
   const int64_t m = x.size(0), seg = pairs / groups;  // pairs of a group
   const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr());
   const std::vector<float> sums =
-      mins ? group_sums(reinterpret_cast<const uint16_t*>(xp), m, 2 * pairs, groups)
+      q.mins ? group_sums(reinterpret_cast<const uint16_t*>(xp), m, 2 * pairs, groups)
            : std::vector<float>();
   const int64_t unit = pairs / Src::kPairs * Src::kBytes;  // bytes of a unit's codes
   // a chunk holds whole groups (one group a row: the chunk is its own segment)
@@ -254,7 +286,7 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
       for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
         const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;  // its first segment
         const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
-        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, scales, mins, sums);
+        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, q, sums);
         // the first row tile converts the codes (keeping them for the others, if any)
         uint8_t* keep = m > kRows ? converted.data() : nullptr;
         tile_of<Src>(std::min(kRows, m), std::make_integer_sequence<int, kRows>{}, xp + p0,
@@ -363,11 +395,11 @@ std::vector<float> group_sums32(const float* x, int64_t m, int64_t k, int64_t gr
 }
 
 template <typename Src>
-void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const float* scales,
-                const float* mins, int64_t groups, int64_t units, int64_t n, float* out) {
+void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const Params& q,
+                int64_t groups, int64_t units, int64_t n, float* out) {
   const int64_t m = x.size(0), seg = pairs / groups;
   const float* xp = x.data_ptr<float>();
-  const std::vector<float> sums = mins ? group_sums32(xp, m, 2 * pairs, groups) : std::vector<float>();
+  const std::vector<float> sums = q.mins ? group_sums32(xp, m, 2 * pairs, groups) : std::vector<float>();
   const int64_t unit = pairs / Src::kPairs * Src::kBytes;
   const int64_t chunk = groups == 1 ? kChunk32 : std::max(seg, kChunk32 / seg * seg);
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -377,7 +409,7 @@ void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, con
       for (int64_t p0 = 0; p0 < pairs; p0 += chunk) {
         const int64_t len = std::min(chunk, pairs - p0), s0 = p0 / seg;  // its first segment
         const uint8_t* c = codes + u * unit + p0 / Src::kPairs * Src::kBytes;
-        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, scales, mins, sums);
+        const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, q, sums);
         if (m <= kRawRows32) {  // converted in registers as the tile reads them
           tile32_of<Src>(m, std::make_integer_sequence<int, kRawRows32>{}, xp + 2 * p0,
                          2 * pairs, c, len, g, tot.data(), kAhead, codes + end * unit);
@@ -414,16 +446,18 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
                   (q8 || codes.scalar_type() == torch::kByte),
               "codes: int8 [U, K / 2, 64] or uint8 [U, K / 4, 64] (quant.py's panels)");
   const int64_t units = codes.size(0), pairs = codes.size(1) * (q8 ? Q8::kPairs : Q4::kPairs);
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat && scales.dim() == 3 &&
+  const bool half = scales.scalar_type() == torch::kHalf;
+  TORCH_CHECK((half || scales.scalar_type() == torch::kFloat) && scales.dim() == 3 &&
                   scales.size(0) == units && scales.size(2) == kCols && scales.is_contiguous(),
-              "scales: float32 [U, G, 32]");
+              "scales: float16 or float32 [U, G, 32]");
   const int64_t groups = scales.size(1);
   TORCH_CHECK(groups > 0 && pairs % groups == 0 && (q8 || pairs / groups % 8 == 0),
               "groups must tile the pairs of inputs (int4: groups of a multiple of 16 inputs)");
   TORCH_CHECK(q8 != mins.has_value(), "mins: int4 only, and int4 needs them");
   if (mins)
-    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == torch::kFloat &&
-                    mins->is_contiguous(), "mins: float32, shaped like scales");
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->is_contiguous() &&
+                    mins->scalar_type() == scales.scalar_type(),
+                "mins: shaped like scales, in their dtype");
   const bool f32 = x.scalar_type() == torch::kFloat;
   TORCH_CHECK(x.dim() == 2 && (f32 || x.scalar_type() == torch::kBFloat16) &&
                   x.size(1) == 2 * pairs,
@@ -431,23 +465,21 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   TORCH_CHECK(n > 0 && n <= units * kCols, "n past the packed columns");
   x = x.contiguous();
   auto out = torch::empty({x.size(0), n}, x.options());
+  const Params q{scales.data_ptr(), mins ? mins->data_ptr() : nullptr, half};
+  const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
   if (f32) {
-    const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
-    const float* mp = mins ? mins->data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
     if (q8)
-      multiply32<Q8>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+      multiply32<Q8>(x, cp, pairs, q, groups, units, n, op);
     else
-      multiply32<Q4>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+      multiply32<Q4>(x, cp, pairs, q, groups, units, n, op);
     return out;
   }
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-  const auto* cp = static_cast<const uint8_t*>(codes.data_ptr());
-  const float* mp = mins ? mins->data_ptr<float>() : nullptr;
   if (q8)
-    multiply<Q8>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+    multiply<Q8>(x, cp, pairs, q, groups, units, n, op);
   else
-    multiply<Q4>(x, cp, pairs, scales.data_ptr<float>(), mp, groups, units, n, op);
+    multiply<Q4>(x, cp, pairs, q, groups, units, n, op);
   return out;
 }
 

@@ -34,9 +34,9 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w);
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
 // x [M, K] @ w^T -> [M, n] in x's dtype (bfloat16 or float32) for weights in quantized
 //   panels (qpanels.cpp; packed by shard/models/qpanels.py): codes int8 [U, K / 2, 64]
-//   (w = scale q) or uint8 [U, K / 4, 64] (int4: w = scale q + min, the mins given as
-//   min - 16 scale), scales (and int4's mins) float32 [U, G, 32], U = ceil(n / 32) units of
-//   32 output columns. float32 sums; bfloat16 outputs rounded once.
+//   (w = scale q) or uint8 [U, K / 4, 64] (int4: w = scale q + min), scales and int4's mins
+//   [U, G, 32] in float16 or float32 (both the same), U = ceil(n / 32) units of 32 output
+//   columns. float32 sums; bfloat16 outputs rounded once.
 torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                             std::optional<torch::Tensor> mins, int64_t n);
 #define PYTGI_QPANELS 1

@@ -2,8 +2,10 @@
 checkpoint (each decoder layer quantized as it is loaded, one tensor at a time, and the LM
 head in int8), and the same forms read directly from GGUF files (Q8_0, Q4_0, Q4_1).
 
-Forms (scales in float16, as GGUF stores them, int4's mins in float32, which holds GPTQ's and
-AWQ's -scale * zero exactly; G groups of g = K / G inputs):
+Forms (scales in float16, as GGUF stores them, but float32 for Q4_K / Q6_K, products of two
+scales; int4's mins in float32, which holds GPTQ's and AWQ's -scale * zero exactly; G groups
+of g = K / G inputs; the CPU's quantized panels keep both in float16 where each is a float16
+value):
 - int8: q int8 [N, K], scales [N, G]; w = s q. On the fly: symmetric per output channel
   (G = 1), s = max|w_row| / 127. GGUF Q8_0: groups of 32.
 - int4: q uint8 [N, K / 2] in GGML's block layout (blocks of 32 inputs; byte j of a block
