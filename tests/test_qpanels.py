@@ -26,8 +26,18 @@ from tests.test_quant import PROMPTS, _run, models  # noqa: F401 (a fixture)
 
 KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(
-    not hasattr(KERNELS, "qpanel_linear"), reason="needs AVX-512 with bf16 dot products"
+    not hasattr(KERNELS, "qpanel_linear"), reason="needs AVX-512 (F and BW)"
 )
+# bfloat16 rows need bf16 dot products; float32 rows AVX-512 F and BW only
+DTYPES = getattr(KERNELS, "qpanel_dtypes", ())
+
+
+def _takes(dtype) -> None:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        pytest.skip(f"this build's panels take {', '.join(DTYPES)} rows, not {name}")
+
+
 ROWS = [1, 2, 3, 7, 12, 13, 24, 25, 64, 256]
 
 
@@ -63,6 +73,7 @@ def test_small_integers_give_exactly_the_rounded_sum(method, group, rows, dtype)
     """x in -4..4 and power-of-two scales: the float32 sums are exact, so the output is the
     float64 product rounded once to x's dtype, for every row count (float32: up to 4 rows
     converted in registers, more through the buffer) and a partial last unit."""
+    _takes(dtype)
     gen = torch.Generator().manual_seed(rows * 7 + group)
     n, k = 70, 576 if group != 128 else 1024
     args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=True)
@@ -81,6 +92,7 @@ LAYERS = [(m, g, n, k) for m, g in FORMS for n, k in SHAPES if k % g == 0]
 @pytest.mark.parametrize("method, group, n, k", LAYERS)
 def test_random_values_are_within_float32_summation(method, group, n, k, rows, dtype):
     """Within float32 summation (bfloat16: and one rounding) of x @ dequantized w."""
+    _takes(dtype)
     gen = torch.Generator().manual_seed(n + k + rows + group)
     args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=False)
     x = torch.randn(rows, k, generator=gen).to(dtype)
@@ -135,6 +147,7 @@ def test_parameters_are_float16_where_every_one_is_a_float16_value():
 def test_float16_and_float32_parameters_give_the_same_products(method, rows, dtype):
     """The same float16 values in float32 panels: the products agree bit for bit (the mins'
     offset, m - 16 s, is taken in float32 either way)."""
+    _takes(dtype)
     gen = torch.Generator().manual_seed(rows)
     scales = (torch.rand(96, 8, generator=gen) * 0.1 + 0.01).half()
     if method == "int8":
@@ -155,18 +168,20 @@ def test_float16_and_float32_parameters_give_the_same_products(method, rows, dty
 
 def test_refusals_name_what_is_wrong():
     args, _ = _int4(32, 64, 32, torch.Generator().manual_seed(0), exact=False)
-    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        KERNELS.qpanel_linear(torch.randn(2, 64).half(), *args, 32)
+    x = torch.randn(2, 64)
+    refused = "bfloat16 or float32" if "bfloat16" in DTYPES else "bfloat16 rows need a CPU"
+    with pytest.raises(RuntimeError, match=refused):
+        KERNELS.qpanel_linear(x.half() if "bfloat16" in DTYPES else x.bfloat16(), *args, 32)
     with pytest.raises(RuntimeError, match="inputs"):
-        KERNELS.qpanel_linear(torch.randn(2, 128).bfloat16(), *args, 32)
+        KERNELS.qpanel_linear(torch.randn(2, 128), *args, 32)
     with pytest.raises(RuntimeError, match="mins"):
-        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1], None, 32)
+        KERNELS.qpanel_linear(x, args[0], args[1], None, 32)
     with pytest.raises(RuntimeError, match="past the packed"):
-        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), *args, 33)
+        KERNELS.qpanel_linear(x, *args, 33)
     with pytest.raises(RuntimeError, match="mins: shaped like scales, in their dtype"):
-        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1], args[2].half(), 32)
+        KERNELS.qpanel_linear(x, args[0], args[1], args[2].half(), 32)
     with pytest.raises(RuntimeError, match="scales: float16 or float32"):
-        KERNELS.qpanel_linear(torch.randn(2, 64).bfloat16(), args[0], args[1].double(), None, 32)
+        KERNELS.qpanel_linear(x, args[0], args[1].double(), None, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -174,6 +189,7 @@ def test_refusals_name_what_is_wrong():
 def test_a_layer_in_panels_multiplies_as_its_codes_do(method, dtype):
     """`into_panels` repacks a layer (held once: its `weight` becomes the panels); its
     products equal the row-major codes' within float32 summation (bfloat16: and roundings)."""
+    _takes(dtype)
     gen = torch.Generator().manual_seed(5)
     weight = torch.randn(100, 576, generator=gen)
     layer = QuantLinear.quantize(weight, torch.randn(100).to(dtype), method, 64)
@@ -212,6 +228,7 @@ def test_an_int4_layer_keeps_its_codes_for_groups_the_kernel_cannot_sum():
 def test_a_quantized_model_serves_through_the_panels(models, method, dtype):  # noqa: F811
     """Every quantized layer of a bfloat16 or float32 model (the head's int8 too) in panels,
     the tokens those of the same model on the row-major codes (`--no-pack-linear`)."""
+    _takes(dtype)
     options = dict(dtype=dtype, quantize=method, quantize_group_size=32)
     paneled = make_engine(models["llama"], **options)
     model = paneled.runner.model
@@ -224,3 +241,39 @@ def test_a_quantized_model_serves_through_the_panels(models, method, dtype):  # 
     assert got[0] == want[0]
     for i in want[1]:
         assert max(abs(a - b) for a, b in zip(got[1][i], want[1][i], strict=True)) < 0.05
+
+
+def test_a_bfloat16_model_takes_the_panels_only_where_the_build_multiplies_bfloat16(
+    models,  # noqa: F811
+):
+    """Without bf16 dot products (AVX-512 F and BW only: Skylake-SP, Cascade Lake, Ice Lake)
+    the panels take float32 rows only: a bfloat16 model keeps its row-major codes there."""
+    engine = make_engine(models["llama"], dtype="bfloat16", quantize="int8")
+    assert engine.runner.model.layers[0].qkv.panels == ("bfloat16" in DTYPES)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "avx512_bf16" not in cpu_kernels.cpu_flags().split(),
+    reason="no bf16 dot products here: the other tests run the float32-only build already",
+)
+def test_the_float32_only_build_on_a_cpu_with_bf16_dot_products():
+    """CPUs with AVX-512 but no bf16 dot products build the float32 panels alone; that build
+    is made here too (PYTGI_CPU_KERNEL_CFLAGS=-mno-avx512bf16, a module of its own) and this
+    file's tests and the C++ step's run against it in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTGI_CPU_KERNEL_CFLAGS": "-mno-avx512bf16"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
+         "not float32_only_build", "tests/test_qpanels.py", "tests/test_cpu_step.py"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+        timeout=1200,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+    # the bfloat16 cases skipped for the reason named, the float32 ones ran
+    assert "take float32 rows, not bfloat16" in result.stdout

@@ -35,8 +35,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear", &q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
   m.def("bf16_linear", &bf16_linear, "x [M, K] @ bfloat16 w[N, K]^T, rows widened (quant.h)");
 #ifdef PYTGI_QPANELS
-  m.def("qpanel_linear", &qpanel_linear, "bfloat16 x [M, K] @ quantized panels^T (quant.h)",
+  m.def("qpanel_linear", &qpanel_linear, "x [M, K] @ quantized panels^T (quant.h)",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"));
+#ifdef __AVX512BF16__
+  m.attr("qpanel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
+#else
+  m.attr("qpanel_dtypes") = std::vector<std::string>{"float32"};
+#endif
 #endif
   m.attr("max_rows") = kKernelRows;  // of q8_linear and q4_linear (quant.h)
   m.def("q8_dequantize", &q8_dequantize, "int8 weights -> [N, K] in like's dtype");

@@ -1,5 +1,7 @@
 // Weight-only int8 / int4 products of bfloat16 (and float32, below) rows on panels packed at
-// load (CPUs with AVX-512 and bf16 dot products; shard/models/qpanels.py packs them).
+// load (shard/models/qpanels.py packs them): bfloat16 rows where the CPU has AVX-512 with bf16
+// dot products, float32 rows wherever it has AVX-512 F and BW (Skylake-SP, Cascade Lake, Ice
+// Lake: most cloud x86 servers, whose shards serve float32 by default).
 //
 // A unit is 32 output columns (two panels of 16). Per pair of inputs (2p, 2p + 1) it holds
 // the codes in the order a bf16 dot product (vdpbf16ps) reads them: lane j of a panel is
@@ -30,7 +32,7 @@
 
 #include "quant.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__) && defined(__AVX512BW__)
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -65,10 +67,12 @@ struct Q8 {
   static __m512 quarter(const uint8_t* c) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c))));
   }
+#ifdef __AVX512BF16__
   static void weights(const uint8_t* c, __m512bh (&w)[kPairs][2]) {
     w[0][0] = _mm512_cvtne2ps_pbh(quarter(c + 16), quarter(c));  // low half: second operand
     w[0][1] = _mm512_cvtne2ps_pbh(quarter(c + 48), quarter(c + 32));
   }
+#endif
   // float32: w[pair][input h][panel], 16 columns' weights for one input
   static void weights32(const uint8_t* c, __m512 (&w)[kPairs][2][2]) {
     for (int panel = 0; panel < 2; ++panel)
@@ -82,6 +86,7 @@ struct Q8 {
 // bitwise select; the offset comes out with the mins as each group is scaled (m - 16 s).
 struct Q4 {
   static constexpr int64_t kBytes = 64, kPairs = 2;
+#ifdef __AVX512BF16__
   static __m512bh at(__m512i bits) {  // code bits at 3..6 (among others) -> bfloat16 16 + c
     return (__m512bh)_mm512_ternarylogic_epi32(bits, _mm512_set1_epi16(0x78),
                                                _mm512_set1_epi16(0x4180), 0xEA);  // a & b | c
@@ -93,6 +98,7 @@ struct Q4 {
     w[1][0] = at(_mm512_srli_epi16(v, 5));
     w[1][1] = at(_mm512_srli_epi16(v, 9));
   }
+#endif
   // float32 16 + c: bits 0x41800000 | c << 19; words widened to 32 bits, nibble n to 19..22
   template <int N>
   static __m512 at32(__m512i words) {
@@ -111,6 +117,7 @@ struct Q4 {
   }
 };
 
+#ifdef __AVX512BF16__
 // Codes already converted: two panels of bfloat16 pairs, 128 bytes a pair.
 struct Converted {
   static constexpr int64_t kBytes = 128, kPairs = 1;
@@ -119,6 +126,7 @@ struct Converted {
     w[0][1] = (__m512bh)_mm512_loadu_si512(c + 64);
   }
 };
+#endif
 
 // A layer's group parameters: scales and int4's mins m (w = s q + m; null for int8), both
 // [U, G, 32], float16 (`half`) or float32.
@@ -201,6 +209,7 @@ void segments(int64_t pairs, const Groups& g, float* tot, Step step) {
     for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
 }
 
+#ifdef __AVX512BF16__
 // tot[i][0..32) += the unit's two panels' products with x rows i < MR over `pairs` pairs
 // (x: 32-bit pairs, row stride xs; codes: Src's bytes a pair). `keep`: room for the pairs'
 // converted weights (Converted's layout), written as they are read, or null. Codes are
@@ -237,6 +246,7 @@ void tile_of(int64_t mr, std::integer_sequence<int, R...>, const uint32_t* x, in
   ((mr == R + 1 ? tile<Src, R + 1>(x, xs, codes, pairs, g, tot, keep, dist, limit) : void()),
    ...);
 }
+#endif
 
 // The groups of unit u's chunk from segment s0 on (segments of `seg` pairs), as tiles read
 // them; `sums` [rows][groups] (empty for int8).
@@ -248,6 +258,7 @@ Groups chunk_groups(int64_t u, int64_t s0, int64_t seg, int64_t groups, const Pa
           q.half, q.mins ? sums.data() + s0 : nullptr, groups};
 }
 
+#ifdef __AVX512BF16__
 // sums[m][grp] = sum over group grp of x row m (bfloat16 bits, K inputs; groups of a
 // multiple of 16), in float32: 16 lanes of partial sums, then theirs. (A scalar loop, one
 // dependent add per input, took ~16 us a call at 32 rows: as long as the product.)
@@ -309,6 +320,8 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
     }
   });
 }
+
+#endif  // __AVX512BF16__
 
 // ---- float32 rows (float32 models): the same panels, each code converted to float32 (int4:
 // 16 + c, bits 0x41800000 | c << 19) and the pairs split into their two inputs, then
@@ -459,9 +472,15 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
                     mins->scalar_type() == scales.scalar_type(),
                 "mins: shaped like scales, in their dtype");
   const bool f32 = x.scalar_type() == torch::kFloat;
+#ifdef __AVX512BF16__
   TORCH_CHECK(x.dim() == 2 && (f32 || x.scalar_type() == torch::kBFloat16) &&
                   x.size(1) == 2 * pairs,
               "x: bfloat16 or float32 [M, K] with K the layer's inputs");
+#else
+  TORCH_CHECK(x.dim() == 2 && f32 && x.size(1) == 2 * pairs,
+              "x: float32 [M, K] with K the layer's inputs (bfloat16 rows need a CPU with bf16 "
+              "dot products)");
+#endif
   TORCH_CHECK(n > 0 && n <= units * kCols, "n past the packed columns");
   x = x.contiguous();
   auto out = torch::empty({x.size(0), n}, x.options());
@@ -475,11 +494,13 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
       multiply32<Q4>(x, cp, pairs, q, groups, units, n, op);
     return out;
   }
+#ifdef __AVX512BF16__
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   if (q8)
     multiply<Q8>(x, cp, pairs, q, groups, units, n, op);
   else
     multiply<Q4>(x, cp, pairs, q, groups, units, n, op);
+#endif
   return out;
 }
 

@@ -1,5 +1,5 @@
 """Quantized weights packed for `qpanel_linear` (shard/csrc/qpanels.cpp), where a CPU has
-AVX-512 and bf16 dot products and the model serves bfloat16.
+AVX-512 (F and BW) and the model serves float32, or bf16 dot products too and bfloat16.
 
 Units of 32 output columns (two panels of 16); rows past N are zero codes with zero scales.
 Per pair of inputs (2p, 2p + 1), word i of a panel (i = 2 j + h) is column j's code for

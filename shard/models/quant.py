@@ -17,9 +17,10 @@ value):
 replaced by them serves the same tokens in float32 (how the tests check every path).
 On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read the packed
 weights once, up to 64 rows multiply panels of 16 rows dequantized at a time; more rows, a
-dequantized copy a tile at a time through torch's GEMM). A bfloat16 or float32 model's
-layers are repacked at load into our quantized panels where the CPU has AVX-512 with bf16
-dot products (`into_panels`; shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
+dequantized copy a tile at a time through torch's GEMM). A float32 model's layers are
+repacked at load into our quantized panels where the CPU has AVX-512 (F and BW), a bfloat16
+model's where it has bf16 dot products too (the build's `qpanel_dtypes`; `into_panels`;
+shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
 order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
 decode steps against bfloat16 weights: batch 1 1.7-2.4x, batch 32 0.84-0.97x, where
 quant.cpp's products gave 0.51-0.58x; float32 activations at batch 32 0.53-0.55x, from

@@ -97,9 +97,6 @@ class RowParallel:
         return out if self.bias is None else out + self.bias
 
 
-# Model dtypes whose quantized layers take our quantized panels (shard/csrc/qpanels.cpp)
-_PANEL_DTYPES = (torch.bfloat16, torch.float32)
-
 # What Loader.linear gives: a layer over this rank's slice, summed over ranks if row-parallel
 Projection = Linear | QuantLinear | Fp8Linear | RowParallel
 
@@ -298,9 +295,11 @@ class Loader:
         return layer
 
     def _paneled(self, layer: QuantLinear) -> QuantLinear:
-        """A quantized layer of a bfloat16 or float32 model repacked into our quantized panels
-        where the CPU takes them (`--no-pack-linear` keeps the row-major codes)."""
-        if self.pack and layer.kernels is not None and self.dtype in _PANEL_DTYPES:
+        """A quantized layer repacked into our quantized panels where this CPU's build takes
+        the model's dtype (AVX-512: float32; bf16 dot products: bfloat16 too; the build's
+        `qpanel_dtypes`); `--no-pack-linear` keeps the row-major codes."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        if self.pack and dtype in getattr(layer.kernels, "qpanel_dtypes", ()):
             layer.into_panels()
         return layer
 
