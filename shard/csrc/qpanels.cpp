@@ -254,7 +254,7 @@ Groups chunk_groups(int64_t u, int64_t s0, int64_t seg, int64_t groups, const Pa
                     const std::vector<float>& sums) {
   const int64_t at = (u * groups + s0) * kCols * (q.half ? 2 : 4);  // bytes
   const auto from = [at](const void* p) { return static_cast<const uint8_t*>(p) + at; };
-  return {seg,  from(q.scales), q.mins ? from(q.mins) : nullptr,
+  return {seg, from(q.scales), q.mins ? from(q.mins) : nullptr,
           q.half, q.mins ? sums.data() + s0 : nullptr, groups};
 }
 
