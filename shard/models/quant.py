@@ -22,7 +22,7 @@ repacked at load into our quantized panels where the CPU has AVX-512 (F and BW),
 model's where it has bf16 dot products too (the build's `qpanel_dtypes`; `into_panels`;
 shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
 order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
-decode steps against bfloat16 weights: batch 1 1.7-2.4x, batch 32 0.84-0.97x, where
+decode steps against bfloat16 weights: batch 1 1.7-2.7x, batch 32 0.84-1.00x, where
 quant.cpp's products gave 0.51-0.58x; float32 activations at batch 32 0.53-0.55x, from
 0.38x; benchmarks/RESULTS.md); on CUDA in Triton
 kernels (shard/models/quant_triton.py, any number of rows); elsewhere (or without Triton)
