@@ -27,6 +27,7 @@ from shard.models import build_model
 from shard.models.cpu_step import ANY, CpuDecodeStep
 from shard.models.fp8 import fp8_products
 from shard.models.ops import TorchOps
+from shard.models.quant import QuantLinear
 from shard.parallel import Parallel
 from shard.prequantized import PrequantizedStore
 from shard.spec import ModelSpec
@@ -183,7 +184,24 @@ class ModelRunner:
                     "oneDNN's bfloat16 path, not pytgi's float32 widening (its CPU kernels "
                     "are off, or oneDNN packed the weights); --dtype float32 is faster there"
                 )
+            if self._quantized_without_panels():
+                log.warning(
+                    "bfloat16 with int8/int4 weights on a CPU without bf16 dot products: the "
+                    "quantized layers keep their row-major codes; with --dtype float32 they "
+                    "take our quantized panels, several times faster at batches of 8 and more"
+                )
         log.info("kernels: %s", self.kernel_report())
+
+    def _quantized_without_panels(self) -> bool:
+        """Whether this model's quantized layers stayed in row-major codes only because the
+        kernels' panels take float32 rows, not this model's dtype."""
+        layer, kernels = self.model.layers[0].qkv, cpu_kernels.load()
+        dtypes = getattr(kernels, "qpanel_dtypes", ())
+        return (
+            isinstance(layer, QuantLinear)
+            and not layer.panels
+            and ("float32" in dtypes and str(self.dtype).removeprefix("torch.") not in dtypes)
+        )
 
     def kernel_report(self) -> str:
         """Which code paths this shard runs, for its start-up log."""

@@ -7,6 +7,8 @@ the codes)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -245,11 +247,20 @@ def test_a_quantized_model_serves_through_the_panels(models, method, dtype):  # 
 
 def test_a_bfloat16_model_takes_the_panels_only_where_the_build_multiplies_bfloat16(
     models,  # noqa: F811
+    caplog,
 ):
     """Without bf16 dot products (AVX-512 F and BW only: Skylake-SP, Cascade Lake, Ice Lake)
-    the panels take float32 rows only: a bfloat16 model keeps its row-major codes there."""
-    engine = make_engine(models["llama"], dtype="bfloat16", quantize="int8")
+    the panels take float32 rows only: a bfloat16 model keeps its row-major codes there, and
+    the shard's start-up log says that --dtype float32 takes the panels."""
+    with caplog.at_level(logging.WARNING, logger="shard"):
+        engine = make_engine(models["llama"], dtype="bfloat16", quantize="int8")
     assert engine.runner.model.layers[0].qkv.panels == ("bfloat16" in DTYPES)
+    warned = "with --dtype float32 they take our quantized panels" in caplog.text
+    assert warned == ("bfloat16" not in DTYPES)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shard"):
+        make_engine(models["llama"], dtype="float32", quantize="int8")
+    assert "quantized panels" not in caplog.text
 
 
 @pytest.mark.slow
