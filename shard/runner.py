@@ -188,7 +188,8 @@ class ModelRunner:
                 log.warning(
                     "bfloat16 with int8/int4 weights on a CPU without bf16 dot products: the "
                     "quantized layers keep their row-major codes; with --dtype float32 they "
-                    "take our quantized panels, several times faster at batches of 8 and more"
+                    "take our quantized panels (float32 int4 steps of 8 rows: 2.2x the codes' "
+                    "speed on a Zen 5 build without bf16 dot products)"
                 )
         log.info("kernels: %s", self.kernel_report())
 
