@@ -68,6 +68,59 @@ def test_paged_decode(kernels, dtype, tolerance, rows, heads, kv_heads, dim, win
     assert ((out.float() - ref).norm() / ref.norm()).item() < tolerance
 
 
+def _long_contexts(dtype, contexts, seed):
+    """SmolLM2's heads (9 over 3 KV heads of 64) over caches of 3200 slots, a table of 130
+    shuffled blocks a request (2080 positions), one query row per context."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks, bs, rows = 200, 16, len(contexts)
+    k_cache = torch.randn(blocks, bs, 3, 64, generator=gen).to(dtype)
+    v_cache = torch.randn(blocks, bs, 3, 64, generator=gen).to(dtype)
+    tables = torch.stack([torch.randperm(blocks - 1, generator=gen)[:130] + 1 for _ in range(rows)])
+    q = torch.randn(rows, 9, 64, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(contexts)
+
+
+@pytest.mark.parametrize("window", [0, 600])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch", [False, True])
+def test_paged_decode_of_contexts_longer_than_a_chunk(kernels, dtype, tolerance, window, batch):
+    """The vector forms attend 512 keys a task and merge the tasks' softmax sums per head:
+    contexts at, around and several chunks past a boundary, alone (heads split by KV group)
+    and together (a task takes every head), with a window that starts inside a chunk. Each
+    request is checked on its own."""
+    contexts = [1, 511, 512, 513, 1024, 1500, 2080]
+    q, k_cache, v_cache, tables, context = _long_contexts(dtype, contexts, 11)
+    scale = 0.125
+    ref = _gathered_sdpa(q, k_cache, v_cache, tables, context, scale, window)
+    for rows in [range(len(contexts))] if batch else [[r] for r in range(len(contexts))]:
+        rows = list(rows)
+        out = cpu_kernels.paged_decode(
+            q[rows], k_cache, v_cache, tables[rows], context[rows], scale, window
+        )
+        for i, r in enumerate(rows):
+            assert _relative(out[i], ref[r]) < tolerance, (contexts[r], batch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(kernels, dtype):
+    """How the work is shared (KV groups split across tasks for 1-3 requests, every head in
+    one task for more, chunks taken by whichever thread is free) never changes a request's
+    output: batches decode each request as it decodes alone."""
+    contexts = [1300, 40, 700, 1, 513, 1024, 90, 2080]
+    q, k_cache, v_cache, tables, context = _long_contexts(dtype, contexts, 12)
+    alone = [
+        cpu_kernels.paged_decode(q[[r]], k_cache, v_cache, tables[[r]], context[[r]], 0.125)
+        for r in range(len(contexts))
+    ]
+    for size in (2, 3, 8):
+        rows = list(range(size))
+        out = cpu_kernels.paged_decode(
+            q[rows], k_cache, v_cache, tables[rows], context[rows], 0.125
+        )
+        for r in rows:
+            assert torch.equal(out[r], alone[r][0]), (size, contexts[r])
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("rows,inner,outer", [(1, 576, 960), (1, 100, 37), (2, 64, 48)])
 def test_linear_small(kernels, dtype, tolerance, rows, inner, outer):

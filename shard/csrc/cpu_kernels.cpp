@@ -8,7 +8,8 @@
 // Shapes: q [B, H, D] (row and head strides given, D contiguous); k_cache, v_cache
 // [N, BS, KVH, D] contiguous; block_tables [B, W] int64; context_lens [B] int64 (each >= 1,
 // each <= W * BS); out [B, H, D] contiguous. H = KVH * G: query heads h*G .. h*G+G-1 share
-// KV head h. Work is split over requests (and KV groups when few) with ATen's thread pool.
+// KV head h. Work is split over requests (and KV groups when few) with ATen's thread pool,
+// and, in the vector forms, over chunks of 512 keys (decode_chunked).
 // Caches hold q's dtype, or float8 e4m3fn values v standing for v * k_scale (v_scale): the
 // scores are scaled by k_scale with `scale`, the outputs by v_scale.
 
@@ -19,6 +20,7 @@
 #include "vec_exp.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -259,6 +261,50 @@ inline void soften(float* scores, int64_t n, int64_t ctx, float softcap) {
   }
 }
 
+// The largest of x[0..n), n >= 1 (a dependent scalar max per score took a tenth of a
+// batch-32 attention's time).
+inline float row_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float top = x[0];
+#if defined(__AVX512F__)
+  if (n >= 16) {
+    __m512 m = _mm512_loadu_ps(x);
+    for (i = 16; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    top = _mm512_reduce_max_ps(m);
+  }
+#elif defined(__AVX2__)
+  if (n >= 8) {
+    __m256 m = _mm256_loadu_ps(x);
+    for (i = 8; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    const __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    top = _mm_cvtss_f32(_mm_max_ss(q, _mm_shuffle_ps(q, q, 1)));
+  }
+#endif
+  for (; i < n; ++i) top = std::max(top, x[i]);
+  return top;
+}
+
+// Scores [n, ctx] -> e^(score - top) per row (soft-capped first when softcap > 0); each
+// row's top and the sum of its exponentials into stats [n, 2].
+inline void exponentiate(float* scores, int64_t n, int64_t ctx, float softcap, float* stats) {
+  if (softcap > 0.f)
+    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
+  for (int64_t j = 0; j < n; ++j) {
+    float* s = scores + j * ctx;
+    stats[2 * j] = row_max(s, ctx);
+    stats[2 * j + 1] = exp_sum(s, ctx, stats[2 * j]);
+  }
+}
+
+// A task's working memory, kept across the tasks a thread takes: q scaled [n, D], scores
+// [n, keys], widened rows, where each key's row starts, and the sums and statistics of a
+// request attended in one task.
+struct Scratch {
+  std::vector<float> qf, scores, wide, acc, stats;
+  std::vector<int64_t> slots;
+};
+
 // Attends query heads [h0, h1) of request r to the keys at positions [first, end). Keys of
 // one slot lie together for all KV heads (KVH * D values), so a task that covers every head
 // reads each slot's row once.
@@ -316,13 +362,16 @@ void attend(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t
 }
 
 #ifdef PYTGI_ATTEND_AVX2
-// Keys this far ahead are requested from memory while a key is used (cache lines of `bytes`
-// from p): without, a core read a layer's K/V of 32 requests at 8-16 GB/s, the hardware
-// prefetcher losing the stream at each block's end (blocks lie anywhere in the cache) and
-// at the values' stride. SmolLM2 decode steps alternating in one process (Zen 5, 2 cores):
-// batch 32 attention 15.6 -> 9.5 ms a step (bfloat16), 12.3 -> 7.9 ms (float32); 8, 16 and
-// 32 keys ahead measured alike.
-constexpr int64_t kAhead = 16;
+// Keys about 8 KiB ahead of the one in use (16 to 64 keys) are requested from memory, for a
+// stream of `bytes` a key: without, a core read a layer's K/V of 32 requests at 8-16 GB/s,
+// the hardware prefetcher losing the stream at each block's end (blocks lie anywhere in the
+// cache) and at the values' stride. SmolLM2 decode steps alternating in one process (Zen 5,
+// 2 cores): batch 32 attention 15.6 -> 9.5 ms a step (bfloat16), 12.3 -> 7.9 ms (float32)
+// at 16 keys. A batch-1 task reads one KV group's 128 bytes of a bfloat16 row, 2 KiB in 16
+// keys: 32-64 keys took its attention over 2000 keys from 2.0 to 1.4-1.5 ms
+// (benchmarks/decode_attention.py, builds alternating), 32 keys of whole rows 3-7% off
+// batch 8 and 32.
+inline int64_t keys_ahead(int64_t bytes) { return std::clamp<int64_t>(8192 / bytes, 16, 64); }
 inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
 }
@@ -338,9 +387,10 @@ inline void score_bf16(const uint16_t* qp, int64_t q_head, int64_t h0, int64_t n
                        int64_t ctx, int64_t row_bytes, float scale, float* scores) {
   auto pairs = [](const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); };
   const __m128 scale4 = _mm_set1_ps(scale);
+  const int64_t ahead = keys_ahead(row_bytes);
   int64_t t = 0;
   for (; t + 4 <= ctx; t += 4) {
-    for (int64_t u = t + kAhead; u < std::min(t + kAhead + 4, ctx); ++u)
+    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u)
       prefetch(kp + slots[u], row_bytes);
     const uint16_t* k[4] = {kp + slots[t], kp + slots[t + 1], kp + slots[t + 2], kp + slots[t + 3]};
     for (int64_t j = 0; j < n; ++j) {
@@ -380,6 +430,7 @@ void values_of(const float* p, int64_t ctx, const R* vp, const int64_t* slots, i
                int64_t d, float* acc) {
   using V = Lanes::V;
   constexpr int64_t W = Lanes::kWidth;
+  const int64_t ahead = keys_ahead(S * W * sizeof(R));
   for (int64_t i = 0; i < d; i += S * W) {
     V a[G][S];
 #pragma GCC unroll 8
@@ -388,7 +439,7 @@ void values_of(const float* p, int64_t ctx, const R* vp, const int64_t* slots, i
       for (int u = 0; u < S; ++u) a[g][u] = Lanes::zero();
     for (int64_t t = 0; t < ctx; ++t) {
       const R* row = vp + slots[t] + off + i;
-      if (t + kAhead < ctx) prefetch(vp + slots[t + kAhead] + off + i, S * W * sizeof(R));
+      if (t + ahead < ctx) prefetch(vp + slots[t + ahead] + off + i, S * W * sizeof(R));
       V v[S];
 #pragma GCC unroll 8
       for (int u = 0; u < S; ++u) v[u] = Lanes::load(row + u * W);
@@ -438,25 +489,29 @@ bool values_of_group(int64_t group, const float* p, int64_t ctx, const R* vp,
 // the task reads; bfloat16 or fp8) is widened to float32 once for all the query heads
 // (attend() widens it per query head); the values' sums stay in registers (values_of). Key
 // positions are walked block by block (attend() divides per key).
-// Keys kAhead ahead are prefetched. The same sums as attend()'s in another order. Against
+// Keys ahead are prefetched. The keys are those of positions [first, end) (one chunk, see
+// decode_chunked): acc [n, D] gets each head's sum of e^(s_t - top) v_t, stats [n, 2] its
+// top score and sum of e^(s_t - top). The same sums as attend()'s in another order. Against
 // attend(), before the prefetches (Zen 5, 2 cores, SmolLM2 decode steps alternating in one
 // process): batch 32 bfloat16 0.80-0.92x its time, float32 0.93-0.96x; batch 1 (the whole
 // step) 0.86x / 0.92x; the prefetches then took another 0.61x / 0.64x off at batch 32.
 template <typename T, typename R>
 void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, int64_t first,
                   int64_t end, int64_t bs, int64_t kv_heads, int64_t group, int64_t d,
-                  int64_t q_head, float scale, float softcap, float v_scale, int64_t h0,
-                  int64_t h1, T* op,
-                  std::vector<float>& qf, std::vector<float>& scores, std::vector<float>& acc,
-                  std::vector<float>& wide, std::vector<int64_t>& slots) {
+                  int64_t q_head, float scale, float softcap, int64_t h0, int64_t h1,
+                  float* acc, float* stats, Scratch& scratch) {
   using V = Lanes::V;
   constexpr int64_t W = Lanes::kWidth;
   const int64_t n = h1 - h0, ctx = end - first;
   const int64_t kv0 = h0 / group, kv_values = ((h1 - 1) / group + 1 - kv0) * d;
+  std::vector<float>& qf = scratch.qf;
+  std::vector<float>& scores = scratch.scores;
+  std::vector<float>& wide = scratch.wide;
+  std::vector<int64_t>& slots = scratch.slots;
   wide.resize(4 * kv_values + 16);
   float* const widened = wide.data() + (16 - reinterpret_cast<uintptr_t>(wide.data()) / 4 % 16) % 16;
   qf.resize(n * d);
-  acc.assign(n * d, 0.f);
+  std::fill(acc, acc + n * d, 0.f);
   scores.resize(n * ctx);
   for (int64_t j = 0; j < n; ++j)
     for (int64_t i = 0; i < d; ++i) qf[j * d + i] = static_cast<float>(qp[(h0 + j) * q_head + i]) * scale;
@@ -478,6 +533,12 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
     }
   };
   auto offset = [&](int64_t j) { return ((h0 + j) / group - kv0) * d; };
+  // the first keys' and values' rows, which the passes below prefetch only keys ahead
+  const int64_t ahead = keys_ahead(kv_values * sizeof(R));
+  for (int64_t u = 0; u < std::min(ahead, ctx); ++u) {
+    prefetch(kp + slots[u], kv_values * sizeof(R));
+    prefetch(vp + slots[u], kv_values * sizeof(R));
+  }
   int64_t t = 0;
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<R, uint16_t>) {
@@ -489,7 +550,7 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
   }
 #endif
   for (; t + 4 <= ctx; t += 4) {  // scores[j, t..t+4) = q_j . k_(first + t ..)
-    for (int64_t u = t + kAhead; u < std::min(t + kAhead + 4, ctx); ++u)
+    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u)
       prefetch(kp + slots[u], kv_values * sizeof(R));
     const float* k0 = row_at(kp, t, 0);
     const float* k1 = row_at(kp, t + 1, 1);
@@ -518,22 +579,101 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
       scores[j * ctx + t] = Lanes::sum(a);
     }
   }
-  soften(scores.data(), n, ctx, softcap);
+  exponentiate(scores.data(), n, ctx, softcap, stats);
   // acc[j] = sum_t p[j, t] v_t: per KV head in registers where they fit, else a key at a time
   bool summed = n % group == 0 && h0 % group == 0;
   for (int64_t h = 0; summed && h < n / group; ++h)
     summed = values_of_group(group, &scores[h * group * ctx], ctx, vp, slots.data(), h * d, d,
-                             &acc[h * group * d]);
+                             acc + h * group * d);
   for (t = 0; !summed && t < ctx; ++t) {
     const float* v = row_at(vp, t, 0);
     for (int64_t j = 0; j < n; ++j) {
       const V p = Lanes::set1(scores[j * ctx + t]);
       for (int64_t i = 0; i < d; i += W)
-        Lanes::store(&acc[j * d] + i, Lanes::fma(p, Lanes::load(v + offset(j) + i), Lanes::load(&acc[j * d] + i)));
+        Lanes::store(acc + j * d + i,
+                     Lanes::fma(p, Lanes::load(v + offset(j) + i), Lanes::load(acc + j * d + i)));
     }
   }
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < d; ++i) op[(h0 + j) * d + i] = static_cast<T>(acc[j * d + i] * v_scale);
+}
+
+// A request's keys are attended kChunk positions at a time from its first: each chunk's
+// task leaves its query heads' unnormalized sums and softmax statistics, which are merged
+// per head after (as flash-decoding splits a long context). Chunks follow from the context
+// alone, so a request's output is the same in any batch. The tasks (a chunk's KV groups when
+// there are few requests, else all its heads) are taken by the threads one at a time, so a
+// batch-1 step shares a long context between the cores: one task per KV group left one of
+// 2 cores idle for a third of SmolLM2's 3 groups. 512 keys measured faster than 256 at every
+// batch (benchmarks/decode_attention.py shapes, alternating in one process).
+constexpr int64_t kChunk = 512;
+
+template <typename T, typename R>
+void decode_chunked(const T* qp, const R* kp, const R* vp, const int64_t* tp, const int64_t* cp,
+                    int64_t rows, int64_t heads, int64_t d, int64_t q_row, int64_t q_head,
+                    int64_t width, int64_t bs, int64_t kv_heads, int64_t window, float scale,
+                    float softcap, float v_scale, T* op) {
+  const int64_t group = heads / kv_heads, threads = at::get_num_threads();
+  const int64_t splits = rows >= 2 * threads ? 1 : kv_heads, per_split = heads / splits;
+  // chunk c of request r is chunk0[r] + c; its keys start at first[r] + c * kChunk. A
+  // request of several chunks leaves its sums and statistics at part[r] + c (else -1: its
+  // task writes its output).
+  std::vector<int64_t> first(rows), chunk0(rows + 1, 0), part(rows, -1), merged;
+  int64_t parts = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    first[r] = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
+    const int64_t n = std::max<int64_t>(1, (cp[r] - first[r] + kChunk - 1) / kChunk);
+    chunk0[r + 1] = chunk0[r] + n;
+    if (n > 1) part[r] = parts, parts += n, merged.push_back(r);
+  }
+  const int64_t tasks = chunk0[rows] * splits;
+  std::vector<float> sums(parts * heads * d), stats(parts * heads * 2);  // [part, H, D | 2]
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+    Scratch scratch;
+    for (int64_t task = next++; task < tasks; task = next++) {
+      const int64_t chunk = task / splits, h0 = task % splits * per_split;
+      const int64_t r = std::upper_bound(chunk0.begin(), chunk0.end(), chunk) - chunk0.begin() - 1;
+      const int64_t c = chunk - chunk0[r], begin = first[r] + c * kChunk;
+      const int64_t at = part[r] < 0 ? -1 : (part[r] + c) * heads + h0;
+      if (at < 0) {
+        scratch.acc.resize(per_split * d);
+        scratch.stats.resize(per_split * 2);
+      }
+      float* acc = at < 0 ? scratch.acc.data() : &sums[at * d];
+      float* st = at < 0 ? scratch.stats.data() : &stats[at * 2];
+      attend_lanes(qp + r * q_row, kp, vp, tp + r * width, begin,
+                   std::min(begin + kChunk, cp[r]), bs, kv_heads, group, d, q_head, scale,
+                   softcap, h0, h0 + per_split, acc, st, scratch);
+      for (int64_t j = 0; at < 0 && j < per_split; ++j) {  // out = v_scale * sums / total
+        const float factor = v_scale / st[2 * j + 1];
+        T* dst = op + (r * heads + h0 + j) * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(acc[j * d + i] * factor);
+      }
+    }
+  });
+  // out[r, h] = v_scale * sum_c e^(top_c - top) sums_c / sum_c e^(top_c - top) total_c
+  const int64_t pairs = static_cast<int64_t>(merged.size()) * heads;
+  at::parallel_for(0, pairs, 32, [&](int64_t begin, int64_t end) {
+    std::vector<float> out(d), weight;
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r = merged[k / heads], h = k % heads, n = chunk0[r + 1] - chunk0[r];
+      const float* st = &stats[(part[r] * heads + h) * 2];  // chunk c's at st + c * heads * 2
+      float top = st[0], total = 0.f;
+      for (int64_t c = 1; c < n; ++c) top = std::max(top, st[c * heads * 2]);
+      weight.resize(n);
+      for (int64_t c = 0; c < n; ++c) {
+        weight[c] = std::exp(st[c * heads * 2] - top);
+        total += weight[c] * st[c * heads * 2 + 1];
+      }
+      std::fill(out.begin(), out.end(), 0.f);
+      for (int64_t c = 0; c < n; ++c) {
+        const float* sum = &sums[((part[r] + c) * heads + h) * d];
+        for (int64_t i = 0; i < d; ++i) out[i] += weight[c] * sum[i];
+      }
+      const float factor = v_scale / total;
+      T* dst = op + (r * heads + h) * d;
+      for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<T>(out[i] * factor);
+    }
+  });
 }
 #endif
 
@@ -552,25 +692,23 @@ void decode(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::T
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* cp = context.data_ptr<int64_t>();
   T* op = out.data_ptr<T>();
+#ifdef PYTGI_ATTEND_AVX2
+  if (d % Lanes::kWidth == 0) {
+    decode_chunked(qp, kp, vp, tp, cp, rows, heads, d, q_row, q_head, width, bs, kv_heads,
+                   window, static_cast<float>(scale), static_cast<float>(softcap),
+                   static_cast<float>(v_scale), op);
+    return;
+  }
+#endif
   // Enough requests to share out: one task per request (every head). Few: split the heads
   // too, one task per KV group, so both cores work at batch 1.
   const int64_t splits = rows >= 2 * at::get_num_threads() ? 1 : kv_heads;
   const int64_t per_split = heads / splits;
   at::parallel_for(0, rows * splits, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, scores, acc, wide;
-    std::vector<int64_t> slots;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t r = task / splits, h0 = task % splits * per_split;
       const int64_t first = window > 0 ? std::max<int64_t>(0, cp[r] - window) : 0;
-#ifdef PYTGI_ATTEND_AVX2
-      if (d % Lanes::kWidth == 0) {
-        attend_lanes(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group,
-                     d, q_head, static_cast<float>(scale), static_cast<float>(softcap),
-                     static_cast<float>(v_scale), h0, h0 + per_split, op + r * heads * d, qf,
-                     scores, acc, wide, slots);
-        continue;
-      }
-#endif
       attend(qp + r * q_row, kp, vp, tp + r * width, first, cp[r], bs, kv_heads, group, d,
              q_head, static_cast<float>(scale), static_cast<float>(softcap),
              static_cast<float>(v_scale), h0, h0 + per_split, op + r * heads * d, qf, scores,
