@@ -383,15 +383,18 @@ inline void prefetch(const void* p, int64_t bytes) {
 // kp + slots[t]: 32 products per instruction (vdpbf16ps: each product of two bfloat16 values
 // exact in float32, pairs summed into float32 lanes), 4 keys reduced together; d % 32 == 0.
 inline void score_bf16(const uint16_t* qp, int64_t q_head, int64_t h0, int64_t n, int64_t group,
-                       int64_t kv0, int64_t d, const uint16_t* kp, const int64_t* slots,
-                       int64_t ctx, int64_t row_bytes, float scale, float* scores) {
+                       int64_t kv0, int64_t d, const uint16_t* kp, const uint16_t* vp,
+                       const int64_t* slots, int64_t ctx, int64_t row_bytes, float scale,
+                       float* scores) {
   auto pairs = [](const uint16_t* p) { return (__m512bh)_mm512_loadu_si512(p); };
   const __m128 scale4 = _mm_set1_ps(scale);
   const int64_t ahead = keys_ahead(row_bytes);
   int64_t t = 0;
   for (; t + 4 <= ctx; t += 4) {
-    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u)
+    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u) {
       prefetch(kp + slots[u], row_bytes);
+      if (vp) prefetch(vp + slots[u], row_bytes);
+    }
     const uint16_t* k[4] = {kp + slots[t], kp + slots[t + 1], kp + slots[t + 2], kp + slots[t + 3]};
     for (int64_t j = 0; j < n; ++j) {
       const uint16_t* q = qp + (h0 + j) * q_head;
@@ -535,6 +538,9 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
   auto offset = [&](int64_t j) { return ((h0 + j) / group - kv0) * d; };
   // the first keys' and values' rows, which the passes below prefetch only keys ahead
   const int64_t ahead = keys_ahead(kv_values * sizeof(R));
+  // A task of whole rows (every KV head) also requests its values' rows as it scores: its
+  // value passes (one per KV head) then read them from L2.
+  const R* v_early = kv_values == kv_heads * d ? vp : nullptr;
   for (int64_t u = 0; u < std::min(ahead, ctx); ++u) {
     prefetch(kp + slots[u], kv_values * sizeof(R));
     prefetch(vp + slots[u], kv_values * sizeof(R));
@@ -543,15 +549,17 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<R, uint16_t>) {
     if (d % 32 == 0) {  // bfloat16 keys read in place by bf16 dot products
-      score_bf16(reinterpret_cast<const uint16_t*>(qp), q_head, h0, n, group, kv0, d, kp,
+      score_bf16(reinterpret_cast<const uint16_t*>(qp), q_head, h0, n, group, kv0, d, kp, v_early,
                  slots.data(), ctx, kv_values * 2, scale, scores.data());
       t = ctx;
     }
   }
 #endif
   for (; t + 4 <= ctx; t += 4) {  // scores[j, t..t+4) = q_j . k_(first + t ..)
-    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u)
+    for (int64_t u = t + ahead; u < std::min(t + ahead + 4, ctx); ++u) {
       prefetch(kp + slots[u], kv_values * sizeof(R));
+      if (v_early) prefetch(v_early + slots[u], kv_values * sizeof(R));
+    }
     const float* k0 = row_at(kp, t, 0);
     const float* k1 = row_at(kp, t + 1, 1);
     const float* k2 = row_at(kp, t + 2, 2);
