@@ -101,6 +101,15 @@ def test_paged_decode_of_contexts_longer_than_a_chunk(kernels, dtype, tolerance,
             assert _relative(out[i], ref[r]) < tolerance, (contexts[r], batch)
 
 
+@pytest.mark.parametrize("contexts", [[5, 0], [2081], [-3]])
+def test_a_context_outside_its_block_table_is_an_error_not_a_read(kernels, contexts):
+    """A context of no keys, or of more positions than its table holds, would read past the
+    caches (or nothing to soften); the kernel names the row instead."""
+    q, k_cache, v_cache, tables, context = _long_contexts(torch.float32, contexts, 13)
+    with pytest.raises(RuntimeError, match=r"context length -?\d+ of row \d+ outside 1\.\.2080"):
+        cpu_kernels.paged_decode(q, k_cache, v_cache, tables, context, 0.125)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(kernels, dtype):
     """How the work is shared (KV groups split across tasks for 1-3 requests, every head in

@@ -740,6 +740,14 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of KV heads");
   auto tables64 = tables.to(torch::kInt64).contiguous();
   auto context64 = context.to(torch::kInt64).contiguous();
+  TORCH_CHECK(tables64.dim() == 2 && tables64.size(0) == q.size(0) &&
+                  context64.numel() == q.size(0), "a block table and a context length per row");
+  const int64_t positions = tables64.size(1) * k_cache.size(1);
+  for (int64_t r = 0; r < context64.numel(); ++r) {
+    const int64_t c = context64.data_ptr<int64_t>()[r];
+    TORCH_CHECK(c >= 1 && c <= positions, "context length ", c, " of row ", r,
+                " outside 1..", positions, " (its block table's positions)");
+  }
   auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   // q's dtype T and the caches' C: (T, T) or (T, float8)
   auto run = [&](auto* query, auto* cached) {
