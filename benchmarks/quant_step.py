@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpu_limits import cpu_line, read_bandwidth  # noqa: E402
 
+from shard.models.linear import Linear  # noqa: E402
 from tests.helpers import make_engine, spec  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -54,13 +55,17 @@ CONFIGS = {
 
 
 def streamed_bytes(engine) -> int:
-    """Bytes a decode step reads: every weight loaded but the embedding table, unless the
-    LM head multiplies by the table itself (tied and not quantized)."""
+    """Bytes a decode step reads: every weight loaded but the embedding table (a lookup
+    reads one row of it), plus a tied plain LM head's own (the loader counted the table once,
+    as the embedding): its panels, a packed copy of the table, else the table. (Until
+    2026-11-30 a bfloat16 head's panels were left out: its rows read 212 MB, not 269.)"""
     model = engine.runner.model
-    table = model.embed.weight
-    head = model.lm_head.linear
-    shared = getattr(head, "plain", None) is table or head.weight is table
-    return model.weight_bytes - (0 if shared else table.numel() * table.element_size())
+    table, head = model.embed.weight, model.lm_head.linear
+    size = lambda t: t.numel() * t.element_size()  # noqa: E731
+    streamed = model.weight_bytes - size(table)
+    if isinstance(head, Linear) and model.spec.tie_word_embeddings:
+        streamed += size(head.panels) if head.panels is not None else size(table)
+    return streamed
 
 
 def peak_rss_mb(options: dict) -> float:
