@@ -536,11 +536,11 @@ void attend_lanes(const T* qp, const R* kp, const R* vp, const int64_t* table, i
     }
   };
   auto offset = [&](int64_t j) { return ((h0 + j) / group - kv0) * d; };
-  // the first keys' and values' rows, which the passes below prefetch only keys ahead
-  const int64_t ahead = keys_ahead(kv_values * sizeof(R));
   // A task of whole rows (every KV head) also requests its values' rows as it scores: its
   // value passes (one per KV head) then read them from L2.
   const R* v_early = kv_values == kv_heads * d ? vp : nullptr;
+  // the first keys' and values' rows, which the passes below request only `ahead` keys on
+  const int64_t ahead = keys_ahead(kv_values * sizeof(R));
   for (int64_t u = 0; u < std::min(ahead, ctx); ++u) {
     prefetch(kp + slots[u], kv_values * sizeof(R));
     prefetch(vp + slots[u], kv_values * sizeof(R));
