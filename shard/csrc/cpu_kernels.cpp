@@ -249,18 +249,6 @@ inline const float* row_values(const uint8_t* row, int64_t count, float* buf) {
   return buf;
 }
 
-// Scores [n, ctx] -> their softmax per row, each soft-capped first when softcap > 0.
-inline void soften(float* scores, int64_t n, int64_t ctx, float softcap) {
-  if (softcap > 0.f)
-    for (int64_t i = 0; i < n * ctx; ++i) scores[i] = softcap * std::tanh(scores[i] / softcap);
-  for (int64_t j = 0; j < n; ++j) {
-    float* s = scores + j * ctx;
-    const float top = *std::max_element(s, s + ctx);
-    const float inv = 1.f / exp_sum(s, ctx, top);
-    for (int64_t t = 0; t < ctx; ++t) s[t] *= inv;
-  }
-}
-
 // The largest of x[0..n), n >= 1 (a dependent scalar max per score took a tenth of a
 // batch-32 attention's time).
 inline float row_max(const float* x, int64_t n) {
@@ -294,6 +282,16 @@ inline void exponentiate(float* scores, int64_t n, int64_t ctx, float softcap, f
     float* s = scores + j * ctx;
     stats[2 * j] = row_max(s, ctx);
     stats[2 * j + 1] = exp_sum(s, ctx, stats[2 * j]);
+  }
+}
+
+// Scores [n, ctx] -> their softmax per row, each soft-capped first when softcap > 0.
+inline void soften(float* scores, int64_t n, int64_t ctx, float softcap) {
+  std::vector<float> stats(2 * n);
+  exponentiate(scores, n, ctx, softcap, stats.data());
+  for (int64_t j = 0; j < n; ++j) {
+    const float inv = 1.f / stats[2 * j + 1];
+    for (int64_t t = 0; t < ctx; ++t) scores[j * ctx + t] *= inv;
   }
 }
 
