@@ -32,6 +32,7 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 SOURCES = (
     "bindings.cpp",
     "cpu_kernels.cpp",
+    "pointwise.cpp",
     "prefill.cpp",
     "panels.cpp",
     "quant.cpp",

@@ -112,13 +112,6 @@ inline void axpy(float a, const uint8_t* v, float* acc, int64_t d) {
   for (; i < d; ++i) acc[i] += a * widen(v[i]);
 }
 
-// 8 cached values as float32: float32 as they are, bfloat16 shifted into the high half.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const uint16_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-}
-
 // q . k[u] for 4 keys at once (d a multiple of 8): one reduction of the four accumulators
 // by horizontal adds instead of a horizontal sum per key.
 template <typename R>
@@ -135,30 +128,6 @@ inline __m128 dot4(const float* q, const R* const* k, int64_t d) {
   // gives [a0 0123, a1 0123, a2 0123, a3 0123 | the 4567 sums], the halves added last.
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-}
-
-// 8 float32 rounded to bfloat16 as c10::BFloat16 rounds (to nearest, ties to even; NaN to
-// its quiet NaN), as raw bits in the low half of each 32-bit lane.
-inline __m256i bf16_bits(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
-  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
-}
-
-// v rounded to bfloat16 and widened back to float32.
-inline __m256 round_bf16(__m256 v) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
-}
-
-// Stores v rounded to bfloat16 at p[0..8).
-inline void store_bf16(uint16_t* p, __m256 v) {
-  const __m256i bits = bf16_bits(v);  // lanes < 2^16: the unsigned saturation keeps them
-  const __m128i packed =
-      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
 // The widest float32 vectors here (16 lanes with AVX-512, else 8), for the decode attention:
@@ -845,169 +814,6 @@ torch::Tensor linear_small(torch::Tensor x, torch::Tensor w) {
   return out;
 }
 
-namespace {
-
-// RMSNorm of each row of x [T, H] (in float32), then rounded to x's dtype and scaled by
-// weight [H] (rounded again), as Hugging Face's Llama computes it. With `delta`, each row is
-// first x + delta rounded to x's dtype (the residual), written to `sum`.
-template <typename T>
-void norm_rows(const T* x, const T* delta, const T* weight, T* sum, T* out, int64_t rows,
-               int64_t h, float eps) {
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(h);
-    for (int64_t r = begin; r < end; ++r) {
-      float squares = 0.f;
-      for (int64_t i = 0; i < h; ++i) {
-        float v = static_cast<float>(x[r * h + i]);
-        if (delta) {
-          const T rounded = static_cast<T>(v + static_cast<float>(delta[r * h + i]));
-          sum[r * h + i] = rounded;
-          v = static_cast<float>(rounded);
-        }
-        row[i] = v;
-        squares += v * v;
-      }
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(h) + eps);
-      for (int64_t i = 0; i < h; ++i)
-        out[r * h + i] = static_cast<T>(static_cast<float>(weight[i]) *
-                                        static_cast<float>(static_cast<T>(row[i] * inv)));
-    }
-  });
-}
-
-template <typename T>
-void norm_typed(const torch::Tensor& x, const torch::Tensor* delta, const torch::Tensor& weight,
-                torch::Tensor* sum, torch::Tensor& out, float eps) {
-  norm_rows<T>(x.data_ptr<T>(), delta ? delta->data_ptr<T>() : nullptr, weight.data_ptr<T>(),
-               sum ? sum->data_ptr<T>() : nullptr, out.data_ptr<T>(), x.size(0), x.size(1), eps);
-}
-
-void norm_checked(const torch::Tensor& x, const torch::Tensor* delta, const torch::Tensor& weight,
-                  torch::Tensor* sum, torch::Tensor& out, double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous(),
-              "x [T, H] and weight [H] must be contiguous");
-  TORCH_CHECK(weight.numel() == x.size(1) && weight.scalar_type() == x.scalar_type(),
-              "weight must be [H] in x's dtype");
-  TORCH_CHECK(!delta || (delta->sizes() == x.sizes() && delta->is_contiguous() &&
-                         delta->scalar_type() == x.scalar_type()),
-              "delta must be contiguous, like x");
-  if (x.scalar_type() == torch::kFloat) {
-    norm_typed<float>(x, delta, weight, sum, out, static_cast<float>(eps));
-  } else if (x.scalar_type() == torch::kBFloat16) {
-    norm_typed<c10::BFloat16>(x, delta, weight, sum, out, static_cast<float>(eps));
-  } else {
-    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
-  }
-}
-
-}  // namespace
-
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  auto out = torch::empty_like(x);
-  norm_checked(x, nullptr, weight, nullptr, out, eps);
-  return out;
-}
-
-// (x + delta, norm(x + delta)) for x, delta [T, H] contiguous.
-std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor delta,
-                                                      torch::Tensor weight, double eps) {
-  auto sum = torch::empty_like(x);
-  auto out = torch::empty_like(x);
-  norm_checked(x, &delta, weight, &sum, out, eps);
-  return {sum, out};
-}
-
-namespace {
-
-// Rotary embedding of x [T, heads, D] (D contiguous, any row and head strides) with
-// cos, sin [T, R / 2] for the first R dims (the rest pass): the halves (x1, x2) become
-// (x1 cos - x2 sin, x2 cos + x1 sin), each product and sum rounded to x's dtype as torch's
-// element-wise form rounds them. Returns a contiguous [T, heads, D].
-template <typename T>
-void rotate_rows(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
-                 torch::Tensor& out) {
-  const int64_t tokens = x.size(0), heads = x.size(1), d = x.size(2), half = cos.size(1);
-  const int64_t row = x.stride(0), head = x.stride(1);
-  const T* xp = x.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* sp = sin.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  auto r = [](float v) { return static_cast<float>(static_cast<T>(v)); };  // round to T
-  at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t t = task / heads, h = task % heads;
-      const T* in = xp + t * row + h * head;
-      T* o = op + task * d;
-      const T* c = cp + t * half;
-      const T* s = sp + t * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float x1 = in[i], x2 = in[i + half], ci = c[i], si = s[i];
-        o[i] = static_cast<T>(r(x1 * ci) - r(x2 * si));
-        o[i + half] = static_cast<T>(r(x2 * ci) + r(x1 * si));
-      }
-      for (int64_t i = 2 * half; i < d; ++i) o[i] = in[i];
-    }
-  });
-}
-
-}  // namespace
-
-torch::Tensor rotate(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "x must be [T, heads, D] with D contiguous");
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
-                  2 * cos.size(1) <= x.size(2) && cos.is_contiguous() && sin.is_contiguous(),
-              "cos, sin must be contiguous [T, R / 2] with R <= D");
-  TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
-              "cos, sin in x's dtype");
-  auto out = torch::empty({x.size(0), x.size(1), x.size(2)}, x.options());
-  if (x.scalar_type() == torch::kFloat) {
-    rotate_rows<float>(x, cos, sin, out);
-  } else if (x.scalar_type() == torch::kBFloat16) {
-    rotate_rows<c10::BFloat16>(x, cos, sin, out);
-  } else {
-    TORCH_CHECK(false, "rotate: float32 or bfloat16 only");
-  }
-  return out;
-}
-
-namespace {
-
-// gate_up [T, 2I] (gate first) -> SiLU(gate) * up [T, I], SiLU rounded to the dtype first.
-template <typename T>
-void silu_rows(const T* gu, T* out, int64_t tokens, int64_t inter) {
-  at::parallel_for(0, tokens, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const T* gate = gu + t * 2 * inter;
-      const T* up = gate + inter;
-      T* o = out + t * inter;
-      int64_t i = 0;
-#ifdef PYTGI_ATTEND_AVX2
-      using R = typename Raw<T>::type;
-      const R* g_raw = reinterpret_cast<const R*>(gate);
-      const R* u_raw = reinterpret_cast<const R*>(up);
-      for (; i + 8 <= inter; i += 8) {
-        const __m256 g = load8(g_raw + i);
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        const __m256 act = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-        if constexpr (std::is_same_v<T, float>) {
-          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, load8(u_raw + i)));
-        } else {  // bfloat16: SiLU rounded first, then the product
-          store_bf16(reinterpret_cast<uint16_t*>(o + i),
-                     _mm256_mul_ps(round_bf16(act), load8(u_raw + i)));
-        }
-      }
-#endif
-      for (; i < inter; ++i) {
-        const float g = gate[i];
-        const float act = static_cast<float>(static_cast<T>(g / (1.f + std::exp(-g))));
-        o[i] = static_cast<T>(act * static_cast<float>(up[i]));
-      }
-    }
-  });
-}
-
-}  // namespace
-
 // Row x [n]'s first maximum: its value (NaNs are passed over) and index.
 inline std::pair<float, int64_t> first_max(const float* x, int64_t n) {
   float top = -std::numeric_limits<float>::infinity();
@@ -1070,22 +876,6 @@ std::tuple<torch::Tensor, torch::Tensor> greedy(torch::Tensor logits) {
     lp[r] = static_cast<float>(-std::log(exp_total(x, vocab, top)));
   }
   return {ids, logprobs};
-}
-
-torch::Tensor silu_mul(torch::Tensor gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
-              "gate_up must be contiguous [T, 2I]");
-  const int64_t tokens = gate_up.size(0), inter = gate_up.size(1) / 2;
-  auto out = torch::empty({tokens, inter}, gate_up.options());
-  if (gate_up.scalar_type() == torch::kFloat) {
-    silu_rows<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), tokens, inter);
-  } else if (gate_up.scalar_type() == torch::kBFloat16) {
-    using B = c10::BFloat16;
-    silu_rows<B>(gate_up.data_ptr<B>(), out.data_ptr<B>(), tokens, inter);
-  } else {
-    TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
-  }
-  return out;
 }
 
 }  // namespace pytgi

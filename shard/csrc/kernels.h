@@ -1,4 +1,5 @@
-// CPU kernels of a decoder layer's steps (cpu_kernels.cpp); bound in bindings.cpp.
+// CPU kernels of a decoder layer's steps (cpu_kernels.cpp; the row-wise norms, rotary and
+// SiLU in pointwise.cpp); bound in bindings.cpp.
 // Shapes and rounding are documented where each is defined.
 #pragma once
 #include <torch/extension.h>

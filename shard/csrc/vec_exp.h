@@ -1,5 +1,6 @@
-// e^x in 8 and 16 float32 lanes and 8-lane sums, shared by the kernels' softmaxes and
-// activations (cpu_kernels.cpp, prefill.cpp).
+// Vector helpers shared by the kernels (cpu_kernels.cpp, pointwise.cpp, prefill.cpp): e^x
+// in 8 and 16 float32 lanes for the softmaxes and activations, 8-lane sums, and bfloat16
+// loads and roundings.
 #pragma once
 
 #include <cmath>
@@ -18,6 +19,60 @@ inline float hsum(__m256 v) {
   x = _mm_add_ss(x, _mm_movehdup_ps(x));
   return _mm_cvtss_f32(x);
 }
+
+// 8 cached values as float32: float32 as they are, bfloat16 shifted into the high half.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+// 8 float32 rounded to bfloat16 as c10::BFloat16 rounds (to nearest, ties to even; NaN to
+// its quiet NaN), as raw bits in the low half of each 32-bit lane.
+inline __m256i bf16_bits(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+// v rounded to bfloat16 and widened back to float32.
+inline __m256 round_bf16(__m256 v) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(v), 16));
+}
+
+// Stores v rounded to bfloat16 at p[0..8).
+inline void store_bf16(uint16_t* p, __m256 v) {
+  const __m256i bits = bf16_bits(v);  // lanes < 2^16: the unsigned saturation keeps them
+  const __m128i packed =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+
+#ifdef __AVX512F__
+// 16 values as float32, as load8; rounded to bfloat16 as bf16_bits; stored as store_bf16.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512i bf16_bits(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, rounded, _mm512_set1_epi32(0x7FC0));
+}
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(v), 16));
+}
+inline void store_bf16(uint16_t* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(bf16_bits(v)));
+}
+#endif
 
 // Cephes' expf: e^x = 2^n e^r with n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts),
 // e^r = 1 + r + r^2 p(r); relative error ~1e-7. x is first clamped to [-87.3, 88.3] (e^x
