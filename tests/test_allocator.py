@@ -43,3 +43,25 @@ def test_double_free_raises():
     allocator.free(blocks)
     with pytest.raises(ValueError, match="not held"):
         allocator.free(blocks)
+
+
+def test_freed_runs_are_handed_out_in_ascending_order_again():
+    """A request's blocks in ascending order lie in memory as attention reads its keys; the
+    free list gives a freed run back in that order, not reversed."""
+    allocator = BlockAllocator(num_blocks=64, block_size=16)
+    first, second = allocator.allocate(16 * 8), allocator.allocate(16 * 8)
+    assert first == list(range(1, 9)) and second == list(range(9, 17))
+    allocator.free(second)
+    allocator.free(first)
+    assert allocator.allocate(16 * 8) == list(range(1, 9))
+    assert allocator.allocate(16 * 8) == list(range(9, 17))
+    assert allocator.allocate(16 * 3) == [17, 18, 19]
+
+
+def test_a_bad_free_keeps_the_blocks_freed_before_it():
+    allocator = BlockAllocator(num_blocks=8, block_size=16)
+    blocks = allocator.allocate(16 * 3)
+    with pytest.raises(ValueError, match="not held"):
+        allocator.free([blocks[0], blocks[1], 7])
+    assert allocator.num_free == 7 and allocator.num_held == 1
+    allocator.check()
