@@ -219,8 +219,10 @@ class Admission:
         )
 
     def _unheld_free_blocks(self) -> list[int]:
-        """Shard-numbered candidates, lowest first, that no live request holds (the
-        router's requests may name any block of the pool)."""
+        """Shard-numbered candidates that no live request holds (the router's requests may
+        name any block of the pool): a new pool's lowest first, then the last freed, each
+        freed run in its order (a request's K/V ascending in memory, as attention reads
+        them; see common/allocator.py)."""
         held = self.claims.held
         return [b for b in reversed(self.free_blocks) if b not in held]
 
@@ -228,8 +230,8 @@ class Admission:
         """The requests leave: their blocks are no longer theirs."""
         for request in requests:
             self.claims.remove(request)
-            if request.owns_blocks:
-                self.free_blocks.extend(request.blocks)
+            if request.owns_blocks:  # last first: handed out again in their order
+                self.free_blocks.extend(reversed(request.blocks))
             request.blocks = []
 
 

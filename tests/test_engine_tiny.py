@@ -256,6 +256,19 @@ def test_out_of_blocks_and_not_ready(tiny_model_dir):
     assert len(result.refused) + len(result.batch.request_ids) == blocks
     engine.clear(None)
     assert len(engine.admission.free_blocks) == blocks - 1
+
+
+def test_shard_numbered_blocks_come_back_in_ascending_runs(tiny_model_dir):
+    """A client without an allocator (TGI's benchmark tool): a request's blocks ascend, and
+    a freed run is handed out in the same order again."""
+    engine = make_engine(tiny_model_dir, kv_bytes=1 << 20).engine
+    first = engine.prefill(1, [spec(1, "hi", 100)], None)
+    taken = engine.batches[first.batch.id].requests[0].blocks
+    assert len(taken) > 2 and taken == sorted(taken)
+    engine.clear(None)
+    again = engine.prefill(2, [spec(2, "hi", 100)], None)
+    assert engine.batches[again.batch.id].requests[0].blocks == taken
+    engine.clear(None)
     from common.config import ShardConfig
     from shard.engine import ShardEngine
 
