@@ -68,7 +68,7 @@ class TorchOps:
 
 
 class CpuOps(TorchOps):
-    """TorchOps with each step in one C++ call (shard/csrc/cpu_kernels.cpp): on CPU each
+    """TorchOps with each step in one C++ call (shard/csrc/pointwise.cpp): on CPU each
     small PyTorch op costs a few microseconds however little it does, and `F.rms_norm`
     alone runs as ~6 ops (~60 us for one row of 576), 61 times per SmolLM2 decode step.
     Inputs the kernels do not take (other dtypes, strided rows) go the torch way."""
