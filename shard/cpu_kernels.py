@@ -35,6 +35,7 @@ SOURCES = (
     "pointwise.cpp",
     "prefill.cpp",
     "panels.cpp",
+    "amx.cpp",
     "quant.cpp",
     "qpanels.cpp",
     "decode_step.cpp",

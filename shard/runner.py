@@ -216,7 +216,7 @@ class ModelRunner:
                 f"{self.precision}"
             )
         if layer.panels is not None:
-            gemm = "our panels (C++ panel_linear)"
+            gemm = "our panels (C++ panel_linear" + self._amx_report + ")"
         elif layer.is_packed:
             gemm = "oneDNN packed weights"
         elif self._widens_bf16:
@@ -231,6 +231,15 @@ class ModelRunner:
             f"attention {attention}; matrix products: {gemm}; batch-1 rows: {gemv}; "
             f"element-wise layer steps: {ops}; {self._step_report}; {self.precision}"
         )
+
+    @property
+    def _amx_report(self) -> str:
+        """', AMX tiles from N rows' where bfloat16 panels take them (shard/csrc/amx.cpp)."""
+        kernels = cpu_kernels.load()
+        rows = getattr(kernels, "amx_rows", 0)
+        if self.dtype != torch.bfloat16 or not rows or not kernels.amx_ready():
+            return ""
+        return f", AMX tiles from {rows} row{'s' if rows > 1 else ''}"
 
     @property
     def _widens_bf16(self) -> bool:

@@ -366,6 +366,20 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     assert "batch-1 rows: as the batched path" in plain and "PyTorch linear" in plain
 
 
+def test_start_up_log_names_amx_tiles_where_bfloat16_panels_take_them(tiny_model_dir):
+    """bfloat16 panels on a CPU whose build holds AMX tiles (shard/csrc/amx.cpp) say so;
+    float32 (the tiles multiply bfloat16 only) and CPUs without them do not."""
+    from shard import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if "bfloat16" not in getattr(kernels, "panel_dtypes", ()):
+        pytest.skip("no bfloat16 panels in this CPU's build (no bf16 dot products)")
+    report = make_engine(tiny_model_dir, dtype="bfloat16").runner.kernel_report()
+    tiles = getattr(kernels, "amx_rows", 0) > 0 and kernels.amx_ready()
+    assert "our panels" in report and ("AMX tiles from 1 row" in report) == tiles
+    assert "AMX" not in make_engine(tiny_model_dir, dtype="float32").runner.kernel_report()
+
+
 def test_fault_hook_files(engine, tmp_path):
     """Test-only hook: an empty file fails the next check once; `.rank<r>` only rank r's; a
     file of markers fails a prompt containing one, once per marker (the file stays)."""

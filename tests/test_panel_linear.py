@@ -22,9 +22,19 @@ DTYPES = [
     )
     for dtype, need in [(torch.float32, "AVX-512"), (torch.bfloat16, "avx512_bf16")]
 ]
-ROWS = [1, 2, 11, 12, 13, 24, 25, 64, 130]  # tiles of 12 rows and their remainders
-# (outputs, inputs): blocks of 32 outputs and partial ones; 2 to 1538 inputs
+# tiles of 12 rows (vector forms), 16 and 32 (AMX) and their remainders
+ROWS = [1, 2, 11, 12, 13, 16, 17, 24, 25, 64, 130]
+# (outputs, inputs): blocks of 32 outputs and partial ones; 2 to 1538 inputs (AMX tiles take
+# bfloat16 inputs in multiples of 32; others stay on the dot products)
 SHAPES = [(1, 2), (15, 64), (16, 30), (17, 576), (33, 128), (100, 1538)]
+AMX = getattr(kernels, "amx_rows", 0) > 0 and kernels.amx_ready()
+# `tiles`: whether bfloat16 products may take AMX tiles; without them in this build (or
+# Linux's leave) both are the dot products, checked once
+TILES = [
+    True,
+    pytest.param(False, marks=pytest.mark.skipif(not AMX, reason="no AMX tiles here: the "
+                 "products of tiles=True are the dot products already")),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -52,13 +62,14 @@ def test_the_panels_hold_each_outputs_inputs(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("outputs,inputs", SHAPES)
-def test_small_integers_give_the_exact_sums(dtype, rows, outputs, inputs):
+@pytest.mark.parametrize("tiles", TILES)
+def test_small_integers_give_the_exact_sums(dtype, rows, outputs, inputs, tiles):
     """Integers in [-8, 8]: every product and partial sum is exact in float32, so each
     output is the exact sum (bfloat16: rounded once), whatever the order of the sums."""
     gen = torch.Generator().manual_seed(rows * 1000 + outputs)
     w = torch.randint(-8, 9, (outputs, inputs), generator=gen).to(dtype)
     x = torch.randint(-8, 9, (rows, inputs), generator=gen).to(dtype)
-    out = kernels.panel_linear(x, kernels.pack_panels(w), outputs)
+    out = kernels.panel_linear(x, kernels.pack_panels(w), outputs, tiles=tiles)
     assert out.shape == (rows, outputs) and out.dtype == dtype
     assert torch.equal(out, (x.double() @ w.double().T).to(dtype))
 
@@ -66,11 +77,12 @@ def test_small_integers_give_the_exact_sums(dtype, rows, outputs, inputs):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("outputs,inputs", SHAPES)
-def test_products_within_float32_sums_and_the_rounding(dtype, rows, outputs, inputs):
+@pytest.mark.parametrize("tiles", TILES)
+def test_products_within_float32_sums_and_the_rounding(dtype, rows, outputs, inputs, tiles):
     gen = torch.Generator().manual_seed(rows * 7 + inputs)
     w = torch.randn(outputs, inputs, generator=gen).to(dtype)
     x = torch.randn(rows, inputs, generator=gen).to(dtype)
-    out = kernels.panel_linear(x, kernels.pack_panels(w), outputs).double()
+    out = kernels.panel_linear(x, kernels.pack_panels(w), outputs, tiles=tiles).double()
     exact = x.double() @ w.double().T
     rounding = 2**-8 if dtype == torch.bfloat16 else 0.0
     bound = rounding * exact.abs() + 1e-6 * (x.double().abs() @ w.double().abs().T)
@@ -130,3 +142,34 @@ def test_layers_take_the_panels_past_one_row(dtype):
     odd = Linear(torch.randn(8, 5, generator=gen).to(dtype), gemv=True)
     assert (odd.panels is None) == (dtype == torch.bfloat16)
     assert odd(torch.randn(3, 5, generator=gen).to(dtype)).shape == (3, 8)
+
+
+def test_a_cpu_with_amx_multiplies_bfloat16_on_its_tiles():
+    """Where the CPU has AMX with bf16 (Sapphire Rapids and later) the native build holds the
+    tiles' path and Linux lets the process use them; elsewhere the build says it has none."""
+    flags = set(cpu_kernels.cpu_flags().split())
+    amx = {"amx_tile", "amx_bf16", "avx512_bf16"} <= flags
+    if not amx or "-mno-" in " ".join(cpu_kernels.FLAGS):
+        assert not AMX
+        pytest.skip("no AMX with bf16 here (or a build without it): the dot products serve")
+    assert kernels.amx_rows >= 1 and kernels.amx_ready()
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tiles here: bfloat16 takes the dot products")
+@pytest.mark.parametrize("rows", [1, 15, 16, 33, 200])
+def test_tiles_and_dot_products_round_alike_but_for_rare_ties(rows):
+    """The tile unit rounds its float32 additions its own way: about one output in 10^4
+    rounds to a neighbouring bfloat16 of the dot products' (float32 sums a few ulps apart
+    of the sum of |products|); inputs not a multiple of 32 stay on the dot products, bit
+    for bit."""
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(3072, 576, generator=gen).bfloat16()
+    x = torch.randn(rows, 576, generator=gen).bfloat16()
+    packed = kernels.pack_panels(w)
+    tiled, dotted = (kernels.panel_linear(x, packed, 3000, tiles=t).double() for t in (1, 0))
+    magnitude = x.double().abs() @ w[:3000].double().abs().T
+    assert bool(((tiled - dotted).abs() <= 2**-7 * dotted.abs() + 1e-6 * magnitude).all())
+    assert float((tiled != dotted).double().mean()) < 1e-3
+    odd = torch.randn(rows, 34, generator=gen).bfloat16()
+    packed = kernels.pack_panels(torch.randn(40, 34, generator=gen).bfloat16())
+    assert torch.equal(kernels.panel_linear(odd, packed, 40), kernels.panel_linear(odd, packed, 40, tiles=False))

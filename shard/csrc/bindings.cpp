@@ -16,7 +16,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
   m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)");
   m.def("pack_panels", &pack_panels, "weights [N, K] -> panel_linear's panels (kernels.h)");
-  m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)");
+  m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)", py::arg("x"),
+        py::arg("packed"), py::arg("n"), py::arg("tiles") = true);
+#endif
+#ifdef PYTGI_AMX
+  m.def("amx_ready", &amx_ready, "whether Linux lets this process use AMX tiles");
+  m.attr("amx_rows") = kAmxRows;  // bfloat16 panel products of this many rows take the tiles
+#else
+  m.attr("amx_rows") = 0;  // this build has no AMX path
+#endif
+#ifdef __AVX512F__
 #ifdef __AVX512BF16__
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
 #else

@@ -23,8 +23,18 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 // with bf16 dot products) [P, K / 2, 16] int32, a pair of inputs per word.
 torch::Tensor pack_panels(torch::Tensor w);
 // x [M, K] @ w^T for pack_panels(w) -> [M, N] in x's dtype (float32 sums; bfloat16 rounded
-// once); x float32 with float32 panels, bfloat16 with bfloat16 ones.
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n);
+// once); x float32 with float32 panels, bfloat16 with bfloat16 ones. `tiles`: bfloat16
+// products of kAmxRows rows or more on AMX tiles where the build and Linux allow (amx.cpp).
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n, bool tiles = true);
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define PYTGI_AMX 1
+// AMX tiles (amx.cpp): whether this process may use them (asked of Linux once);
+constexpr int64_t kAmxRows = 1;  // panel_linear's bfloat16 products of this many rows or more
+bool amx_ready();
+// x [m, k] bfloat16 (k a multiple of 32) @ bfloat16 panels [panels, k / 2, 16] -> out [m, n].
+void amx_linear(const uint16_t* x, int64_t m, int64_t k, const int32_t* packed, int64_t panels,
+                int64_t n, uint16_t* out);
 #endif
 // New K/V rows [T, KVH, D] into fp8 caches at `slots` [T], multiplied by inv_k / inv_v.
 void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,

@@ -16,6 +16,7 @@
 // Sums are float32 over the inputs in order; bfloat16 outputs are rounded once (nearest,
 // ties to even), as oneDNN's bfloat16 linear rounds its float32 sums. A bias is the caller's,
 // added after (as after the single-row kernel), so every path of a layer adds it alike.
+// Where the CPU has AMX, bfloat16 products go to its tiles instead (amx.cpp, same panels).
 
 #include "kernels.h"
 
@@ -116,7 +117,9 @@ torch::Tensor pack(const torch::Tensor& w) {
 template <typename Form>
 void multiply(const torch::Tensor& x, const torch::Tensor& packed, int64_t n, torch::Tensor& out) {
   using Word = typename Form::Word;
-  const int64_t m = x.size(0), words = packed.size(1), blocks = packed.size(0) / kPanels;
+  const int64_t m = x.size(0), words = packed.size(1);
+  // the blocks holding the first n columns (panels past them, if any, are not read)
+  const int64_t blocks = std::min(packed.size(0) / kPanels, (n + kPanels * kLanes - 1) / (kPanels * kLanes));
   const auto* xp = static_cast<const Word*>(x.data_ptr());
   const auto* wp = static_cast<const Word*>(packed.data_ptr());
   auto* op = static_cast<typename Form::Out*>(out.data_ptr());
@@ -150,7 +153,7 @@ torch::Tensor pack_panels(torch::Tensor w) {
               "the CPU has bf16 dot products)");
 }
 
-torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n) {
+torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n, bool tiles) {
   TORCH_CHECK(x.dim() == 2, "x: [M, K]");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kLanes && packed.size(0) % kPanels == 0 &&
                   packed.is_contiguous(), "packed: pack_panels' [P, K / S, 16]");
@@ -170,6 +173,14 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n) {
   if (f32) {
     multiply<F32>(x, packed, n, out);
   } else {
+#ifdef PYTGI_AMX
+    if (tiles && x.size(0) >= kAmxRows && inputs % 32 == 0 && amx_ready()) {
+      amx_linear(static_cast<const uint16_t*>(x.data_ptr()), x.size(0), inputs,
+                 packed.data_ptr<int32_t>(), packed.size(0), n,
+                 static_cast<uint16_t*>(out.data_ptr()));
+      return out;
+    }
+#endif
 #ifdef __AVX512BF16__
     multiply<Bf16>(x.view(torch::kInt32), packed, n, out);  // K even: pairs of inputs
 #endif
