@@ -237,7 +237,7 @@ class ModelRunner:
         """', AMX tiles from N rows' where bfloat16 panels take them (shard/csrc/amx.cpp)."""
         kernels = cpu_kernels.load()
         rows = getattr(kernels, "amx_rows", 0)
-        if self.dtype != torch.bfloat16 or not rows or not kernels.amx_ready():
+        if kernels is None or self.dtype != torch.bfloat16 or not rows or not kernels.amx_ready():
             return ""
         return f", AMX tiles from {rows} row{'s' if rows > 1 else ''}"
 

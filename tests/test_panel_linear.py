@@ -172,4 +172,6 @@ def test_tiles_and_dot_products_round_alike_but_for_rare_ties(rows):
     assert float((tiled != dotted).double().mean()) < 1e-3
     odd = torch.randn(rows, 34, generator=gen).bfloat16()
     packed = kernels.pack_panels(torch.randn(40, 34, generator=gen).bfloat16())
-    assert torch.equal(kernels.panel_linear(odd, packed, 40), kernels.panel_linear(odd, packed, 40, tiles=False))
+    assert torch.equal(
+        kernels.panel_linear(odd, packed, 40), kernels.panel_linear(odd, packed, 40, tiles=False)
+    )
