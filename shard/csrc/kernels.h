@@ -29,8 +29,9 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n, boo
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define PYTGI_AMX 1
-// AMX tiles (amx.cpp): whether this process may use them (asked of Linux once);
-constexpr int64_t kAmxRows = 1;  // panel_linear's bfloat16 products of this many rows or more
+// AMX tiles (amx.cpp). panel_linear's bfloat16 products of kAmxRows rows or more take them
+// where amx_ready(): whether Linux lets this process use them (asked once).
+constexpr int64_t kAmxRows = 1;
 bool amx_ready();
 // x [m, k] bfloat16 (k a multiple of 32) @ bfloat16 panels [panels, k / 2, 16] -> out [m, n].
 void amx_linear(const uint16_t* x, int64_t m, int64_t k, const int32_t* packed, int64_t panels,

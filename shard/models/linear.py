@@ -22,8 +22,8 @@ weights under the arithmetic, 1.3-1.6x faster than oneDNN's at 8-32 rows, within
 at 512-2048 (benchmarks/RESULTS.md). bfloat16 panels take single rows as fast as
 `linear_small`, so those layers keep no plain copy: their weights are held once. On a CPU
 with AMX (Sapphire Rapids and later) bfloat16 panels are multiplied on its tiles
-(shard/csrc/amx.cpp), from the same panels: 3-5x the dot products' rate at 32 rows, 8-10x
-at 128-2048 on a 2-core Xeon.
+(shard/csrc/amx.cpp), from the same panels: 3.4-4.6x the dot products' rate at 32 rows,
+7.8-10.6x at 128-2048 on a 2-vCPU Xeon.
 """
 
 from __future__ import annotations
