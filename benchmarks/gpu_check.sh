@@ -100,7 +100,7 @@ check step-ahead 150 $PY benchmarks/step_ahead.py --model-id "$MODELS/llama-1b" 
 
 check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
 
-check quant-kernels 90 $PY benchmarks/gpu_quant_kernels.py
+check quant-kernels 150 $PY benchmarks/gpu_quant_kernels.py
 
 check quant-1b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-1b" --batch 1,8,64 --steps 32 \
   --quantized

@@ -1,13 +1,14 @@
 """The quantized layers' kernels alone on a GPU, at Llama-3.2-1B's layer shapes: microseconds
 and weight bytes per second for bf16 (cuBLAS), int8 and int4 (groups of 32) through
 shard/models/quant_triton.py, fp8 (torch._scaled_mm after the activations' quantization,
-one Triton launch or the torch form), at a decode step's rows; then, at one row, the int8 /
-int4 kernels under other tile shapes, depths and splits of K (which to choose next).
+one Triton launch or the torch form), at a decode step's rows (up to quant_triton.GEMV_ROWS
+the CUDA-core kernels, beyond them tl.dot's); then, at one row, the int8 / int4 CUDA-core
+kernels under other tile shapes, depths, splits of K and roundings (which to choose next).
 
 Each time is one CUDA-graph replay of 64 calls over rotating copies of the weights (256 MB
 of them, or 64 copies: the 60 MB L2 never holds the next call's weights), divided by 64.
 
-    python benchmarks/gpu_quant_kernels.py [--rows 1,8,64]
+    python benchmarks/gpu_quant_kernels.py [--rows 1,2,4,8,64]
     python benchmarks/gpu_quant_kernels.py --device cpu --small   # a smoke test (interpreter)
 """
 
@@ -33,16 +34,23 @@ SHAPES = {  # name -> (N outputs, K inputs)
 }
 SMALL = {"qkv": (96, 128), "down": (64, 256)}
 CALLS = 64  # per replay
-# (BLOCK_N, BLOCK_K, programs per SM before K is split, warps, stages); None: no split
+# At one row, the CUDA-core (GEMV) kernels' (BLOCK_N, BLOCK_K, programs per SM before K is
+# split (None: no split), warps, stages, weights rounded to x's dtype first, KEEP (int8 per
+# channel: sums kept per input until the end; int4 ignores it))
 VARIANTS = [
-    (16, 256, 8, 4, 3),
-    (16, 256, 8, 4, 1),
-    (16, 256, 16, 4, 3),
-    (16, 128, 16, 4, 3),
-    (32, 256, 8, 4, 3),  # int8's tiles since 2026-11-29
-    (64, 32, 8, 4, 3),  # int4's tiles since 2026-11-29 (not yet timed on a GPU)
-    (32, 32, 8, 4, 3),
-    (64, 32, None, 4, 3),  # the kernels' tiles before split K (one 32-input block a step)
+    (8, 2048, 8, 4, 3, False, False),  # quant_triton.GEMV_WIDE (int4; int8 up to 4096 x 4096)
+    (8, 256, 8, 1, 3, False, True),  # quant_triton.GEMV_NARROW (larger int8 layers, KEEP)
+    (8, 1024, 8, 4, 3, False, True),
+    (8, 512, 8, 1, 3, False, True),
+    (4, 256, 8, 1, 3, False, True),
+    (8, 256, 8, 2, 3, False, True),
+    (8, 256, 16, 1, 3, False, True),
+    (16, 256, 8, 1, 3, False, True),
+    (8, 512, 8, 2, 3, False, False),
+    (4, 1024, 8, 2, 3, False, False),
+    (8, 2048, 16, 4, 3, False, False),
+    (8, 4096, 8, 8, 3, False, False),
+    (8, 256, 8, 1, 3, True, False),
 ]
 
 
@@ -130,25 +138,26 @@ def nbytes(w) -> int:
 
 
 def variant_call(kind: str, x: torch.Tensor, w, variant) -> callable:
-    """The int8 / int4 kernel at one row under `variant`'s tiles."""
-    block_n, block_k, per_sm, warps, stages = variant
+    """The int8 / int4 GEMV kernel at one row under `variant`'s tiles."""
+    block_n, block_k, per_sm, warps, stages, rounded, keep = variant
     n = w[0].shape[0]
     k = w[0].shape[1] * (2 if kind == "int4" else 1)
     groups = w[1].shape[1]
-    c = {**qt.constants(kind, 1, k, groups, x.dtype), "BLOCK_N": block_n, "BLOCK_K": block_k}
+    c = {**qt.constants(kind, 1, k, groups, x.dtype), "BLOCK_N": block_n, "BLOCK_K": block_k,
+         "ROUND": rounded, "KEEP": keep and groups == 1 and not rounded}  # fmt: skip
     programs = triton.cdiv(n, block_n)
     sms = qt._multiprocessors(x.device)
     steps = triton.cdiv(k, block_k)
     split = 1 if per_sm is None else max(1, min(steps, per_sm * sms // programs))
     per = triton.cdiv(steps, split) * block_k
     split = triton.cdiv(k, per)
-    kernel = qt._q8_kernel if kind == "int8" else qt._q4_kernel
+    kernel = qt.kernel_for(kind, c)
 
     def run():
         out = x.new_empty(1, n)
         target = out if split == 1 else x.new_empty(split, 1, n, dtype=torch.float32)
-        kernel[(1, programs, split)](x, *w, target, 1, n, k, k, n, per, **c,
-                                     num_warps=warps, num_stages=stages)  # fmt: skip
+        kernel[(programs, split)](x, *w, target, 1, n, k, k, n, per, **c,
+                                  num_warps=warps, num_stages=stages)  # fmt: skip
         if split > 1:
             qt._sum_splits_kernel[(triton.cdiv(n, 1024),)](target, out, n, SPLIT=split,
                                                            BLOCK=1024)  # fmt: skip
@@ -159,7 +168,7 @@ def variant_call(kind: str, x: torch.Tensor, w, variant) -> callable:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,8,64")
+    parser.add_argument("--rows", default="1,2,4,8,64")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="tiny shapes (a smoke test)")
     args = parser.parse_args()
@@ -187,8 +196,8 @@ def main() -> None:
                 del copies, calls
             print(f"| {rows} | {shape} [{n}x{k}] | " + " | ".join(cells) + " |", flush=True)
     x1 = {s: torch.randn(1, k, device=args.device).bfloat16() for s, (n, k) in shapes.items()}
-    print("\none row, int8 / int4 g32 kernels by (BLOCK_N, BLOCK_K, programs per SM before "
-          "K is split, warps, stages): us per call")  # fmt: skip
+    print("\none row, int8 / int4 g32 GEMV kernels by (BLOCK_N, BLOCK_K, programs per SM "
+          "before K is split, warps, stages, rounded, kept): us per call")  # fmt: skip
     print("| variant | " + " | ".join(f"{s} int8 | {s} int4" for s in shapes) + " |")
     print("|---|" + "---:|" * (2 * len(shapes)))
     for variant in VARIANTS:

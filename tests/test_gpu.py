@@ -209,10 +209,11 @@ def test_seeded_sampling_on_cuda(model_dir):
     _release(engine)
 
 
-@pytest.mark.parametrize("rows", [1, 64])
+@pytest.mark.parametrize("rows", [1, 4, 64])
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_layer_kernels_on_cuda(method, rows):
-    """shard/models/quant_triton.py compiled: Llama-1B's MLP shapes, bfloat16 inputs."""
+    """shard/models/quant_triton.py compiled: Llama-1B's MLP shapes, bfloat16 inputs; 1 and
+    4 rows through the CUDA-core kernels (float32 weights), 64 through tl.dot's."""
     from shard.models import quant, quant_triton
 
     gen = torch.Generator().manual_seed(rows)

@@ -97,7 +97,8 @@ def test_the_second_family_serves_and_matches_transformers(tmp_path, smollm_dir,
 
 def test_gpu_quant_kernels_script_runs_on_cpu():
     """benchmarks/gpu_quant_kernels.py under Triton's interpreter, tiny shapes: every form
-    timed, and every tile variant gives the default kernel's product."""
+    timed, and every GEMV tile variant (rounded weights too) gives the default kernel's
+    product."""
     import os
     import subprocess
     import sys
@@ -108,6 +109,9 @@ def test_gpu_quant_kernels_script_runs_on_cpu():
         check=True, capture_output=True, text=True, timeout=600,
         env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
+    from benchmarks.gpu_quant_kernels import VARIANTS
+
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert len(rows) == 1 + 2 + 1 + 8  # two headers, 2 layers, 8 variants
+    assert len(rows) == 1 + 2 + 1 + len(VARIANTS)  # two headers, 2 layers, the variants
+    assert len(VARIANTS) > 10  # the GEMV kernels' sweep
     assert "wrong" not in result.stdout

@@ -17,11 +17,14 @@ from shard.models.quant import (
 )
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+
+from shard.models import quant_triton  # noqa: E402
 from shard.models.quant_triton import TritonQuant, q4_linear, q8_linear  # noqa: E402
 
 # (in, out): a SmolLM2 layer's share at 3 shards, a tile-straddling output count, a tiny one
 SHAPES = [(192, 160), (96, 100), (64, 128)]
-ROWS = [1, 5, 16, 17, 70]
+ROWS = [1, 2, 3, 4, 5, 16, 17, 70]  # 1-4: the CUDA-core kernels; 5-16: tl.dot's decode tile
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -160,3 +163,80 @@ def test_fp8_rows_quantize_as_the_torch_form():
     carry = (theirs.abs() == 2 ** theirs.abs().clamp(min=1).log2().round()) & (ours != theirs)
     assert torch.equal(torch.where(carry, theirs, ours), theirs)
     assert carry.sum() < 0.05 * x.numel()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5])
+def test_a_few_rows_take_the_cuda_core_kernels(rows):
+    """Up to GEMV_ROWS rows no tl.dot (whose smallest tile pads to 16 rows): the GEMV kernels,
+    every row in one program; more rows, the tile kernels."""
+    for kind, groups in (("int8", 1), ("int4", 64)):
+        c = quant_triton.constants(kind, rows, 2048, groups, torch.bfloat16)
+        gemv = rows <= quant_triton.GEMV_ROWS
+        assert ("ROWS" in c) == gemv and ("BLOCK_M" in c) != gemv
+        assert (quant_triton.kernel_for(kind, c).fn.__name__.endswith("_gemv_kernel")) == gemv
+        if gemv:
+            assert c["ROWS"] >= rows and c["BLOCK_K"] % 32 == 0 and not c["ROUND"]
+            assert not c["KEEP"]  # a small layer: wide steps, sums reduced per step
+    big = quant_triton.constants("int8", rows, 2048, 1, torch.bfloat16, n=16384)
+    assert big.get("KEEP", False) == (rows <= quant_triton.GEMV_ROWS)  # per-input sums kept
+    grouped = quant_triton.constants("int8", rows, 2048, 64, torch.bfloat16, n=16384)
+    assert not grouped.get("KEEP")  # a scale per 32 inputs: scaled per step
+
+
+def _gemv(
+    kind: str, x: torch.Tensor, tensors, groups: int, rounded: bool, keep: bool = False
+) -> torch.Tensor:
+    """The GEMV kernel (every row in one program) with ROUND and KEEP set, K whole in each
+    program."""
+    n, k = tensors[0].shape[0], x.shape[1]
+    c = {**quant_triton.constants(kind, 1, k, groups, x.dtype), "ROUND": rounded, "KEEP": keep,
+         "ROWS": triton.next_power_of_2(x.shape[0])}  # fmt: skip
+    out = x.new_empty(x.shape[0], n)
+    per = -(-k // c["BLOCK_K"]) * c["BLOCK_K"]
+    grid = (-(-n // c["BLOCK_N"]), 1)
+    quant_triton.kernel_for(kind, c)[grid](x, *tensors, out, x.shape[0], n, k, k, n, per, **c)
+    return out
+
+
+@pytest.mark.parametrize("rounded", [False, True])
+@pytest.mark.parametrize("group", [None, 16])  # int8 per channel (scaled after the sums); Q6_K
+def test_gemv_kernels_round_weights_to_bfloat16_only_when_asked(rounded, group):
+    """ROUND: each weight rounded to x's dtype before its product (the tile kernels' rule);
+    unrounded: the products of x and the float32 weights (scales applied to the sums of a
+    block where one scale covers it). float32 inputs: both are x @ dequantize(w)."""
+    weight, x = _case(256, 96, 3)
+    q, scales = quantize_int8(weight, group)
+    w = dequantize_int8(q, scales)
+    assert _relative_error(_gemv("int8", x, (q, scales), scales.shape[1], rounded),
+                           x.double() @ w.double().T) < 1e-5  # fmt: skip
+    if group is None and not rounded:  # KEEP: per-input sums, one scale at the end
+        out = _gemv("int8", x, (q, scales), 1, False, keep=True)
+        assert _relative_error(out, x.double() @ w.double().T) < 1e-5
+    packed, s4, m4 = quantize_int4(weight, 32)
+    w4 = dequantize_int4(packed, s4, m4)
+    assert _relative_error(_gemv("int4", x, (packed, s4, m4), s4.shape[1], rounded),
+                           x.double() @ w4.double().T) < 1e-5  # fmt: skip
+    xb = x.bfloat16()
+    for kind, tensors, weights in (("int8", (q, scales), w), ("int4", (packed, s4, m4), w4)):
+        out = _gemv(kind, xb, tensors, tensors[1].shape[1], rounded)
+        as_rounded = xb.double() @ weights.bfloat16().double().T
+        exact = xb.double() @ weights.double().T
+        # the interpreter truncates to bfloat16 (a GPU rounds to nearest): 1e-2 either way
+        assert _relative_error(out, as_rounded if rounded else exact) < 1e-2
+        if not rounded:  # the output's own rounding to bfloat16 alone
+            assert _relative_error(out, exact) < 2**-8
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_large_layer_at_one_row(method):
+    """Past SMALL_LAYER outputs one row takes the narrow tiles: int8 per channel keeps its
+    sums per input (KEEP) and scales them once; int4 the wide steps as every layer."""
+    n = quant_triton.SMALL_LAYER + 8
+    weight, x = _case(64, n, 1)
+    if method == "int8":
+        q, scales = quantize_int8(weight)
+        out, w = q8_linear(x, q, scales), dequantize_int8(q, scales)
+    else:
+        packed, scales, mins = quantize_int4(weight, 32)
+        out, w = q4_linear(x, packed, scales, mins), dequantize_int4(packed, scales, mins)
+    assert _relative_error(out, x.double() @ w.double().T) < 1e-5

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+from shard.models.quant_triton import GEMV_ROWS  # noqa: E402
 from tests.triton_compile_probe import (  # noqa: E402
     ARCHS,
     DTYPES,
@@ -101,11 +102,15 @@ def test_layer_kernel_compiles(compiled, kernel, model, dtype, arch):
 @pytest.mark.parametrize("rows", QUANT_ROWS)
 @pytest.mark.parametrize("kernel", ["q8_linear", "q8g_linear", "q4_linear", "q4k_linear"])
 def test_quantized_layer_kernels_compile(compiled, kernel, rows, dtype, arch):
-    """--quantize int8 / int4 on CUDA (shard/models/quant_triton.py), Llama-1B's layers;
-    q8g: int8 in GGUF Q6_K's groups of 16; q4k: int4 with GGUF Q4_K's float32 scales."""
+    """--quantize int8 / int4 on CUDA (shard/models/quant_triton.py), Llama-1B's layers, by
+    the CUDA-core kernels (up to GEMV_ROWS rows) and tl.dot's; q8g: int8 in GGUF Q6_K's
+    groups of 16; q4k: int4 with GGUF Q4_K's float32 scales."""
     case = compiled[f"{kernel}_{rows}/llama-1b/{dtype}/sm_{arch}"]
     assert "error" not in case, case.get("error")
     assert case["cubin_bytes"] > 0 and case["ptx_target"].startswith(f".target sm_{arch}")
+    if rows <= GEMV_ROWS:  # products on the CUDA cores: no tensor-core instruction
+        assert case["shared"] <= SHARED_MEMORY_LIMIT and not case["tf32"]
+        return
     assert 0 < case["shared"] <= SHARED_MEMORY_LIMIT  # tl.dot tiles
     assert case["tf32"] == (dtype != "fp32")
 

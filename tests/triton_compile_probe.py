@@ -29,7 +29,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # queries' dtypes compiled over an fp8 cache (its bytes: "*u8"), cases named "fp8-<dtype>"
 FP8_QUERIES = ("bf16", "fp32")
 ARCHS = (90, 80)
-QUANT_ROWS = (1, 64)  # a decode step's tile (16 rows) and a prefill's (64)
+# a decode step of one row (quant_triton.GEMV_ROWS: the CUDA-core kernels), of 4 and 16
+# (tl.dot's decode tile) and a prefill's (64)
+QUANT_ROWS = (1, 4, 16, 64)
 
 
 def compile_kernel(
@@ -180,21 +182,21 @@ def compile_quant_kernels(model: str, dtype: str, arch: int) -> dict:
     results = {}
     for rows in QUANT_ROWS:
         c8 = quant_triton.constants("int8", rows, hidden, 1, DTYPES[dtype])
+        c8g = quant_triton.constants("int8", rows, hidden, hidden // 16, DTYPES[dtype])
         c4 = quant_triton.constants("int4", rows, hidden, hidden // 32, DTYPES[dtype])
+        q8_kernel, q4_kernel = (quant_triton.kernel_for(kind, c) for kind, c in
+                                (("int8", c8), ("int4", c4)))  # fmt: skip
         results[f"q8_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q8_kernel, q8, c8, arch
+            q8_kernel, q8, c8, arch
         )
         results[f"q8g_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q8_kernel,
-            q8,
-            quant_triton.constants("int8", rows, hidden, hidden // 16, DTYPES[dtype]),
-            arch,
+            q8_kernel, q8, c8g, arch
         )  # GGUF Q6_K: a scale per 16 inputs, gathered across a step
         results[f"q4_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q4_kernel, q4, c4, arch
+            q4_kernel, q4, c4, arch
         )
         results[f"q4k_linear_{rows}/{model}/{dtype}/sm_{arch}"] = compile_kernel(
-            quant_triton._q4_kernel, {**q4, "s_ptr": "*fp32"}, c4, arch
+            q4_kernel, {**q4, "s_ptr": "*fp32"}, c4, arch
         )  # GGUF Q4_K: float32 scales
     results[f"sum_splits/{model}/{dtype}/sm_{arch}"] = compile_kernel(
         quant_triton._sum_splits_kernel,

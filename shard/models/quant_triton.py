@@ -19,6 +19,14 @@ the loads it keeps in flight. Where outputs alone make too few programs to fill 
 2048-output layer: 64 at int8's 32-output tiles), K is split too (SPLIT slices, float32
 partial sums, one more launch adds them up in x's dtype); `constants` gives the tiles.
 
+One row (GEMV_ROWS) goes to the CUDA-core kernels instead: no tl.dot (whose smallest tile
+pads one row to 16 and stages both operands in shared memory), codes turned into float32
+by their bits (2^23 + code as an integer, less 2^23: no conversion instruction, a quarter
+of the multiply rate on Hopper), each code multiplied by x in float32 and the scale (and
+int4's min, times the block's sum of x) applied to a block's sum. Their weights are
+dequantize(w) in float32, not rounded to x's dtype: the more exact product, and on an H200
+int8 layers 1.3-2.1x faster than with the rounding (a conversion per weight; int4 1.0-1.1x).
+
 They run on CUDA, and on CPU tensors under TRITON_INTERPRET=1 (how CI checks them).
 """
 
@@ -32,6 +40,17 @@ import triton.language as tl
 
 PROGRAMS_PER_SM = 8  # programs to keep in flight per multiprocessor before splitting K
 FEW_ROWS = 16  # up to here: tl.dot's smallest row tile and the decode-step tiles
+# Up to GEMV_ROWS rows: the CUDA-core kernels (_q8_gemv_kernel, _q4_gemv_kernel), with the
+# tiles gemv_tiles chooses. On an H200 (2026-12-01, gpu_quant_kernels.py, the 1B's layers)
+# one row took 0.55-0.69x (int8) and 0.59-0.88x (int4) of the tl.dot kernels' time in the
+# same run, and 2 and 4 rows longer than 8 rows through tl.dot: hence one row.
+GEMV_ROWS = 1
+# (BLOCK_N, BLOCK_K, warps), the fastest measured there (three sweeps of 13 tiles): int4
+# layers and int8 ones of at most SMALL_LAYER inputs and outputs take WIDE; larger int8
+# layers NARROW, their sums kept per input where one scale covers a row (KEEP)
+GEMV_WIDE = (8, 2048, 4)
+GEMV_NARROW = (8, 256, 1)
+SMALL_LAYER = 4096
 
 
 @triton.jit
@@ -137,6 +156,141 @@ def _q4_kernel(
 
 
 @triton.jit
+def _int8_float(q):
+    """int8 codes -> their exact float32 values without the conversion unit (a quarter of
+    the multiply rate on a GPU): 2^23 + (q + 128) by its bits, less 2^23 + 128."""
+    biased = q.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80
+    return (biased | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _nibble_float(n):
+    """uint32 values 0..15 -> exact float32, as _int8_float."""
+    return (n | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _q8_gemv_kernel(
+    x_ptr,
+    q_ptr,  # int8 [N, K] (or, for a benchmark's baseline, x's dtype: scales of 1)
+    s_ptr,  # float16 [N, G]
+    out_ptr,  # [M, N] in x's dtype, or float32 partial sums [SPLIT, M, N]
+    M,
+    N,
+    K,
+    stride_x,
+    stride_out,
+    k_per_split,
+    GROUPS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,  # M rounded up to a power of two (every row in one program)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ROUND: tl.constexpr,  # weights rounded to x's dtype first, as the tl.dot kernel
+    KEEP: tl.constexpr,  # one scale per output for all of K, unrounded: sums kept per input
+):
+    """A few rows: products on the CUDA cores, no tl.dot (no padding to 16 rows, no tiles
+    staged in shared memory). acc [ROWS, BLOCK_N] += sum over the step's inputs of
+    x [ROWS, 1, BLOCK_K] * codes [1, BLOCK_N, BLOCK_K], times the outputs' scales where one
+    covers the step; else each code scaled first. KEEP: x * codes added into a
+    [ROWS, BLOCK_N, BLOCK_K] sum (no reduction across threads per step), reduced and scaled
+    once at the end."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(1) * k_per_split
+    rows = tl.arange(0, ROWS)
+    k = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    kept = tl.zeros([ROWS, BLOCK_N, BLOCK_K if KEEP else 1], tl.float32)
+    for start in range(first, first + k_per_split, BLOCK_K):
+        k_ok = (start + k) < K
+        q = tl.load(q_ptr + cols[:, None].to(tl.int64) * K + (start + k)[None, :],
+                    mask=col_ok[:, None] & k_ok[None, :], other=0)  # fmt: skip
+        x = tl.load(x_ptr + rows[:, None] * stride_x + (start + k)[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+        w = _int8_float(q) if q_ptr.dtype.element_ty == tl.int8 else q.to(tl.float32)
+        if KEEP:
+            kept += x.to(tl.float32)[:, None, :] * w[None, :, :]
+        elif GROUP % BLOCK_K == 0 and not ROUND:  # one scale per output across the step
+            in_k = col_ok & (cols * 0 + start < K)  # none past K (see _q8_kernel)
+            s = tl.load(s_ptr + cols * GROUPS + start // GROUP, mask=in_k, other=0.0)
+            part = tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+            acc += part * s.to(tl.float32)[None, :]
+        else:
+            s = tl.load(s_ptr + cols[:, None] * GROUPS + ((start + k) // GROUP)[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            w = w * s.to(tl.float32)
+            if ROUND:
+                w = w.to(x.dtype).to(tl.float32)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if KEEP:
+        s = tl.load(s_ptr + cols, mask=col_ok, other=0.0)
+        acc = tl.sum(kept, axis=2) * s.to(tl.float32)[None, :]
+    out = out_ptr + tl.program_id(1) * M * stride_out + rows[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _q4_gemv_kernel(
+    x_ptr,
+    q_ptr,  # uint8 [N, K / 2], GGML block layout
+    s_ptr,  # float16 (or float32) [N, G]
+    m_ptr,  # float32 [N, G]
+    out_ptr,  # [M, N] in x's dtype, or float32 partial sums [SPLIT, M, N]
+    M,
+    N,
+    K,
+    stride_x,
+    stride_out,
+    k_per_split,
+    GROUPS: tl.constexpr,
+    GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # a multiple of 32: NB = BLOCK_K / 32 whole blocks a step
+    ROUND: tl.constexpr,
+    KEEP: tl.constexpr,  # unused: a block's scale and min meet its sums each step
+):
+    """int4 for a few rows, as _q8_gemv_kernel. A step's bytes are [BLOCK_N, NB, 16]
+    (output, block, byte): a block's scale and min are one value broadcast along its 16
+    bytes. Unrounded: sum_j x_j (s q_j + m) = s sum_j x_j q_j + m sum_j x_j, so the codes
+    meet x alone and the scale and min once per block and output."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first = tl.program_id(1) * k_per_split
+    rows = tl.arange(0, ROWS)
+    b = tl.arange(0, BLOCK_K // 32)  # the step's blocks (NB)
+    j = tl.arange(0, 16)
+    row_ok, col_ok = rows < M, cols < N
+    acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    for start in range(first, first + k_per_split, BLOCK_K):
+        b_ok = (start + b * 32) < K  # K is whole blocks: a block is in or out
+        w_ok = col_ok[:, None, None] & b_ok[None, :, None]
+        byte = cols[:, None, None].to(tl.int64) * (K // 2) + start // 2 + b[None, :, None] * 16
+        packed = tl.load(q_ptr + byte + j[None, None, :], mask=w_ok, other=0).to(tl.uint32)
+        group = cols[:, None] * GROUPS + ((start + b * 32) // GROUP)[None, :]  # [BLOCK_N, NB]
+        g_ok = col_ok[:, None] & b_ok[None, :]
+        s = tl.load(s_ptr + group, mask=g_ok, other=0.0).to(tl.float32)
+        m = tl.load(m_ptr + group, mask=g_ok, other=0.0)
+        x_at = x_ptr + rows[:, None, None] * stride_x + start + b[None, :, None] * 32
+        x_ok = row_ok[:, None, None] & b_ok[None, :, None]
+        x_low = tl.load(x_at + j[None, None, :], mask=x_ok, other=0.0)  # [ROWS, NB, 16]
+        x_high = tl.load(x_at + 16 + j[None, None, :], mask=x_ok, other=0.0)
+        low, high = _nibble_float(packed & 15), _nibble_float(packed >> 4)  # [BLOCK_N, NB, 16]
+        xl, xh = x_low.to(tl.float32)[:, None], x_high.to(tl.float32)[:, None]
+        if ROUND:
+            w_low = (low * s[:, :, None] + m[:, :, None]).to(x_low.dtype).to(tl.float32)
+            w_high = (high * s[:, :, None] + m[:, :, None]).to(x_low.dtype).to(tl.float32)
+            part = tl.sum(xl * w_low[None] + xh * w_high[None], axis=3)  # [ROWS, BLOCK_N, NB]
+            acc += tl.sum(part, axis=2)
+        else:
+            codes = tl.sum(xl * low[None] + xh * high[None], axis=3)  # [ROWS, BLOCK_N, NB]
+            sums = tl.sum(x_low.to(tl.float32) + x_high.to(tl.float32), axis=2)  # [ROWS, NB]
+            acc += tl.sum(codes * s[None] + sums[:, None, :] * m[None], axis=2)
+    out = out_ptr + tl.program_id(1) * M * stride_out + rows[:, None] * stride_out + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _sum_splits_kernel(partial_ptr, out_ptr, count, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     """out [count] = the sum of partial [SPLIT, count] (float32), rounded once to out's dtype."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -177,15 +331,35 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def constants(kind: str, rows: int, k: int, groups: int, dtype: torch.dtype) -> dict:
-    """Compile-time constants of the `kind` ("int8" / "int4") kernel (tests compile them for
-    CUDA with these). Tiles as measured fastest at one row on an H200 (2026-11-29,
-    benchmarks/gpu_quant_kernels.py): int8 32 outputs x 256 inputs (per-channel scales:
-    one per output across a step); int4 64 x 32, one GGML block a step (its scales and mins
-    gathered per block across wider steps ran 3-6x slower). Groups narrower than a step
-    (GGUF Q6_K's 16) are gathered per input."""
-    few, group = rows <= FEW_ROWS, k // groups
-    if not few:
+def gemv_tiles(kind: str, n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of the CUDA-core kernel for an [n, k] layer."""
+    small = n <= SMALL_LAYER and k <= SMALL_LAYER
+    return GEMV_WIDE if kind == "int4" or small else GEMV_NARROW
+
+
+def constants(
+    kind: str, rows: int, k: int, groups: int, dtype: torch.dtype, n: int = SMALL_LAYER
+) -> dict:
+    """Compile-time constants of the `kind` ("int8" / "int4") kernel for `rows` rows of an
+    [n, k] layer (tests compile them for CUDA with these); `kernel_for` says which kernel
+    takes them. Up to GEMV_ROWS rows, the CUDA-core kernels (gemv_tiles). Beyond, tl.dot's
+    tiles as measured fastest at one row on an H200 (2026-11-29): int8 32 outputs x 256
+    inputs (per-channel scales: one per output across a step); int4 64 x 32, one GGML block
+    a step (its scales and mins gathered per block across wider steps ran 3-6x slower).
+    Groups narrower than a step (GGUF Q6_K's 16) are gathered per input."""
+    group = k // groups
+    if rows <= GEMV_ROWS:
+        block_n, block_k, _ = gemv_tiles(kind, n, k)
+        return {
+            "GROUPS": groups,
+            "GROUP": group,
+            "ROWS": triton.next_power_of_2(rows),
+            "BLOCK_N": block_n,
+            "BLOCK_K": max(32, min(block_k, triton.next_power_of_2(k))),
+            "ROUND": False,
+            "KEEP": kind == "int8" and groups == 1 and block_k < GEMV_WIDE[1],
+        }
+    if rows > FEW_ROWS:
         block_n, block_k = 64, 32
     elif kind == "int8" and group % 256 == 0:
         block_n, block_k = 32, min(256, triton.next_power_of_2(k))
@@ -194,11 +368,18 @@ def constants(kind: str, rows: int, k: int, groups: int, dtype: torch.dtype) -> 
     return {
         "GROUPS": groups,
         "GROUP": group,
-        "BLOCK_M": 16 if few else 64,  # 16: tl.dot's smallest tile (decode steps)
+        "BLOCK_M": 16 if rows <= FEW_ROWS else 64,  # 16: tl.dot's smallest tile
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
     }
+
+
+def kernel_for(kind: str, c: dict):
+    """The kernel that takes constants `c` (constants' choice for its rows)."""
+    if "ROWS" in c:
+        return _q8_gemv_kernel if kind == "int8" else _q4_gemv_kernel
+    return _q8_kernel if kind == "int8" else _q4_kernel
 
 
 def split_k(
@@ -221,16 +402,19 @@ def _launch(kind: str, x: torch.Tensor, n: int, k: int, tensors, groups: int, sp
     out = x.new_empty(rows, n)
     if rows == 0:
         return out
-    kernel = _q8_kernel if kind == "int8" else _q4_kernel
-    c = constants(kind, rows, k, groups, x.dtype)
-    grid_mn = (triton.cdiv(rows, c["BLOCK_M"]), triton.cdiv(n, c["BLOCK_N"]))
+    c = constants(kind, rows, k, groups, x.dtype, n)
+    grid_mn = (triton.cdiv(rows, c.get("BLOCK_M", rows)), triton.cdiv(n, c["BLOCK_N"]))
     if split is None:
         slices, per = split_k(grid_mn[0] * grid_mn[1], rows, k, c["BLOCK_K"], x.device)
     else:
         per = triton.cdiv(triton.cdiv(k, c["BLOCK_K"]), split) * c["BLOCK_K"]
         slices = triton.cdiv(k, per)
     target = out if slices == 1 else x.new_empty(slices, rows, n, dtype=torch.float32)
-    kernel[(*grid_mn, slices)](x, *tensors, target, rows, n, k, x.stride(0), n, per, **c)
+    # the CUDA-core kernels hold every row in one program: a grid of (outputs, slices)
+    grid = (grid_mn[1], slices) if "ROWS" in c else (*grid_mn, slices)
+    warps = gemv_tiles(kind, n, k)[2] if "ROWS" in c else 4
+    kernel_for(kind, c)[grid](x, *tensors, target, rows, n, k, x.stride(0), n, per, **c,
+                              num_warps=warps)  # fmt: skip
     if slices > 1:
         count = rows * n
         _sum_splits_kernel[(triton.cdiv(count, 1024),)](target, out, count, SPLIT=slices,
