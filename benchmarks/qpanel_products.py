@@ -31,8 +31,11 @@ from shard.models.qpanels import int4_panels, int8_panels  # noqa: E402
 from shard.models.quant import quantize_int4, quantize_int8, unpack_int4  # noqa: E402
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # (out, in)
-FORMS = ["plain panels", "int8 codes", "int8 panels", "int4 codes", "int4 panels",
+FORMS = ["plain panels", "int8 codes", "int8 panels", "int8 panels (dot products)",
+         "int4 codes", "int4 panels", "int4 panels (dot products)",
          "int4 panels, float32 parameters"]  # fmt: skip
+# "(dot products)": qpanel_linear(tiles=False), the bf16 dot products where AMX tiles would
+# take 13 rows or more (the same as "panels" on a CPU without them)
 
 
 def layers(kernels, dtype: torch.dtype, group: int) -> list[dict]:
@@ -60,13 +63,15 @@ def run(kernels, made: list[dict], form: str, rows: int, dtype: torch.dtype) -> 
         "plain panels": lambda x, a, n: kernels.panel_linear(x, *a, n),
         "int8 codes": lambda x, a, n: kernels.q8_linear(x, *a),
         "int8 panels": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
+        "int8 panels (dot products)": lambda x, a, n: kernels.qpanel_linear(x, *a, n, tiles=False),
         "int4 codes": lambda x, a, n: kernels.q4_linear(x, *a),
         "int4 panels": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
+        "int4 panels (dot products)": lambda x, a, n: kernels.qpanel_linear(x, *a, n, tiles=False),
         "int4 panels, float32 parameters": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
     }[form]
     start = time.perf_counter()
     for layer in made:
-        call(xs[layer["k"]], layer[form], layer["n"])
+        call(xs[layer["k"]], layer[form.removesuffix(" (dot products)")], layer["n"])
     return (time.perf_counter() - start) * 1e3
 
 

@@ -288,3 +288,41 @@ def test_the_float32_only_build_on_a_cpu_with_bf16_dot_products():
     assert " passed" in result.stdout and " failed" not in result.stdout
     # the bfloat16 cases skipped for the reason named, the float32 ones ran
     assert "take float32 rows, not bfloat16" in result.stdout
+
+
+AMX = getattr(KERNELS, "amx_qpanel_rows", 0) > 0 and KERNELS.amx_ready()
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tiles here: every row takes the bf16 dot products")
+@pytest.mark.parametrize("rows", [12, 13, 16, 17, 33, 100])
+@pytest.mark.parametrize("method, group", [("int8", 576), ("int8", 32), ("int8", 16),
+                                           ("int4", 32), ("int4", 128)])  # fmt: skip
+def test_amx_tiles_and_dot_products_round_alike_but_for_rare_ties(method, group, rows):
+    """From amx_qpanel_rows (13) bfloat16 rows multiply on AMX tiles (codes converted into a
+    chunk's bfloat16 pairs, each group's tile sums scaled): within a few float32 ulps of the
+    dot products' sums, about one output in 10^4 a neighbouring bfloat16; 12 rows, and
+    groups of 16 inputs (not a whole tile product), stay on the dot products bit for bit."""
+    gen = torch.Generator().manual_seed(rows + group)
+    n, k = 960, 576 if group != 128 else 1536
+    args, w = (_int8 if method == "int8" else _int4)(n, k, group, gen, exact=False)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    tiled, dotted = (KERNELS.qpanel_linear(x, *args, n, tiles=t).double() for t in (True, False))
+    magnitude = x.double().abs() @ w.abs().T
+    assert bool(((tiled - dotted).abs() <= 2**-7 * dotted.abs() + 1e-6 * magnitude).all())
+    differ = float((tiled != dotted).double().mean())
+    assert differ < 1e-3
+    if rows < KERNELS.amx_qpanel_rows or group == 16:
+        assert differ == 0
+
+
+@pytest.mark.skipif(not AMX, reason="no AMX tiles here: every row takes the bf16 dot products")
+def test_an_amx_cpu_takes_the_tiles_for_a_batch():
+    """The tiles are really taken: 64 rows of a SmolLM2 gate_up in int8 per channel (one
+    segment of 576 inputs: the tile unit's additions and the dot products' part ways) round
+    some outputs otherwise (exact inputs stay exact on both:
+    test_small_integers_give_exactly_the_rounded_sum)."""
+    gen = torch.Generator().manual_seed(3)
+    args, _ = _int8(3072, 576, 576, gen, exact=False)
+    x = torch.randn(64, 576, generator=gen).bfloat16()
+    tiled, dotted = (KERNELS.qpanel_linear(x, *args, 3072, tiles=t) for t in (True, False))
+    assert not torch.equal(tiled, dotted)

@@ -43,15 +43,6 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-void configure_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.bytes[t] = 64;
-    config.rows[t] = kLanes;
-  }
-  _tile_loadconfig(&config);
-}
-
 // `rows` rows [16] float32 sums -> bfloat16 (nearest, ties to even) into out, stride os.
 void store_sums(const float* sums, int64_t rows, uint16_t* out, int64_t os, __mmask16 mask) {
   for (int64_t i = 0; i < rows; ++i)
@@ -98,6 +89,18 @@ void block_rows(const uint16_t* const xa[2], int64_t xs, const int32_t* w, int64
 }
 
 }  // namespace
+
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.bytes[t] = 64;
+    config.rows[t] = kLanes;
+  }
+  // gcc's _tile_loadconfig tells the compiler it reads 8 bytes: without this barrier the
+  // stores above may be dropped as dead, and ldtilecfg faults on what is left on the stack
+  __asm__ __volatile__("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
 
 bool amx_ready() {
   // Linux hands out the tile registers' state only on request, once per process.

@@ -45,7 +45,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_linear", &bf16_linear, "x [M, K] @ bfloat16 w[N, K]^T, rows widened (quant.h)");
 #ifdef PYTGI_QPANELS
   m.def("qpanel_linear", &qpanel_linear, "x [M, K] @ quantized panels^T (quant.h)",
-        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"));
+        py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"),
+        py::arg("tiles") = true);
+#ifdef PYTGI_AMX
+  m.attr("amx_qpanel_rows") = kQTileRows;  // bfloat16 rows of quantized panels on the tiles
+#else
+  m.attr("amx_qpanel_rows") = 0;
+#endif
 #ifdef __AVX512BF16__
   m.attr("qpanel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
 #else

@@ -33,6 +33,8 @@ torch::Tensor panel_linear(torch::Tensor x, torch::Tensor packed, int64_t n, boo
 // where amx_ready(): whether Linux lets this process use them (asked once).
 constexpr int64_t kAmxRows = 1;
 bool amx_ready();
+// This thread's eight tiles as 16 rows x 64 bytes (palette 1); _tile_release() when done.
+void configure_tiles();
 // x [m, k] bfloat16 (k a multiple of 32) @ bfloat16 panels [panels, k / 2, 16] -> out [m, n].
 void amx_linear(const uint16_t* x, int64_t m, int64_t k, const int32_t* packed, int64_t panels,
                 int64_t n, uint16_t* out);
