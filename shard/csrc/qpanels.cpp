@@ -35,7 +35,9 @@
 // each group's tile sums scaled as above (below: `tiles_chunk`). 2-core Xeon with AMX, the
 // same 120 products, dot products -> tiles: int8 16 / 32 / 128 rows 29.3 / 53.9 / 219 ->
 // 11.1 / 17.1 / 50.5 ms; int4 groups of 32 26.6 / 52.2 / 261 -> 11.8 / 20.7 / 63.6 ms
-// (bfloat16 weights on the tiles 8.6 / 10.2 / 50.0).
+// (bfloat16 weights on the tiles 8.6 / 10.2 / 50.0). Fewer rows, in another run (a slower
+// minute): int8 4 / 8 / 12 rows 13.2 / 20.2 / 28.6 -> 15.8 / 16.1 / 16.4 ms, int4 g32 10.8 /
+// 18.9 / 27.1 -> 14.3 / 16.3 / 17.5: the tiles from 8 rows.
 
 #include "kernels.h"
 #include "quant.h"
@@ -392,7 +394,7 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
 #endif
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tot(m * kCols);
-    std::vector<uint8_t> converted(m > kRows ? chunk * Converted::kBytes : 0);
+    std::vector<uint8_t> converted(m > kRows || tiles ? chunk * Converted::kBytes : 0);
 #ifdef PYTGI_AMX
     if (tiles) configure_tiles();
 #endif

@@ -37,12 +37,13 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w);
 //   panels (qpanels.cpp; packed by shard/models/qpanels.py): codes int8 [U, K / 2, 64]
 //   (w = scale q) or uint8 [U, K / 4, 64] (int4: w = scale q + min), scales and int4's mins
 //   [U, G, 32] in float16 or float32 (both the same), U = ceil(n / 32) units of 32 output
-//   columns. float32 sums; bfloat16 outputs rounded once. `tiles`: bfloat16 rows past one
-//   dot-product tile (kQTileRows) on AMX tiles where the build and Linux allow (qpanels.cpp).
+//   columns. float32 sums; bfloat16 outputs rounded once. `tiles`: bfloat16 batches of
+//   kQTileRows rows or more on AMX tiles where the build and Linux allow (qpanels.cpp).
 torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                             std::optional<torch::Tensor> mins, int64_t n, bool tiles = true);
-// bfloat16 rows from which qpanel_linear multiplies on AMX tiles (where it can).
-constexpr int64_t kQTileRows = 13;
+// bfloat16 rows from which qpanel_linear multiplies on AMX tiles (where it can): from 8 rows
+// they were faster than the dot products, at 4 slower (qpanels.cpp).
+constexpr int64_t kQTileRows = 8;
 #define PYTGI_QPANELS 1
 #endif
 // The weights [N, K] (in `like`'s dtype) that the two products above multiply by.
