@@ -200,10 +200,13 @@ def _gemv(
 
 @pytest.mark.parametrize("rounded", [False, True])
 @pytest.mark.parametrize("group", [None, 16])  # int8 per channel (scaled after the sums); Q6_K
-def test_gemv_kernels_round_weights_to_bfloat16_only_when_asked(rounded, group):
+def test_gemv_kernels_rounded_or_not_multiply_by_the_dequantized_weights(rounded, group):
     """ROUND: each weight rounded to x's dtype before its product (the tile kernels' rule);
     unrounded: the products of x and the float32 weights (scales applied to the sums of a
-    block where one scale covers it). float32 inputs: both are x @ dequantize(w)."""
+    block where one scale covers it). float32 inputs: both are x @ dequantize(w) within
+    float32 rounding; bfloat16 inputs within bfloat16 rounding of either reference (the
+    interpreter truncates, so these bounds cannot tell the two roundings apart: the sweep
+    on a GPU times them, tests/test_gpu.py checks the shipped form)."""
     weight, x = _case(256, 96, 3)
     q, scales = quantize_int8(weight, group)
     w = dequantize_int8(q, scales)
