@@ -296,10 +296,12 @@ AMX = getattr(KERNELS, "amx_qpanel_rows", 0) > 0 and KERNELS.amx_ready()
 @pytest.mark.skipif(not AMX, reason="no AMX tiles here: every row takes the bf16 dot products")
 @pytest.mark.parametrize("rows", [7, 8, 13, 16, 17, 33, 100])
 @pytest.mark.parametrize("method, group", [("int8", 576), ("int8", 32), ("int8", 16),
-                                           ("int4", 32), ("int4", 128)])  # fmt: skip
+                                           ("int4", 32), ("int4", 64), ("int4", 128)])  # fmt: skip
 def test_amx_tiles_and_dot_products_round_alike_but_for_rare_ties(method, group, rows):
     """From amx_qpanel_rows (8) bfloat16 rows multiply on AMX tiles (codes converted into a
-    chunk's bfloat16 pairs, each group's tile sums scaled): within a few float32 ulps of the
+    chunk's bfloat16 pairs, two groups' tile sums scaled a pass where the chunk holds an even
+    number, else one: int4 groups of 64 over 576 inputs end on a chunk of one group; int8
+    per channel is one group a chunk): within a few float32 ulps of the
     dot products' sums, about one output in 10^4 a neighbouring bfloat16; 7 rows, and
     groups of 16 inputs (not a whole tile product), stay on the dot products bit for bit."""
     gen = torch.Generator().manual_seed(rows + group)

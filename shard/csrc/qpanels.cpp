@@ -37,7 +37,11 @@
 // 11.1 / 17.1 / 50.5 ms; int4 groups of 32 26.6 / 52.2 / 261 -> 11.8 / 20.7 / 63.6 ms
 // (bfloat16 weights on the tiles 8.6 / 10.2 / 50.0). Fewer rows, in another run (a slower
 // minute): int8 4 / 8 / 12 rows 13.2 / 20.2 / 28.6 -> 15.8 / 16.1 / 16.4 ms, int4 g32 10.8 /
-// 18.9 / 27.1 -> 14.3 / 16.3 / 17.5: the tiles from 8 rows.
+// 18.9 / 27.1 -> 14.3 / 16.3 / 17.5: the tiles from 8 rows. Two groups' sums scaled a pass
+// (each total loaded and stored once per two) and the codes prefetched as a chunk converts
+// took their time at 32 rows, against bfloat16 weights on the tiles in the same process,
+// from int8 1.12-1.19x / int4 g32 1.28-1.33x / g64 1.09-1.15x to 1.00-1.06x / 1.08-1.18x /
+// 0.97-1.06x (three process pairs alternating).
 
 #include "kernels.h"
 #include "quant.h"
@@ -294,16 +298,21 @@ std::vector<float> group_sums(const uint16_t* x, int64_t m, int64_t k, int64_t g
 // bfloat16 pairs ([pair][panel], 128 bytes a pair), which is two B operands (16 pairs x 16
 // columns, stride 128 bytes); x's rows are the A operands (16 rows x 32 inputs). Per segment
 // (a group, or the chunk where one scale covers a row) the four sum tiles (32 rows x 32
-// columns) start from zero, are stored and scaled into the totals as `segments` scales its
-// sums: the same float32 arithmetic but for the tile unit's own rounding of its additions
-// (amx.cpp). Segments must be whole tile products: a multiple of 16 pairs.
+// columns) start from zero and are stored; two segments' stored sums at a time are scaled
+// into the totals, as `segments` scales its sums: the same float32 arithmetic but for the
+// tile unit's own rounding of its additions (amx.cpp). Segments must be whole tile
+// products: a multiple of 16 pairs.
 
-// `len` pairs of codes (Src's layout) -> bfloat16 pairs in Converted's layout at out.
+// `len` pairs of codes (Src's layout) -> bfloat16 pairs in Converted's layout at out; codes
+// prefetched kAhead bytes ahead (not at or past `limit`), so the next chunk streams in as
+// this one converts (SmolLM2's 120 products at 32 rows, Xeon: int8 ~10% faster).
 template <typename Src>
-void convert(const uint8_t* codes, int64_t len, uint8_t* out) {
+void convert(const uint8_t* codes, int64_t len, uint8_t* out, const uint8_t* limit) {
   for (int64_t p = 0; p < len; p += Src::kPairs) {
+    const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
+    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
     __m512bh w[Src::kPairs][2];
-    Src::weights(codes + p / Src::kPairs * Src::kBytes, w);
+    Src::weights(at, w);
     for (int q = 0; q < Src::kPairs; ++q) {
       _mm512_storeu_si512(out + (p + q) * 128, (__m512i)w[q][0]);
       _mm512_storeu_si512(out + (p + q) * 128 + 64, (__m512i)w[q][1]);
@@ -311,18 +320,31 @@ void convert(const uint8_t* codes, int64_t len, uint8_t* out) {
   }
 }
 
-// tot[row0 + i][0..32) += the sum tiles lo and hi (16 x 16 float32 each; the unit's two
-// panels) of rows i < rows, scaled as segment s (int4: plus its min times the row's sum).
-void scale_rows(const float* lo, const float* hi, int64_t rows, int64_t row0, int64_t s,
-                const Groups& g, const __m512 (&sc)[2], const __m512 (&mn)[2], float* tot) {
-  for (int64_t i = 0; i < rows; ++i) {
-    float* t = tot + (row0 + i) * kCols;
-    const float* sums[2] = {lo + i * kLanes, hi + i * kLanes};
-    for (int j = 0; j < 2; ++j) {
-      __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(sums[j]), sc[j], _mm512_loadu_ps(t + j * kLanes));
-      if (g.mins) v = _mm512_fmadd_ps(_mm512_set1_ps(g.sums[(row0 + i) * g.ss + s]), mn[j], v);
-      _mm512_storeu_ps(t + j * kLanes, v);
+// The four sum tiles of a segment as stored: [row block][panel] 16 x 16 float32.
+using Sums = float[2][2][kLanes * kLanes];
+
+// tot rows [rows][32] (from row0) += N consecutive segments' sums (sums[t][block]) scaled
+// by sc[t] (int4: plus mn[t] times the row's sum of x over segment s + t). Both panels of a
+// row and N segments a pass: a total is loaded and stored once per N segments.
+template <bool kMins, int N>
+void scale_rows(const Sums* sums, int block, int64_t rows, int64_t row0, int64_t s,
+                const Groups& g, const __m512 (&sc)[2][2], const __m512 (&mn)[2][2],
+                float* tot) {
+  const float* xsum = kMins ? g.sums + row0 * g.ss + s : nullptr;
+  tot += row0 * kCols;
+  for (int64_t i = 0; i < rows; ++i, tot += kCols) {
+    __m512 v0 = _mm512_loadu_ps(tot), v1 = _mm512_loadu_ps(tot + kLanes);
+    for (int t = 0; t < N; ++t) {
+      v0 = _mm512_fmadd_ps(_mm512_load_ps(sums[t][block][0] + i * kLanes), sc[t][0], v0);
+      v1 = _mm512_fmadd_ps(_mm512_load_ps(sums[t][block][1] + i * kLanes), sc[t][1], v1);
+      if constexpr (kMins) {
+        const __m512 b = _mm512_set1_ps(xsum[i * g.ss + t]);
+        v0 = _mm512_fmadd_ps(b, mn[t][0], v0);
+        v1 = _mm512_fmadd_ps(b, mn[t][1], v1);
+      }
     }
+    _mm512_storeu_ps(tot, v0);
+    _mm512_storeu_ps(tot + kLanes, v1);
   }
 }
 
@@ -331,40 +353,50 @@ void scale_rows(const float* lo, const float* hi, int64_t rows, int64_t row0, in
 void tiles_chunk(const uint16_t* x, int64_t k, int64_t m, const uint16_t* tail, int64_t p0,
                  const uint8_t* conv, int64_t len, const Groups& g, float* tot) {
   const int64_t full = m / kLanes * kLanes, stride = k * 2;  // bytes a row
+  const int64_t segs = len / g.seg, per = segs % 2 == 0 ? 2 : 1;  // segments a scaling pass
   const auto block = [&](int64_t r) { return (r < full ? x + r * k : tail) + 2 * p0; };
-  alignas(64) float sums[4][kLanes * kLanes];
+  alignas(64) Sums sums[2];
   for (int64_t r = 0; r < m; r += 2 * kLanes) {
     const bool two = r + kLanes < m;
     const uint16_t* a0 = block(r);
     const uint16_t* a1 = two ? block(r + kLanes) : nullptr;
     const int64_t rows0 = std::min(kLanes, m - r), rows1 = two ? std::min(kLanes, m - r - kLanes) : 0;
-    for (int64_t s = 0, p = 0; p < len; ++s, p += g.seg) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int64_t q = p; q < p + g.seg; q += kLanes) {
-        _tile_loadd(6, conv + q * Converted::kBytes, Converted::kBytes);
-        _tile_loadd(7, conv + q * Converted::kBytes + 64, Converted::kBytes);
-        _tile_loadd(4, a0 + 2 * q, stride);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        if (two) {
-          _tile_loadd(5, a1 + 2 * q, stride);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
+    for (int64_t s = 0; s < segs; s += per) {
+      __m512 sc[2][2], mn[2][2];
+      for (int64_t t = 0; t < per; ++t) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t q = (s + t) * g.seg; q < (s + t + 1) * g.seg; q += kLanes) {
+          _tile_loadd(6, conv + q * Converted::kBytes, Converted::kBytes);
+          _tile_loadd(7, conv + q * Converted::kBytes + 64, Converted::kBytes);
+          _tile_loadd(4, a0 + 2 * q, stride);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          if (two) {
+            _tile_loadd(5, a1 + 2 * q, stride);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+          }
         }
+        _tile_stored(0, sums[t][0][0], 64);
+        _tile_stored(1, sums[t][0][1], 64);
+        if (two) {
+          _tile_stored(2, sums[t][1][0], 64);
+          _tile_stored(3, sums[t][1][1], 64);
+        }
+        group_params(g, s + t, sc[t], mn[t]);
       }
-      _tile_stored(0, sums[0], 64);
-      _tile_stored(1, sums[1], 64);
-      if (two) {
-        _tile_stored(2, sums[2], 64);
-        _tile_stored(3, sums[3], 64);
+      for (int b = 0; b < (two ? 2 : 1); ++b) {
+        const int64_t rows = b ? rows1 : rows0, row0 = r + b * kLanes;
+        if (g.mins)
+          per == 2 ? scale_rows<true, 2>(sums, b, rows, row0, s, g, sc, mn, tot)
+                   : scale_rows<true, 1>(sums, b, rows, row0, s, g, sc, mn, tot);
+        else
+          per == 2 ? scale_rows<false, 2>(sums, b, rows, row0, s, g, sc, mn, tot)
+                   : scale_rows<false, 1>(sums, b, rows, row0, s, g, sc, mn, tot);
       }
-      __m512 sc[2], mn[2];
-      group_params(g, s, sc, mn);
-      scale_rows(sums[0], sums[1], rows0, r, s, g, sc, mn, tot);
-      scale_rows(sums[2], sums[3], rows1, r + kLanes, s, g, sc, mn, tot);
     }
   }
 }
@@ -406,7 +438,7 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
         const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, q, sums);
 #ifdef PYTGI_AMX
         if (tiles) {  // every row on the tiles, from the chunk's converted codes
-          convert<Src>(c, len, converted.data());
+          convert<Src>(c, len, converted.data(), codes + end * unit);
           tiles_chunk(reinterpret_cast<const uint16_t*>(xp), 2 * pairs, m, tail.data(), p0,
                       converted.data(), len, g, tot.data());
           continue;
