@@ -41,7 +41,9 @@
 // (each total loaded and stored once per two) and the codes prefetched as a chunk converts
 // took their time at 32 rows, against bfloat16 weights on the tiles in the same process,
 // from int8 1.12-1.19x / int4 g32 1.28-1.33x / g64 1.09-1.15x to 1.00-1.06x / 1.08-1.18x /
-// 0.97-1.06x (three process pairs alternating).
+// 0.97-1.06x (three process pairs alternating, the VM's slower minutes; in its faster ones,
+// where bfloat16 streams at the memory's rate, 1.22-1.25x / 1.38-1.52x / 1.24-1.28x: the
+// conversion and the scaling are the limit there).
 
 #include "kernels.h"
 #include "quant.h"
