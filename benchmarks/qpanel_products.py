@@ -32,10 +32,12 @@ from shard.models.quant import quantize_int4, quantize_int8, unpack_int4  # noqa
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30  # (out, in)
 FORMS = ["plain panels", "int8 codes", "int8 panels", "int8 panels (dot products)",
-         "int4 codes", "int4 panels", "int4 panels (dot products)",
+         "int8 panels (multiply-adds)", "int4 codes", "int4 panels", "int4 panels (dot products)",
          "int4 panels, float32 parameters"]  # fmt: skip
 # "(dot products)": qpanel_linear(tiles=False), the bf16 dot products where AMX tiles would
-# take 13 rows or more (the same as "panels" on a CPU without them)
+# take 13 rows or more (the same as "panels" on a CPU without them), and up to 4 bfloat16
+# rows by bf16 dot products where the CPU would take float32 multiply-adds; "(multiply-adds)":
+# up to 4 bfloat16 rows by float32 multiply-adds wherever (qpanel_linear(paired=True))
 
 
 def layers(kernels, dtype: torch.dtype, group: int) -> list[dict]:
@@ -63,7 +65,10 @@ def run(kernels, made: list[dict], form: str, rows: int, dtype: torch.dtype) -> 
         "plain panels": lambda x, a, n: kernels.panel_linear(x, *a, n),
         "int8 codes": lambda x, a, n: kernels.q8_linear(x, *a),
         "int8 panels": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
-        "int8 panels (dot products)": lambda x, a, n: kernels.qpanel_linear(x, *a, n, tiles=False),
+        "int8 panels (dot products)": lambda x, a, n: kernels.qpanel_linear(
+            x, *a, n, tiles=False, paired=False
+        ),
+        "int8 panels (multiply-adds)": lambda x, a, n: kernels.qpanel_linear(x, *a, n, paired=True),
         "int4 codes": lambda x, a, n: kernels.q4_linear(x, *a),
         "int4 panels": lambda x, a, n: kernels.qpanel_linear(x, *a, n),
         "int4 panels (dot products)": lambda x, a, n: kernels.qpanel_linear(x, *a, n, tiles=False),
@@ -71,7 +76,7 @@ def run(kernels, made: list[dict], form: str, rows: int, dtype: torch.dtype) -> 
     }[form]
     start = time.perf_counter()
     for layer in made:
-        call(xs[layer["k"]], layer[form.removesuffix(" (dot products)")], layer["n"])
+        call(xs[layer["k"]], layer[form.split(" (")[0]], layer["n"])
     return (time.perf_counter() - start) * 1e3
 
 
@@ -88,7 +93,9 @@ def main() -> None:
         sys.exit("this CPU's build has no quantized panels (AVX-512 with bf16 dot products)")
     made = layers(kernels, dtype, args.group)
     print(f"{cpu_line()}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.dtype} rows, int4 groups of {args.group}; median ms of {args.rounds} rounds, forms alternating\n")  # fmt: skip
+          f"{args.dtype} rows, int4 groups of {args.group}; few-row int8 by "
+          f"{'multiply-adds' if kernels.qpanel_paired() else 'dot products'} here; "
+          f"median ms of {args.rounds} rounds, forms alternating\n")  # fmt: skip
     print("| rows | " + " | ".join(FORMS) + " |")
     print("|---:|" + "---:|" * len(FORMS))
     for rows in args.rows or [1, 8, 32, 128]:

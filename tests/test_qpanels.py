@@ -104,6 +104,38 @@ def test_random_values_are_within_float32_summation(method, group, n, k, rows, d
     assert ((KERNELS.qpanel_linear(x, *args, n).double() - expected).abs() <= slack).all()
 
 
+PAIRED = [(576, 70, 576), (32, 70, 576), (16, 33, 128), (130, 33, 130)]  # (group, n, k)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("group, n, k", PAIRED)
+@pytest.mark.parametrize("exact", [True, False])
+def test_few_bfloat16_int8_rows_multiply_alike_by_either_form(group, n, k, rows, exact):
+    """Up to 4 bfloat16 rows of int8 take float32 multiply-adds in the codes' order
+    (`paired`) where the CPU runs them faster than bf16 dot products: both forms give the
+    float64 product rounded once where float32 sums are exact, and stay within float32
+    summation elsewhere (per channel, groups of 32 and 16, an odd number of pairs, a
+    partial unit); unset, the CPU's own choice runs."""
+    _takes(torch.bfloat16)
+    gen = torch.Generator().manual_seed(rows + group + n + k)
+    args, w = _int8(n, k, group, gen, exact=exact)
+    x = (
+        torch.randint(-4, 5, (rows, k), generator=gen)
+        if exact
+        else torch.randn(rows, k, generator=gen)
+    ).bfloat16()
+    expected = x.double() @ w.T
+    outs = {f: KERNELS.qpanel_linear(x, *args, n, paired=f) for f in (True, False)}
+    for out in outs.values():
+        if exact:
+            assert torch.equal(out, expected.bfloat16())
+        else:
+            slack = 2**-8 * expected.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
+            assert ((out.double() - expected).abs() <= slack).all()
+    assert isinstance(KERNELS.qpanel_paired(), bool)
+    assert torch.equal(KERNELS.qpanel_linear(x, *args, n), outs[KERNELS.qpanel_paired()])
+
+
 def test_the_int8_layout_word_by_word():
     q = torch.arange(70 * 8, dtype=torch.int32).remainder(251).sub(125).to(torch.int8).view(70, 8)
     codes, scales = qpanels.int8_panels(q, torch.ones(70, 1).half())

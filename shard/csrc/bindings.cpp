@@ -46,7 +46,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef PYTGI_QPANELS
   m.def("qpanel_linear", &qpanel_linear, "x [M, K] @ quantized panels^T (quant.h)",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"),
-        py::arg("tiles") = true);
+        py::arg("tiles") = true, py::arg("paired") = py::none());
+  m.def("qpanel_paired", &qpanel_paired,
+        "whether few-row bfloat16 int8 panel products take float32 multiply-adds on this CPU");
 #ifdef PYTGI_AMX
   m.attr("amx_qpanel_rows") = kQTileRows;  // bfloat16 rows of quantized panels on the tiles
 #else

@@ -54,7 +54,9 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace pytgi {
@@ -116,21 +118,19 @@ struct Q4 {
     w[1][1] = at(_mm512_srli_epi16(v, 9));
   }
 #endif
-  // float32 16 + c: bits 0x41800000 | c << 19; words widened to 32 bits, nibble n to 19..22
-  template <int N>
-  static __m512 at32(__m512i words) {
-    return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
-        _mm512_slli_epi32(words, 19 - 4 * N), _mm512_set1_epi32(0x00780000),
-        _mm512_set1_epi32(0x41800000), 0xEA));
-  }
   static void weights32(const uint8_t* c, __m512 (&w)[kPairs][2][2]) {
     const __m512i v = _mm512_loadu_si512(c);
-    const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(v));  // words 0..15
-    const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1));
-    unpair(at32<0>(lo), at32<0>(hi), w[0][0][0], w[0][1][0]);
-    unpair(at32<1>(lo), at32<1>(hi), w[0][0][1], w[0][1][1]);
-    unpair(at32<2>(lo), at32<2>(hi), w[1][0][0], w[1][1][0]);
-    unpair(at32<3>(lo), at32<3>(hi), w[1][0][1], w[1][1][1]);
+    // float32 16 + c looked up (vpermps reads an index's low 4 bits), already one input's 16
+    // columns: dword d is word 2d (column d, input 0) then word 2d + 1 (input 1), so its nibble
+    // n is (pair, panel) n % 4's code for input n / 4. (Widening the words, setting each
+    // nibble's bits into 0x41800000 and unpairing the inputs with permutes took 1.25x its time:
+    // float32 rows, int4 groups of 32, SmolLM2's 120 products, Zen 5: 1 / 2 / 4 rows 2.09 /
+    // 2.49 / 3.05 -> 1.68 / 1.84 / 2.63 ms.)
+    const __m512 table = _mm512_setr_ps(16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31);
+#pragma GCC unroll 8
+    for (int n = 0; n < 8; ++n)
+      w[(n >> 1) & 1][n >> 2][n & 1] =
+          _mm512_permutexvar_ps(n ? _mm512_srli_epi32(v, 4 * n) : v, table);
   }
 };
 
@@ -263,7 +263,113 @@ void tile_of(int64_t mr, std::integer_sequence<int, R...>, const uint32_t* x, in
   ((mr == R + 1 ? tile<Src, R + 1>(x, xs, codes, pairs, g, tot, keep, dist, limit) : void()),
    ...);
 }
-#endif
+
+// int8 codes times up to kPairedRows float32 rows, in the codes' own order: a pair's 64 codes
+// are four quarters of 16 (quarter t: panel t / 2, columns 8 (t % 2) .. + 8, lane 2 j + h
+// column j's code for input h), each converted to float32 and multiplied by the row's two
+// inputs broadcast as alternate lanes (x[2p], x[2p + 1], ...). A segment's sums are folded
+// (even lanes plus odd lanes: columns in order) and scaled once, as `segments` scales. Four
+// multiply-adds a row per pair where the dot products take two, so this wins only where a
+// vdpbf16ps costs more than two vfmadd: on the 2-core AMX Xeon ~1 ns against ~0.25 (8 chains
+// each; one row's int8 product 64 codes in ~3.5-4 ns a thread against ~7: SmolLM2's 120
+// products 1 / 2 / 4 rows 9.2 / 14.2 / 15.2 -> 7.8 / 10.2 / 10.8 ms), on Zen 5 ~0.50 against
+// ~0.44, where the dot products win (2.63 / 2.60 / 2.92 against 2.90 / 3.06 / 3.52 ms).
+// paired_faster() measures which, once.
+constexpr int64_t kPairedRows = 4;
+
+// 16 columns in order from two quarters' pair sums (lanes 2 j + h): both inputs added.
+inline __m512 fold(__m512 a, __m512 b) {
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return _mm512_add_ps(_mm512_permutex2var_ps(a, evens, b),
+                       _mm512_permutex2var_ps(a, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), b));
+}
+
+// tot[i][0..32) += int8 codes (Q8's layout) times float32 rows i < MR (stride xs inputs) over
+// `pairs` pairs, segments of g.seg pairs scaled by g's scales; codes prefetched kAhead bytes
+// ahead (not at or past `limit`).
+template <int MR>
+void tile_paired(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs,
+                 const Groups& g, float* tot, const uint8_t* limit) {
+  constexpr int S = MR == 1 ? 2 : 1;  // 4 S MR chains of multiply-adds: 8 or more
+  __m512 tr[MR][2];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
+  const auto step = [&](int64_t p, __m512 (&acc)[MR][4]) {
+    const uint8_t* at = codes + p * 64;
+    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+    __m512 w[4];
+    for (int t = 0; t < 4; ++t) w[t] = Q8::quarter(at + 16 * t);
+    for (int i = 0; i < MR; ++i) {
+      double both;  // the row's inputs 2p, 2p + 1 as one 64-bit broadcast
+      std::memcpy(&both, x + i * xs + 2 * p, sizeof both);
+      const __m512 xv = _mm512_castpd_ps(_mm512_set1_pd(both));
+      for (int t = 0; t < 4; ++t) acc[i][t] = _mm512_fmadd_ps(xv, w[t], acc[i][t]);
+    }
+  };
+  for (int64_t s = 0, p = 0; p < pairs; ++s) {
+    __m512 acc[S][MR][4];
+    for (int k = 0; k < S; ++k)
+      for (int i = 0; i < MR; ++i)
+        for (int t = 0; t < 4; ++t) acc[k][i][t] = _mm512_setzero_ps();
+    const int64_t end = std::min(pairs, p + g.seg);
+    for (; p + S <= end; p += S)
+#pragma GCC unroll 2
+      for (int k = 0; k < S; ++k) step(p + k, acc[k]);
+    for (; p < end; ++p) step(p, acc[0]);
+    __m512 sc[2], mn[2];
+    group_params(g, s, sc, mn);
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < 2; ++j) {
+        __m512 a = acc[0][i][2 * j], b = acc[0][i][2 * j + 1];
+        for (int k = 1; k < S; ++k) {
+          a = _mm512_add_ps(a, acc[k][i][2 * j]);
+          b = _mm512_add_ps(b, acc[k][i][2 * j + 1]);
+        }
+        tr[i][j] = _mm512_fmadd_ps(fold(a, b), sc[j], tr[i][j]);
+      }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < 2; ++j) _mm512_storeu_ps(tot + i * kCols + j * kLanes, tr[i][j]);
+}
+
+template <int... R>
+void tile_paired_of(int64_t mr, std::integer_sequence<int, R...>, const float* x, int64_t xs,
+                    const uint8_t* codes, int64_t pairs, const Groups& g, float* tot,
+                    const uint8_t* limit) {
+  ((mr == R + 1 ? tile_paired<R + 1>(x, xs, codes, pairs, g, tot, limit) : void()), ...);
+}
+
+// Whether this CPU's vdpbf16ps costs more than two 16-lane vfmadd (tile_paired then beats
+// the dot products): each timed in 8 independent chains, the fastest of 15 alternating tries
+// (a preempted try only reads slower), ~0.1 ms once per process.
+template <bool kDot>
+double chain_ns() {
+  __m512 acc[8];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const __m512 a = _mm512_set1_ps(1.0001f), b = _mm512_set1_ps(0.9999f);
+  const __m512bh ab = _mm512_cvtne2ps_pbh(a, b);
+  constexpr int kSteps = 512;
+  const auto start = std::chrono::steady_clock::now();
+  for (int i = 0; i < kSteps; ++i)
+    for (auto& c : acc) c = kDot ? _mm512_dpbf16_ps(c, ab, ab) : _mm512_fmadd_ps(c, a, b);
+  const std::chrono::duration<double, std::nano> took = std::chrono::steady_clock::now() - start;
+  volatile float sink = 0;  // keeps the chains
+  for (const auto& c : acc) sink = sink + _mm512_reduce_add_ps(c);
+  return took.count() / (8.0 * kSteps);
+}
+
+bool paired_faster() {
+  static const bool faster = [] {
+    double dot = 1e30, fma = 1e30;
+    for (int i = 0; i < 15; ++i) {
+      dot = std::min(dot, chain_ns<true>());
+      fma = std::min(fma, chain_ns<false>());
+    }
+    return dot > 2 * fma;
+  }();
+  return faster;
+}
+#endif  // __AVX512BF16__
 
 // The groups of unit u's chunk from segment s0 on (segments of `seg` pairs), as tiles read
 // them; `sums` [rows][groups] (empty for int8).
@@ -406,7 +512,8 @@ void tiles_chunk(const uint16_t* x, int64_t k, int64_t m, const uint16_t* tail, 
 
 template <typename Src>
 void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const Params& q,
-              int64_t groups, int64_t units, int64_t n, uint16_t* out, bool tiles) {
+              int64_t groups, int64_t units, int64_t n, uint16_t* out, bool tiles,
+              std::optional<bool> force_paired) {
   const int64_t m = x.size(0), seg = pairs / groups;  // pairs of a group
   const auto* xp = reinterpret_cast<const uint32_t*>(x.data_ptr());
   const std::vector<float> sums =
@@ -426,6 +533,17 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
 #else
   tiles = false;
 #endif
+  // int8 on few rows: float32 multiply-adds in the codes' order where they are faster
+  const bool paired = std::is_same_v<Src, Q8> && !tiles && m <= kPairedRows &&
+                      (force_paired ? *force_paired : paired_faster());
+  std::vector<float> xf(paired ? m * 2 * pairs : 0);
+  if (paired) {
+    const auto* bits = reinterpret_cast<const uint16_t*>(xp);
+    for (size_t i = 0; i < xf.size(); ++i) {
+      const uint32_t v = static_cast<uint32_t>(bits[i]) << 16;
+      std::memcpy(&xf[i], &v, sizeof v);
+    }
+  }
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tot(m * kCols);
     std::vector<uint8_t> converted(m > kRows || tiles ? chunk * Converted::kBytes : 0);
@@ -446,6 +564,12 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
           continue;
         }
 #endif
+        if constexpr (std::is_same_v<Src, Q8>)
+          if (paired) {
+            tile_paired_of(m, std::make_integer_sequence<int, kPairedRows>{}, xf.data() + 2 * p0,
+                           2 * pairs, c, len, g, tot.data(), codes + end * unit);
+            continue;
+          }
         // the first row tile converts the codes (keeping them for the others, if any)
         uint8_t* keep = m > kRows ? converted.data() : nullptr;
         tile_of<Src>(std::min(kRows, m), std::make_integer_sequence<int, kRows>{}, xp + p0,
@@ -475,7 +599,7 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
 #endif  // __AVX512BF16__
 
 // ---- float32 rows (float32 models): the same panels, each code converted to float32 (int4:
-// 16 + c, bits 0x41800000 | c << 19) and the pairs split into their two inputs, then
+// 16 + c, looked up) and the pairs split into their two inputs, then
 // multiply-adds (products rounded in float32, as quant.cpp's float32 forms). Up to 4 rows
 // convert in registers as the tile reads them; more convert a chunk of 128 pairs into an L1
 // buffer [pair][input][panel][16] that tiles of up to 12 rows by two panels read. SmolLM2's
@@ -604,7 +728,8 @@ void multiply32(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, con
 }  // namespace
 
 torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                            std::optional<torch::Tensor> mins, int64_t n, bool tiles) {
+                            std::optional<torch::Tensor> mins, int64_t n, bool tiles,
+                            std::optional<bool> paired) {
   const bool q8 = codes.scalar_type() == torch::kChar;
   TORCH_CHECK(codes.dim() == 3 && codes.is_contiguous() && codes.size(2) == 64 &&
                   (q8 || codes.scalar_type() == torch::kByte),
@@ -648,11 +773,19 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
 #ifdef __AVX512BF16__
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   if (q8)
-    multiply<Q8>(x, cp, pairs, q, groups, units, n, op, tiles);
+    multiply<Q8>(x, cp, pairs, q, groups, units, n, op, tiles, paired);
   else
-    multiply<Q4>(x, cp, pairs, q, groups, units, n, op, tiles);
+    multiply<Q4>(x, cp, pairs, q, groups, units, n, op, tiles, paired);
 #endif
   return out;
+}
+
+bool qpanel_paired() {
+#ifdef __AVX512BF16__
+  return paired_faster();
+#else
+  return false;
+#endif
 }
 
 }  // namespace pytgi

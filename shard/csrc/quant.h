@@ -39,8 +39,13 @@ torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w);
 //   [U, G, 32] in float16 or float32 (both the same), U = ceil(n / 32) units of 32 output
 //   columns. float32 sums; bfloat16 outputs rounded once. `tiles`: bfloat16 batches of
 //   kQTileRows rows or more on AMX tiles where the build and Linux allow (qpanels.cpp).
+//   `paired`: bfloat16 int8 products of up to 4 rows by float32 multiply-adds (true) or bf16
+//   dot products (false); unset: whichever this CPU runs faster (qpanel_paired()).
 torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                            std::optional<torch::Tensor> mins, int64_t n, bool tiles = true);
+                            std::optional<torch::Tensor> mins, int64_t n, bool tiles = true,
+                            std::optional<bool> paired = std::nullopt);
+// Whether qpanel_linear's few-row bfloat16 int8 products take float32 multiply-adds here.
+bool qpanel_paired();
 // bfloat16 rows from which qpanel_linear multiplies on AMX tiles (where it can): from 8 rows
 // they were faster than the dot products, at 4 slower (qpanels.cpp).
 constexpr int64_t kQTileRows = 8;
