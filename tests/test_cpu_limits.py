@@ -29,7 +29,10 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
     figures = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
     assert len(figures) == 14
     for name, (measured, bound, ratio, goal) in figures.items():
-        assert measured and measured[0].isdigit(), name
+        # the serving path is TPOT minus the in-process step: on a loaded machine the step
+        # measured alone can take longer than a served one, so its sign is not fixed
+        signed = name.startswith("serving path")
+        assert measured and measured.lstrip("-" if signed else "")[0].isdigit(), name
         if name.startswith(("TPOT", "decode step", "prefill")):
             assert bound[0].isdigit() and ratio[0].isdigit(), name
             assert goal or name.startswith("decode step in-process"), name
