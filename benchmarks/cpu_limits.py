@@ -109,14 +109,14 @@ def _linear_forms(weight: torch.Tensor) -> dict[str, Callable[[torch.Tensor], to
     """The ways to multiply by `weight` here: `F.linear`; oneDNN's linear on the weight
     packed once where oneDNN packs its dtype; our panels where the CPU's build takes its
     dtype (the shard's forms: shard/models/linear.py)."""
-    from shard.models.linear import _PACK_HINT, _can_pack, _panels
+    from shard.models.linear import _panels, onednn_packed
 
     forms = {"F.linear": lambda x: F.linear(x, weight)}
     kernels, panels = _panels(weight)
     if panels is not None:
         forms["our panels"] = lambda x: kernels.panel_linear(x, panels, weight.shape[0])
-    if _can_pack(weight):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
+    packed = onednn_packed(weight)
+    if packed is not None:
         forms["oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(
             x, packed, None, "none", [], ""
         )

@@ -68,3 +68,26 @@ def test_the_rate_bound_counts_the_shard_s_own_packed_products():
     for name, form in forms.items():
         exact = xh.double() @ half.double().T
         torch.testing.assert_close(form(xh).double(), exact, rtol=2**-7, atol=1e-5, msg=name)
+
+
+def test_where_onednn_packs_no_bfloat16_the_other_forms_remain(monkeypatch):
+    """On AVX2-only CPUs oneDNN refuses to pack bfloat16 weights (it wants avx512bw/vl/dq or
+    avx_ne_convert): the layer keeps its weight unpacked and the rate bound measures the
+    forms that are left, instead of failing (as `cpu_limits.py --dtype bfloat16` did there)."""
+    import torch
+
+    from shard.models.linear import Linear
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cpu_limits as module
+
+    def refuse(weight, hint):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support ...")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    weight, x = torch.randn(24, 40).bfloat16(), torch.randn(3, 40).bfloat16()
+    forms = module._linear_forms(weight)
+    assert "F.linear" in forms and "oneDNN packed" not in forms
+    layer = Linear(weight, panels=False)
+    assert not layer.is_packed and layer.weight is weight
+    torch.testing.assert_close(layer(x), x @ weight.T)

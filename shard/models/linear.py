@@ -55,6 +55,17 @@ def _can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+def onednn_packed(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` in oneDNN's packed layout, or None where oneDNN does not pack it here (its
+    dtype, or bfloat16 on a CPU without avx512bw/vl/dq or avx_ne_convert: AVX2-only CPUs)."""
+    if not _can_pack(weight):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
+    except RuntimeError:
+        return None
+
+
 class Linear:
     """A loaded linear layer; `__call__(x [..., in]) -> [..., out]`."""
 
@@ -82,18 +93,13 @@ class Linear:
         self.panels: torch.Tensor | None = None
         if pack and panels and weight.device.type == "cpu":
             self.kernels, self.panels = _panels(weight)
-        self.is_packed = self.panels is None and pack and _can_pack(weight)
-        if self.is_packed:
-            try:
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_HINT)
-            except RuntimeError:
-                self.is_packed = False
-        if not self.is_packed:
-            self.weight = weight
+        packed = onednn_packed(weight) if self.panels is None and pack else None
+        self.is_packed = packed is not None
+        self.weight = weight if packed is None else packed
         # bfloat16 panels take single rows as fast as the single-row kernel (bf16 dot
         # products): the layer then holds its weights once, not plain and packed
         rows_in_panels = self.panels is not None and weight.dtype == torch.bfloat16
-        if rows_in_panels:
+        if self.panels is not None and rows_in_panels:
             self.weight = self.panels
         if (
             gemv
