@@ -206,7 +206,7 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
     torch_dtype = getattr(torch, dtype)
     before = machine(shapes, torch_dtype, threads)
     prompt = 128 if scale >= 1 else max(8, int(128 * scale))
-    # at least 16 steps: a median over fewer lands on one slow minute of a shared VM
+    # a median of at least 16 steps, even in a quick run (4 at --scale 0.06 before)
     step = step_ms(model_dir, dtype, prompt, max(16, int(64 * scale))) / 1e3
     served = serve(model_dir, dtype, port, scale)
     after = machine(shapes, torch_dtype, threads)  # shared machines drift within minutes
