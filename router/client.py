@@ -206,6 +206,11 @@ class ShardedClient:
         another, and the next call sent before it ends could reach that rank first (a small
         ClearCache overtakes a large Prefill), so ranks would see different call orders."""
         metadata = (self._metadata or ()) + context_metadata() or None  # secret, traceparent
+        if len(self._stubs) == 1:  # awaited in place: gather's task took 0.01-0.13 ms of CPU
+            stub = self._stubs[0]
+            return [
+                await getattr(stub, method)(message, timeout=timeout, metadata=metadata, **options)
+            ]
         replies = await asyncio.gather(
             *(
                 getattr(s, method)(message, timeout=timeout, metadata=metadata, **options)
