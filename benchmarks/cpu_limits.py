@@ -9,8 +9,11 @@ Zen 5); all with the shard's threads. Then pytgi through `pytgi-launcher`, strea
 API, EOS ignored, prefix cache off): TPOT p50 at concurrency 1, output tok/s at 8 and 32 on
 the fixed and varied workloads, TTFT p50. Beside the TPOT: the engine's batch-1 decode step
 in this process (no gRPC, router or HTTP), so the table splits the TPOT into the step and
-the serving path. The machine is measured again after serving (a shared machine drifts by
-tens of percent within an hour) and each bound takes the faster reading: the stricter one.
+the serving path, and the router's metrics split that path further: the shard's step as
+served (its forward and token choice), the gRPC round trip with the shard's handler, and the
+router between calls (at concurrency 1 and 32). The machine is measured again after
+serving (a shared machine drifts by tens of percent within an hour) and each bound takes
+the faster reading: the stricter one.
 
 Bounds, per figure:
 - TPOT at concurrency 1 >= bytes of the weights a step streams / read bandwidth;
@@ -32,6 +35,7 @@ import os
 import platform
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +178,42 @@ def _shorter(request: Request, prompt: int, new: int) -> Request:
     return Request("".join(" " + w for w in words), min(new, request.max_new_tokens), len(words))
 
 
+# the router's histograms of its Decode calls (router/metrics.py): the shards' forward and
+# token choice as they report them, and the whole call as the router awaits it
+_DECODE_HISTOGRAMS = {
+    "tgi_batch_forward_duration": "forward",
+    "tgi_batch_decode_duration": "choice",
+    "tgi_batch_inference_duration": "call",
+}
+
+
+def decode_totals(url: str) -> dict[str, tuple[float, float]]:
+    """(seconds, calls) so far of each Decode histogram of the router at `url`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    totals = {key: (0.0, 0.0) for key in _DECODE_HISTOGRAMS.values()}
+    for family in text_string_to_metric_families(text):
+        key = _DECODE_HISTOGRAMS.get(family.name)
+        samples = [s for s in family.samples if s.labels.get("method") == "decode"]
+        if key is not None:
+            total = sum(s.value for s in samples if s.name.endswith("_sum"))
+            calls = sum(s.value for s in samples if s.name.endswith("_count"))
+            totals[key] = (total, calls)
+    return totals
+
+
+def decode_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Mean seconds per Decode call between two `decode_totals` readings."""
+    return {
+        key: (after[key][0] - before[key][0]) / max(1.0, after[key][1] - before[key][1])
+        for key in before
+    }
+
+
 def serve(model_dir: Path, dtype: str, port: int, scale: float) -> dict:
     """The end-to-end figures through pytgi-launcher."""
     words = single_token_words(model_dir)
@@ -194,10 +234,12 @@ def serve(model_dir: Path, dtype: str, port: int, scale: float) -> dict:
     out = {}
     with launcher(port, *flags) as server:
         for name, (concurrency, requests) in runs.items():
+            before = decode_totals(server.url)
             results, seconds = asyncio.run(
                 run_load(server.url, "tgi", requests, concurrency, None, 3600)
             )
             out[name] = summarize(results, seconds, name)
+            out[name]["decode_means_s"] = decode_means(before, decode_totals(server.url))
     return out
 
 
@@ -235,10 +277,12 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
                  f"{bound * 1e3:.1f} ms", f"{step / bound:.2f}x", ""))  # fmt: skip
     rows.append(("serving path at c=1 (TPOT - step)", f"{(tpot - step) * 1e3:.1f} ms", "", "",
                  ""))  # fmt: skip
+    rows += _serving_split(served["c1"], "c=1", tpot, bound)
     itl = served["c32"]["itl_s"]["median"]
     bound = shapes.flops(32) / rates[32]
     rows.append(("decode step of 32 (ITL p50, c=32)", f"{itl * 1e3:.1f} ms",
                  f"{bound * 1e3:.1f} ms", f"{bound / itl:.0%} of rate", ">= 60%"))  # fmt: skip
+    rows += _serving_split(served["c32"], "c=32", itl, None)
     ttft = served["c1"]["ttft_s"]["median"]
     bound = shapes.flops(prompt) / rates[128]
     rows.append((f"prefill of {prompt} (TTFT p50, c=1)", f"{ttft * 1e3:.1f} ms",
@@ -258,6 +302,26 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
     ]
     return "\n".join(lines)
+
+
+def _serving_split(
+    served: dict, load: str, step_gap: float, bound: float | None
+) -> list[tuple[str, ...]]:
+    """Where a served step's time goes, from the router's means over the run: the shard's
+    step (forward and token choice, as it reports them), the gRPC round trip with the
+    shard's handler (the router's Decode call less that step), and the router between
+    calls (`step_gap`, a TPOT or ITL p50, less the call). On 2 cores the last two also take
+    CPU from the forward; `bound`: the step's own bound, for a ratio."""
+    means = served["decode_means_s"]
+    shard = means["forward"] + means["choice"]
+    ratio = f"{shard / bound:.2f}x" if bound else ""
+    rows = [(f"shard step served, {load} (forward + token choice, mean)", f"{shard * 1e3:.1f} ms",
+             f"{bound * 1e3:.1f} ms" if bound else "", ratio, ""),
+            (f"gRPC and shard handler, {load} (router's Decode call - shard step)",
+             f"{(means['call'] - shard) * 1e3:.2f} ms", "", "", ""),
+            (f"router between Decode calls, {load} (p50 gap - call)",
+             f"{(step_gap - means['call']) * 1e3:.2f} ms", "", "", "")]  # fmt: skip
+    return rows
 
 
 def main() -> None:
