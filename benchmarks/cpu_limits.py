@@ -196,11 +196,12 @@ def decode_totals(url: str) -> dict[str, tuple[float, float]]:
     totals = {key: (0.0, 0.0) for key in _DECODE_HISTOGRAMS.values()}
     for family in text_string_to_metric_families(text):
         key = _DECODE_HISTOGRAMS.get(family.name)
+        if key is None:
+            continue
         samples = [s for s in family.samples if s.labels.get("method") == "decode"]
-        if key is not None:
-            total = sum(s.value for s in samples if s.name.endswith("_sum"))
-            calls = sum(s.value for s in samples if s.name.endswith("_count"))
-            totals[key] = (total, calls)
+        total = sum(s.value for s in samples if s.name.endswith("_sum"))
+        calls = sum(s.value for s in samples if s.name.endswith("_count"))
+        totals[key] = (total, calls)
     return totals
 
 

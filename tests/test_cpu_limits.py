@@ -30,6 +30,8 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
     assert len(figures) == 20
     for load in ("c=1", "c=32"):  # the serving path split by the router's metrics
         assert sum(f", {load} (" in name for name in figures) == 3, load
+        served = figures[f"shard step served, {load} (forward + token choice, mean)"][0]
+        assert float(served.split()[0]) > 0, served  # the router's histograms were read
     for name, (measured, bound, ratio, goal) in figures.items():
         # the serving path is TPOT minus the in-process step: on a loaded machine the step
         # measured alone can take longer than a served one, so its sign is not fixed; nor
