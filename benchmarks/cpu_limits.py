@@ -316,13 +316,12 @@ def _serving_split(
     means = served["decode_means_s"]
     shard = means["forward"] + means["choice"]
     ratio = f"{shard / bound:.2f}x" if bound else ""
-    rows = [(f"shard step served, {load} (forward + token choice, mean)", f"{shard * 1e3:.1f} ms",
+    return [(f"shard step served, {load} (forward + token choice, mean)", f"{shard * 1e3:.1f} ms",
              f"{bound * 1e3:.1f} ms" if bound else "", ratio, ""),
             (f"gRPC and shard handler, {load} (router's Decode call - shard step)",
              f"{(means['call'] - shard) * 1e3:.2f} ms", "", "", ""),
             (f"router between Decode calls, {load} (p50 gap - call)",
              f"{(step_gap - means['call']) * 1e3:.2f} ms", "", "", "")]  # fmt: skip
-    return rows
 
 
 def main() -> None:
