@@ -8,8 +8,10 @@ linear on weights packed once (as the shard multiplies: 1.3-3.4x `F.linear` at 3
 Zen 5); all with the shard's threads. Then pytgi through `pytgi-launcher`, streaming (TGI's
 API, EOS ignored, prefix cache off): TPOT p50 at concurrency 1, output tok/s at 8 and 32 on
 the fixed and varied workloads, TTFT p50. Beside the TPOT: the engine's batch-1 decode step
-in this process (no gRPC, router or HTTP), so the table splits the TPOT into the step and
-the serving path, and the router's metrics split that path further: the shard's step as
+in this process (no gRPC, router or HTTP), and, timed in turn with it, that step's weight
+products alone (the model's own layers back to back on one row) against the same bound, so
+the table splits the TPOT into the products, the rest of the step and the serving path,
+and the router's metrics split that path further: the shard's step as
 served (its forward and token choice), the gRPC round trip with the shard's handler, and the
 router between calls (at concurrency 1 and 32). The machine is measured again after
 serving (a shared machine drifts by tens of percent within an hour) and each bound takes
@@ -33,12 +35,15 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -155,21 +160,68 @@ def machine(shapes: Shapes, dtype: torch.dtype, threads: int) -> tuple[float, di
     return read_bandwidth(threads), rates
 
 
-def step_ms(model_dir: Path, dtype: str, prompt: int, steps: int) -> float:
-    """Median batch-1 decode step of the shard's engine in this process (no gRPC, no router),
-    after a prompt of `prompt` tokens: what a streamed TPOT would be with a free serving path."""
-    import gc
+def _weight_products(runner: Any, shapes: Shapes) -> Callable[[], None] | None:
+    """One batch-1 step's weight products alone: each layer's QKV, output, gate/up and down
+    projections, then the head, on one row each, back to back, nothing between them (no
+    attention, norms, KV writes or token choice), through what the step itself calls: the
+    C++ step's projections where the step runs in C++ (`DecodeStack.products`), else the
+    model's layers from Python, as the Python forward calls them. None for a model whose
+    layers are not named so (a family of its own)."""
+    model, stack = runner.model, runner.cpu_step.stack if runner.cpu_step else None
+    widths = [i for i, _ in shapes.layer]
+    names = ("qkv", "o_proj", "mlp.gate_up", "mlp.down")
+    try:
+        layers = [[attrgetter(n)(layer) for n in names] for layer in model.layers]
+    except AttributeError:
+        return None
+    rows = [torch.zeros(1, i, dtype=model.dtype) for i in widths]
+    head_row = torch.zeros(1, shapes.head[0], dtype=model.dtype)
 
-    from quant_step import decode_ms
+    def run() -> None:
+        with torch.inference_mode():
+            if stack is not None:
+                stack.products(1, widths)
+            else:
+                for products in layers:
+                    for product, x in zip(products, rows, strict=True):
+                        product(x)
+            model.lm_head(head_row)
+
+    return run
+
+
+def step_ms(
+    model_dir: Path, dtype: str, prompt: int, steps: int, shapes: Shapes
+) -> tuple[float, float | None]:
+    """(median batch-1 decode step of the shard's engine in this process, no gRPC or router,
+    after a prompt of `prompt` tokens: what a streamed TPOT would be with a free serving path;
+    median of the same step's weight products alone, `_weight_products`, or None), the two
+    timed in turn so that both see the machine of the same seconds."""
+    import gc
 
     from tests.helpers import make_engine, spec
 
     engine = make_engine(model_dir, kv_bytes=256 << 20, max_total=1024, dtype=dtype)
+    products = _weight_products(engine.runner, shapes)
     text = " ".join(single_token_words(model_dir)[:prompt])
-    ms = decode_ms(engine, [spec(0, text, steps + 8, ignore_eos=True)], steps)
+    result = engine.prefill(1, [spec(0, text, steps + 8, ignore_eos=True)], None)
+    for _ in range(3):  # warm
+        result = engine.decode([result.batch.id])
+        if products:
+            products()
+    step, alone = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        result = engine.decode([result.batch.id])
+        step.append(time.perf_counter() - start)
+        if products:
+            start = time.perf_counter()
+            products()
+            alone.append(time.perf_counter() - start)
+    engine.clear(None)
     del engine
     gc.collect()
-    return ms
+    return statistics.median(step) * 1e3, statistics.median(alone) * 1e3 if alone else None
 
 
 def _shorter(request: Request, prompt: int, new: int) -> Request:
@@ -250,7 +302,8 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
     before = machine(shapes, torch_dtype, threads)
     prompt = 128 if scale >= 1 else max(8, int(128 * scale))
     # a median of at least 16 steps, even in a quick run (4 at --scale 0.06 before)
-    step = step_ms(model_dir, dtype, prompt, max(16, int(64 * scale))) / 1e3
+    step, products = step_ms(model_dir, dtype, prompt, max(16, int(64 * scale)), shapes)
+    step /= 1e3
     served = serve(model_dir, dtype, port, scale)
     after = machine(shapes, torch_dtype, threads)  # shared machines drift within minutes
     bandwidth = max(before[0], after[0])  # each bound from the faster reading
@@ -276,6 +329,12 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
                  f"{tpot / bound:.2f}x", "<= 1.25x"))  # fmt: skip
     rows.append(("decode step in-process, batch 1", f"{step * 1e3:.1f} ms",
                  f"{bound * 1e3:.1f} ms", f"{step / bound:.2f}x", ""))  # fmt: skip
+    if products is not None:  # the in-process step split: the weights' products and the rest
+        products /= 1e3
+        rows.append(("its weight products alone, back to back", f"{products * 1e3:.1f} ms",
+                     f"{bound * 1e3:.1f} ms", f"{products / bound:.2f}x", ""))  # fmt: skip
+        rows.append(("the rest of the in-process step (step - products)",
+                     f"{(step - products) * 1e3:.1f} ms", "", "", ""))  # fmt: skip
     rows.append(("serving path at c=1 (TPOT - step)", f"{(tpot - step) * 1e3:.1f} ms", "", "",
                  ""))  # fmt: skip
     rows += _serving_split(served["c1"], "c=1", tpot, bound)

@@ -27,16 +27,21 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
     assert "cores" in lines[0] and "float32" in lines[0] and "failures 0" in lines[0]
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "---" not in line]
     figures = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
-    assert len(figures) == 20
+    assert len(figures) == 22
     for load in ("c=1", "c=32"):  # the serving path split by the router's metrics
         assert sum(f", {load} (" in name for name in figures) == 3, load
         served = figures[f"shard step served, {load} (forward + token choice, mean)"][0]
         assert float(served.split()[0]) > 0, served  # the router's histograms were read
+    # the in-process step split: its weight products alone (timed, against the bound) and
+    # the rest of the step
+    products = figures["its weight products alone, back to back"]
+    assert float(products[0].split()[0]) > 0 and products[1][0].isdigit(), products
+    assert products[2][0].isdigit(), products
     for name, (measured, bound, ratio, goal) in figures.items():
         # the serving path is TPOT minus the in-process step: on a loaded machine the step
         # measured alone can take longer than a served one, so its sign is not fixed; nor
-        # is a p50 gap less a mean call's
-        signed = name.startswith(("serving path", "router between"))
+        # is a p50 gap less a mean call's, or the step less its products timed apart
+        signed = name.startswith(("serving path", "router between", "the rest"))
         assert measured and measured.lstrip("-" if signed else "")[0].isdigit(), name
         if name.startswith(("TPOT", "decode step", "prefill")):
             assert bound[0].isdigit() and ratio[0].isdigit(), name

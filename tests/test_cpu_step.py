@@ -149,3 +149,28 @@ def test_cpu_step_stays_off_over_shards(tiny_model_dir):
     runner = engine.runner
     step, why = CpuDecodeStep.build(runner.model, runner.backend, SimpleNamespace(world_size=2))
     assert step is None and "tensor parallel" in why
+
+
+@pytest.mark.parametrize("options", [{}, {"quantize": "int8"}], ids=["float32", "int8"])
+def test_products_run_each_layers_projections_at_their_widths(options, tiny_model_dir):
+    """`DecodeStack.products` (benchmarks/cpu_limits.py times a step's weights alone with
+    it) multiplies every layer's QKV, output, gate/up and down projections, in that order, on
+    rows of the widths given: the model's widths run, and a wrong width in any of the four
+    places is refused by that projection's kernel."""
+    import json
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    dim = config.get("head_dim") or hidden // heads
+    widths = [hidden, heads * dim, hidden, config["intermediate_size"]]
+    engine = make_engine(tiny_model_dir, dtype="float32", **options)
+    step = engine.runner.cpu_step
+    assert step is not None, engine.runner.cpu_step_reason
+    for rows in (1, 3):
+        step.stack.products(rows, widths)
+    for place in range(4):
+        wrong = [w + 2 * (i == place) for i, w in enumerate(widths)]
+        with pytest.raises(RuntimeError):
+            step.stack.products(1, wrong)
+    with pytest.raises(RuntimeError, match="four input widths"):
+        step.stack.products(1, widths[:3])

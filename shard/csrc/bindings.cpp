@@ -72,5 +72,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)
       .def("forward", &DecodeStack::forward)
+      .def("products", &DecodeStack::products, py::arg("rows"), py::arg("widths"))
       .def_property_readonly("num_layers", &DecodeStack::num_layers);
 }

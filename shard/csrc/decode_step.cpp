@@ -159,6 +159,18 @@ torch::Tensor DecodeStack::attention(const DecodeLayer& layer, const torch::Tens
   return layer.o(attn.view({b, q_width}));
 }
 
+void DecodeStack::products(int64_t rows, const std::vector<int64_t>& widths) const {
+  TORCH_CHECK(widths.size() == 4 && rows > 0, "products: rows > 0 and four input widths");
+  std::vector<torch::Tensor> x;
+  for (const int64_t width : widths) x.push_back(torch::zeros({rows, width}, final_norm_.options()));
+  for (const DecodeLayer& layer : layers_) {
+    layer.qkv(x[0]);
+    layer.o(x[1]);
+    layer.gate_up(x[2]);
+    layer.down(x[3]);
+  }
+}
+
 torch::Tensor DecodeStack::forward(torch::Tensor hidden, torch::Tensor cos, torch::Tensor sin,
                                    torch::Tensor slots, torch::Tensor tables,
                                    torch::Tensor context, const std::vector<torch::Tensor>& keys,

@@ -54,6 +54,10 @@ class DecodeStack {
                         const std::vector<torch::Tensor>& keys,
                         const std::vector<torch::Tensor>& values,
                         const std::vector<double>& k_scales, const std::vector<double>& v_scales);
+  // Every layer's four projections, back to back, each on `rows` zero rows of its input
+  // width: widths = {hidden, H D, hidden, intermediate} (QKV, output, gate/up, down). What
+  // forward's products cost without the rest of the step (benchmarks/cpu_limits.py).
+  void products(int64_t rows, const std::vector<int64_t>& widths) const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
