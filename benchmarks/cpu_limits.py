@@ -167,27 +167,32 @@ def _weight_products(runner: Any, shapes: Shapes) -> Callable[[], None] | None:
     C++ step's projections where the step runs in C++ (`DecodeStack.products`), else the
     model's layers from Python, as the Python forward calls them. None for a model whose
     layers are not named so (a family of its own)."""
-    model, stack = runner.model, runner.cpu_step.stack if runner.cpu_step else None
-    widths = [i for i, _ in shapes.layer]
+    model, widths = runner.model, [i for i, _ in shapes.layer]
+    head_row = torch.zeros(1, shapes.head[0], dtype=model.dtype)
+    if runner.cpu_step is not None:
+        stack = runner.cpu_step.stack
+
+        def in_cpp() -> None:
+            with torch.inference_mode():
+                stack.products(1, widths)
+                model.lm_head(head_row)
+
+        return in_cpp
     names = ("qkv", "o_proj", "mlp.gate_up", "mlp.down")
     try:
         layers = [[attrgetter(n)(layer) for n in names] for layer in model.layers]
     except AttributeError:
         return None
     rows = [torch.zeros(1, i, dtype=model.dtype) for i in widths]
-    head_row = torch.zeros(1, shapes.head[0], dtype=model.dtype)
 
-    def run() -> None:
+    def in_python() -> None:
         with torch.inference_mode():
-            if stack is not None:
-                stack.products(1, widths)
-            else:
-                for products in layers:
-                    for product, x in zip(products, rows, strict=True):
-                        product(x)
+            for products in layers:
+                for product, x in zip(products, rows, strict=True):
+                    product(x)
             model.lm_head(head_row)
 
-    return run
+    return in_python
 
 
 def step_ms(
