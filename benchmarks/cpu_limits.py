@@ -11,11 +11,11 @@ the fixed and varied workloads, TTFT p50. Beside the TPOT: the engine's batch-1 
 in this process (no gRPC, router or HTTP), and, timed in turn with it, that step's weight
 products alone (the model's own layers back to back on one row) against the same bound, so
 the table splits the TPOT into the products, the rest of the step and the serving path,
-and the router's metrics split that path further: the shard's step as
-served (its forward and token choice), the gRPC round trip with the shard's handler, and the
-router between calls (at concurrency 1 and 32). The machine is measured again after
-serving (a shared machine drifts by tens of percent within an hour) and each bound takes
-the faster reading: the stricter one.
+and the router's metrics split that path further: the shard's step as served (its forward
+and token choice), the gRPC round trip with the shard's handler, and the router between
+calls (at concurrency 1 and 32). The machine is measured again after serving (a shared
+machine drifts by tens of percent within an hour) and each bound takes the faster reading:
+the stricter one.
 
 Bounds, per figure:
 - TPOT at concurrency 1 >= bytes of the weights a step streams / read bandwidth;
@@ -204,29 +204,25 @@ def step_ms(
     timed in turn so that both see the machine of the same seconds."""
     import gc
 
+    from quant_step import decode_ms
+
     from tests.helpers import make_engine, spec
 
     engine = make_engine(model_dir, kv_bytes=256 << 20, max_total=1024, dtype=dtype)
-    products = _weight_products(engine.runner, shapes)
-    text = " ".join(single_token_words(model_dir)[:prompt])
-    result = engine.prefill(1, [spec(0, text, steps + 8, ignore_eos=True)], None)
-    for _ in range(3):  # warm
-        result = engine.decode([result.batch.id])
-        if products:
-            products()
-    step, alone = [], []
-    for _ in range(steps):
-        start = time.perf_counter()
-        result = engine.decode([result.batch.id])
-        step.append(time.perf_counter() - start)
-        if products:
+    products, alone = _weight_products(engine.runner, shapes), []
+
+    def time_products() -> None:
+        if products is not None:
             start = time.perf_counter()
             products()
             alone.append(time.perf_counter() - start)
-    engine.clear(None)
+
+    text = " ".join(single_token_words(model_dir)[:prompt])
+    step = decode_ms(engine, [spec(0, text, steps + 8, ignore_eos=True)], steps, time_products)
     del engine
     gc.collect()
-    return statistics.median(step) * 1e3, statistics.median(alone) * 1e3 if alone else None
+    # alone[:3]: the warm-up steps' products
+    return step, statistics.median(alone[3:]) * 1e3 if alone else None
 
 
 def _shorter(request: Request, prompt: int, new: int) -> Request:

@@ -89,17 +89,22 @@ def step_ms(engine, batch: int, steps: int) -> float:
     )
 
 
-def decode_ms(engine, specs: list, steps: int) -> float:
+def decode_ms(engine, specs: list, steps: int, between=None) -> float:
     """Median decode step of the batch `specs` (each allowing steps + 4 new tokens), after
-    its prefill and 3 warm steps; the engine is cleared after."""
+    its prefill and 3 warm steps; the engine is cleared after. `between`, if given, is called
+    after every step, warm ones included, outside the step's time."""
     result = engine.prefill(1, specs, None)
     for _ in range(3):  # warm
         result = engine.decode([result.batch.id])
+        if between is not None:
+            between()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         result = engine.decode([result.batch.id])
         times.append(time.perf_counter() - start)
+        if between is not None:
+            between()
     engine.clear(None)
     return statistics.median(times) * 1000
 
