@@ -96,7 +96,8 @@ check compare 200 $PY benchmarks/compare.py --model-dir "$MODELS/llama-1b" --dev
 
 check step-ahead 150 $PY benchmarks/step_ahead.py --model-id "$MODELS/llama-1b" \
   --dtype bfloat16 --concurrency 1 --concurrency 16 --rounds 1 --new 64 \
-  --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5
+  --launcher-arg=--cuda-memory-fraction --launcher-arg=0.5 \
+  --launcher-arg=--step-ahead-rows --launcher-arg=0
 
 check profile-1b 60 $PY benchmarks/gpu_profile.py "$MODELS/llama-1b" --steps 20
 

@@ -269,6 +269,13 @@ def option(name: str, *short: str, **kwargs):
     help="Shards run a decoding batch's next step before the router asks for it.",
 )
 @option(
+    "--step-ahead-rows",
+    type=click.IntRange(min=0),
+    default=LAUNCHER_DEFAULTS["step_ahead_rows"],
+    help="--step-ahead only for batches of at most this many unfinished requests (0: any): "
+    "on 2 CPU cores larger batches served slower with it.",
+)
+@option(
     "--disable-custom-kernels",
     is_flag=True,
     help="PyTorch's ops only in the shards: no C++ GEMV, no Triton kernels (attention auto "

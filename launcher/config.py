@@ -60,6 +60,7 @@ class LauncherConfig:
     pack_linear: bool = _SHARD["pack_linear"]
     huge_pages: bool = _SHARD["huge_pages"]
     step_ahead: bool = _SHARD["step_ahead"]
+    step_ahead_rows: int = _SHARD["step_ahead_rows"]
     disable_custom_kernels: bool = _SHARD["disable_custom_kernels"]
     kv_cache_memory: str | None = _SHARD["kv_cache_memory"]
     kv_cache_dtype: str | None = _SHARD["kv_cache_dtype"]

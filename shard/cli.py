@@ -200,6 +200,13 @@ def main() -> None:
     "round trip overlaps the step).",
 )
 @click.option(
+    "--step-ahead-rows",
+    type=click.IntRange(min=0),
+    default=SHARD_DEFAULTS["step_ahead_rows"],
+    show_default=True,
+    help="--step-ahead only for batches of at most this many unfinished requests (0: any).",
+)
+@click.option(
     "--shard-secret",
     "secret",
     envvar=SECRET_ENV,

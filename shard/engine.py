@@ -276,9 +276,10 @@ class ShardEngine:
             concat_ns = time.perf_counter_ns() - concat_start
         return self._step(batches[0], start, concat_ns, ahead)
 
-    def step_ahead(self, batch_id: int) -> bool:
+    def step_ahead(self, batch_id: int, max_rows: int | None = None) -> bool:
         """Runs the next step of `batch_id` now, before the router asks for it, when every
-        unfinished request in it decodes one token: the router's round trip (reply, its
+        unfinished request in it decodes one token (and there are at most `max_rows` of
+        them, if given: common.config's step_ahead_rows): the router's round trip (reply, its
         bookkeeping, the next call) then overlaps the step instead of following it. The next
         call naming the batch takes the result: a Decode returns it (stepping only the other
         batches it names), a Prefill into it returns it with the new requests' tokens, a
@@ -290,6 +291,8 @@ class ShardEngine:
         active = frozenset(r.id for r in batch.requests if not r.is_finished)
         if not active or any(r.query_len != 1 for r in batch.requests if r.id in active):
             return False  # nothing to do, or a prompt still being computed in chunks
+        if max_rows is not None and len(active) > max_rows:
+            return False
         try:
             result = run_step(
                 self.runner, self, batch, time.perf_counter_ns(), None, clear_when_done=False

@@ -229,7 +229,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         """Queues the batch's next step on the engine thread before this reply is sent, so it
         runs ahead of any later call (every rank queues it at the same point of the calls)."""
         if self.config.step_ahead and result.batch is not None:
-            self._worker.submit(self.engine.step_ahead, result.batch.id)
+            rows = self.config.step_ahead_rows or None
+            self._worker.submit(self.engine.step_ahead, result.batch.id, rows)
 
 
 def _remove_socket(path: str) -> None:

@@ -149,10 +149,30 @@ def test_clear_drops_it_and_chunked_prompts_do_not_step_ahead(engine):
     assert engine.blocks_all_back()
 
 
-@pytest.mark.parametrize("on", [True, False])
-async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
+def test_a_batch_of_more_rows_than_the_limit_does_not_step_ahead(engine):
+    """`max_rows` (--step-ahead-rows) counts the batch's unfinished requests: over it the
+    step waits for its call; once requests finish and leave, the batch steps ahead again."""
+    result = engine.prefill(1, _specs(max_new=(2, 6, 6)), None)
+    assert not engine.step_ahead(1, max_rows=2)
+    assert engine._ahead is None
+    result = engine.decode([1])  # request 0's last token: it finished
+    assert [g.request_id for g in result.generations if g.finished] == [0]
+    assert engine.step_ahead(1, max_rows=2)  # two unfinished rows left
+    engine.clear(None)
+    engine.prefill(2, _specs(max_new=(6, 6, 6)), None)
+    assert engine.step_ahead(2, max_rows=3)
+    engine.clear(None)
+    assert engine.blocks_all_back()
+
+
+@pytest.mark.parametrize(
+    ("on", "rows", "requests", "ahead"),
+    [(True, 2, 1, True), (False, 2, 1, False), (True, 1, 2, False), (True, 0, 2, True)],
+)
+async def test_the_server_queues_it_before_replying(engine, tmp_path, on, rows, requests, ahead):
     """Through gRPC: after a Prefill's reply the batch's next step has run (or is running)
-    on the engine thread, ahead of any later call; `--no-step-ahead` turns it off."""
+    on the engine thread, ahead of any later call; `--no-step-ahead` turns it off, and
+    `--step-ahead-rows` leaves batches of more unfinished requests to their calls (0: any)."""
     import grpc
 
     from common.config import ShardConfig
@@ -161,7 +181,10 @@ async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
     from tests.test_grpc import _request
 
     config = ShardConfig(
-        model_dir=engine.config.model_dir, uds_path=str(tmp_path / "s"), step_ahead=on
+        model_dir=engine.config.model_dir,
+        uds_path=str(tmp_path / "s"),
+        step_ahead=on,
+        step_ahead_rows=rows,
     )
     server = grpc.aio.server()
     pb_grpc.add_TextGenerationServiceServicer_to_server(
@@ -172,19 +195,26 @@ async def test_the_server_queues_it_before_replying(engine, tmp_path, on):
     try:
         async with grpc.aio.insecure_channel(config.url) as channel:
             stub = pb_grpc.TextGenerationServiceStub(channel)
-            blocks = engine.pool.allocate(32)
-            request = _request(5, PROMPTS[0], 6, blocks=blocks, slots=[])
-            pre = await stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=9, requests=[request])))
+            blocks = [engine.pool.allocate(16) for _ in range(requests)]
+            batch = pb.Batch(
+                id=9,
+                requests=[
+                    _request(5 + i, PROMPTS[i], 6, blocks=blocks[i], slots=[])
+                    for i in range(requests)
+                ],
+            )
+            pre = await stub.Prefill(pb.PrefillRequest(batch=batch))
             await stub.Health(pb.HealthRequest())  # after whatever the engine thread had queued
-            assert (engine._ahead is not None) == on
+            assert (engine._ahead is not None) == ahead
             tokens = [g.tokens.ids[0] for g in pre.generations]
             batch = pre.batch
             while pre.HasField("batch"):
                 pre = await stub.Decode(pb.DecodeRequest(batches=[batch]))
                 tokens += [g.tokens.ids[0] for g in pre.generations]
                 batch = pre.batch
-            assert len(tokens) == 6
-            engine.pool.free(blocks)
+            assert len(tokens) == 6 * requests
+            for owned in blocks:
+                engine.pool.free(owned)
     finally:
         await server.stop(None)
     assert not engine.batches and engine._ahead is None
