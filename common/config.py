@@ -54,13 +54,13 @@ class ShardConfig:
     huge_pages: bool = True
     # a decoding batch's next step runs as soon as a step's reply is queued, before the
     # router asks for it (ShardEngine.step_ahead): the round trip overlaps the step. Only
-    # for batches of up to `step_ahead_rows` unfinished requests (0: any): on 2 Zen 4 cores
-    # (benchmarks/step_ahead.py, bfloat16) concurrency 1 / 2 served 1.04-1.11x / 1.05x the
-    # tokens/s of off, 4 / 8 / 32 0.94x / 0.91x / 0.98x: the router's and clients' work for
-    # more streams takes the cores the step runs on (float32, whose steps are longer: 1.02x
-    # / 1.18x / 1.15x at 1 / 2 / 4). On 2 Zen 5 cores it measured 1.00x at every concurrency.
+    # for batches of up to `step_ahead_rows` unfinished requests (0: any). On 2 Zen 4 cores
+    # (benchmarks/step_ahead.py, bfloat16, eight runs) concurrency 1 served 0.99-1.11x the
+    # tokens/s of off (median 1.06x); 2 0.96-1.13x, 4 / 8 / 32 0.94x / 0.91x / 0.98x: the
+    # router's and the clients' work for more streams takes the cores the step runs on. On 2
+    # Zen 5 cores it measured 1.00x at every concurrency.
     step_ahead: bool = True
-    step_ahead_rows: int = 2
+    step_ahead_rows: int = 1
     # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
     disable_custom_kernels: bool = False
     # reported by Info; the router shares cached prefixes

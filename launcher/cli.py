@@ -273,7 +273,7 @@ def option(name: str, *short: str, **kwargs):
     type=click.IntRange(min=0),
     default=LAUNCHER_DEFAULTS["step_ahead_rows"],
     help="--step-ahead only for batches of at most this many unfinished requests (0: any): "
-    "on 2 CPU cores larger batches served slower with it.",
+    "on 2 CPU cores batches of several served no faster, or slower, with it.",
 )
 @option(
     "--disable-custom-kernels",
