@@ -152,7 +152,7 @@ def test_clear_drops_it_and_chunked_prompts_do_not_step_ahead(engine):
 def test_a_batch_of_more_rows_than_the_limit_does_not_step_ahead(engine):
     """`max_rows` (--step-ahead-rows) counts the batch's unfinished requests: over it the
     step waits for its call; once requests finish and leave, the batch steps ahead again."""
-    result = engine.prefill(1, _specs(max_new=(2, 6, 6)), None)
+    engine.prefill(1, _specs(max_new=(2, 6, 6)), None)
     assert not engine.step_ahead(1, max_rows=2)
     assert engine._ahead is None
     result = engine.decode([1])  # request 0's last token: it finished
