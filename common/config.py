@@ -58,7 +58,7 @@ class ShardConfig:
     # (benchmarks/step_ahead.py, bfloat16, eight runs) concurrency 1 served 0.99-1.11x the
     # tokens/s of off (median 1.06x); 2 0.96-1.13x, 4 / 8 / 32 0.94x / 0.91x / 0.98x: the
     # router's and the clients' work for more streams takes the cores the step runs on. On 2
-    # Zen 5 cores it measured 1.00x at every concurrency.
+    # Zen 5 cores it measured 0.998-1.036x at concurrency 1-32.
     step_ahead: bool = True
     step_ahead_rows: int = 1
     # PyTorch's ops only: no C++ GEMV, no Triton layer or attention kernels (TGI's flag)
