@@ -177,7 +177,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None  # captured at Warmup (CUDA, --cuda-graphs)
         self._faults_fired: set[str] = set()  # markers of the test-only fault hook
         if self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            if not cpu_kernels.has_bf16_instructions() and not self._widens_bf16:
+            if self._bf16_on_onednn:
                 log.warning(
                     "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
                     "batched matrix products (prefill, decode of several requests) take "
@@ -216,7 +216,7 @@ class ModelRunner:
                 f"{self.precision}"
             )
         if layer.panels is not None:
-            gemm = "our panels (C++ panel_linear" + self._amx_report + ")"
+            gemm = "our panels (C++ panel_linear" + self._amx_report + self._wide_report + ")"
         elif layer.is_packed:
             gemm = "oneDNN packed weights"
         elif self._widens_bf16:
@@ -242,9 +242,29 @@ class ModelRunner:
         return f", AMX tiles from {rows} row{'s' if rows > 1 else ''}"
 
     @property
+    def _wide_panels(self) -> bool:
+        """Whether bfloat16 panels multiply in float32 (no bf16 dot products in this build)."""
+        kernels = cpu_kernels.load()
+        return self.dtype == torch.bfloat16 and bool(getattr(kernels, "panel_widens_bfloat16", 0))
+
+    @property
+    def _wide_report(self) -> str:
+        return ", bfloat16 widened to float32 multiply-adds" if self._wide_panels else ""
+
+    @property
     def _widens_bf16(self) -> bool:
         """Whether the layers multiply bfloat16 weights in float32 (shard/models/linear.py)."""
         return bool(getattr(self.model.layers[0].qkv, "widen", False))
+
+    @property
+    def _bf16_on_onednn(self) -> bool:
+        """Whether a bfloat16 model's products of several rows take oneDNN's bfloat16 path on
+        a CPU without bf16 instructions: neither the layers' widening (AVX2) nor our panels
+        (AVX-512 BW: widened in registers) took them."""
+        layer = self.model.layers[0].qkv
+        if hasattr(layer, "kind") or cpu_kernels.has_bf16_instructions():
+            return False  # quantized layers: their own kernels (see _quantized_without_panels)
+        return not self._widens_bf16 and layer.panels is None
 
     @property
     def _step_report(self) -> str:

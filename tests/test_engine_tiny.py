@@ -373,11 +373,34 @@ def test_start_up_log_names_amx_tiles_where_bfloat16_panels_take_them(tiny_model
 
     kernels = cpu_kernels.load()
     if "bfloat16" not in getattr(kernels, "panel_dtypes", ()):
-        pytest.skip("no bfloat16 panels in this CPU's build (no bf16 dot products)")
+        pytest.skip("no bfloat16 panels in this CPU's build (no AVX-512 BW)")
     report = make_engine(tiny_model_dir, dtype="bfloat16").runner.kernel_report()
     tiles = getattr(kernels, "amx_rows", 0) > 0 and kernels.amx_ready()
     assert "our panels" in report and ("AMX tiles from 1 row" in report) == tiles
     assert "AMX" not in make_engine(tiny_model_dir, dtype="float32").runner.kernel_report()
+
+
+def test_bfloat16_panels_say_how_they_multiply_and_need_no_warning(tiny_model_dir, caplog):
+    """Where the build has bfloat16 panels without bf16 dot products (AVX-512 F and BW alone)
+    a bfloat16 model's products of several rows take them, widened to float32 in registers:
+    the report says so and the shard does not warn that float32 is faster (oneDNN's bfloat16
+    path, which that warning is for, is not taken)."""
+    import logging
+
+    from shard import cpu_kernels
+
+    kernels = cpu_kernels.load()
+    if "bfloat16" not in getattr(kernels, "panel_dtypes", ()):
+        pytest.skip("no bfloat16 panels in this CPU's build (no AVX-512 BW)")
+    with caplog.at_level(logging.INFO, logger="shard"):
+        engine = make_engine(tiny_model_dir, dtype="bfloat16")
+    layer = engine.runner.model.layers[0].qkv
+    assert layer.panels is not None and not layer.is_packed and layer.plain is None
+    report = engine.runner.kernel_report()
+    widened = "bfloat16 widened to float32 multiply-adds" in report
+    assert "our panels" in report and widened == kernels.panel_widens_bfloat16
+    assert "float32 is faster" not in caplog.text
+    assert "widened" not in make_engine(tiny_model_dir, dtype="float32").runner.kernel_report()
 
 
 def test_fault_hook_files(engine, tmp_path):

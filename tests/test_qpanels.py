@@ -30,7 +30,8 @@ KERNELS = cpu_kernels.load()
 pytestmark = pytest.mark.skipif(
     not hasattr(KERNELS, "qpanel_linear"), reason="needs AVX-512 (F and BW)"
 )
-# bfloat16 rows need bf16 dot products; float32 rows AVX-512 F and BW only
+# float32 and bfloat16 rows with AVX-512 F and BW (bfloat16 by bf16 dot products where the
+# CPU has them, else widened to float32)
 DTYPES = getattr(KERNELS, "qpanel_dtypes", ())
 
 
@@ -277,13 +278,14 @@ def test_a_quantized_model_serves_through_the_panels(models, method, dtype):  # 
         assert max(abs(a - b) for a, b in zip(got[1][i], want[1][i], strict=True)) < 0.05
 
 
-def test_a_bfloat16_model_takes_the_panels_only_where_the_build_multiplies_bfloat16(
+def test_a_bfloat16_model_takes_the_panels_where_the_build_multiplies_bfloat16(
     models,  # noqa: F811
     caplog,
 ):
-    """Without bf16 dot products (AVX-512 F and BW only: Skylake-SP, Cascade Lake, Ice Lake)
-    the panels take float32 rows only: a bfloat16 model keeps its row-major codes there, and
-    the shard's start-up log says that --dtype float32 takes the panels."""
+    """Builds with AVX-512 F and BW take bfloat16 rows (by bf16 dot products, or widened to
+    float32 without them: Skylake-SP, Cascade Lake, Ice Lake); a build whose panels took
+    float32 rows only would keep a bfloat16 model's row-major codes and say in the start-up
+    log that --dtype float32 takes the panels."""
     with caplog.at_level(logging.WARNING, logger="shard"):
         engine = make_engine(models["llama"], dtype="bfloat16", quantize="int8")
     assert engine.runner.model.layers[0].qkv.panels == ("bfloat16" in DTYPES)
@@ -298,12 +300,13 @@ def test_a_bfloat16_model_takes_the_panels_only_where_the_build_multiplies_bfloa
 @pytest.mark.slow
 @pytest.mark.skipif(
     "avx512_bf16" not in cpu_kernels.cpu_flags().split(),
-    reason="no bf16 dot products here: the other tests run the float32-only build already",
+    reason="no bf16 dot products here: the other tests run the build without them already",
 )
-def test_the_float32_only_build_on_a_cpu_with_bf16_dot_products():
-    """CPUs with AVX-512 but no bf16 dot products build the float32 panels alone; that build
-    is made here too (PYTGI_CPU_KERNEL_CFLAGS=-mno-avx512bf16, a module of its own) and this
-    file's tests and the C++ step's run against it in a fresh process."""
+def test_the_build_without_bf16_dot_products_on_a_cpu_with_them():
+    """CPUs with AVX-512 but no bf16 dot products multiply bfloat16 rows widened to float32
+    (panels and quantized panels); that build is made here too
+    (PYTGI_CPU_KERNEL_CFLAGS=-mno-avx512bf16, a module of its own) and this file's tests, the
+    plain panels' and the C++ step's run against it in a fresh process."""
     import os
     import subprocess
     import sys
@@ -312,14 +315,24 @@ def test_the_float32_only_build_on_a_cpu_with_bf16_dot_products():
     env = {**os.environ, "PYTGI_CPU_KERNEL_CFLAGS": "-mno-avx512bf16"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
-         "not float32_only_build", "tests/test_qpanels.py", "tests/test_cpu_step.py"],
+         "not without_bf16_dot_products", "tests/test_qpanels.py", "tests/test_panel_linear.py",
+         "tests/test_cpu_step.py"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
         timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
-    # the bfloat16 cases skipped for the reason named, the float32 ones ran
-    assert "take float32 rows, not bfloat16" in result.stdout
+    # the bfloat16 cases ran, widened: none skipped for want of bfloat16 panels
+    assert (
+        "not bfloat16" not in result.stdout and "no panels for torch.bfloat16" not in result.stdout
+    )
+    probe = "from shard import cpu_kernels as c; k = c.load(); print(k.panel_widens_bfloat16, "
+    probe += "'bfloat16' in k.panel_dtypes, 'bfloat16' in k.qpanel_dtypes)"
+    built = subprocess.run(
+        [sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], env=env,
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    assert built.stdout.split() == ["True", "True", "True"]
 
 
 AMX = getattr(KERNELS, "amx_qpanel_rows", 0) > 0 and KERNELS.amx_ready()

@@ -31,7 +31,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32"};
 #endif
-  m.attr("panel_dtypes") = m.attr("prefill_dtypes");  // the same instructions
+  // bfloat16 panels by bf16 dot products, else widened to float32 (AVX-512 BW; panels.cpp)
+#if defined(__AVX512BF16__) || defined(__AVX512BW__)
+  m.attr("panel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
+#else
+  m.attr("panel_dtypes") = std::vector<std::string>{"float32"};
+#endif
+#ifdef __AVX512BF16__
+  m.attr("panel_widens_bfloat16") = false;
+#else
+  m.attr("panel_widens_bfloat16") = true;
+#endif
 #endif
   m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
@@ -54,11 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("amx_qpanel_rows") = 0;
 #endif
-#ifdef __AVX512BF16__
+  // bfloat16 rows by bf16 dot products, else widened to float32 (qpanels.cpp)
   m.attr("qpanel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
-#else
-  m.attr("qpanel_dtypes") = std::vector<std::string>{"float32"};
-#endif
 #endif
   m.attr("max_rows") = kKernelRows;  // of q8_linear and q4_linear (quant.h)
   m.def("q8_dequantize", &q8_dequantize, "int8 weights -> [N, K] in like's dtype");

@@ -752,16 +752,17 @@ torch::Tensor qpanel_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor 
                     mins->scalar_type() == scales.scalar_type(),
                 "mins: shaped like scales, in their dtype");
   const bool f32 = x.scalar_type() == torch::kFloat;
-#ifdef __AVX512BF16__
   TORCH_CHECK(x.dim() == 2 && (f32 || x.scalar_type() == torch::kBFloat16) &&
                   x.size(1) == 2 * pairs,
               "x: bfloat16 or float32 [M, K] with K the layer's inputs");
-#else
-  TORCH_CHECK(x.dim() == 2 && f32 && x.size(1) == 2 * pairs,
-              "x: float32 [M, K] with K the layer's inputs (bfloat16 rows need a CPU with bf16 "
-              "dot products)");
-#endif
   TORCH_CHECK(n > 0 && n <= units * kCols, "n past the packed columns");
+#ifndef __AVX512BF16__
+  // no bf16 dot products: bfloat16 rows widened to float32 (exact), the float32 sums rounded
+  // once to bfloat16, as the dot products' sums are
+  if (!f32)
+    return qpanel_linear(x.to(torch::kFloat), codes, scales, mins, n, tiles, paired)
+        .to(torch::kBFloat16);
+#endif
   x = x.contiguous();
   auto out = torch::empty({x.size(0), n}, x.options());
   const Params q{scales.data_ptr(), mins ? mins->data_ptr() : nullptr, half};

@@ -32,8 +32,8 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scales,
 //   does; float32 products and sums, rounded once at the end.
 torch::Tensor bf16_linear(torch::Tensor x, torch::Tensor w);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-// x [M, K] @ w^T -> [M, n] in x's dtype (bfloat16 with bf16 dot products, float32 with AVX-512
-//   F and BW; the build's `qpanel_dtypes`) for weights in quantized
+// x [M, K] @ w^T -> [M, n] in x's dtype (float32 or bfloat16: by bf16 dot products where the
+//   CPU has them, else widened to float32 rows; AVX-512 F and BW) for weights in quantized
 //   panels (qpanels.cpp; packed by shard/models/qpanels.py): codes int8 [U, K / 2, 64]
 //   (w = scale q) or uint8 [U, K / 4, 64] (int4: w = scale q + min), scales and int4's mins
 //   [U, G, 32] in float16 or float32 (both the same), U = ceil(n / 32) units of 32 output
