@@ -1,10 +1,12 @@
 """bfloat16 against float32 on a CPU without bf16 instructions, SmolLM2-135M, in one process.
 
 Three configurations take turns over `--rounds` rounds (each keeps its fastest figure):
-float32; bfloat16 with the layers widening their weights to float32 for products of
-several rows (`Linear.widen`, shard/models/linear.py); and bfloat16 with that switched
-off, so several rows go through oneDNN's bfloat16 path (what every bfloat16 product of
-several rows took before). Per configuration: the median decode step of 1, 8 and 32
+float32; bfloat16 as the shard serves it there (AVX2: the layers widen their weights to
+float32 for products of several rows, `Linear.widen`, shard/models/linear.py; AVX-512 F and
+BW: our bfloat16 panels, widened to float32 in registers, shard/csrc/panels.cpp); and
+bfloat16 with unpacked layers and that widening off, so several rows go through oneDNN's
+bfloat16 path (what every bfloat16 product of several rows took before; on AVX-512 the
+layers had oneDNN's packed weights). Per configuration: the median decode step of 1, 8 and 32
 requests, and a prefill of 128 and of 512 tokens (one request). The figures are ratios
 to float32 in the same run.
 
@@ -44,9 +46,7 @@ def set_widen(engine, on: bool) -> None:
         layers += [layer.qkv, layer.o_proj, layer.mlp.gate_up, layer.mlp.down]
     for layer in layers:
         layer = getattr(layer, "linear", layer)  # RowParallel holds its Linear
-        assert isinstance(layer, Linear) and layer.plain is not None and not layer.is_packed, (
-            "oneDNN packed the bfloat16 weights (an AVX-512 CPU): they take its path here"
-        )
+        assert isinstance(layer, Linear) and layer.plain is not None and not layer.is_packed
         layer.widen = on
 
 
@@ -70,14 +70,18 @@ def main() -> None:
     if cpu_kernels.has_bf16_instructions():
         sys.exit("this CPU has bf16 instructions: bfloat16 takes oneDNN's native path here")
     model_dir = default_model_dir()
-    make = lambda dtype: make_engine(model_dir, kv_bytes=256 << 20, max_total=1024, dtype=dtype)  # noqa: E731
+    make = lambda dtype, **kw: make_engine(  # noqa: E731
+        model_dir, kv_bytes=256 << 20, max_total=1024, dtype=dtype, **kw
+    )
     engines = {"float32": make("float32"), "bfloat16": make("bfloat16")}
+    engines[CONFIGS[2]] = make("bfloat16", pack_linear=False)
+    set_widen(engines[CONFIGS[2]], False)
+    for name, engine in engines.items():
+        print(f"{name}: {engine.runner.kernel_report()}")
     best: dict[tuple[str, str], float] = {}
     for round_ in range(args.rounds):
         for name in CONFIGS:
-            engine = engines[name.split()[0]]
-            if name.startswith("bfloat16"):
-                set_widen(engine, name == "bfloat16")
+            engine = engines[name]
             figures = {f"batch {b}": step_ms(engine, b, args.steps) for b in BATCHES}
             figures |= {f"prefill {n}": prefill_ms(engine, n) for n in PROMPTS}
             for key, ms in figures.items():

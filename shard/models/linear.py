@@ -15,9 +15,11 @@ slower than float32 on a 2-core AVX2 EPYC; they go through `cpu_kernels.bf16_lin
 instead (16 rows of the weight at a time widened to float32 into a panel in cache), and past
 _WIDEN_ROWS rows through float32 tiles of the weight and torch's float32 GEMM.
 
-With AVX-512, float32 weights (and bfloat16 ones where the CPU has bf16 dot products) are
-packed into our own panels instead of oneDNN's layout (`cpu_kernels.panel_linear`,
-shard/csrc/panels.cpp), which every input of several rows takes: its products stream the
+With AVX-512 (F and BW), float32 and bfloat16 weights are packed into our own panels
+instead of oneDNN's layout (`cpu_kernels.panel_linear`, shard/csrc/panels.cpp; bfloat16 by
+bf16 dot products, or widened to float32 in registers where the CPU has none, where oneDNN's
+bfloat16 products took 2.7-3.3x float32's time: benchmarks/bf16_cpu.py on a 2-vCPU Xeon
+without them), which every input of several rows takes: its products stream the
 weights under the arithmetic, 1.3-1.6x faster than oneDNN's at 8-32 rows, within 2-4% of it
 at 512-2048 (benchmarks/RESULTS.md). bfloat16 panels take single rows as fast as
 `linear_small`, so those layers keep no plain copy: their weights are held once. On a CPU

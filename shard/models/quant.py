@@ -19,7 +19,8 @@ On CPU the products run in our kernels (`shard/csrc/quant.cpp`: a few rows read 
 weights once, up to 64 rows multiply panels of 16 rows dequantized at a time; more rows, a
 dequantized copy a tile at a time through torch's GEMM). A float32 model's layers are
 repacked at load into our quantized panels where the CPU has AVX-512 (F and BW), a bfloat16
-model's where it has bf16 dot products too (the build's `qpanel_dtypes`; `into_panels`;
+model's too (bf16 dot products, or its rows widened to float32 where the CPU has none; the
+build's `qpanel_dtypes`; `into_panels`;
 shard/models/qpanels.py, shard/csrc/qpanels.cpp): codes in the
 order the dot products read them, streamed under the arithmetic, every row count (SmolLM2
 decode steps against bfloat16 weights: batch 1 1.7-2.7x, batch 32 0.84-1.00x, where

@@ -296,8 +296,9 @@ class Loader:
 
     def _paneled(self, layer: QuantLinear) -> QuantLinear:
         """A quantized layer repacked into our quantized panels where this CPU's build takes
-        the model's dtype (AVX-512: float32; bf16 dot products: bfloat16 too; the build's
-        `qpanel_dtypes`); `--no-pack-linear` keeps the row-major codes."""
+        the model's dtype (AVX-512 F and BW: float32 and bfloat16, the latter by bf16 dot
+        products or widened to float32; the build's `qpanel_dtypes`); `--no-pack-linear` keeps
+        the row-major codes."""
         dtype = str(self.dtype).removeprefix("torch.")
         if self.pack and dtype in getattr(layer.kernels, "qpanel_dtypes", ()):
             layer.into_panels()
