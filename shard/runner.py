@@ -242,14 +242,12 @@ class ModelRunner:
         return f", AMX tiles from {rows} row{'s' if rows > 1 else ''}"
 
     @property
-    def _wide_panels(self) -> bool:
-        """Whether bfloat16 panels multiply in float32 (no bf16 dot products in this build)."""
-        kernels = cpu_kernels.load()
-        return self.dtype == torch.bfloat16 and bool(getattr(kernels, "panel_widens_bfloat16", 0))
-
-    @property
     def _wide_report(self) -> str:
-        return ", bfloat16 widened to float32 multiply-adds" if self._wide_panels else ""
+        """', bfloat16 widened ...' where bfloat16 panels multiply in float32 (a build without
+        bf16 dot products: shard/csrc/panels.cpp)."""
+        wide = getattr(cpu_kernels.load(), "panel_widens_bfloat16", False)
+        wide = wide and self.dtype == torch.bfloat16
+        return ", bfloat16 widened to float32 multiply-adds" if wide else ""
 
     @property
     def _widens_bf16(self) -> bool:
