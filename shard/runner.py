@@ -221,6 +221,8 @@ class ModelRunner:
             gemm = "oneDNN packed weights"
         elif self._widens_bf16:
             gemm = "bfloat16 rows widened to float32 (C++ up to 64 rows, float32 tiles past)"
+        elif self.device.type == "cpu" and not self.config.pack_linear:
+            gemm = "PyTorch linear (--no-pack-linear)"
         elif self.device.type == "cpu":
             gemm = "PyTorch linear (oneDNN cannot pack this dtype here)"
         else:

@@ -363,7 +363,8 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     assert "float32 is faster" not in caplog.text
     assert "widened" not in native.runner.kernel_report()  # native bf16: torch's own path
     plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).runner.kernel_report()
-    assert "batch-1 rows: as the batched path" in plain and "PyTorch linear" in plain
+    assert "batch-1 rows: as the batched path" in plain
+    assert "PyTorch linear (--no-pack-linear)" in plain
 
 
 def test_start_up_log_names_amx_tiles_where_bfloat16_panels_take_them(tiny_model_dir):
