@@ -1,7 +1,7 @@
 """The compiled prefill attention (shard/csrc/prefill.cpp; AVX-512: float32, and bfloat16 by
-bf16 dot products): causal over a cached prefix and the new tokens, against float32 SDPA
-within float32's (bfloat16's) rounding; the reference backend's prefill rows take it where
-it applies."""
+bf16 dot products or widened to float32 without them): causal over a cached prefix and the
+new tokens, against float32 SDPA within float32's (bfloat16's) rounding; the reference
+backend's prefill rows take it where it applies."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def kernels():
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def dtype(request, kernels):
     if str(request.param).removeprefix("torch.") not in kernels.prefill_dtypes:
-        pytest.skip(f"{request.param} prefills take SDPA here (no bf16 dot products)")
+        pytest.skip(f"{request.param} prefills take SDPA with this build")
     return request.param
 
 

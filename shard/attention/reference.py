@@ -128,7 +128,7 @@ def attend_prefill_rows(
 
 def _prefill_module(dtype: torch.dtype, device: torch.device):
     """The compiled module if its prefill kernel takes `dtype` on `device`, else None: with
-    AVX-512, float32, and bfloat16 where the CPU has bf16 dot products."""
+    AVX-512, float32 and bfloat16 (by bf16 dot products, or widened to float32 without them)."""
     if device.type != "cpu":
         return None
     from shard import cpu_kernels

@@ -26,11 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("amx_rows") = 0;  // this build has no AMX path
 #endif
 #ifdef __AVX512F__
-#ifdef __AVX512BF16__
+  // bfloat16 prefills by bf16 dot products, else widened to float32 (prefill.cpp)
   m.attr("prefill_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
-#else
-  m.attr("prefill_dtypes") = std::vector<std::string>{"float32"};
-#endif
   // bfloat16 panels by bf16 dot products, else widened to float32 (AVX-512 BW; panels.cpp)
 #if defined(__AVX512BF16__) || defined(__AVX512BW__)
   m.attr("panel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};

@@ -1,6 +1,8 @@
 // Prefill attention on CPU (kernels.h: prefill_attention), with AVX-512: float32, and
-// bfloat16 where the CPU has bf16 dot products (AVX512_BF16); elsewhere prefill rows take
-// PyTorch's SDPA.
+// bfloat16: by bf16 dot products where the CPU has them (AVX512_BF16), else widened to
+// float32 lanes as q, K and V are packed, the output rounded once (as the panels widen;
+// SDPA's bfloat16 path there took 1.09x float32's prefill of 512 tokens).
+// Without AVX-512 prefill rows take PyTorch's SDPA.
 //
 // Shapes: q [n, H, D] (D contiguous, heads adjacent, any row stride); k, v [ctx, KVH, D]
 // (ctx >= n: a cached prefix, then the n new tokens; D contiguous); out [n, H, D]
@@ -8,12 +10,14 @@
 // h / G. Work is split over (query head, block of kPrefillRows queries) with ATen's pool.
 //
 // Per task, kPrefillRows query rows of one query head: scores of 16 keys at a time from keys
-// packed with a key per 32-bit lane (kt: [KVH][D / W][ctx16], W dims per lane: one float32,
-// or a pair of bfloat16 for vdpbf16ps), each query's lane of dims broadcast against them, so
+// packed with a key per 32-bit lane (kt: [KVH][ctx16 / 16][D / W][16], W dims per lane: one
+// float32, or a pair of bfloat16 for vdpbf16ps; a chunk of 16 keys' lanes contiguous, so a
+// chunk's scores read one stream, not D / W rows ctx16 lanes apart that share L1 sets), each
+// query's lane of dims (the task's rows gathered as lanes first) broadcast against them, so
 // no horizontal sums; a float32 softmax over each row's causal prefix, in 16 lanes; its
-// probabilities (bfloat16: rounded, in pairs of keys) against the values packed with W keys
-// per lane (vt: [KVH][ctx16 / W][D]), a few rows x D / 16 sums in registers. ctx16: the
-// keys rounded up to 32, zeros past ctx. Against PyTorch's SDPA (its CPU flash attention),
+// probabilities (bfloat16 dot products: rounded, in pairs of keys) against the values
+// packed with W keys per lane (vt: [KVH][ctx16 / W][D]), a few rows x D / 16 sums in
+// registers. ctx16: the keys rounded up to 32, zeros past ctx. Against PyTorch's SDPA (its CPU flash attention),
 // SmolLM2's 9 query heads over 3 KV heads of 64, bfloat16, Zen 5, 2 threads: 5.9x its speed
 // at 128 tokens, 5.8x at 512, 3.2x at 2048.
 
@@ -39,8 +43,14 @@ constexpr int64_t kPrefillRows = 8;
 
 // float32 q, K, V: a lane holds one dim (kt) or one key (vt); sums by multiply-adds.
 struct F32 {
-  using Elem = float;
+  using Elem = float;                 // of q, k, v and out
   static constexpr int64_t kPer = 1;  // dims (kt) or keys (vt) per 32-bit lane
+  // The lane of kPer elements from p.
+  static uint32_t lane(const Elem* p) {
+    uint32_t bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return bits;
+  }
   static __m512 madd(__m512 acc, uint32_t lane, const uint32_t* vec) {
     float x;
     std::memcpy(&x, &lane, sizeof x);
@@ -60,6 +70,11 @@ struct F32 {
 struct Bf16 {
   using Elem = uint16_t;
   static constexpr int64_t kPer = 2;
+  static uint32_t lane(const Elem* p) {
+    uint32_t bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return bits;
+  }
   static __m512 madd(__m512 acc, uint32_t lane, const uint32_t* vec) {
     return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_set1_epi32(static_cast<int>(lane)),
                             (__m512bh)_mm512_loadu_si512(vec));
@@ -74,21 +89,32 @@ struct Bf16 {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), (__m256i)_mm512_cvtneps_pbh(sums));
   }
 };
+#else
+// bfloat16 q, K, V without bf16 dot products: each element widened to a float32 lane (exact)
+// as it is packed, the float32 form's sums, each output rounded once as c10 rounds.
+struct Bf16Wide : F32 {
+  using Elem = uint16_t;
+  static uint32_t lane(const Elem* p) { return static_cast<uint32_t>(*p) << 16; }
+  static void store(__m512 sums, uint16_t* out) {
+    store_bf16(out, _mm512_castps512_ps256(sums));
+    store_bf16(out + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sums), 1)));
+  }
+};
 #endif
 
 // scores[r][0 .. chunks * 16) = scale * q_r . k_j for the R (<= kPrefillRows) rows q_r (each
-// `lanes` lanes at q + r * q_row), keys from kt (one KV head's [lanes][ctx16]).
+// `lanes` lanes at q + r * q_row), keys from kt (one KV head's [ctx16 / 16][lanes][16]).
 template <typename Form, int R>
-inline void prefill_scores(const uint32_t* q, int64_t q_row, const uint32_t* kt, int64_t ctx16,
-                           int64_t lanes, int64_t chunks, float scale, float* scores,
-                           int64_t s_row) {
+inline void prefill_scores(const uint32_t* q, int64_t q_row, const uint32_t* kt, int64_t lanes,
+                           int64_t chunks, float scale, float* scores, int64_t s_row) {
   for (int64_t c = 0; c < chunks; ++c) {
+    const uint32_t* chunk = kt + c * lanes * 16;
     __m512 a[R][2];
     for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_ps();
     for (int64_t p = 0; p < lanes; p += 2)  // two chains per row
       for (int r = 0; r < R; ++r) {
-        a[r][0] = Form::madd(a[r][0], q[r * q_row + p], kt + p * ctx16 + c * 16);
-        a[r][1] = Form::madd(a[r][1], q[r * q_row + p + 1], kt + (p + 1) * ctx16 + c * 16);
+        a[r][0] = Form::madd(a[r][0], q[r * q_row + p], chunk + p * 16);
+        a[r][1] = Form::madd(a[r][1], q[r * q_row + p + 1], chunk + (p + 1) * 16);
       }
     for (int r = 0; r < R; ++r)
       _mm512_storeu_ps(scores + r * s_row + c * 16,
@@ -155,9 +181,14 @@ void pack(const torch::Tensor& k, const torch::Tensor& v, int64_t ctx16, std::ve
         const E* key = kp + j * k.stride(0) + h * k.stride(1);
         const E* val = vp + j * v.stride(0) + h * v.stride(1);
         for (int64_t p = 0; p < lanes; ++p)
-          std::memcpy(&kt[(h * lanes + p) * ctx16 + j], key + W * p, sizeof(uint32_t));
-        auto* lane = reinterpret_cast<E*>(vt.data() + (h * ctx16 / W + j / W) * d);
-        for (int64_t i = 0; i < d; ++i) lane[W * i + j % W] = val[i];
+          kt[((h * ctx16 + j / 16 * 16) * lanes + p * 16) + j % 16] = Form::lane(key + W * p);
+        uint32_t* row = vt.data() + (h * ctx16 / W + j / W) * d;
+        if constexpr (W == 1) {
+          for (int64_t i = 0; i < d; ++i) row[i] = Form::lane(val + i);
+        } else {  // key j's values at the (j % W)th element of each lane
+          auto* elems = reinterpret_cast<E*>(row);
+          for (int64_t i = 0; i < d; ++i) elems[W * i + j % W] = val[i];
+        }
       }
   });
 }
@@ -167,7 +198,7 @@ template <typename Form>
 struct Prefill {
   using E = typename Form::Elem;
   int64_t n, ctx, heads, d, group, ctx16;
-  const uint32_t* q;  // q's rows as D / kPer lanes each, q_row lanes apart
+  const E* q;  // [n, H, D], rows q_row elements apart
   int64_t q_row;
   const std::vector<uint32_t>& kt;
   const std::vector<uint32_t>& vt;
@@ -181,10 +212,13 @@ struct Prefill {
     const int64_t h = hq / group, lanes = d / W, p_row = ctx16 / W;
     const int64_t last_keys = ctx - n + i0 + rows;  // keys the block's last row sees
     const int64_t chunks = (last_keys + 15) / 16, n_lanes = (last_keys + W - 1) / W;
-    const uint32_t* qr = q + i0 * q_row + hq * lanes;
+    uint32_t qr[kPrefillRows * 128];  // the block's queries as lanes, `lanes` a row
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t p = 0; p < lanes; ++p)
+        qr[r * lanes + p] = Form::lane(q + (i0 + r) * q_row + hq * d + W * p);
     const uint32_t* kh = kt.data() + h * lanes * ctx16;
 #define PYTGI_PREFILL_SCORES(R) \
-  if (rows == R) prefill_scores<Form, R>(qr, q_row, kh, ctx16, lanes, chunks, scale, scores, ctx16);
+  if (rows == R) prefill_scores<Form, R>(qr, lanes, kh, lanes, chunks, scale, scores, ctx16);
     PYTGI_PREFILL_SCORES(1) PYTGI_PREFILL_SCORES(2) PYTGI_PREFILL_SCORES(3) PYTGI_PREFILL_SCORES(4)
     PYTGI_PREFILL_SCORES(5) PYTGI_PREFILL_SCORES(6) PYTGI_PREFILL_SCORES(7) PYTGI_PREFILL_SCORES(8)
 #undef PYTGI_PREFILL_SCORES
@@ -217,7 +251,7 @@ torch::Tensor attend_prefill(const torch::Tensor& q, const torch::Tensor& k,
   pack<Form>(k, v, ctx16, kt, vt);
   auto out = torch::empty({n, heads, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
   const Prefill<Form> job{n, ctx, heads, d, heads / k.size(1), ctx16,
-                          static_cast<const uint32_t*>(q.data_ptr()), q.stride(0) / Form::kPer,
+                          static_cast<const typename Form::Elem*>(q.data_ptr()), q.stride(0),
                           kt, vt, static_cast<float>(scale),
                           static_cast<typename Form::Elem*>(out.data_ptr())};
   const int64_t blocks = (n + kPrefillRows - 1) / kPrefillRows;
@@ -242,12 +276,13 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   TORCH_CHECK(v.sizes() == k.sizes() && k.size(2) == d && ctx >= n && heads % k.size(1) == 0,
               "k, v [ctx >= n, KVH | H, D]");
   TORCH_CHECK(d % 32 == 0 && d <= 128, "head size a multiple of 32, at most 128");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == d &&
-                  q.stride(0) % 2 == 0 && q.storage_offset() % 2 == 0,
-              "each head's D values contiguous, heads adjacent, rows 32-bit aligned");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == d,
+              "each head's D values contiguous, heads adjacent");
   if (dtype == torch::kFloat) return attend_prefill<F32>(q, k, v, scale);
 #ifdef __AVX512BF16__
   if (dtype == torch::kBFloat16) return attend_prefill<Bf16>(q, k, v, scale);
+#else
+  if (dtype == torch::kBFloat16) return attend_prefill<Bf16Wide>(q, k, v, scale);
 #endif
   TORCH_CHECK(false, "prefill_attention: ", dtype, " is not among prefill_dtypes here");
 }
