@@ -131,7 +131,11 @@ def test_a_requests_attention_is_bitwise_the_same_alone_and_in_any_batch(kernels
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("rows,inner,outer", [(1, 576, 960), (1, 100, 37), (2, 64, 48)])
+# Weight rows go 4 at a time, `inner` in steps of two vectors, then one, then one value at a
+# time: shapes that leave each of those remainders (8 or 16 lanes), and a lone last row.
+@pytest.mark.parametrize(
+    "rows,inner,outer", [(1, 576, 960), (1, 100, 37), (2, 64, 48), (3, 72, 9), (1, 40, 6)]
+)
 def test_linear_small(kernels, dtype, tolerance, rows, inner, outer):
     gen = torch.Generator().manual_seed(inner)
     x = torch.randn(rows, inner, generator=gen).to(dtype)

@@ -158,6 +158,7 @@ struct Lanes {
   }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static float sum(V v) { return _mm512_reduce_add_ps(v); }
   static __m256 half(V v) {  // lanes i and i + 8 added
     return _mm256_add_ps(_mm512_castps512_ps256(v),
@@ -173,6 +174,7 @@ struct Lanes {
   static V load(const uint8_t* p) { return widen8(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static float sum(V v) { return hsum(v); }
   static __m256 half(V v) { return v; }
 #endif
@@ -780,9 +782,42 @@ void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, to
 
 namespace {
 
-// out[m, n] = x[m, :] . w[n, :] for a few rows x (decode: one per request). Each weight row
-// is read once from memory and used for every x row while it sits in L1, so the time is
-// the time to stream the weights; rows of w are shared out over ATen's threads.
+#if defined(PYTGI_ATTEND_AVX2) && !defined(__AVX512F__)
+#define PYTGI_ROWS4 1
+// out[0..4) = x . w[j] for the 4 float32 weight rows w[j] = w + j * k: two accumulators per
+// row (8 independent multiply-add chains), x's vectors loaded once for the 4 rows. On a
+// 2-core AVX2 EPYC (Zen 1) one row's single chain waited on its latency: SmolLM2's products
+// 38 -> 31 ms. bfloat16 rows stay one at a time (this form took them 24 -> 32 ms there), and
+// AVX-512's single 16-lane chain was not measured slow (benchmarks/RESULTS.md, 2026-12-04).
+inline void dot_rows4(const float* x, const float* w, int64_t k, float* out) {
+  using L = Lanes;
+  constexpr int64_t W = L::kWidth;
+  const float *w0 = w, *w1 = w + k, *w2 = w + 2 * k, *w3 = w + 3 * k;
+  L::V a0 = L::zero(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+  int64_t i = 0;
+  for (; i + 2 * W <= k; i += 2 * W) {
+    const L::V x0 = L::load(x + i), x1 = L::load(x + i + W);
+    a0 = L::fma(x0, L::load(w0 + i), a0), b0 = L::fma(x1, L::load(w0 + i + W), b0);
+    a1 = L::fma(x0, L::load(w1 + i), a1), b1 = L::fma(x1, L::load(w1 + i + W), b1);
+    a2 = L::fma(x0, L::load(w2 + i), a2), b2 = L::fma(x1, L::load(w2 + i + W), b2);
+    a3 = L::fma(x0, L::load(w3 + i), a3), b3 = L::fma(x1, L::load(w3 + i + W), b3);
+  }
+  for (; i + W <= k; i += W) {
+    const L::V x0 = L::load(x + i);
+    a0 = L::fma(x0, L::load(w0 + i), a0), a1 = L::fma(x0, L::load(w1 + i), a1);
+    a2 = L::fma(x0, L::load(w2 + i), a2), a3 = L::fma(x0, L::load(w3 + i), a3);
+  }
+  _mm_storeu_ps(out, L::sum4(L::add(a0, b0), L::add(a1, b1), L::add(a2, b2), L::add(a3, b3)));
+  for (; i < k; ++i) {  // k not a multiple of the lanes: the last values one by one
+    out[0] += x[i] * w0[i], out[1] += x[i] * w1[i];
+    out[2] += x[i] * w2[i], out[3] += x[i] * w3[i];
+  }
+}
+#endif
+
+// out[m, n] = x[m, :] . w[n, :] for a few rows x (decode: one per request). Each group of 4
+// weight rows is read once from memory and used for every x row while it sits in L1, so
+// the time is the time to stream the weights; groups are shared out over ATen's threads.
 template <typename T>
 void small_matmul(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor& out) {
   using R = typename Raw<T>::type;
@@ -792,11 +827,21 @@ void small_matmul(const torch::Tensor& x, const torch::Tensor& w, torch::Tensor&
   T* op = out.data_ptr<T>();
   std::vector<float> xf(m_rows * k);
   for (int64_t i = 0; i < m_rows * k; ++i) xf[i] = static_cast<float>(xp[i]);
-  at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const R* row = wp + n * k;
-      for (int64_t m = 0; m < m_rows; ++m)
-        op[m * n_rows + n] = static_cast<T>(dot(&xf[m * k], row, k));
+  at::parallel_for(0, (n_rows + 3) / 4, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t n0 = 4 * g, rows = std::min<int64_t>(4, n_rows - n0);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        float sums[4];
+#ifdef PYTGI_ROWS4
+        if (std::is_same_v<R, float> && rows == 4) {
+          dot_rows4(&xf[m * k], reinterpret_cast<const float*>(wp + n0 * k), k, sums);
+        } else
+#endif
+        {
+          for (int64_t j = 0; j < rows; ++j) sums[j] = dot(&xf[m * k], wp + (n0 + j) * k, k);
+        }
+        for (int64_t j = 0; j < rows; ++j) op[m * n_rows + n0 + j] = static_cast<T>(sums[j]);
+      }
     }
   });
 }
