@@ -14,7 +14,8 @@
 #      concurrency 64 and 1; then the shards' step ahead on and off (step_ahead.py), 1B
 #   7. where a batch-1 step's time goes (profiler); the quantized layers' kernels alone at
 #      the 1B's shapes; the step with fp8 / int8 / int4 weights and an fp8 KV cache
-#   8. a random-weight Llama-3.1-8B, and its decode step (last: the goals need only the 1B)
+#   8. a random-weight Llama-3.1-8B, its decode step, and that step per weight format (last:
+#      the goals need only the 1B)
 # The whole script keeps to BUDGET seconds (default 460): a step gets at most its own limit
 # and what is left of the budget, and a step with under 20 s left is skipped (and listed).
 # STEPS="models compare ..." runs only the named steps (step names as the log prints them;
@@ -111,8 +112,10 @@ check model-8b 60 $PY benchmarks/gpu_models.py "$MODELS" --tokenizer .gpu/tokeni
 if [ -f "$MODELS/llama-8b/config.json" ]; then
   check decode-8b 90 $PY benchmarks/gpu_decode.py "$MODELS/llama-8b" --batch 1,8,64 \
     --no-transformers --json "$OUT/decode_8b.json"
-elif wanted decode-8b; then
-  SKIPPED+=(decode-8b)
+  check quant-8b 200 $PY benchmarks/gpu_decode.py "$MODELS/llama-8b" --batch 1,8,64 \
+    --steps 32 --quantized
+else
+  for name in decode-8b quant-8b; do wanted $name && SKIPPED+=($name); done
 fi
 
 step summary
