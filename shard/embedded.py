@@ -8,6 +8,7 @@ leaves a folder that a later start would trust.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
@@ -122,6 +123,29 @@ def _add_to_config(path: Path, values: dict) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+@contextlib.contextmanager
+def _one_gguf_read():
+    """transformers reads a GGUF file whole (`gguf.GGUFReader`, imported inside its loader)
+    for the config, again for the tokenizer (and the weights): 8-20 s each on one core for
+    a 49,152-token vocabulary. Within this block a file is read once and its reader handed
+    out again; transformers' loader reads the readers, never changes them."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(path), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _prepare_gguf(path: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -130,7 +154,9 @@ def _prepare_gguf(path: Path, target: Path) -> None:
     log.info("reading %s's config and tokenizer into %s (once)", path.name, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        with _one_gguf_read():
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the blocks are read by pytgi itself
         if not config.architectures:  # by the GGUF's architecture (shard/gguf.py's)
@@ -139,7 +165,6 @@ def _prepare_gguf(path: Path, target: Path) -> None:
             config.architectures = [_GGUF_CLASSES[config.model_type]]
         config.save_pretrained(staging)
         _add_to_config(staging / "config.json", gguf_config(path))  # what transformers skips
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         tokenizer.save_pretrained(staging)
         _write_generation_config(staging, config)
         _mark_complete(staging, {"source": str(path), "weights": "gguf"})
@@ -188,7 +213,10 @@ def _convert(gguf_path: Path, target: Path) -> None:
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, target)
     staging = Path(tempfile.mkdtemp(prefix=f".{MODEL_NAME}.", dir=target.parent))
     try:
-        with tqdm(total=4, desc="converting the default model", unit="step") as bar:
+        with (
+            tqdm(total=4, desc="converting the default model", unit="step") as bar,
+            _one_gguf_read(),
+        ):
             tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
             bar.update()
             model = AutoModelForCausalLM.from_pretrained(

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from shard.errors import ModelLoadError
+from shard.gguf_file import GgufFile
 
 log = logging.getLogger("shard")
 
@@ -106,15 +107,6 @@ def hf_name(name: str, names: dict[str, str] = _LAYER_NAMES) -> str | None:
     return None
 
 
-def field_value(reader: Any, key: str) -> Any:
-    """A scalar or string metadata value of a GGUFReader's file; None when absent."""
-    found = reader.get_field(key)
-    if found is None:
-        return None
-    raw = found.parts[found.data[0]]
-    return bytes(raw).decode() if raw.dtype == np.uint8 else raw.item()
-
-
 def unpermute_rows(rows: int, heads: int) -> torch.Tensor:
     """Row indices that undo llama.cpp's interleaving of q/k rows ([heads, 2, D / 2] ->
     [heads, D / 2, 2] per head): HF row i is GGUF row index[i]."""
@@ -127,10 +119,11 @@ class GgufStore:
     plus `packed(name)`: the packed form of a Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensor, else None."""
 
     def __init__(self, path: str | Path) -> None:
-        from gguf import GGUFReader
-
         self.path = Path(path)
-        self.reader = GGUFReader(self.path)
+        try:
+            self.file = GgufFile(self.path)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
         arch = self._field("general.architecture")
         if arch not in ARCHITECTURES:
             raise ModelLoadError(
@@ -140,7 +133,7 @@ class GgufStore:
         self.arch = ARCHITECTURES[arch]
         unread = [
             t.name
-            for t in self.reader.tensors
+            for t in self.file.tensors
             if t.name.startswith("rope_") and t.name not in _ROPE_TENSORS.get(arch, ())
         ]
         if unread:
@@ -151,7 +144,7 @@ class GgufStore:
         self.heads = int(self._field(f"{arch}.attention.head_count"))
         self.kv_heads = int(self._field(f"{arch}.attention.head_count_kv") or self.heads)
         self._tensors: dict[str, Any] = {}
-        for tensor in self.reader.tensors:
+        for tensor in self.file.tensors:
             name = hf_name(tensor.name, self.arch.names)
             if name is not None:
                 self._tensors[name] = tensor
@@ -161,7 +154,7 @@ class GgufStore:
             log.info("%s: %s tensors are dequantized on load", self.path.name, ", ".join(others))
 
     def _field(self, key: str) -> Any:
-        return field_value(self.reader, key)
+        return self.file.value(key)
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors
@@ -333,7 +326,7 @@ def _llama3_scaling(divisors: list[float], dim: int, theta: float) -> dict[str, 
     raise ValueError("its rope_freqs are not Llama 3's RoPE scaling (low 1, high 4)")
 
 
-def _tensor_values(reader: Any, name: str) -> list[float] | None:
+def _tensor_values(reader: GgufFile, name: str) -> list[float] | None:
     for tensor in reader.tensors:
         if tensor.name == name:
             return np.asarray(tensor.data, dtype=np.float32).reshape(-1).tolist()
@@ -346,12 +339,8 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     larger; Llama 3.1+'s from its rope_freqs; Phi-3's longrope from its factor tensors),
     partial rotary dimensions (Phi-4-mini). Keys absent from the file are left out;
     ValueError for rope_freqs that are not Llama 3's scaling."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(Path(path))
-
-    def value(key: str) -> Any:
-        return field_value(reader, key)
+    reader = GgufFile(path)
+    value = reader.value
 
     arch = value("general.architecture")
     out: dict[str, Any] = {}

@@ -304,9 +304,10 @@ def test_a_bfloat16_model_takes_the_panels_where_the_build_multiplies_bfloat16(
 )
 def test_the_build_without_bf16_dot_products_on_a_cpu_with_them():
     """CPUs with AVX-512 but no bf16 dot products multiply bfloat16 rows widened to float32
-    (panels and quantized panels); that build is made here too
+    (panels, quantized panels, prefill attention); that build is made here too
     (PYTGI_CPU_KERNEL_CFLAGS=-mno-avx512bf16, a module of its own) and this file's tests, the
-    plain panels' and the C++ step's run against it in a fresh process."""
+    plain panels', the prefill attention's and the C++ step's run against it in a fresh
+    process."""
     import os
     import subprocess
     import sys
@@ -316,23 +317,25 @@ def test_the_build_without_bf16_dot_products_on_a_cpu_with_them():
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "-k",
          "not without_bf16_dot_products", "tests/test_qpanels.py", "tests/test_panel_linear.py",
-         "tests/test_cpu_step.py"],
+         "tests/test_prefill_attention.py", "tests/test_cpu_step.py"],
         cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
         timeout=1200,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and " failed" not in result.stdout
     # the bfloat16 cases ran, widened: none skipped for want of bfloat16 panels
-    assert (
-        "not bfloat16" not in result.stdout and "no panels for torch.bfloat16" not in result.stdout
+    assert not any(
+        skip in result.stdout
+        for skip in ("not bfloat16", "no panels for torch.bfloat16", "bfloat16 prefills")
     )
     probe = "from shard import cpu_kernels as c; k = c.load(); print(k.panel_widens_bfloat16, "
-    probe += "'bfloat16' in k.panel_dtypes, 'bfloat16' in k.qpanel_dtypes)"
+    probe += "'bfloat16' in k.panel_dtypes, 'bfloat16' in k.qpanel_dtypes, "
+    probe += "'bfloat16' in k.prefill_dtypes)"
     built = subprocess.run(
         [sys.executable, "-c", probe], cwd=Path(__file__).resolve().parents[1], env=env,
         capture_output=True, text=True, timeout=600, check=True,
     )  # fmt: skip
-    assert built.stdout.split() == ["True", "True", "True"]
+    assert built.stdout.split() == ["True"] * 4
 
 
 AMX = getattr(KERNELS, "amx_qpanel_rows", 0) > 0 and KERNELS.amx_ready()

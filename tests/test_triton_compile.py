@@ -30,16 +30,26 @@ SHARED_MEMORY_LIMIT = 163 * 1024  # bytes per block on an A100 (an H100 allows 2
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory) -> dict:
-    """Every case compiled once, in a process without TRITON_INTERPRET and with an empty
-    cache (so each case is really compiled)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    """Every case compiled once, without TRITON_INTERPRET and with an empty cache (so each
+    case is really compiled): one process per arch at once (each one's lowering and ptxas
+    take turns on one core)."""
     probe = Path(__file__).with_name("triton_compile_probe.py")
-    result = subprocess.run(
-        [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout)
+    procs = []
+    for arch in ARCHS:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp(f"triton-cache-{arch}"))
+        procs.append(subprocess.Popen([sys.executable, str(probe), str(arch)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    results: dict = {}
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+            results.update(json.loads(out))
+    finally:
+        for proc in procs:
+            proc.kill()
+    return results
 
 
 ATTENTION = ["paged_decode", "paged_decode_split", "paged_prefill"]  # tl.dot kernels

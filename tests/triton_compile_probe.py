@@ -2,7 +2,8 @@
 
 Run by test_triton_compile.py in a fresh process: Triton's interpreter mode (which the test
 session turns on) changes module state at import and cannot compile.
-    python tests/triton_compile_probe.py  ->  {"<kernel>/<model>/<dtype>/sm_<arch>": {...}}
+    python tests/triton_compile_probe.py [ARCH ...]  ->  {"<kernel>/<model>/<dtype>/sm_<arch>": {...}}
+(every arch of ARCHS by default; the test runs one process per arch, side by side)
 """
 
 from __future__ import annotations
@@ -122,13 +123,13 @@ def write_signature(pointer: str, cache: str | None = None) -> dict:
     }
 
 
-def main() -> None:
+def main(archs: tuple[int, ...]) -> None:
     results = {}
     for model, (heads, kv_heads, head_dim) in SHAPES.items():
         for name, dtype in DTYPES.items():
             pointer = f"*{name}"
             decode = tk.decode_constants(heads, kv_heads, head_dim, 16, dtype)
-            for arch in ARCHS:
+            for arch in archs:
                 for split in (False, True):
                     kernel = "paged_decode_split" if split else "paged_decode"
                     results[f"{kernel}/{model}/{name}/sm_{arch}"] = compile_kernel(
@@ -150,18 +151,19 @@ def main() -> None:
                     tk._merge_splits_kernel, merge_signature(pointer), constants, arch
                 )
             constants = tk.write_kv_constants(kv_heads, head_dim)
-            results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(
-                tk._write_kv_kernel, write_signature(pointer), constants, 90
-            )
+            if 90 in archs:
+                results[f"write_kv/{model}/{name}/sm_90"] = compile_kernel(
+                    tk._write_kv_kernel, write_signature(pointer), constants, 90
+                )
             if name in FP8_QUERIES:
-                for arch in ARCHS:
+                for arch in archs:
                     results[f"write_kv/{model}/fp8-{name}/sm_{arch}"] = compile_kernel(
                         tk._write_kv_kernel,
                         write_signature(pointer, "*u8"),
                         tk.write_kv_constants(kv_heads, head_dim, fp8=True),
                         arch,
                     )
-            for arch in ARCHS:
+            for arch in archs:
                 results.update(compile_layer_kernels(model, name, pointer, head_dim, arch))
                 if model == "llama-1b" and name in FP8_QUERIES:
                     results.update(compile_quant_kernels(model, name, arch))
@@ -279,4 +281,4 @@ def compile_layer_kernels(model: str, dtype: str, pointer: str, head_dim: int, a
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(int(arch) for arch in sys.argv[1:]) or ARCHS)
