@@ -326,8 +326,8 @@ def _llama3_scaling(divisors: list[float], dim: int, theta: float) -> dict[str, 
     raise ValueError("its rope_freqs are not Llama 3's RoPE scaling (low 1, high 4)")
 
 
-def _tensor_values(reader: GgufFile, name: str) -> list[float] | None:
-    for tensor in reader.tensors:
+def _tensor_values(gguf_file: GgufFile, name: str) -> list[float] | None:
+    for tensor in gguf_file.tensors:
         if tensor.name == name:
             return np.asarray(tensor.data, dtype=np.float32).reshape(-1).tolist()
     return None
@@ -339,8 +339,8 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     larger; Llama 3.1+'s from its rope_freqs; Phi-3's longrope from its factor tensors),
     partial rotary dimensions (Phi-4-mini). Keys absent from the file are left out;
     ValueError for rope_freqs that are not Llama 3's scaling."""
-    reader = GgufFile(path)
-    value = reader.value
+    gguf_file = GgufFile(path)
+    value = gguf_file.value
 
     arch = value("general.architecture")
     out: dict[str, Any] = {}
@@ -360,15 +360,15 @@ def gguf_config(path: str | Path) -> dict[str, Any]:
     rotary = value(f"{arch}.rope.dimension_count") or head_dim
     if arch == "phi3" and rotary and head_dim and rotary < head_dim:
         out["partial_rotary_factor"] = rotary / head_dim
-    divisors = _tensor_values(reader, "rope_freqs.weight")
+    divisors = _tensor_values(gguf_file, "rope_freqs.weight")
     if arch == "llama" and divisors is not None and rotary:
         theta = float(value(f"{arch}.rope.freq_base") or 10000.0)
         scaling = _llama3_scaling(divisors, rotary, theta)
         if scaling is not None:
             out["rope_scaling"] = scaling
-    long = _tensor_values(reader, "rope_factors_long.weight")
+    long = _tensor_values(gguf_file, "rope_factors_long.weight")
     if arch == "phi3" and long is not None:
-        short = _tensor_values(reader, "rope_factors_short.weight") or long
+        short = _tensor_values(gguf_file, "rope_factors_short.weight") or long
         out["rope_scaling"] = {"type": "longrope", "long_factor": long, "short_factor": short}
         original = value(f"{arch}.rope.scaling.original_context_length")
         if original:
