@@ -184,6 +184,16 @@ class ModelRunner:
                     "oneDNN's bfloat16 path, not pytgi's float32 widening (its CPU kernels "
                     "are off, or oneDNN packed the weights); --dtype float32 is faster there"
                 )
+            elif not cpu_kernels.has_bf16_instructions() and not hasattr(
+                self.model.layers[0].qkv, "kind"
+            ):
+                log.warning(
+                    "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
+                    "its products are widened to float32, so decode steps run as fast as "
+                    "float32's or faster, but prefills can take longer (1.17-1.31x float32's "
+                    "time on a 2-core AVX2 EPYC, benchmarks/bf16_cpu.py); --dtype float32 for long "
+                    "prompts"
+                )
             if self._quantized_without_panels():
                 log.warning(
                     "bfloat16 with int8/int4 weights on a CPU without bf16 dot products: the "

@@ -338,8 +338,9 @@ def test_cpu_bf16_support_is_read_from_the_cpu_flags():
 
 def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, caplog, monkeypatch):
     """Without bf16 instructions, bfloat16 layers widen their weights to float32 in our
-    kernels (named in the report, no warning); with our kernels off they take oneDNN's slow
-    bfloat16 path, and the log says float32 is faster."""
+    kernels (named in the report; the log warns that prefills can take longer than float32's);
+    with our kernels off they take oneDNN's slow bfloat16 path, and the log says float32 is
+    faster. With bf16 instructions, neither warning."""
     import logging
 
     from shard import cpu_kernels
@@ -352,15 +353,17 @@ def test_start_up_log_names_the_kernels_and_warns_of_slow_bf16(tiny_model_dir, c
     assert "attention reference" in report and "CpuOps" in report and "bfloat16 on cpu" in report
     assert "bfloat16 rows widened to float32" in report
     assert "float32 is faster" not in caplog.text
+    assert "prefills can take longer" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="shard"):
         make_engine(tiny_model_dir, dtype="bfloat16", cpu_gemv=False, pack_linear=False)
     assert "--dtype float32 is faster" in caplog.text
+    assert "prefills can take longer" not in caplog.text
     caplog.clear()
     monkeypatch.setattr(cpu_kernels, "has_bf16_instructions", lambda: True)
     with caplog.at_level(logging.INFO, logger="shard"):
         native = make_engine(tiny_model_dir, dtype="bfloat16", pack_linear=False)
-    assert "float32 is faster" not in caplog.text
+    assert "float32 is faster" not in caplog.text and "prefills can take longer" not in caplog.text
     assert "widened" not in native.runner.kernel_report()  # native bf16: torch's own path
     plain = make_engine(tiny_model_dir, cpu_gemv=False, pack_linear=False).runner.kernel_report()
     assert "batch-1 rows: as the batched path" in plain
