@@ -184,9 +184,7 @@ class ModelRunner:
                     "oneDNN's bfloat16 path, not pytgi's float32 widening (its CPU kernels "
                     "are off, or oneDNN packed the weights); --dtype float32 is faster there"
                 )
-            elif not cpu_kernels.has_bf16_instructions() and not hasattr(
-                self.model.layers[0].qkv, "kind"
-            ):
+            elif self._bf16_without_instructions:
                 log.warning(
                     "bfloat16 on a CPU without bf16 instructions (no avx512_bf16 or amx_bf16): "
                     "its products are widened to float32, so decode steps run as fast as "
@@ -272,9 +270,14 @@ class ModelRunner:
         a CPU without bf16 instructions: neither the layers' widening (AVX2) nor our panels
         (AVX-512 BW: widened in registers) took them."""
         layer = self.model.layers[0].qkv
-        if hasattr(layer, "kind") or cpu_kernels.has_bf16_instructions():
-            return False  # quantized layers: their own kernels (see _quantized_without_panels)
-        return not self._widens_bf16 and layer.panels is None
+        return self._bf16_without_instructions and not self._widens_bf16 and layer.panels is None
+
+    @property
+    def _bf16_without_instructions(self) -> bool:
+        """Whether plain (not quantized: see _quantized_without_panels) layers multiply
+        bfloat16 on a CPU without bf16 instructions."""
+        layer = self.model.layers[0].qkv
+        return not hasattr(layer, "kind") and not cpu_kernels.has_bf16_instructions()
 
     @property
     def _step_report(self) -> str:
