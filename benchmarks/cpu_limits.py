@@ -217,7 +217,8 @@ def step_ms(
             products()
             alone.append(time.perf_counter() - start)
 
-    text = " ".join(single_token_words(model_dir)[:prompt])
+    words = single_token_words(model_dir)  # fewer than `prompt` (49 for SmolLM2): cycled
+    text = " ".join(words[i % len(words)] for i in range(prompt))
     step = decode_ms(engine, [spec(0, text, steps + 8, ignore_eos=True)], steps, time_products)
     del engine
     gc.collect()

@@ -132,6 +132,28 @@ def paged_decode(
     )
 
 
+def stores_rows(cache: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `store_kv` takes x [T, KVH, D] into `cache`: the same dtype, each row's KVH * D
+    values contiguous, the cache contiguous."""
+    return (
+        x.dtype == cache.dtype
+        and x.dim() == 3
+        and x.stride(2) == 1
+        and x.stride(1) == x.shape[2]
+        and cache.is_contiguous()
+    )
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots
+) -> None:
+    """k, v [T, KVH, D] -> caches [N, BS, KVH, D] of their dtype at `slots` [T] (-1: skipped),
+    rows copied as they are (`stores_rows` says which inputs it takes)."""
+    module = load()
+    assert module is not None, "call load() first and keep the torch path when it is None"
+    module.store_kv(k_cache, v_cache, k, v, slots)
+
+
 def store_fp8(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

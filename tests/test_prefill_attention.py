@@ -119,3 +119,55 @@ def test_the_start_up_report_names_the_prefill_path(kernels, dtype):
     assert backend.prefill_report(dtype, torch.device("cpu")).startswith("C++ kernel")
     backend.use_cpu_kernel = False
     assert backend.prefill_report(dtype, torch.device("cpu")) == "SDPA"
+
+
+@pytest.mark.parametrize(
+    "new, cached, dim", [(128, 0, 64), (37, 63, 32), (17, 0, 128), (1, 40, 96)]
+)
+def test_tiles_agree_with_the_dot_products(kernels, new, cached, dim):
+    """bfloat16 on AMX tiles (where this CPU and build have them) against the bf16 dot
+    products: both within bfloat16's rounding of float32 SDPA, and of each other."""
+    if "bfloat16" not in kernels.prefill_dtypes:
+        pytest.skip("bfloat16 prefills take SDPA with this build")
+    if not (getattr(kernels, "amx_rows", 0) > 0 and kernels.amx_ready()):
+        pytest.skip("no AMX tiles on this CPU or build: bfloat16 takes the dot products only")
+    gen = torch.Generator().manual_seed(new * 7 + cached)
+    q = torch.randn(new, 6, dim, generator=gen).bfloat16()
+    k = torch.randn(cached + new, 2, dim, generator=gen).bfloat16()
+    v = torch.randn(cached + new, 2, dim, generator=gen).bfloat16()
+    tiles = kernels.prefill_attention(q, k, v, dim**-0.5)
+    dots = kernels.prefill_attention(q, k, v, dim**-0.5, tiles=False)
+    expected = _reference(q, k, v, dim**-0.5)
+    assert _within(tiles, expected, v, torch.bfloat16)
+    assert _within(dots, expected, v, torch.bfloat16)
+    assert _within(tiles, dots.float(), v, torch.bfloat16)
+    assert not torch.equal(tiles, torch.zeros_like(tiles))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_the_backend_stores_kv_rows_by_the_kernel(kernels, monkeypatch, dtype):
+    """K/V rows (strided views of a fused output, as the layers give them) land in their slots
+    as `index_copy_` puts them, by one kernel call; rows whose heads are not adjacent take
+    the torch path."""
+    from shard import cpu_kernels
+
+    calls = []
+    original = cpu_kernels.store_kv
+    monkeypatch.setattr(cpu_kernels, "store_kv", lambda *a: calls.append(a) or original(*a))
+    gen = torch.Generator().manual_seed(5)
+    fused = torch.randn(7, 2 * 3 * 64 + 64, generator=gen).to(dtype)
+    k = fused[:, : 3 * 64].view(7, 3, 64)
+    v = fused[:, 3 * 64 : 6 * 64].view(7, 3, 64)
+    slots = torch.tensor([17, 2, 3, 30, 9, 0, 31])
+    meta = reference._Metadata(slots, None, False, None, None, [])
+    backend = reference.ReferenceBackend()
+    caches = [torch.zeros(2, 16, 3, 64, dtype=dtype) for _ in range(4)]
+    backend.store_kv(caches[0], caches[1], k, v, meta)
+    assert len(calls) == 1
+    for cache, rows in ((caches[2], k), (caches[3], v)):
+        cache.view(-1, 3, 64).index_copy_(0, slots, rows.contiguous())
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    heads_apart = k.transpose(0, 1).contiguous().transpose(0, 1)  # [T, KVH, D], heads T * D apart
+    other = [torch.zeros(2, 16, 3, 64, dtype=dtype) for _ in range(2)]
+    backend.store_kv(other[0], other[1], heads_apart, v, meta)
+    assert len(calls) == 1 and torch.equal(other[0], caches[0]) and torch.equal(other[1], caches[1])

@@ -14,6 +14,9 @@
 // SmolLM2's 120 decoder products, weights streamed, 2-core Xeon with AMX (a VM, ~21 GB/s of
 // reads), dot products -> tiles in one run: 1 row 10.1 -> 9.7 ms, 8 rows 13.6 -> 9.2, 32 rows
 // 46.5 -> 10.1 (at the read bandwidth), 128 rows 182 -> 22, 2048 rows 3.0 s -> 0.32 s.
+// Rows through a span of 512 KiB of weights at a time (not all of a thread's blocks): 576 x
+// 3072 at 128 / 512 rows 335 -> 237 / 1243 -> 768 us, smaller layers unchanged (their
+// blocks fit L2 already; benchmarks/RESULTS.md, 2026-12-05).
 
 #include "kernels.h"
 
@@ -33,6 +36,9 @@ namespace {
 
 constexpr int64_t kLanes = 16;     // columns of a panel, of a sum tile; rows of a tile
 constexpr int64_t kPairs = 16;     // input pairs of a tile product (32 inputs)
+// Weights a thread takes all rows through before its next blocks (bytes; a quarter of a 2 MiB
+// L2, the rest for x's rows and the sums).
+constexpr int64_t kSpanBytes = 512 << 10;
 // Tiles (gcc's tile intrinsics take literal numbers): sums 0..3 (row block i, panel j: 2 i + j),
 // x row blocks 4 and 5, the two panels' weights 6 and 7.
 
@@ -117,18 +123,24 @@ void amx_linear(const uint16_t* x, int64_t m, int64_t k, const int32_t* packed, 
   std::vector<uint16_t> tail(m > full ? kLanes * k : 0, 0);
   if (m > full) std::memcpy(tail.data(), x + full * k, (m - full) * k * sizeof(uint16_t));
   const auto rows_at = [&](int64_t r) { return r < full ? x + r * k : tail.data(); };
+  // Blocks a span: their weights (a block: 2 panels of `words` pairs, 128 bytes a pair) stay
+  // in L2 while every row goes through them.
+  const int64_t span = std::max<int64_t>(1, kSpanBytes / (words * 128));
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     configure_tiles();
-    // 32 rows at a time through all of the thread's blocks: those rows of x stay in L1
-    // while the blocks' weights come again from L2 (2048 x 576 rows: 1.3-1.5x faster
+    // 32 rows at a time through a span of the thread's blocks: those rows of x stay in L1
+    // while the span's weights come again from L2 (2048 x 576 rows: 1.3-1.5x faster
     // than all rows through one block at a time, with x from L3).
-    for (int64_t r = 0; r < m; r += 2 * kLanes) {
-      const bool two = r + kLanes < m;
-      const uint16_t* xa[2] = {rows_at(r), two ? rows_at(r + kLanes) : nullptr};
-      for (int64_t blk = begin; blk < end; ++blk)
-        block_rows(xa, k * 2, packed + blk * 2 * words * kLanes, words, two,
-                   out + r * n, std::min(kLanes, m - r), two ? std::min(kLanes, m - r - kLanes) : 0,
-                   n, blk * 2 * kLanes);
+    for (int64_t b0 = begin; b0 < end; b0 += span) {
+      const int64_t b1 = std::min(end, b0 + span);
+      for (int64_t r = 0; r < m; r += 2 * kLanes) {
+        const bool two = r + kLanes < m;
+        const uint16_t* xa[2] = {rows_at(r), two ? rows_at(r + kLanes) : nullptr};
+        for (int64_t blk = b0; blk < b1; ++blk)
+          block_rows(xa, k * 2, packed + blk * 2 * words * kLanes, words, two, out + r * n,
+                     std::min(kLanes, m - r), two ? std::min(kLanes, m - r - kLanes) : 0, n,
+                     blk * 2 * kLanes);
+      }
     }
     _tile_release();
   });

@@ -14,7 +14,8 @@ using namespace pytgi;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
 #ifdef __AVX512F__
-  m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)");
+  m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("tiles") = true);
   m.def("pack_panels", &pack_panels, "weights [N, K] -> panel_linear's panels (kernels.h)");
   m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)", py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("tiles") = true);
@@ -40,6 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("panel_widens_bfloat16") = true;
 #endif
 #endif
+  m.def("store_kv", &store_kv, "new K/V rows into caches of their dtype at their slots");
   m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
   m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
   m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");

@@ -123,6 +123,20 @@ void store_rows(const torch::Tensor& x, torch::Tensor& cache, const int64_t* slo
   }
 }
 
+}  // namespace
+
+void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slots) {
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == k.size(0) && v.size(0) == k.size(0),
+              "slots [T] for k, v [T, KVH, D]");
+  const auto slots64 = slots.to(torch::kInt64).contiguous();
+  store_rows(k, k_cache, slots64.data_ptr<int64_t>());
+  store_rows(v, v_cache, slots64.data_ptr<int64_t>());
+}
+
+namespace {
+
 // 1 / scale rounded to float32, as shard.kv_cache.inverse (every fp8 writer multiplies by it).
 double inverse(double scale) { return static_cast<double>(static_cast<float>(1.0 / scale)); }
 

@@ -16,7 +16,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // Causal attention of a prefill's n new tokens q [n, H, D] over its keys k, v [ctx, KVH, D]
 // (ctx >= n: a cached prefix then the new tokens) -> [n, H, D], float32 and, where the CPU
 // has bf16 dot products, bfloat16 (prefill.cpp; bindings.cpp lists them as prefill_dtypes).
-torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale);
+// `tiles`: bfloat16 on AMX tiles where the build and Linux allow (else the dot products).
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale,
+                                bool tiles = true);
 #endif
 #ifdef __AVX512F__
 // Weights w [N, K] packed for panel_linear (panels.cpp): float32 [P, K, 16]; bfloat16 (K even,
@@ -39,6 +41,10 @@ void configure_tiles();
 void amx_linear(const uint16_t* x, int64_t m, int64_t k, const int32_t* packed, int64_t panels,
                 int64_t n, uint16_t* out);
 #endif
+// New K/V rows [T, KVH, D] (each row's KVH * D values contiguous) into caches of their dtype
+// [N, BS, KVH, D] at `slots` [T] (-1: skipped); decode_step.cpp.
+void store_kv(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+              torch::Tensor slots);
 // New K/V rows [T, KVH, D] into fp8 caches at `slots` [T], multiplied by inv_k / inv_v.
 void store_fp8(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
                torch::Tensor slots, double inv_k, double inv_v);
