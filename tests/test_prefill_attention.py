@@ -116,7 +116,10 @@ def test_the_reference_backend_prefills_through_the_kernel(kernels, dtype, monke
 
 def test_the_start_up_report_names_the_prefill_path(kernels, dtype):
     backend = reference.ReferenceBackend()
-    assert backend.prefill_report(dtype, torch.device("cpu")).startswith("C++ kernel")
+    report = backend.prefill_report(dtype, torch.device("cpu"))
+    assert report.startswith("C++ kernel")
+    tiles = dtype == torch.bfloat16 and kernels.amx_rows > 0 and kernels.amx_ready()
+    assert ("on AMX tiles" in report) == tiles
     backend.use_cpu_kernel = False
     assert backend.prefill_report(dtype, torch.device("cpu")) == "SDPA"
 

@@ -199,9 +199,11 @@ class ReferenceBackend(AttentionBackend[_Metadata]):
         return cpu_kernels.load() is not None
 
     def prefill_report(self, dtype: torch.dtype, device: torch.device) -> str:
-        if self.use_cpu_kernel and _prefill_module(dtype, device) is not None:
-            return "C++ kernel where plain causal, else SDPA"
-        return "SDPA"
+        module = _prefill_module(dtype, device) if self.use_cpu_kernel else None
+        if module is None:
+            return "SDPA"
+        tiles = dtype == torch.bfloat16 and module.amx_rows > 0 and module.amx_ready()
+        return f"C++ kernel{' on AMX tiles' if tiles else ''} where plain causal, else SDPA"
 
     def store_kv(self, k_cache, v_cache, k, v, metadata: _Metadata, scales=NO_SCALES) -> None:
         """As the base class's; on CPU by one kernel call: into an fp8 cache (PyTorch's
