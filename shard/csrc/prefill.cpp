@@ -197,7 +197,11 @@ void pack(const torch::Tensor& k, const torch::Tensor& v, int64_t ctx16, std::ve
 // One call's shapes and packed keys; `rows` attends one task's queries.
 template <typename Form>
 struct Prefill {
+  using FormT = Form;
   using E = typename Form::Elem;
+  static constexpr int64_t kRows = kPrefillRows;  // a task's query rows
+  static void enter() {}                          // each thread, before and after its tasks
+  static void leave() {}
   int64_t n, ctx, heads, d, group, ctx16;
   const E* q;  // [n, H, D], rows q_row elements apart
   int64_t q_row;
@@ -287,7 +291,11 @@ inline void tiles_store(int64_t count, float (*sums)[kTileRows * kTileRows]) {
 }
 
 struct PrefillTiles {
+  using FormT = Bf16;
   using E = uint16_t;
+  static constexpr int64_t kRows = kTileRows;
+  static void enter() { configure_tiles(); }
+  static void leave() { _tile_release(); }
   int64_t n, ctx, heads, d, group, ctx16;
   const E* q;  // [n, H, D], rows q_row elements apart
   int64_t q_row;
@@ -347,52 +355,33 @@ struct PrefillTiles {
   }
 };
 
-// prefill_attention's bfloat16 on the tiles (PrefillTiles), keys packed as for Bf16.
-torch::Tensor attend_prefill_tiles(const torch::Tensor& q, const torch::Tensor& k,
-                                   const torch::Tensor& v, double scale) {
-  const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), ctx = k.size(0);
-  const int64_t ctx16 = (ctx + 31) / 32 * 32;
-  std::vector<uint32_t> kt, vt;
-  pack<Bf16>(k, v, ctx16, kt, vt);
-  auto out = torch::empty({n, heads, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const PrefillTiles job{n, ctx, heads, d, heads / k.size(1), ctx16,
-                         static_cast<const uint16_t*>(q.data_ptr()), q.stride(0), kt, vt,
-                         static_cast<float>(scale), static_cast<uint16_t*>(out.data_ptr())};
-  const int64_t blocks = (n + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    configure_tiles();
-    std::vector<float> scores(kTileRows * ctx16);
-    std::vector<uint32_t> probs(kTileRows * ctx16 / 2);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t hq = task / blocks, i0 = task % blocks * kTileRows;
-      job.rows(hq, i0, std::min(kTileRows, n - i0), scores.data(), probs.data());
-    }
-    _tile_release();
-  });
-  return out;
-}
 #endif  // PYTGI_AMX
 
-template <typename Form>
+// One call: K and V packed for the job's form, then its tasks (Job::kRows query rows of one
+// head each) over ATen's pool.
+template <typename Job>
 torch::Tensor attend_prefill(const torch::Tensor& q, const torch::Tensor& k,
                              const torch::Tensor& v, double scale) {
+  using Form = typename Job::FormT;
+  using E = typename Form::Elem;
   const int64_t n = q.size(0), heads = q.size(1), d = q.size(2), ctx = k.size(0);
   const int64_t ctx16 = (ctx + 31) / 32 * 32;
   std::vector<uint32_t> kt, vt;
   pack<Form>(k, v, ctx16, kt, vt);
   auto out = torch::empty({n, heads, d}, q.options().memory_format(at::MemoryFormat::Contiguous));
-  const Prefill<Form> job{n, ctx, heads, d, heads / k.size(1), ctx16,
-                          static_cast<const typename Form::Elem*>(q.data_ptr()), q.stride(0),
-                          kt, vt, static_cast<float>(scale),
-                          static_cast<typename Form::Elem*>(out.data_ptr())};
-  const int64_t blocks = (n + kPrefillRows - 1) / kPrefillRows;
+  const Job job{n, ctx, heads, d, heads / k.size(1), ctx16,
+                static_cast<const E*>(q.data_ptr()), q.stride(0), kt, vt,
+                static_cast<float>(scale), static_cast<E*>(out.data_ptr())};
+  const int64_t blocks = (n + Job::kRows - 1) / Job::kRows;
   at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(kPrefillRows * ctx16);
-    std::vector<uint32_t> probs(kPrefillRows * ctx16);
+    Job::enter();
+    std::vector<float> scores(Job::kRows * ctx16);
+    std::vector<uint32_t> probs(Job::kRows * ctx16);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t hq = task / blocks, i0 = task % blocks * kPrefillRows;
-      job.rows(hq, i0, std::min(kPrefillRows, n - i0), scores.data(), probs.data());
+      const int64_t hq = task / blocks, i0 = task % blocks * Job::kRows;
+      job.rows(hq, i0, std::min(Job::kRows, n - i0), scores.data(), probs.data());
     }
+    Job::leave();
   });
   return out;
 }
@@ -410,15 +399,15 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   TORCH_CHECK(d % 32 == 0 && d <= 128, "head size a multiple of 32, at most 128");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && q.stride(1) == d,
               "each head's D values contiguous, heads adjacent");
-  if (dtype == torch::kFloat) return attend_prefill<F32>(q, k, v, scale);
+  if (dtype == torch::kFloat) return attend_prefill<Prefill<F32>>(q, k, v, scale);
 #ifdef PYTGI_AMX
   if (dtype == torch::kBFloat16 && tiles && amx_ready())
-    return attend_prefill_tiles(q, k, v, scale);
+    return attend_prefill<PrefillTiles>(q, k, v, scale);
 #endif
 #ifdef __AVX512BF16__
-  if (dtype == torch::kBFloat16) return attend_prefill<Bf16>(q, k, v, scale);
+  if (dtype == torch::kBFloat16) return attend_prefill<Prefill<Bf16>>(q, k, v, scale);
 #else
-  if (dtype == torch::kBFloat16) return attend_prefill<Bf16Wide>(q, k, v, scale);
+  if (dtype == torch::kBFloat16) return attend_prefill<Prefill<Bf16Wide>>(q, k, v, scale);
 #endif
   TORCH_CHECK(false, "prefill_attention: ", dtype, " is not among prefill_dtypes here");
 }
