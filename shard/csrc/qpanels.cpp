@@ -23,7 +23,7 @@
 // several sums per row, so enough dot products are in flight). The first tile converts the
 // codes in registers as it reads them; with more than 12 rows it also writes them, a chunk
 // of 256 pairs at a time, to an L1 buffer of bfloat16 pairs that the other row tiles read.
-// Codes are prefetched 4 KiB ahead of the tile reading them, so they stream from memory
+// Codes are prefetched into L2 8 KiB ahead of the tile reading them, so they stream from memory
 // under the arithmetic (as panels.cpp does for plain weights). SmolLM2's 120 decoder
 // products, Zen 5, 2 cores, bfloat16 rows, quant.cpp's products on the row-major codes ->
 // these (benchmarks/qpanel_products.py): int8 1 / 8 / 32 rows 3.38 / 15.0 / 17.7 -> 2.85 /
@@ -66,9 +66,16 @@ constexpr int64_t kLanes = 16, kCols = 32;  // columns of a panel, of a unit
 constexpr int64_t kRows = 12;               // x rows of a tile
 constexpr int64_t kChunk = 256;             // pairs of inputs converted at a time
 // Codes are prefetched this many bytes ahead of the tile reading them (up to the end of the
-// thread's units): of 0 / 1 / 4 / 16 KiB, 4 fastest for SmolLM2's 120 decoder products at 1
-// and 8 rows (Zen 5, 2 cores: int8 1 row 2.80 / 2.90 / 2.49 / 2.52 ms).
-constexpr int64_t kAhead = 4096;
+// thread's units), into L2 (`prefetch`). Into L1, of 0 / 1 / 4 / 16 KiB, 4 was fastest for
+// SmolLM2's 120 decoder products at 1 and 8 rows (Zen 5, 2 cores: int8 1 row 2.80 / 2.90 /
+// 2.49 / 2.52 ms). On the 2-core AMX Xeon VM, one row, bfloat16 panels' time over int8's /
+// int4 g64's (alternating in a process): L1 at 4 KiB 1.34-1.35x / 2.37-2.43x, L2 at 4 / 8 /
+// 16 / 32 KiB 1.56 / 1.54-1.58 / 1.49-1.56 / 1.52x and 2.68 / 2.58 / 2.46-2.52 / 2.38x;
+// both hints (L2 at 8 KiB, L1 at 1 KiB) no better than L2 alone.
+constexpr int64_t kAhead = 8192;
+inline void prefetch(const uint8_t* at) {
+  _mm_prefetch(reinterpret_cast<const char*>(at), _MM_HINT_T1);
+}
 
 // Each form reads kPairs pairs of inputs (kBytes bytes) at a time into w[pair][panel].
 
@@ -241,7 +248,7 @@ void tile(const uint32_t* x, int64_t xs, const uint8_t* codes, int64_t pairs, Gr
   constexpr int S = sets<MR>();
   auto step = [&](int set, int64_t p, __m512 (&acc)[S][MR][2]) {
     const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;  // p: a multiple of kPairs
-    if (dist && at + dist < limit) _mm_prefetch(reinterpret_cast<const char*>(at + dist), _MM_HINT_T0);
+    if (dist && at + dist < limit) prefetch(at + dist);
     __m512bh w[Src::kPairs][2];
     Src::weights(at, w);
     for (int q = 0; q < Src::kPairs; ++q) {
@@ -300,7 +307,7 @@ void tile_paired(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs
     for (int j = 0; j < 2; ++j) tr[i][j] = _mm512_loadu_ps(tot + i * kCols + j * kLanes);
   const auto step = [&](int64_t p, __m512 (&acc)[MR][4]) {
     const uint8_t* at = codes + p * 64;
-    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+    if (at + kAhead < limit) prefetch(at + kAhead);
     __m512 w[4];
     for (int t = 0; t < 4; ++t) w[t] = Q8::quarter(at + 16 * t);
     for (int i = 0; i < MR; ++i) {
@@ -422,7 +429,7 @@ template <typename Src>
 void convert(const uint8_t* codes, int64_t len, uint8_t* out, const uint8_t* limit) {
   for (int64_t p = 0; p < len; p += Src::kPairs) {
     const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
-    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+    if (at + kAhead < limit) prefetch(at + kAhead);
     __m512bh w[Src::kPairs][2];
     Src::weights(at, w);
     for (int q = 0; q < Src::kPairs; ++q) {
@@ -634,7 +641,7 @@ void tile32(const float* x, int64_t xs, const uint8_t* codes, int64_t pairs, Gro
   constexpr int S = sets<MR>();
   auto step = [&](int set, int64_t p, __m512 (&acc)[S][MR][2]) {
     const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
-    if (dist && at + dist < limit) _mm_prefetch(reinterpret_cast<const char*>(at + dist), _MM_HINT_T0);
+    if (dist && at + dist < limit) prefetch(at + dist);
     __m512 w[Src::kPairs][2][2];
     Src::weights32(at, w);
     for (int q = 0; q < Src::kPairs; ++q)
@@ -663,7 +670,7 @@ template <typename Src>
 void convert32(const uint8_t* codes, int64_t pairs, float* out, const uint8_t* limit) {
   for (int64_t p = 0; p < pairs; p += Src::kPairs) {
     const uint8_t* at = codes + p / Src::kPairs * Src::kBytes;
-    if (at + kAhead < limit) _mm_prefetch(reinterpret_cast<const char*>(at + kAhead), _MM_HINT_T0);
+    if (at + kAhead < limit) prefetch(at + kAhead);
     __m512 w[Src::kPairs][2][2];
     Src::weights32(at, w);
     for (int q = 0; q < Src::kPairs; ++q)
