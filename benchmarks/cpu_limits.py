@@ -22,6 +22,10 @@ Bounds, per figure:
 - a decode step of 32 rows (ITL p50 at concurrency 32, fixed) >= its FLOPs / the rate at
   M = 32 (the ratio is the share of the machine's matrix-multiply rate the step reaches);
 - a 128-token prefill (TTFT p50 at concurrency 1, fixed) >= its FLOPs / the rate at M = 128.
+Each of the last two again against the roofline: the larger of that bound and the bytes the
+step must read (every weight once; a decode step also its 32 requests' K/V at their mean
+context) over the bandwidth. On a CPU whose matrix units outrun its memory (AMX) the rate
+alone names a time no step of 32 can reach; the roofline row says which side binds.
 
     .venv/bin/python benchmarks/cpu_limits.py [--model-id DIR] [--dtype float32] [--append]
 
@@ -65,6 +69,7 @@ class Shapes:
     layer: list[tuple[int, int]]
     layers: int
     head: tuple[int, int]  # hidden -> vocabulary
+    kv_elements: int = 0  # K and V elements a token keeps in the cache, every layer's
 
     @property
     def params(self) -> int:
@@ -72,6 +77,11 @@ class Shapes:
 
     def flops(self, rows: int) -> float:
         return 2.0 * self.params * rows
+
+    def step_bytes(self, dtype_bytes: int, requests: int, context: float) -> float:
+        """Bytes a decode step must read at least: every weight once, and each request's
+        cached K/V (`context` tokens on average, in the model's dtype) once."""
+        return (self.params + requests * context * self.kv_elements) * dtype_bytes
 
 
 def model_shapes(model_dir: Path) -> Shapes:
@@ -82,7 +92,8 @@ def model_shapes(model_dir: Path) -> Shapes:
     dim = config.get("head_dim") or hidden // heads
     layer = [(hidden, (heads + 2 * kv) * dim), (heads * dim, hidden), (hidden, 2 * inner),
              (inner, hidden)]  # fmt: skip
-    return Shapes(layer, config["num_hidden_layers"], (hidden, config["vocab_size"]))
+    layers = config["num_hidden_layers"]
+    return Shapes(layer, layers, (hidden, config["vocab_size"]), layers * 2 * kv * dim)
 
 
 def cpu_line() -> str:
@@ -344,11 +355,18 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
     bound = shapes.flops(32) / rates[32]
     rows.append(("decode step of 32 (ITL p50, c=32)", f"{itl * 1e3:.1f} ms",
                  f"{bound * 1e3:.1f} ms", f"{bound / itl:.0%} of rate", ">= 60%"))  # fmt: skip
+    # the same step against the roofline: its reads (the weights and 32 requests' K/V at
+    # their mean context while decoding, prompt + new / 2) bound it as well as its FLOPs
+    new = served["c32"]["output_tokens"] / max(1, served["c32"]["completed"])
+    read = shapes.step_bytes(BYTES[dtype], 32, prompt + new / 2)
+    rows.append(_roofline("decode step of 32, roofline", itl, bound, read / bandwidth, read))
     rows += _serving_split(served["c32"], "c=32", itl, None)
     ttft = served["c1"]["ttft_s"]["median"]
     bound = shapes.flops(prompt) / rates[128]
     rows.append((f"prefill of {prompt} (TTFT p50, c=1)", f"{ttft * 1e3:.1f} ms",
                  f"{bound * 1e3:.1f} ms", f"{bound / ttft:.0%} of rate", ">= 60%"))  # fmt: skip
+    read = shapes.step_bytes(BYTES[dtype], 0, 0)
+    rows.append(_roofline(f"prefill of {prompt}, roofline", ttft, bound, read / bandwidth, read))
     for name in ("c8", "c32", "c32 varied"):
         s = served[name]
         rows.append((f"output tok/s, {name}", f"{s['output_token_throughput']:.1f}", "", "",
@@ -364,6 +382,20 @@ def table(model_dir: Path, dtype: str, threads: int, port: int, scale: float) ->
         *[f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows],
     ]
     return "\n".join(lines)
+
+
+def _roofline(
+    name: str, measured: float, compute: float, memory: float, read: float
+) -> tuple[str, ...]:
+    """A row for `measured` seconds against the larger of its FLOPs' time at the measured
+    rate (`compute`) and its reads' time at the measured bandwidth (`memory`, `read` bytes):
+    the bound the machine sets when a step is bound by memory rather than arithmetic."""
+    bound = max(compute, memory)
+    side = "memory" if memory > compute else "compute"
+    return (name, f"{measured * 1e3:.1f} ms", f"{bound * 1e3:.1f} ms",
+            f"{bound / measured:.0%} of roofline",
+            f"{side}-bound: FLOPs {compute * 1e3:.1f} ms, reads {read / 1e6:.0f} MB "
+            f"{memory * 1e3:.1f} ms")  # fmt: skip
 
 
 def _serving_split(

@@ -27,7 +27,7 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
     assert "cores" in lines[0] and "float32" in lines[0] and "failures 0" in lines[0]
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "---" not in line]
     figures = {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
-    assert len(figures) == 22
+    assert len(figures) == 24
     for load in ("c=1", "c=32"):  # the serving path split by the router's metrics
         assert sum(f", {load} (" in name for name in figures) == 3, load
         served = figures[f"shard step served, {load} (forward + token choice, mean)"][0]
@@ -46,6 +46,10 @@ def test_cpu_limits_fills_every_column(tiny_model_dir):
         if name.startswith(("TPOT", "decode step", "prefill")):
             assert bound[0].isdigit() and ratio[0].isdigit(), name
             assert goal or name.startswith("decode step in-process"), name
+    for name in ("decode step of 32, roofline", "prefill of 8, roofline"):
+        measured, bound, ratio, note = figures[name]
+        assert ratio.endswith("% of roofline") and note.split("-")[0] in ("memory", "compute")
+        assert "reads" in note and note.split(" MB")[0].split()[-1].isdigit(), note
     notes = {figures[name][3] for name in figures if name.startswith("matmul rate")}
     forms = {"F.linear", "oneDNN packed", "our panels"}
     assert all(set(note.split(" / ")) <= forms for note in notes), notes
@@ -101,3 +105,34 @@ def test_where_onednn_packs_no_bfloat16_the_other_forms_remain(monkeypatch):
     layer = Linear(weight, panels=False)
     assert not layer.is_packed and layer.weight is weight
     torch.testing.assert_close(layer(x), x @ weight.T)
+
+
+def test_the_roofline_takes_the_slower_of_arithmetic_and_reads():
+    """A step's roofline bound is the larger of its FLOPs over the rate and the bytes it must
+    read over the bandwidth; the reads are every weight once and, for a decode step, each
+    request's cached K/V (both K and V of every layer) at its context."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cpu_limits as module
+
+    shapes = module.Shapes(layer=[(40, 24)], layers=2, head=(40, 8), kv_elements=2 * 2 * 3 * 4)
+    assert shapes.params == 2 * 40 * 24 + 40 * 8
+    assert shapes.step_bytes(2, 0, 0) == shapes.params * 2
+    assert shapes.step_bytes(4, 32, 100.5) == (shapes.params + 32 * 100.5 * 48) * 4
+    name, measured, bound, ratio, note = module._roofline("step", 0.020, 0.004, 0.016, 4e8)
+    assert (measured, bound, ratio) == ("20.0 ms", "16.0 ms", "80% of roofline")
+    assert note.startswith("memory-bound") and "400 MB" in note
+    assert module._roofline("p", 0.05, 0.03, 0.01, 1e8)[4].startswith("compute-bound")
+
+
+def test_model_shapes_count_the_cache_a_token_keeps(tiny_model_dir):
+    import json
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import cpu_limits as module
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", heads)
+    dim = config.get("head_dim") or config["hidden_size"] // heads
+    shapes = module.model_shapes(tiny_model_dir)
+    assert shapes.kv_elements == config["num_hidden_layers"] * 2 * kv * dim
