@@ -79,8 +79,9 @@ class Shapes:
         return 2.0 * self.params * rows
 
     def step_bytes(self, dtype_bytes: int, requests: int, context: float) -> float:
-        """Bytes a decode step must read at least: every weight once, and each request's
-        cached K/V (`context` tokens on average, in the model's dtype) once."""
+        """Bytes a forward must read at least: every weight once, and each of `requests`
+        decoding requests' cached K/V (`context` tokens on average, in the model's dtype)
+        once (0 requests: a prefill, whose K/V it writes)."""
         return (self.params + requests * context * self.kv_elements) * dtype_bytes
 
 
