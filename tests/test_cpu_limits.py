@@ -124,15 +124,19 @@ def test_the_roofline_takes_the_slower_of_arithmetic_and_reads():
     assert module._roofline("p", 0.05, 0.03, 0.01, 1e8)[4].startswith("compute-bound")
 
 
-def test_model_shapes_count_the_cache_a_token_keeps(tiny_model_dir):
+def test_model_shapes_count_the_cache_a_token_keeps(tmp_path):
+    """K and V of every layer, per KV head, of head_dim (given, or hidden / heads)."""
     import json
 
     sys.path.insert(0, str(SCRIPT.parent))
     import cpu_limits as module
 
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    kv = config.get("num_key_value_heads", heads)
-    dim = config.get("head_dim") or config["hidden_size"] // heads
-    shapes = module.model_shapes(tiny_model_dir)
-    assert shapes.kv_elements == config["num_hidden_layers"] * 2 * kv * dim
+    config = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 100}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert module.model_shapes(tmp_path).kv_elements == 4 * 2 * 2 * 8  # head_dim 64 / 8
+    (tmp_path / "config.json").write_text(json.dumps({**config, "head_dim": 16}))
+    assert module.model_shapes(tmp_path).kv_elements == 4 * 2 * 2 * 16
+    del config["num_key_value_heads"]  # multi-head attention: a KV head per head
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert module.model_shapes(tmp_path).kv_elements == 4 * 2 * 8 * 8
