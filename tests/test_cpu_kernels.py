@@ -3,6 +3,9 @@ place) and the single-row linear, then the engine's tokens with and without them
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -420,3 +423,71 @@ def test_greedy_takes_the_first_of_equal_maxima_and_masked_rows(kernels):
     assert torch.equal(ids, wide[:, :150].argmax(-1))
     ids, logprobs = kernels.greedy(torch.empty(0, 50))
     assert ids.shape == (0,) and logprobs.shape == (0,)
+
+
+def _runs_beside_python(call) -> bool:
+    """Whether this thread ran Python while `call` (tens of ms) computed on another: it
+    wakes from a short sleep during the call, which with the GIL held it could only do after
+    the call returned."""
+    started, ended = threading.Event(), []
+
+    def run() -> None:
+        started.set()
+        call()
+        ended.append(time.perf_counter())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait()
+    time.sleep(0.001)  # with the GIL held, this thread runs again only after the call
+    woke = time.perf_counter()
+    thread.join()
+    return woke < ended[0]
+
+
+def _stack_step(kernels, layers: int = 3, hidden: int = 1024, rows: int = 32):
+    """A DecodeStack of `layers` copies of one float32 layer (16 heads over 4 KV heads of 64,
+    intermediate 4 x hidden) and a step of `rows` requests of one token: (stack, args)."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, inter = 16, 4, 64, 4 * hidden
+
+    def plain(n, k):
+        return kernels.projection(0, torch.randn(n, k, generator=gen) / k**0.5, n=n)
+
+    stack = kernels.DecodeStack(heads, kv_heads, dim, 1e-5, dim**-0.5, torch.ones(hidden))
+    projections = [
+        plain((heads + 2 * kv_heads) * dim, hidden), plain(hidden, heads * dim),
+        plain(2 * inter, hidden), plain(hidden, inter),
+    ]  # fmt: skip
+    for _ in range(layers):
+        stack.add_layer(torch.ones(hidden), torch.ones(hidden), *projections, 0, None, None)
+    cache = torch.zeros(rows + 1, 16, kv_heads, dim)
+    args = (
+        torch.randn(rows, hidden, generator=gen), torch.ones(rows, dim // 2),
+        torch.zeros(rows, dim // 2), torch.arange(1, rows + 1) * 16,
+        torch.arange(1, rows + 1).unsqueeze(1), torch.ones(rows, dtype=torch.int64),
+        [cache] * layers, [cache.clone()] * layers, [1.0] * layers, [1.0] * layers,
+    )  # fmt: skip
+    return stack, args
+
+
+def test_kernels_run_without_the_gil(kernels):
+    """The kernels release the GIL while they compute, so the shard's gRPC handlers (its
+    event loop's thread) run during a step on the engine's thread: the decode step, the
+    products, the attention. Each call here takes tens of milliseconds."""
+    stack, args = _stack_step(kernels)
+    x, w = torch.randn(32, 4096), torch.randn(4096, 4096)
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(4097, 16, 4, 64, generator=gen) for _ in range(2))
+    q = torch.randn(16, 64, 64, generator=gen)  # 16 query heads a KV head
+    tables = torch.arange(1, 4097).view(16, 256)
+    context = torch.full((16,), 256 * 16)
+    calls = {
+        "DecodeStack.forward": lambda: stack.forward(*args),
+        "linear_small": lambda: kernels.linear_small(x, w),
+        "paged_decode": lambda: kernels.paged_decode(
+            q, k_cache, v_cache, tables, context, 0.125, 0, 0.0, 1.0, 1.0
+        ),
+    }
+    held = [name for name, call in calls.items() if not _runs_beside_python(call)]
+    assert not held, f"{held} held the GIL while computing"

@@ -116,6 +116,9 @@ def test_the_roofline_takes_the_slower_of_arithmetic_and_reads():
 
     shapes = module.Shapes(layer=[(40, 24)], layers=2, head=(40, 8), kv_elements=2 * 2 * 3 * 4)
     assert shapes.params == 2 * 40 * 24 + 40 * 8
+    # a decode step multiplies the head on every row, a prefill on its last token only
+    assert shapes.flops(3) == 2 * 3 * (2 * 40 * 24 + 40 * 8)
+    assert shapes.prefill_flops(3) == 2 * (3 * 2 * 40 * 24 + 40 * 8)
     assert shapes.step_bytes(2, 0, 0) == shapes.params * 2
     assert shapes.step_bytes(4, 32, 100.5) == (shapes.params + 32 * 100.5 * 48) * 4
     name, measured, bound, ratio, note = module._roofline("step", 0.020, 0.004, 0.016, 4e8)

@@ -11,13 +11,20 @@
 namespace py = pybind11;
 using namespace pytgi;
 
+// Every kernel runs without the GIL: its arguments are converted before and its result
+// after, and it touches no Python object. The shard's gRPC handlers (its event loop's
+// thread: the next call's request, Info) then run while the engine's thread is inside a
+// kernel, not after it (a bfloat16 step of 32 is tens of ms, a long prefill's attention
+// more). Served decode at concurrency 1 moved by no more than the noise (RESULTS.md).
+const auto nogil = py::call_guard<py::gil_scoped_release>();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "paged decode attention on CPU");
+  m.def("paged_decode", &paged_decode, "paged decode attention on CPU", nogil);
 #ifdef __AVX512F__
-  m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)",
+  m.def("prefill_attention", &prefill_attention, "causal prefill attention (kernels.h)", nogil,
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"), py::arg("tiles") = true);
-  m.def("pack_panels", &pack_panels, "weights [N, K] -> panel_linear's panels (kernels.h)");
-  m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)", py::arg("x"),
+  m.def("pack_panels", &pack_panels, "weights [N, K] -> panel_linear's panels (kernels.h)", nogil);
+  m.def("panel_linear", &panel_linear, "x [M, K] @ packed w^T (kernels.h)", nogil, py::arg("x"),
         py::arg("packed"), py::arg("n"), py::arg("tiles") = true);
 #endif
 #ifdef PYTGI_AMX
@@ -41,19 +48,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("panel_widens_bfloat16") = true;
 #endif
 #endif
-  m.def("store_kv", &store_kv, "new K/V rows into caches of their dtype at their slots");
-  m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots");
-  m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M");
-  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]");
-  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]");
-  m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy");
-  m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]");
-  m.def("greedy", &greedy, "each row's first argmax of float32 logits and its log-probability");
-  m.def("q8_linear", &q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)");
-  m.def("q4_linear", &q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)");
-  m.def("bf16_linear", &bf16_linear, "x [M, K] @ bfloat16 w[N, K]^T, rows widened (quant.h)");
+  m.def("store_kv", &store_kv, "new K/V rows into caches of their dtype at their slots", nogil);
+  m.def("store_fp8", &store_fp8, "new K/V rows into fp8 caches at their slots", nogil);
+  m.def("linear_small", &linear_small, "x [M, K] @ w[N, K]^T for small M", nogil);
+  m.def("rms_norm", &rms_norm, "RMSNorm of x [T, H] scaled by weight [H]", nogil);
+  m.def("add_rms_norm", &add_rms_norm, "(x + delta, RMSNorm(x + delta)) for x, delta [T, H]",
+        nogil);
+  m.def("rotate", &rotate, "rotary embedding of x [T, heads, D] -> contiguous copy", nogil);
+  m.def("silu_mul", &silu_mul, "SiLU(gate) * up for gate_up [T, 2I]", nogil);
+  m.def("greedy", &greedy, "each row's first argmax of float32 logits and its log-probability",
+        nogil);
+  m.def("q8_linear", &q8_linear, "x [M, K] @ int8 w[N, K]^T (quant.h)", nogil);
+  m.def("q4_linear", &q4_linear, "x [M, K] @ int4 w[N, K]^T (quant.h)", nogil);
+  m.def("bf16_linear", &bf16_linear, "x [M, K] @ bfloat16 w[N, K]^T, rows widened (quant.h)",
+        nogil);
 #ifdef PYTGI_QPANELS
-  m.def("qpanel_linear", &qpanel_linear, "x [M, K] @ quantized panels^T (quant.h)",
+  m.def("qpanel_linear", &qpanel_linear, "x [M, K] @ quantized panels^T (quant.h)", nogil,
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("n"),
         py::arg("tiles") = true, py::arg("paired") = py::none());
   m.def("qpanel_paired", &qpanel_paired,
@@ -67,8 +77,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("qpanel_dtypes") = std::vector<std::string>{"float32", "bfloat16"};
 #endif
   m.attr("max_rows") = kKernelRows;  // of q8_linear and q4_linear (quant.h)
-  m.def("q8_dequantize", &q8_dequantize, "int8 weights -> [N, K] in like's dtype");
-  m.def("q4_dequantize", &q4_dequantize, "int4 weights -> [N, K] in like's dtype");
+  m.def("q8_dequantize", &q8_dequantize, "int8 weights -> [N, K] in like's dtype", nogil);
+  m.def("q4_dequantize", &q4_dequantize, "int4 weights -> [N, K] in like's dtype", nogil);
   py::class_<Projection>(m, "Projection");
   m.def("projection", &projection, "a linear layer for DecodeStack (decode_step.h)",
         py::arg("kind"), py::arg("weight"), py::arg("scales") = py::none(),
@@ -77,7 +87,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeStack>(m, "DecodeStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, torch::Tensor>())
       .def("add_layer", &DecodeStack::add_layer)
-      .def("forward", &DecodeStack::forward)
-      .def("products", &DecodeStack::products, py::arg("rows"), py::arg("widths"))
+      .def("forward", &DecodeStack::forward, nogil)
+      .def("products", &DecodeStack::products, nogil, py::arg("rows"), py::arg("widths"))
       .def_property_readonly("num_layers", &DecodeStack::num_layers);
 }
