@@ -43,7 +43,12 @@
 // from int8 1.12-1.19x / int4 g32 1.28-1.33x / g64 1.09-1.15x to 1.00-1.06x / 1.08-1.18x /
 // 0.97-1.06x (three process pairs alternating, the VM's slower minutes; in its faster ones,
 // where bfloat16 streams at the memory's rate, 1.22-1.25x / 1.38-1.52x / 1.24-1.28x: the
-// conversion and the scaling are the limit there).
+// conversion and the scaling are the limit there). The first row block now converts each 16
+// pairs while the tile unit multiplies the 16 before (the vector unit's conversion and the
+// tile products overlap instead of taking turns): same 120 products, 16 / 32 / 128 rows,
+// forms alternating in one process, int8 10.27 / 12.47 / 21.95 -> 9.44 / 10.22 / 20.62 ms,
+// int4 g32 9.20 / 13.00 / 36.32 -> 7.19 / 10.83 / 34.38, g64 7.51 / 10.36 / 27.54 -> 5.82 /
+// 8.45 / 26.50 (bfloat16 weights on the tiles 9.00 / 10.49 / 20.49).
 
 #include "kernels.h"
 #include "quant.h"
@@ -415,7 +420,10 @@ std::vector<float> group_sums(const uint16_t* x, int64_t m, int64_t k, int64_t g
 #ifdef PYTGI_AMX
 // On AMX tiles (amx.cpp's tile products): a chunk's codes are converted into the buffer of
 // bfloat16 pairs ([pair][panel], 128 bytes a pair), which is two B operands (16 pairs x 16
-// columns, stride 128 bytes); x's rows are the A operands (16 rows x 32 inputs). Per segment
+// columns, stride 128 bytes); x's rows are the A operands (16 rows x 32 inputs). The first
+// block of 32 rows converts pairs q + 16.. q + 31 after issuing its products of pairs q..
+// q + 15 (so the conversion runs while the tile unit works); later blocks read the buffer.
+// Per segment
 // (a group, or the chunk where one scale covers a row) the four sum tiles (32 rows x 32
 // columns) start from zero and are stored; two segments' stored sums at a time are scaled
 // into the totals, as `segments` scales its sums: the same float32 arithmetic but for the
@@ -423,8 +431,10 @@ std::vector<float> group_sums(const uint16_t* x, int64_t m, int64_t k, int64_t g
 // products: a multiple of 16 pairs.
 
 // `len` pairs of codes (Src's layout) -> bfloat16 pairs in Converted's layout at out; codes
-// prefetched kAhead bytes ahead (not at or past `limit`), so the next chunk streams in as
-// this one converts (SmolLM2's 120 products at 32 rows, Xeon: int8 ~10% faster).
+// prefetched kAhead bytes ahead (not at or past `limit`), so the next codes stream in as
+// these convert (SmolLM2's 120 products at 32 rows, Xeon: int8 ~10% faster, measured when a
+// chunk converted whole; since conversion went under the tile products, no distance of 1 to
+// 32 KiB, hint, or no prefetch at all measured apart beyond the noise).
 template <typename Src>
 void convert(const uint8_t* codes, int64_t len, uint8_t* out, const uint8_t* limit) {
   for (int64_t p = 0; p < len; p += Src::kPairs) {
@@ -468,9 +478,16 @@ void scale_rows(const Sums* sums, int block, int64_t rows, int64_t row0, int64_t
 }
 
 // tot [m][32] += x's m rows (bfloat16, k inputs a row; rows past the last whole 16 read from
-// `tail`, a zero-padded copy) from pair p0 on, times `len` converted pairs at conv.
+// `tail`, a zero-padded copy) from pair p0 on, times `len` pairs of codes (Src's layout) at
+// `codes`, converted into conv by the first row block as its tile products run.
+template <typename Src>
 void tiles_chunk(const uint16_t* x, int64_t k, int64_t m, const uint16_t* tail, int64_t p0,
-                 const uint8_t* conv, int64_t len, const Groups& g, float* tot) {
+                 const uint8_t* codes, const uint8_t* limit, uint8_t* conv, int64_t len,
+                 const Groups& g, float* tot) {
+  const auto convert_at = [&](int64_t q, int64_t n) {
+    convert<Src>(codes + q / Src::kPairs * Src::kBytes, n, conv + q * Converted::kBytes, limit);
+  };
+  convert_at(0, kLanes);
   const int64_t full = m / kLanes * kLanes, stride = k * 2;  // bytes a row
   const int64_t segs = len / g.seg, per = segs % 2 == 0 ? 2 : 1;  // segments a scaling pass
   const auto block = [&](int64_t r) { return (r < full ? x + r * k : tail) + 2 * p0; };
@@ -498,6 +515,7 @@ void tiles_chunk(const uint16_t* x, int64_t k, int64_t m, const uint16_t* tail, 
             _tile_dpbf16ps(2, 5, 6);
             _tile_dpbf16ps(3, 5, 7);
           }
+          if (r == 0 && q + kLanes < len) convert_at(q + kLanes, kLanes);  // under the products
         }
         _tile_stored(0, sums[t][0][0], 64);
         _tile_stored(1, sums[t][0][1], 64);
@@ -569,9 +587,8 @@ void multiply(const torch::Tensor& x, const uint8_t* codes, int64_t pairs, const
         const Groups g = chunk_groups(u, s0, groups == 1 ? len : seg, groups, q, sums);
 #ifdef PYTGI_AMX
         if (tiles) {  // every row on the tiles, from the chunk's converted codes
-          convert<Src>(c, len, converted.data(), codes + end * unit);
-          tiles_chunk(reinterpret_cast<const uint16_t*>(xp), 2 * pairs, m, tail.data(), p0,
-                      converted.data(), len, g, tot.data());
+          tiles_chunk<Src>(reinterpret_cast<const uint16_t*>(xp), 2 * pairs, m, tail.data(), p0,
+                           c, codes + end * unit, converted.data(), len, g, tot.data());
           continue;
         }
 #endif
